@@ -1,0 +1,5 @@
+"""cat_jax: Content-Adaptive Tokenization (arXiv 2501.03120) in JAX/Flax."""
+
+from cat_jax.levels import FACTORS, NUM_LEVELS, factor_for_level, latent_hw, level_for_factor, num_tokens
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Converters from public PyTorch weights to Flax parameter trees."""

@@ -1,0 +1,43 @@
+"""cat_jax: Content-Adaptive Tokenization (CAT, arXiv 2501.03120) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.7",
+    "flax>=0.11",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "grain>=0.2.10",
+    "tensorflow-datasets>=4.9.7",
+    "ml-collections>=1.0",
+    "numpy>=1.26",
+    "pillow>=10.0",
+    "tqdm>=4.66",
+]
+
+PARITY = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "lpips>=0.1.4",
+    "pytorch-fid>=0.3.0",
+    "scikit-image>=0.22",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"] + PARITY,
+    "parity": PARITY,
+    "gpu": ["jax[cuda12]>=0.7"],
+    "tpu": ["jax[tpu]>=0.7"],
+}
+
+setup(
+    name="cat_jax",
+    version="0.1.0",
+    description="Content-Adaptive Tokenization (nested KL-VAE at 8x/16x/32x) in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["cat_jax", "cat_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
