@@ -1,0 +1,10 @@
+"""Content-complexity scores (caption + LLM, JPEG bits per pixel, reconstruction MSE) and score -> level."""
+
+from cat_jax.complexity.levels import (DEFAULT_LLM_THRESHOLDS, budget_thresholds, default_thresholds,
+                                       level_for_score, levels_for_scores, quantile_thresholds)
+from cat_jax.complexity.llm import ChatClient, LLMError
+from cat_jax.complexity.manifest import ManifestWriter, load_levels, read_manifest
+from cat_jax.complexity.prompts import ParseError, parse_score
+from cat_jax.complexity.runner import RunSummary, TooManyFailures, score_source
+from cat_jax.complexity.scorers import (CaptionLLMScorer, JpegScorer, MseScorer, TextOnlyScorer, jpeg_bpp,
+                                        lowpass_reconstruct, prepare_image)

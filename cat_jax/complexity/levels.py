@@ -1,0 +1,136 @@
+"""Complexity score -> compression level, by two thresholds.
+
+Thresholds ``(low, high)`` with ``low <= high``: ``score <= low`` is simple (level 2, 32x), ``low < score <= high``
+is level 1 (16x), ``score > high`` is complex (level 0, 8x); see ``cat_jax.levels`` for level indices.
+
+Defaults: the LLM score (integer 1-9) uses the paper's 1-3 / 4-6 / 7-9 split, ``(3, 6)``. Raw scores (JPEG bpp,
+MSE) have no fixed scale, so their default thresholds are the dataset's 1/3 and 2/3 quantiles (equal thirds).
+Budget mode instead picks thresholds that give a target mean token count over the dataset.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from cat_jax.levels import NUM_LEVELS, num_tokens
+
+Thresholds = tuple[float, float]
+
+LLM_METHODS = ("caption_llm", "text_llm")
+DEFAULT_LLM_THRESHOLDS: Thresholds = (3, 6)
+
+
+def check_thresholds(thresholds: Sequence[float]) -> Thresholds:
+  """``thresholds`` as a ``(low, high)`` tuple, or a ValueError explaining the form."""
+  if len(thresholds) != NUM_LEVELS - 1:
+    raise ValueError(f"thresholds must be (low, high), got {thresholds!r}")
+  low, high = thresholds
+  if not low <= high:
+    raise ValueError(f"thresholds must satisfy low <= high, got {thresholds!r}")
+  return low, high
+
+
+def parse_thresholds(text: str) -> Thresholds:
+  """``"3,6"`` -> ``(3, 6)``; ``"0.5,1.2"`` -> ``(0.5, 1.2)``."""
+  values = [float(v) for v in text.split(",")]
+  values = [int(v) if v.is_integer() else v for v in values]
+  return check_thresholds(values)
+
+
+def level_for_score(score: float, thresholds: Sequence[float] = DEFAULT_LLM_THRESHOLDS) -> int:
+  """Level index of a score: 2 (32x) if ``score <= low``, 1 (16x) if ``score <= high``, else 0 (8x)."""
+  low, high = check_thresholds(thresholds)
+  if score <= low:
+    return 2
+  if score <= high:
+    return 1
+  return 0
+
+
+def levels_for_scores(scores: Sequence[float], thresholds: Sequence[float]) -> np.ndarray:
+  """``level_for_score`` over an array (int32)."""
+  low, high = check_thresholds(thresholds)
+  s = np.asarray(scores)
+  return np.where(s <= low, 2, np.where(s <= high, 1, 0)).astype(np.int32)
+
+
+def level_counts(scores: Sequence[float], thresholds: Sequence[float]) -> list[int]:
+  """Number of scores at each level index (0, 1, 2)."""
+  return np.bincount(levels_for_scores(scores, thresholds), minlength=NUM_LEVELS).tolist()
+
+
+def mean_tokens(scores: Sequence[float], thresholds: Sequence[float], image_hw: tuple[int, int] = (256, 256)) -> float:
+  """Mean token count over the scores' images at ``image_hw`` with these thresholds."""
+  tokens = np.array([num_tokens(image_hw, lvl) for lvl in range(NUM_LEVELS)])
+  return float(tokens[levels_for_scores(scores, thresholds)].mean())
+
+
+def quantile_thresholds(scores: Sequence[float], fractions: tuple[float, float] = (1 / 3, 2 / 3)) -> Thresholds:
+  """Thresholds at the scores' quantiles: about ``fractions[0]`` of images at 32x and ``1 - fractions[1]`` at 8x."""
+  s = np.asarray(scores, np.float64)
+  if s.size == 0:
+    raise ValueError("quantile thresholds need at least one score")
+  low, high = np.quantile(s, fractions, method="inverted_cdf")
+  return float(low), float(high)
+
+
+def default_thresholds(method: str, scores: Sequence[float]) -> Thresholds:
+  """The paper's (3, 6) for the LLM score, the dataset's tercile boundaries for raw scores."""
+  if method in LLM_METHODS:
+    return DEFAULT_LLM_THRESHOLDS
+  return quantile_thresholds(scores)
+
+
+def _python_number(x: np.generic) -> float:
+  return int(x) if np.issubdtype(type(x), np.integer) else float(x)
+
+
+def budget_thresholds(scores: Sequence[float], target_mean_tokens: float, *,
+                      image_hw: tuple[int, int] = (256, 256), tolerance: float = 0.01,
+                      max_candidates: int = 512) -> Thresholds:
+  """Thresholds whose mean token count over ``scores`` is closest to ``target_mean_tokens``.
+
+  Many threshold pairs reach about the same mean. Among those within ``tolerance`` (relative) of the target, or
+  tied with the closest reachable mean when none is, the pair that spreads images most evenly over the three
+  levels (highest entropy of the level shares) wins, so the budget is met by ranking images rather than by
+  sending nearly all of them to one level. Candidate thresholds are the distinct scores (at most
+  ``max_candidates`` of their quantiles) plus one below the minimum ("no image at this level").
+
+  Raises:
+    ValueError: if there are no scores or the target is outside [tokens at 32x, tokens at 8x].
+  """
+  s = np.sort(np.asarray(scores))
+  if s.size == 0:
+    raise ValueError("budget mode needs at least one score")
+  tokens = np.array([num_tokens(image_hw, lvl) for lvl in range(NUM_LEVELS)], np.float64)
+  if not tokens.min() <= target_mean_tokens <= tokens.max():
+    raise ValueError(f"target mean tokens {target_mean_tokens} is outside [{tokens.min():g}, {tokens.max():g}], "
+                     f"the range reachable at {image_hw[0]}x{image_hw[1]}")
+  candidates = np.unique(s)
+  if candidates.size > max_candidates:
+    candidates = np.unique(np.quantile(s, np.linspace(0, 1, max_candidates), method="inverted_cdf"))
+  candidates = np.concatenate([[candidates[0] - 1], candidates])
+  at_or_below = np.searchsorted(s, candidates, side="right").astype(np.float64)
+  n = float(s.size)
+  # Axis 0 indexes the low threshold, axis 1 the high one.
+  n2, below_high = np.meshgrid(at_or_below, at_or_below, indexing="ij")
+  n1 = np.maximum(below_high - n2, 0)
+  n0 = n - below_high
+  valid = below_high >= n2
+  mean = (n0 * tokens[0] + n1 * tokens[1] + n2 * tokens[2]) / n
+  error = np.where(valid, np.abs(mean - target_mean_tokens), np.inf)
+  feasible = error <= max(tolerance * target_mean_tokens, error.min()) + 1e-9
+  shares = np.stack([n0, n1, n2]) / n
+  entropy = -np.sum(np.where(shares > 0, shares * np.log(np.where(shares > 0, shares, 1.0)), 0.0), axis=0)
+  key = np.where(feasible, entropy - 1e-9 * error, -np.inf)
+  i, j = np.unravel_index(np.argmax(key), key.shape)
+  return _python_number(candidates[i]), _python_number(candidates[j])
+
+
+def summarize(scores: Sequence[float], thresholds: Sequence[float], image_hw: tuple[int, int] = (256, 256)) -> dict:
+  """Level counts and mean tokens of a threshold choice (for logs and the thresholds file)."""
+  return {"thresholds": list(check_thresholds(thresholds)), "level_counts": level_counts(scores, thresholds),
+          "mean_tokens": mean_tokens(scores, thresholds, image_hw), "image_size": list(image_hw),
+          "num_images": int(np.asarray(scores).size)}

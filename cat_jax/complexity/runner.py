@@ -1,0 +1,162 @@
+"""Scores a random-access source with a bounded thread pool into a resumable manifest, then assigns levels."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import math
+import os
+import pathlib
+from typing import Any, Callable, Sequence
+
+from tqdm.auto import tqdm
+
+from cat_jax.complexity import levels as levels_lib
+from cat_jax.complexity import manifest as manifest_lib
+from cat_jax.complexity.scorers import Scorer
+
+
+@dataclasses.dataclass
+class RunSummary:
+  """What one run did, and the thresholds it settled on (None when nothing was scored)."""
+
+  scored: int = 0
+  failed: int = 0
+  skipped: int = 0
+  thresholds: tuple[float, float] | None = None
+  threshold_mode: str | None = None
+  level_counts: list[int] | None = None
+  mean_tokens: float | None = None
+
+
+class TooManyFailures(RuntimeError):
+  """Raised when many items in a row fail (server down, wrong model name), so a run does not fail everything."""
+
+
+def thresholds_path(out: str | os.PathLike) -> pathlib.Path:
+  """Where a manifest's thresholds and level statistics are written: ``<out>.thresholds.json``."""
+  out = pathlib.Path(out)
+  return out.with_name(out.name + ".thresholds.json")
+
+
+def _score_one(source: Sequence[dict[str, Any]], index: int, scorer: Scorer, skip: set[str],
+               thresholds: tuple[float, float] | None) -> dict[str, Any] | None:
+  """The manifest record of item ``index``, a failure record, or None if it is to be skipped."""
+  try:
+    item = source[index]
+  except Exception as e:  # noqa: BLE001 - one unreadable item must not end the run
+    return {"id": f"index:{index}", "method": scorer.method, "error": f"{type(e).__name__}: {e}"}
+  item_id = str(item["id"])
+  if item_id in skip:
+    return None
+  try:
+    result = dict(scorer.score(item))
+    score = result.pop("score")
+    if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+      raise ValueError(f"scorer returned a non-finite or non-numeric score {score!r}")
+  except Exception as e:  # noqa: BLE001 - recorded in the manifest, never defaulted
+    return {"id": item_id, "method": scorer.method, "error": f"{type(e).__name__}: {e}"}
+  level = levels_lib.level_for_score(score, thresholds) if thresholds is not None else None
+  return {"id": item_id, "score": score, "level": level, "method": scorer.method, **result}
+
+
+def score_source(source: Sequence[dict[str, Any]], scorer: Scorer, out: str | os.PathLike, *, workers: int = 4,
+                 limit: int | None = None, retry_failures: bool = False,
+                 thresholds: tuple[float, float] | None = None, budget_tokens: float | None = None,
+                 image_size: int = 256, progress: bool = True, max_consecutive_failures: int = 20,
+                 on_record: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
+  """Scores ``source[0:limit]`` into the manifest ``out``, skipping ids it already holds, then finalizes levels.
+
+  Items are read and scored on ``workers`` threads, with at most ``2 * workers`` items in flight. Levels are
+  written with each record when the thresholds are known up front (explicit ``thresholds``, or the LLM default
+  without a budget); otherwise they are null until the end, where the thresholds are chosen over every success
+  in the manifest (explicit > ``budget_tokens`` > method default), the manifest is rewritten atomically with
+  one record per id, and ``<out>.thresholds.json`` records the choice.
+
+  Raises:
+    TooManyFailures: after ``max_consecutive_failures`` failures in a row (those already written stay in the
+      manifest; rerun with ``retry_failures=True``).
+  """
+  if workers < 1:
+    raise ValueError(f"workers must be >= 1, got {workers}")
+  method = scorer.method
+  skip = manifest_lib.ids_to_skip(out, method, retry_failures=retry_failures)
+  if thresholds is None and budget_tokens is None and method in levels_lib.LLM_METHODS:
+    thresholds = levels_lib.DEFAULT_LLM_THRESHOLDS
+    mode = "default"
+  else:
+    mode = "given" if thresholds is not None else None
+  n = len(source) if limit is None else min(limit, len(source))
+  summary = RunSummary()
+  todo: Sequence[int] = range(n)
+  if skip and hasattr(source, "ids"):  # resume without reading a single skipped image
+    ids = source.ids()
+    todo = [i for i in range(n) if str(ids[i]) not in skip]
+    summary.skipped = n - len(todo)
+  consecutive = 0
+  bar = tqdm(total=len(todo), disable=not progress, unit="img", desc=f"score:{method}", dynamic_ncols=True)
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="score")
+  with manifest_lib.ManifestWriter(out) as writer:
+    pending: set[concurrent.futures.Future] = set()
+    next_pos = 0
+    try:
+      while next_pos < len(todo) or pending:
+        while next_pos < len(todo) and len(pending) < 2 * workers:
+          pending.add(pool.submit(_score_one, source, todo[next_pos], scorer, skip, thresholds))
+          next_pos += 1
+        done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in done:
+          record = future.result()
+          bar.update(1)
+          if record is None:
+            summary.skipped += 1
+            continue
+          writer.write(record)
+          if on_record is not None:
+            on_record(record)
+          if manifest_lib.is_failure(record):
+            summary.failed += 1
+            consecutive += 1
+            bar.set_postfix(failed=summary.failed)
+            if consecutive >= max_consecutive_failures:
+              raise TooManyFailures(
+                  f"{consecutive} items failed in a row; last error: {record['error']}. Fix the cause and rerun "
+                  "with --retry-failures.")
+          else:
+            summary.scored += 1
+            consecutive = 0
+    except BaseException:
+      # Do not wait for queued items; requests already in flight end on their own timeouts.
+      pool.shutdown(wait=False, cancel_futures=True)
+      raise
+    finally:
+      bar.close()
+  pool.shutdown()
+  _finalize(out, method, summary, thresholds, mode, budget_tokens, image_size)
+  return summary
+
+
+def _finalize(out: str | os.PathLike, method: str, summary: RunSummary, thresholds: tuple[float, float] | None,
+              mode: str | None, budget_tokens: float | None, image_size: int) -> None:
+  """Chooses thresholds over every success in the manifest, then rewrites it with levels."""
+  latest = manifest_lib.read_manifest(out)
+  successes = [r for r in latest.values() if not manifest_lib.is_failure(r)]
+  scores = [r["score"] for r in successes]
+  image_hw = (image_size, image_size)
+  if scores:
+    if thresholds is None and budget_tokens is not None:
+      thresholds, mode = levels_lib.budget_thresholds(scores, budget_tokens, image_hw=image_hw), "budget"
+    elif thresholds is None:
+      thresholds = levels_lib.default_thresholds(method, scores)
+      mode = "default" if method in levels_lib.LLM_METHODS else "quantile"
+    for r in successes:
+      r["level"] = levels_lib.level_for_score(r["score"], thresholds)
+    stats = levels_lib.summarize(scores, thresholds, image_hw)
+    summary.thresholds, summary.threshold_mode = tuple(thresholds), mode
+    summary.level_counts, summary.mean_tokens = stats["level_counts"], stats["mean_tokens"]
+    info = {"method": method, "mode": mode, "budget_tokens": budget_tokens, **stats,
+            "num_failures": len(latest) - len(successes)}
+    path = thresholds_path(out)
+    path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+  manifest_lib.rewrite(out, latest.values())

@@ -1,0 +1,218 @@
+"""Complexity scorers: JPEG bits per pixel, reconstruction MSE, and the caption + LLM score.
+
+Every scorer has a ``method`` name and ``score(item) -> dict`` taking a data-source item
+(``{"id", "image", "caption"?}``) and returning at least ``{"score": ...}`` plus method-specific fields; it raises
+on failure (the runner records the failure). Higher scores always mean more complex.
+
+Images are prepared the same way for every method (``prepare_image``): decoded to RGB, then, when
+``image_size`` is set, resized so the shorter side is ``image_size`` and center-cropped to a square, i.e. the
+image the tokenizer would see. Raw scores (bpp, MSE) then compare across a dataset of mixed sizes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any, Callable, Protocol
+
+import numpy as np
+from PIL import Image
+
+from cat_jax.complexity import prompts
+from cat_jax.complexity.llm import ChatClient, user_message
+from cat_jax.data.preprocess import from_model_range, open_checked, resize_and_crop
+
+DEFAULT_JPEG_QUALITY = 75
+
+
+class Scorer(Protocol):
+  method: str
+
+  def score(self, item: dict[str, Any]) -> dict[str, Any]:
+    ...
+
+
+def to_pil_rgb(image: Any, *, path: str = "<image>", draft_size: int | None = None) -> Image.Image:
+  """An RGB PIL image from encoded bytes, a file path, a PIL image or an HWC/HW array.
+
+  Decoding is ``cat_jax.data.preprocess.open_checked`` (EXIF rotation, alpha on white, 16-bit and palette
+  modes), so scorers see what training sees. Float arrays with negative values are read as [-1, 1] (the package
+  convention), other float arrays as [0, 1]. Raises ``BadImageError`` naming ``path`` for undecodable data.
+  """
+  if isinstance(image, (str, os.PathLike)):
+    path = str(image)
+    with open(image, "rb") as f:
+      image = f.read()
+  elif isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating) and image.size and image.min() < 0:
+    image = from_model_range(image)
+  return open_checked(image, path=path, min_size=1, draft_size=draft_size)
+
+
+def prepare_image(image: Any, image_size: int | None, *, path: str = "<image>") -> Image.Image:
+  """RGB image, shorter side resized to ``image_size`` and center-cropped square (unchanged if None/0).
+
+  The same decode, resize and crop as the evaluation pipeline (``cat_jax.data.preprocess``).
+  """
+  im = to_pil_rgb(image, path=path, draft_size=image_size or None)
+  if not image_size:
+    return im
+  return Image.fromarray(resize_and_crop(im, image_size))
+
+
+def _prepare_item(item: dict[str, Any], image_size: int | None) -> Image.Image:
+  return prepare_image(item["image"], image_size, path=str(item.get("path") or item.get("id", "<image>")))
+
+
+def jpeg_bpp(image: Image.Image, quality: int = DEFAULT_JPEG_QUALITY) -> float:
+  """Bits per pixel of ``image`` saved as a baseline JPEG at ``quality`` with 4:2:0 chroma subsampling."""
+  buf = io.BytesIO()
+  image.convert("RGB").save(buf, format="JPEG", quality=quality, subsampling="4:2:0", optimize=False)
+  w, h = image.size
+  return 8.0 * buf.tell() / (w * h)
+
+
+class JpegScorer:
+  """JPEG file size at a fixed quality, in bits per pixel (the paper's JPEG baseline)."""
+
+  method = "jpeg"
+
+  def __init__(self, *, quality: int = DEFAULT_JPEG_QUALITY, image_size: int | None = 256):
+    self.quality = quality
+    self.image_size = image_size
+
+  def score(self, item: dict[str, Any]) -> dict[str, Any]:
+    return {"score": jpeg_bpp(_prepare_item(item, self.image_size), self.quality)}
+
+
+def lowpass_reconstruct(images: np.ndarray, factor: int = 32) -> np.ndarray:
+  """The cheap MSE proxy: area-downsample by ``factor`` then bicubic-upsample back (NHWC, any range).
+
+  It keeps what a ``factor``-times smaller grid can hold, so its error measures the detail above that grid's
+  Nyquist limit. It is not the error of a trained tokenizer (whose latent has many channels per position), but
+  it ranks flat images below textured or text-heavy ones in the same way.
+  """
+  images = np.asarray(images, np.float32)
+  n, h, w, c = images.shape
+  small = (max(1, round(w / factor)), max(1, round(h / factor)))
+  out = np.empty_like(images)
+  for i in range(n):
+    for ch in range(c):
+      plane = Image.fromarray(images[i, :, :, ch], mode="F")
+      plane = plane.resize(small, Image.Resampling.BOX).resize((w, h), Image.Resampling.BICUBIC)
+      out[i, :, :, ch] = np.asarray(plane)
+  return out
+
+
+ReconstructFn = Callable[[np.ndarray], np.ndarray]
+
+
+class MseScorer:
+  """Reconstruction MSE, with pixel values in [0, 1].
+
+  ``reconstruct_fn`` takes a float32 NHWC batch in [-1, 1] (shape (1, H, W, 3)) and returns its reconstruction
+  in the same range, e.g. a trained tokenizer's encode/decode at 32x. Without one, ``lowpass_reconstruct``
+  (the documented proxy) is used.
+  """
+
+  method = "mse"
+
+  def __init__(self, *, reconstruct_fn: ReconstructFn | None = None, image_size: int | None = 256,
+               proxy_factor: int = 32):
+    self.reconstruct_fn = reconstruct_fn
+    self.image_size = image_size
+    self.proxy_factor = proxy_factor
+
+  def score(self, item: dict[str, Any]) -> dict[str, Any]:
+    im = _prepare_item(item, self.image_size)
+    x = np.asarray(im, np.float32)[None] / 127.5 - 1.0
+    if self.reconstruct_fn is None:
+      recon = lowpass_reconstruct(x, self.proxy_factor)
+    else:
+      recon = np.asarray(self.reconstruct_fn(x), np.float32)
+      if recon.shape != x.shape:
+        raise ValueError(f"reconstruct_fn returned shape {recon.shape}, expected {x.shape}")
+    recon = np.clip(recon, -1.0, 1.0)
+    # Halve the [-1, 1] difference so the MSE is on the [0, 1] pixel scale.
+    return {"score": float(np.mean(((recon - x) / 2.0) ** 2))}
+
+
+def _ask(client: ChatClient, model: str, message: dict[str, Any], parse: Callable[[str], Any],
+         parse_retries: int, max_tokens: int) -> Any:
+  """One chat request, re-asked up to ``parse_retries`` times while the answer does not parse."""
+  error: prompts.ParseError | None = None
+  for _ in range(parse_retries + 1):
+    text = client.chat(model, [message], max_tokens=max_tokens)
+    try:
+      return parse(text)
+    except prompts.ParseError as e:
+      error = e
+  raise prompts.ParseError(f"{model}: unparseable after {parse_retries + 1} answers; last: {error}")
+
+
+class CaptionLLMScorer:
+  """The paper's score: VLM caption + perception answers, then an LLM returns an integer 1-9 and a reason.
+
+  With ``use_dataset_captions``, an item's own ``caption`` replaces the VLM step (no perception answers); items
+  without one go through the VLM if ``vlm_model`` is set and fail otherwise.
+  """
+
+  method = "caption_llm"
+
+  def __init__(self, client: ChatClient, *, llm_model: str, vlm_model: str | None = None,
+               use_dataset_captions: bool = False, image_size: int | None = 256, parse_retries: int = 2,
+               max_tokens: int = 512):
+    if vlm_model is None and not use_dataset_captions:
+      raise ValueError("caption_llm needs a VLM model (--vlm-model) unless dataset captions are used "
+                       "(--use-dataset-captions)")
+    self.client = client
+    self.llm_model = llm_model
+    self.vlm_model = vlm_model
+    self.use_dataset_captions = use_dataset_captions
+    self.image_size = image_size
+    self.parse_retries = parse_retries
+    self.max_tokens = max_tokens
+
+  def describe(self, item: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """(caption, perception answers) of one item's image from the VLM."""
+    assert self.vlm_model is not None
+    im = _prepare_item(item, self.image_size)
+    caption = _ask(self.client, self.vlm_model, user_message(prompts.CAPTION_PROMPT, [im]),
+                   prompts.parse_caption, self.parse_retries, self.max_tokens)
+    answers = _ask(self.client, self.vlm_model, user_message(prompts.PERCEPTION_PROMPT, [im]),
+                   prompts.parse_perception, self.parse_retries, self.max_tokens)
+    return caption, answers
+
+  def score_caption(self, caption: str, answers: dict[str, str] | None = None) -> tuple[int, str]:
+    """(score, reason) for a caption and optional perception answers, from the LLM."""
+    return _ask(self.client, self.llm_model, user_message(prompts.score_prompt(caption, answers)),
+                prompts.parse_score, self.parse_retries, self.max_tokens)
+
+  def score(self, item: dict[str, Any]) -> dict[str, Any]:
+    caption = item.get("caption") if self.use_dataset_captions else None
+    answers = None
+    if not caption:
+      if self.vlm_model is None:
+        raise ValueError("item has no dataset caption and no --vlm-model was given")
+      caption, answers = self.describe(item)
+    score, reason = self.score_caption(caption, answers)
+    return {"score": score, "reason": reason, "caption": caption, "answers": answers}
+
+
+class TextOnlyScorer:
+  """Scores a text-to-image prompt with no image: the LLM rates the image the prompt describes."""
+
+  method = "text_llm"
+
+  def __init__(self, client: ChatClient, *, llm_model: str, parse_retries: int = 2, max_tokens: int = 512):
+    self.client = client
+    self.llm_model = llm_model
+    self.parse_retries = parse_retries
+    self.max_tokens = max_tokens
+
+  def score_text(self, prompt: str) -> dict[str, Any]:
+    score, reason = _ask(self.client, self.llm_model, user_message(prompts.text_only_prompt(prompt)),
+                         prompts.parse_score, self.parse_retries, self.max_tokens)
+    return {"score": score, "reason": reason, "text": prompt}
+
+  def score(self, item: dict[str, Any]) -> dict[str, Any]:
+    return self.score_text(item["text"])

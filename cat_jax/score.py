@@ -1,0 +1,204 @@
+"""Scores image complexity for CAT and maps scores to levels (8x / 16x / 32x).
+
+Examples::
+
+  python -m cat_jax.score --method jpeg                       # the embedded demo images
+  python -m cat_jax.score --method jpeg --path ~/photos       # an image folder
+  python -m cat_jax.score --method caption_llm --source tfds:coco_captions --split validation \\
+      --base-url http://127.0.0.1:8000/v1 --llm-model meta-llama/Llama-3.1-8B-Instruct --use-dataset-captions
+  python -m cat_jax.score --text "a page of a newspaper" --llm-model llama3.1   # text-only, no image
+
+Writes a resumable manifest (one JSON line per image, see ``cat_jax.complexity.manifest``) and
+``<out>.thresholds.json``. Rerunning the same command resumes; ``--retry-failures`` rescores failed items.
+Exit status: 0 when every item of this run scored, 1 when some failed, 2 on usage errors, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import pathlib
+import re
+import sys
+import tempfile
+from typing import Sequence
+
+from cat_jax.complexity import levels as levels_lib
+from cat_jax.complexity import manifest as manifest_lib
+from cat_jax.complexity import runner
+from cat_jax.complexity import scorers
+from cat_jax.complexity.llm import ChatClient, api_key_from_env, base_url_from_env
+from cat_jax.levels import NUM_LEVELS, num_tokens
+
+METHODS = ("caption_llm", "jpeg", "mse")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m cat_jax.score", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--method", choices=METHODS, help="complexity measure (caption_llm is the paper's)")
+  g = p.add_argument_group("data")
+  g.add_argument("--source", help="'embedded' (demo images), 'folder' or 'tfds:<name>'; default: 'folder' when "
+                 "--path is given, else 'embedded'")
+  g.add_argument("--split", default="train")
+  g.add_argument("--path", help="image folder (for --source folder)")
+  g.add_argument("--captions-file", help="captions for an image folder (see cat_jax.data)")
+  g.add_argument("--data-dir", help="TFDS data_dir (tfds:<name> sources)")
+  g.add_argument("--image-key", help="TFDS image feature (default 'image')")
+  g.add_argument("--caption-key", help="TFDS caption feature, for --use-dataset-captions")
+  g.add_argument("--limit", type=int, help="score only the first N items")
+  g.add_argument("--image-size", type=int, default=256,
+                 help="images are resized (shorter side) and center-cropped to this before scoring, and token "
+                 "counts are for this size; 0 scores images as they are (default 256)")
+  g = p.add_argument_group("output and levels")
+  g.add_argument("--out", help="manifest path (default scores/<source>-<split>-<method>.jsonl)")
+  g.add_argument("--thresholds", type=_thresholds_arg, metavar="LOW,HIGH",
+                 help="score <= LOW -> 32x, <= HIGH -> 16x, else 8x (default: 3,6 for caption_llm, the "
+                 "dataset's terciles for jpeg/mse)")
+  g.add_argument("--budget-tokens", type=float, help="pick thresholds for this mean token count per image")
+  g.add_argument("--retry-failures", action="store_true", help="rescore items recorded as failures")
+  g.add_argument("--workers", type=int, default=4, help="concurrent items (default 4)")
+  g.add_argument("--no-progress", action="store_true", help="no progress bar")
+  g = p.add_argument_group("jpeg / mse")
+  g.add_argument("--jpeg-quality", type=int, default=scorers.DEFAULT_JPEG_QUALITY)
+  g.add_argument("--checkpoint", help="trained tokenizer checkpoint for --method mse (not available yet)")
+  g.add_argument("--proxy-factor", type=int, default=32, help="downsampling factor of the MSE proxy")
+  g = p.add_argument_group("caption_llm (OpenAI-compatible chat-completions endpoint)")
+  g.add_argument("--base-url", help=f"endpoint root (env CAT_LLM_BASE_URL / OPENAI_BASE_URL, default "
+                 f"{base_url_from_env()})")
+  g.add_argument("--api-key", help="bearer token (prefer env CAT_LLM_API_KEY / OPENAI_API_KEY: a flag is visible "
+                 "in the process list); local servers need none")
+  g.add_argument("--vlm-model", help="vision-language model for captions and perception answers")
+  g.add_argument("--llm-model", help="model that turns caption + answers into a 1-9 score")
+  g.add_argument("--use-dataset-captions", action="store_true",
+                 help="use the dataset's captions instead of the VLM (no perception answers)")
+  g.add_argument("--text", action="append", metavar="PROMPT",
+                 help="score a text-to-image prompt with no image (repeatable); prints JSON lines")
+  g.add_argument("--timeout", type=float, default=60.0, help="seconds per request read (default 60)")
+  g.add_argument("--max-retries", type=int, default=4, help="retries on 5xx/429/timeouts/bad bodies")
+  g.add_argument("--parse-retries", type=int, default=2, help="re-asks when an answer does not parse")
+  g.add_argument("--max-tokens", type=int, default=512)
+  return p
+
+
+def _thresholds_arg(text: str) -> tuple[float, float]:
+  try:
+    return levels_lib.parse_thresholds(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(f"expected LOW,HIGH numbers with LOW <= HIGH: {e}") from None
+
+
+def _default_out(source: str, split: str, method: str, path: str | None) -> pathlib.Path:
+  name = pathlib.Path(path).expanduser().resolve().name if source == "folder" and path else source
+  name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{name}-{split}")
+  return pathlib.Path("scores") / f"{name}-{method}.jsonl"
+
+
+def _client(args: argparse.Namespace) -> ChatClient:
+  return ChatClient(base_url=args.base_url or base_url_from_env(), api_key=args.api_key or api_key_from_env(),
+                    timeout=args.timeout, max_retries=args.max_retries, max_tokens=args.max_tokens)
+
+
+def _make_scorer(args: argparse.Namespace, parser: argparse.ArgumentParser):
+  image_size = args.image_size or None
+  if args.method == "jpeg":
+    return scorers.JpegScorer(quality=args.jpeg_quality, image_size=image_size)
+  if args.method == "mse":
+    if args.checkpoint:
+      parser.exit(2, "error: --checkpoint: scoring with a trained CAT tokenizer is not available yet (the "
+                  "tokenizer's encode/decode API has not landed). Omit --checkpoint to use the low-pass proxy, "
+                  "or pass a reconstruct_fn to cat_jax.complexity.MseScorer from Python.\n")
+    return scorers.MseScorer(image_size=image_size, proxy_factor=args.proxy_factor)
+  if not args.llm_model:
+    parser.error("--method caption_llm needs --llm-model")
+  if not args.vlm_model and not args.use_dataset_captions:
+    parser.error("--method caption_llm needs --vlm-model, or --use-dataset-captions")
+  return scorers.CaptionLLMScorer(_client(args), llm_model=args.llm_model, vlm_model=args.vlm_model,
+                                  use_dataset_captions=args.use_dataset_captions, image_size=image_size,
+                                  parse_retries=args.parse_retries, max_tokens=args.max_tokens)
+
+
+def text_id(prompt: str) -> str:
+  """Stable manifest id of a text prompt."""
+  return "text-" + hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]
+
+
+def _run(args: argparse.Namespace, source, scorer, out: pathlib.Path) -> runner.RunSummary:
+  return runner.score_source(
+      source, scorer, out, workers=args.workers, limit=args.limit, retry_failures=args.retry_failures,
+      thresholds=args.thresholds, budget_tokens=args.budget_tokens, image_size=args.image_size or 256,
+      progress=not args.no_progress)
+
+
+def _report(summary: runner.RunSummary, out: pathlib.Path | None) -> None:
+  lines = [f"scored {summary.scored}, failed {summary.failed}, skipped (already in manifest) {summary.skipped}"]
+  if summary.thresholds is not None:
+    counts = summary.level_counts
+    lines.append(f"thresholds {summary.thresholds} ({summary.threshold_mode}); images at 8x/16x/32x: "
+                 f"{counts[0]}/{counts[1]}/{counts[2]}; mean tokens {summary.mean_tokens:.1f}")
+  if out is not None:
+    lines.append(f"manifest: {out}")
+  print("\n".join(lines), file=sys.stderr)
+
+
+def _score_texts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+  if args.method not in (None, "caption_llm"):
+    parser.error("--text scores prompts with the LLM; it cannot be combined with --method " + args.method)
+  if not args.llm_model:
+    parser.error("--text needs --llm-model")
+  scorer = scorers.TextOnlyScorer(_client(args), llm_model=args.llm_model, parse_retries=args.parse_retries,
+                                  max_tokens=args.max_tokens)
+  items = [{"id": text_id(t), "text": t} for t in args.text]
+  with tempfile.TemporaryDirectory() as tmp:
+    out = pathlib.Path(args.out) if args.out else pathlib.Path(tmp) / "text.jsonl"
+    args.no_progress = True
+    summary = _run(args, items, scorer, out)
+    latest = manifest_lib.read_manifest(out)
+    for item in items:
+      print(json.dumps(latest[item["id"]], ensure_ascii=False))
+  _report(summary, pathlib.Path(args.out) if args.out else None)
+  return 1 if summary.failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.thresholds is not None and args.budget_tokens is not None:
+    parser.error("give --thresholds or --budget-tokens, not both")
+  if args.workers < 1:
+    parser.error("--workers must be >= 1")
+  if args.budget_tokens is not None:
+    size = args.image_size or 256
+    try:
+      reachable = [num_tokens((size, size), level) for level in range(NUM_LEVELS)]
+    except ValueError as e:
+      parser.error(f"--budget-tokens: {e}")
+    if not min(reachable) <= args.budget_tokens <= max(reachable):
+      parser.error(f"--budget-tokens {args.budget_tokens:g} is outside [{min(reachable)}, {max(reachable)}], the "
+                   f"mean token counts reachable at {size}x{size}")
+  try:
+    if args.text:
+      return _score_texts(args, parser)
+    if args.method is None:
+      parser.error("--method is required (or --text for prompts)")
+    scorer = _make_scorer(args, parser)
+    source_name = args.source or ("folder" if args.path else "embedded")
+    from cat_jax.data import get_source  # imported late: --text and --help need no data stack
+    kwargs = {k: getattr(args, k) for k in ("path", "captions_file", "data_dir", "image_key", "caption_key")
+              if getattr(args, k)}
+    source = get_source(source_name, args.split, **kwargs)
+    out = pathlib.Path(args.out) if args.out else _default_out(source_name, args.split, args.method, args.path)
+    summary = _run(args, source, scorer, out)
+  except KeyboardInterrupt:
+    print("interrupted; rerun the same command to resume", file=sys.stderr)
+    return 130
+  except runner.TooManyFailures as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  _report(summary, out)
+  return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
