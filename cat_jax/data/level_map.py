@@ -1,0 +1,105 @@
+"""Which level each image trains at: id -> level index (0/1/2 = 8x/16x/32x).
+
+Levels come from a score manifest (JSON lines with at least ``'id'`` and ``'level'``,
+written by ``cat_jax.score``), from one fixed level for every image, or, for the embedded
+dataset, from its generator's built-in grade.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from cat_jax.levels import NUM_LEVELS, check_level
+from cat_jax.data.sources import source_ids
+
+
+def _check_level_value(value: Any, where: str) -> int:
+  if isinstance(value, float) and value.is_integer():
+    value = int(value)
+  try:
+    return check_level(value)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+
+
+def load_levels(manifest_path: str, known_ids: Iterable[str] | None = None) -> dict[str, int]:
+  """Reads a score manifest into {id: level}.
+
+  Args:
+    manifest_path: JSON lines file; every line an object with 'id' (str) and 'level'
+      (0, 1 or 2); other keys are ignored.
+    known_ids: if given, every manifest id must be one of them.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: bad JSON, a missing key, a level outside {0, 1, 2}, an id listed twice
+      with different levels, or an id not in ``known_ids``; the message names the line.
+  """
+  if not os.path.isfile(manifest_path):
+    raise FileNotFoundError(f"score manifest {manifest_path} does not exist; write one with "
+                            "cat_jax.score or pass a fixed level instead")
+  levels: dict[str, int] = {}
+  known = None if known_ids is None else set(known_ids)
+  with open(manifest_path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{manifest_path}:{n}"
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
+      if not isinstance(rec, dict) or "id" not in rec or "level" not in rec:
+        raise ValueError(f"{where}: each line needs 'id' and 'level', got {line.strip()[:200]}")
+      image_id = str(rec["id"])
+      level = _check_level_value(rec["level"], where)
+      if known is not None and image_id not in known:
+        raise ValueError(f"{where}: id {image_id!r} is not in the dataset (wrong manifest for "
+                         "this source or split?)")
+      if levels.get(image_id, level) != level:
+        raise ValueError(f"{where}: id {image_id!r} listed again with level {level} "
+                         f"(was {levels[image_id]})")
+      levels[image_id] = level
+  if not levels:
+    raise ValueError(f"score manifest {manifest_path} is empty")
+  return levels
+
+
+def resolve_levels(source: Any, levels: Mapping[str, int] | int | str | None) -> np.ndarray:
+  """Level of every record of ``source``, in index order, as an int array.
+
+  Args:
+    source: a source (see ``cat_jax.data.sources``).
+    levels: {id: level}; an int (one level for all); a manifest path; or None for the
+      source's built-in levels (only the embedded dataset has them).
+
+  Raises:
+    ValueError: an id without a level, or a bad level.
+  """
+  ids = source_ids(source)
+  if levels is None:
+    if not hasattr(source, "builtin_levels"):
+      raise ValueError(f"{source!r} has no built-in levels; pass levels= a score manifest "
+                       "path, an {id: level} mapping or one fixed level (0, 1 or 2)")
+    levels = source.builtin_levels()
+  if isinstance(levels, (int, np.integer)) and not isinstance(levels, bool):
+    return np.full(len(ids), check_level(int(levels)), np.int32)
+  if isinstance(levels, (str, os.PathLike)):
+    levels = load_levels(os.fspath(levels))
+  if not isinstance(levels, Mapping):
+    raise ValueError(f"levels must be a mapping, an int level, a manifest path or None, got "
+                     f"{type(levels).__name__}")
+  missing = [i for i in ids if i not in levels]
+  if missing:
+    raise ValueError(f"{len(missing)} of {len(ids)} images of {source!r} have no level, e.g. "
+                     f"{missing[:3]}; score them or pass a fixed level")
+  out = np.empty(len(ids), np.int32)
+  for k, image_id in enumerate(ids):
+    out[k] = _check_level_value(levels[image_id], f"level of {image_id!r}")
+  assert out.max(initial=0) < NUM_LEVELS
+  return out
