@@ -139,6 +139,38 @@ def test_missing_tfds_dataset_explains_how_to_prepare(tmp_path):
     get_source("tfds:celeb_a", "train", data_dir=str(tmp_path))
 
 
+def test_tfds_source_reads_a_prepared_dataset(tmp_path):
+  import tensorflow_datasets as tfds
+
+  class CatJaxTinyImages(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"image": tfds.features.Image(shape=(None, None, 3)), "file_name": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(5):
+        buf = io.BytesIO()  # Pre-encoded: encoding arrays would need TensorFlow.
+        Image.new("RGB", (30 + i, 20), (40 * i, 0, 0)).save(buf, "PNG")
+        yield i, {"image": buf.getvalue(), "file_name": f"img{i}.png"}
+
+  CatJaxTinyImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  source = get_source("tfds:cat_jax_tiny_images", "train", data_dir=str(tmp_path))
+  assert len(source) == 5
+  assert source.ids() == [f"cat_jax_tiny_images/train/{i}" for i in range(5)]
+  records = [source[i] for i in range(5)]
+  widths = sorted(decode_image(r["image"]).shape[1] for r in records)
+  assert widths == [30, 31, 32, 33, 34]
+  assert sorted(r["file_name"] for r in records) == [f"img{i}.png" for i in range(5)]
+  batches = list(make_eval_iterator(source, levels=1, batch_size=2, image_size=16, min_size=16,
+                                    process_index=0, process_count=1))
+  assert sorted(i for b in batches for i in b["id"][b["mask"]]) == source.ids()
+
+
 # Level maps ----------------------------------------------------------------------------------
 
 

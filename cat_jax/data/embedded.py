@@ -179,7 +179,11 @@ _TEXTURES = (
 
 @functools.lru_cache(maxsize=None)
 def _skimage_rgb(name: str) -> np.ndarray:
-  import skimage.data  # Imported lazily: only photo and texture images need it.
+  try:
+    import skimage.data  # Imported lazily: only photo and texture images need it.
+  except ImportError as e:
+    raise ImportError("the embedded dataset's photo and texture images use the photos that "
+                      "scikit-image ships: pip install scikit-image") from e
   arr = np.asarray(getattr(skimage.data, name)())
   if arr.ndim == 2:
     arr = np.repeat(arr[..., None], 3, axis=-1)
@@ -255,8 +259,8 @@ def _chart(rng, size):
     draw.text((left - 3, y), f"{y_max * t / 5:g}", fill="black", font=small, anchor="rm")
   draw.line((left, top, left, bottom), fill="black", width=max(1, size // 200))
   draw.line((left, bottom, right, bottom), fill="black", width=max(1, size // 200))
-  colours = [_colour(rng, ("red", "blue", "green", "orange", "purple", "teal", "navy"))
-             for _ in range(n_series)]
+  palette = [c for c in _COLOURS if c[0] in ("red", "blue", "green", "orange", "purple", "teal")]
+  colours = [palette[i] for i in rng.permutation(len(palette))[:n_series]]
   step = (right - left) / n_points
   label_every = 1 if n_points <= 6 else 2
   for i in range(0, n_points, label_every):  # x tick labels

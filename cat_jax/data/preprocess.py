@@ -134,7 +134,10 @@ def open_checked(data: Any, *, path: str, min_size: int = DEFAULT_MIN_SIZE,
     if draft_size and img.format == "JPEG" and img.mode in ("RGB", "L"):
       img.draft(img.mode, (draft_size, draft_size))
     img.load()
-    img = ImageOps.exif_transpose(img)
+    try:
+      img = ImageOps.exif_transpose(img)
+    except Exception:  # A broken EXIF block should not cost us a good image.
+      pass
     return to_rgb(img)
   except BadImageError:
     raise
