@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "ml-collections>=1.0",
     "numpy>=1.26",
     "pillow>=10.0",
+    "scikit-image>=0.22",  # natural photos of the embedded default dataset
     "tqdm>=4.66",
 ]
 

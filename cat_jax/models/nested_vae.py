@@ -1,0 +1,368 @@
+r"""The nested KL-VAE of CAT: one set of weights, exits at 8x, 16x and 32x.
+
+Architecture (Stable-Diffusion AutoencoderKL family, with one more downsampling stage per extra level):
+
+  encoder trunk  conv_in -> stage 0 (H) -> ... -> stage 3 (H/8) -> stage 4 (H/16) -> stage 5 (H/32)
+                                                  |                |                  |
+  exit projections (1x1, channel-matched)       exit 0           exit 1             exit 2
+                                                  \________________|__________________/
+  shared latent head                     mid ResBlock + attention + ResBlock -> (mean, logvar)
+
+  shared decoder head                    conv_in + mid ResBlock + attention + ResBlock
+                                                  /                |                  \\
+  entry projections (1x1, channel-matched)     entry 0          entry 1             entry 2
+  decoder trunk                          stage 5 -> stage 4 -> stage 3 -> ... -> stage 0 -> conv_out
+                                                (a level-2 latent enters at stage 5, level 1 at 4, level 0 at 3)
+
+Levels (see ``cat_jax.levels``): 0 = 8x, 1 = 16x, 2 = 32x.
+
+Why a latent *canvas*: the level is picked by ``jax.lax.switch`` (``nn.switch``) so that one compiled function
+serves all three levels, and every branch of a switch must return the same shapes. Latents therefore travel on the
+8x grid (B, H/8, W/8, C): a level-l latent fills the top-left (H/f, W/f) corner and the rest holds the prior
+N(0, 1) (mean 0, log-variance 0), which adds exactly zero KL and is ignored by the decoder. Use
+``crop_latent`` / ``pad_latent`` to move between the canvas and the level's own grid.
+
+Why batches are single-level: under ``vmap`` a per-example switch index turns into a ``select`` that executes every
+branch for every example (3x the compute). Batches are bucketed by level so the index is a scalar.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cat_jax import levels as L
+
+Dtype = Any
+
+
+@flax.struct.dataclass
+class DiagonalGaussian:
+  """Posterior q(z|x) on the latent canvas: mean and (clipped) log-variance, NHWC."""
+
+  mean: jax.Array
+  logvar: jax.Array
+
+  @property
+  def std(self) -> jax.Array:
+    return jnp.exp(0.5 * self.logvar)
+
+  def sample(self, rng: jax.Array) -> jax.Array:
+    """A reparameterised sample (gradients flow to mean and logvar)."""
+    return self.mean + self.std * jax.random.normal(rng, self.mean.shape, self.mean.dtype)
+
+  def mode(self) -> jax.Array:
+    return self.mean
+
+  def kl(self) -> jax.Array:
+    """KL(q || N(0, I)) summed over latent positions and channels: shape (B,)."""
+    return 0.5 * jnp.sum(jnp.square(self.mean) + jnp.exp(self.logvar) - 1.0 - self.logvar, axis=(1, 2, 3))
+
+
+def crop_latent(canvas: jax.Array, level: int) -> jax.Array:
+  """The level's own latent grid (B, H/f, W/f, C) from a canvas (B, H/8, W/8, C). ``level`` must be static."""
+  scale = L.factor_for_level(level) // L.FACTORS[0]
+  h, w = canvas.shape[1] // scale, canvas.shape[2] // scale
+  return canvas[:, :h, :w, :]
+
+
+def pad_latent(latent: jax.Array, level: int) -> jax.Array:
+  """A canvas (B, H/8, W/8, C) holding ``latent`` (B, H/f, W/f, C) top-left, zeros elsewhere."""
+  scale = L.factor_for_level(level) // L.FACTORS[0]
+  h, w = latent.shape[1], latent.shape[2]
+  return jnp.pad(latent, ((0, 0), (0, h * scale - h), (0, w * scale - w), (0, 0)))
+
+
+def _num_groups(channels: int) -> int:
+  # 32 groups as the SD VAE for wide layers; narrow (test/demo) layers keep >= 4 channels per group so that
+  # GroupNorm on a 1x1 latent grid does not normalise every value to zero.
+  return math.gcd(channels, min(32, max(1, channels // 4)))
+
+
+class Normalize(nn.Module):
+  """GroupNorm computed in float32 (bf16 statistics drift), result cast back to ``dtype``."""
+
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.GroupNorm(num_groups=_num_groups(x.shape[-1]), epsilon=1e-6, dtype=jnp.float32,
+                     param_dtype=self.param_dtype)(x.astype(jnp.float32))
+    return y.astype(self.dtype)
+
+
+class ResnetBlock(nn.Module):
+  out_channels: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    conv = lambda c, k, name: nn.Conv(c, (k, k), padding="SAME", dtype=self.dtype,
+                                      param_dtype=self.param_dtype, name=name)
+    h = nn.swish(Normalize(self.dtype, self.param_dtype, name="norm1")(x))
+    h = conv(self.out_channels, 3, "conv1")(h)
+    h = nn.swish(Normalize(self.dtype, self.param_dtype, name="norm2")(h))
+    h = conv(self.out_channels, 3, "conv2")(h)
+    if x.shape[-1] != self.out_channels:
+      x = conv(self.out_channels, 1, "skip")(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head spatial self-attention, as in the SD VAE; softmax in float32."""
+
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    y = Normalize(self.dtype, self.param_dtype, name="norm")(x).reshape(b, h * w, c)
+    q, k, v = dense("q")(y), dense("k")(y), dense("v")(y)
+    logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) / math.sqrt(c)
+    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    y = jnp.einsum("bqk,bkc->bqc", attn, v)
+    return x + dense("proj_out")(y).reshape(b, h, w, c)
+
+
+class Downsample(nn.Module):
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))  # asymmetric, as the SD VAE
+    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding="VALID", dtype=self.dtype,
+                   param_dtype=self.param_dtype)(x)
+
+
+class Upsample(nn.Module):
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return nn.Conv(x.shape[-1], (3, 3), padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+class MidBlock(nn.Module):
+  """ResBlock, (attention), ResBlock at constant width."""
+
+  channels: int
+  attention: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = ResnetBlock(self.channels, self.dtype, self.param_dtype, name="res_0")(x)
+    if self.attention:
+      x = AttnBlock(self.dtype, self.param_dtype, name="attn")(x)
+    return ResnetBlock(self.channels, self.dtype, self.param_dtype, name="res_1")(x)
+
+
+class NestedVAE(nn.Module):
+  """CAT's nested KL-VAE. Inputs are NHWC floats in [-1, 1] with H and W multiples of 32.
+
+  Attributes:
+    ch: base width; stage i has ``ch * ch_mult[i]`` channels.
+    ch_mult: one multiplier per resolution stage; its length must be 6 (H, H/2, ..., H/32).
+    num_res_blocks: ResBlocks per encoder stage (the decoder has one more, as the SD VAE).
+    z_channels: latent channels (default 16).
+    head_attention: self-attention in the shared latent head and the shared decoder head.
+    logvar_range: the posterior log-variance is clipped to this range.
+  """
+
+  ch: int = 128
+  ch_mult: Sequence[int] = (1, 1, 2, 2, 4, 4)
+  num_res_blocks: int = 2
+  z_channels: int = 16
+  in_channels: int = 3
+  head_attention: bool = True
+  logvar_range: tuple[float, float] = (-30.0, 20.0)
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    num_stages = int(math.log2(L.MAX_FACTOR)) + 1
+    if len(self.ch_mult) != num_stages:
+      raise ValueError(f"ch_mult needs {num_stages} entries (one per stage H ... H/{L.MAX_FACTOR}), "
+                       f"got {tuple(self.ch_mult)}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    widths = [self.ch * m for m in self.ch_mult]
+    head_width = widths[-1]
+    conv1x1 = lambda c, name: nn.Conv(c, (1, 1), name=name, **kw)
+
+    # Encoder trunk.
+    self.enc_conv_in = nn.Conv(self.ch, (3, 3), padding="SAME", **kw)
+    self.enc_stages = [[ResnetBlock(widths[s], **kw) for _ in range(self.num_res_blocks)]
+                       for s in range(num_stages)]
+    self.enc_down = [Downsample(**kw) for _ in range(num_stages - 1)]
+    # Channel-matched exits into the shared latent head.
+    self.enc_exit = [conv1x1(head_width, f"enc_exit_{lvl}") for lvl in range(L.NUM_LEVELS)]
+    self.enc_mid = MidBlock(head_width, self.head_attention, **kw)
+    self.enc_norm_out = Normalize(**kw)
+    self.enc_conv_out = nn.Conv(2 * self.z_channels, (3, 3), padding="SAME", **kw)
+    self.quant_conv = conv1x1(2 * self.z_channels, "quant_conv")
+
+    # Shared decoder head.
+    self.post_quant_conv = conv1x1(self.z_channels, "post_quant_conv")
+    self.dec_conv_in = nn.Conv(head_width, (3, 3), padding="SAME", **kw)
+    self.dec_mid = MidBlock(head_width, self.head_attention, **kw)
+    # Channel-matched entries: project to what the entry stage receives when coming from above.
+    self.dec_entry = [conv1x1(self._dec_stage_input_width(self._stage_of(lvl)), f"dec_entry_{lvl}")
+                      for lvl in range(L.NUM_LEVELS)]
+    self.dec_stages = [[ResnetBlock(widths[s], **kw) for _ in range(self.num_res_blocks + 1)]
+                       for s in range(num_stages)]
+    self.dec_up = [Upsample(**kw) for _ in range(num_stages - 1)]  # dec_up[s - 1]: H/2^s -> H/2^(s-1)
+    self.dec_norm_out = Normalize(**kw)
+    self.dec_conv_out = nn.Conv(self.in_channels, (3, 3), padding="SAME", **kw)
+
+  # -- helpers -----------------------------------------------------------------------------------------------------
+  @staticmethod
+  def _stage_of(level: int) -> int:
+    return int(math.log2(L.FACTORS[level]))
+
+  def _dec_stage_input_width(self, stage: int) -> int:
+    return self.ch * self.ch_mult[min(stage + 1, len(self.ch_mult) - 1)]
+
+  def _dispatch(self, level, branches, *operands):
+    """Calls ``branches[level]``: directly for a Python int, through ``nn.switch`` for a traced scalar.
+
+    At init every branch runs so that the parameter tree is the same whatever level init was called with.
+    """
+    if self.is_mutable_collection("params"):
+      outs = [branch(self, *operands) for branch in branches]
+      if _is_static_int(level):
+        return outs[L.check_level(int(level))]
+    if _is_static_int(level):
+      return branches[L.check_level(int(level))](self, *operands)
+    level = jnp.asarray(level)
+    if level.ndim != 0 or not jnp.issubdtype(level.dtype, jnp.integer):
+      raise ValueError(f"a traced level must be an integer scalar (batches are single-level), got "
+                       f"shape {level.shape} dtype {level.dtype}")
+    return nn.switch(level, branches, self, *operands)
+
+  def _check_image(self, x):
+    if x.ndim != 4 or x.shape[-1] != self.in_channels:
+      raise ValueError(f"expected images of shape (batch, height, width, {self.in_channels}) NHWC in [-1, 1], "
+                       f"got shape {tuple(x.shape)}")
+    h, w = x.shape[1:3]
+    if h % L.MAX_FACTOR or w % L.MAX_FACTOR or h == 0 or w == 0:
+      raise ValueError(f"image height and width must be positive multiples of {L.MAX_FACTOR} "
+                       f"(e.g. (batch, 256, 256, {self.in_channels})), got {h}x{w}; resize or pad first")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"expected floating-point images in [-1, 1], got dtype {x.dtype}; "
+                       "convert uint8 with x / 127.5 - 1")
+
+  def _check_canvas(self, z):
+    if z.ndim != 4 or z.shape[-1] != self.z_channels:
+      raise ValueError(f"expected a latent canvas of shape (batch, height/8, width/8, {self.z_channels}), "
+                       f"got shape {tuple(z.shape)}")
+    if z.shape[1] % 4 or z.shape[2] % 4:
+      raise ValueError(f"latent canvas height and width must be multiples of 4 (image sides multiples of 32), "
+                       f"got {z.shape[1]}x{z.shape[2]}; use pad_latent(z, level) for a level's own grid")
+    if not jnp.issubdtype(z.dtype, jnp.floating):
+      raise ValueError(f"expected a floating-point latent, got dtype {z.dtype}")
+
+  # -- static-shape branches ---------------------------------------------------------------------------------------
+  def _encode_level(self, x, level: int):
+    stage = self._stage_of(level)
+    h = self.enc_conv_in(x.astype(self.dtype))
+    for s in range(stage + 1):
+      for block in self.enc_stages[s]:
+        h = block(h)
+      if s < stage:
+        h = self.enc_down[s](h)
+    h = self.enc_exit[level](h)
+    h = self.enc_mid(h)
+    h = self.enc_conv_out(nn.swish(self.enc_norm_out(h)))
+    moments = self.quant_conv(h).astype(jnp.float32)
+    mean, logvar = jnp.split(moments, 2, axis=-1)
+    logvar = jnp.clip(logvar, *self.logvar_range)
+    return pad_latent(mean, level), pad_latent(logvar, level)
+
+  def _decode_level(self, canvas, level: int):
+    z = crop_latent(canvas, level).astype(self.dtype)
+    h = self.post_quant_conv(z)
+    h = self.dec_mid(self.dec_conv_in(h))
+    h = self.dec_entry[level](h)
+    for s in reversed(range(self._stage_of(level) + 1)):
+      for block in self.dec_stages[s]:
+        h = block(h)
+      if s > 0:
+        h = self.dec_up[s - 1](h)
+    h = self.dec_conv_out(nn.swish(self.dec_norm_out(h)))
+    return h.astype(jnp.float32)
+
+  # -- public API --------------------------------------------------------------------------------------------------
+  def encode(self, x: jax.Array, level) -> DiagonalGaussian:
+    """Posterior q(z | x) at ``level`` (int or traced int32 scalar), on the (B, H/8, W/8, C) latent canvas."""
+    self._check_image(x)
+    branches = [lambda mdl, x, lvl=lvl: mdl._encode_level(x, lvl) for lvl in range(L.NUM_LEVELS)]
+    mean, logvar = self._dispatch(level, branches, x)
+    return DiagonalGaussian(mean=mean, logvar=logvar)
+
+  def decode(self, z: jax.Array, level) -> jax.Array:
+    """Image (B, H, W, 3) float32 from a latent canvas (B, H/8, W/8, C) at ``level``."""
+    self._check_canvas(z)
+    branches = [lambda mdl, z, lvl=lvl: mdl._decode_level(z, lvl) for lvl in range(L.NUM_LEVELS)]
+    return self._dispatch(level, branches, z)
+
+  def __call__(self, x: jax.Array, level, rng: jax.Array | None = None):
+    """Returns ``(reconstruction, posterior)``; samples z with ``rng``, else uses the posterior mode."""
+    posterior = self.encode(x, level)
+    z = posterior.mode() if rng is None else posterior.sample(rng)
+    return self.decode(z, level), posterior
+
+
+def _is_static_int(level) -> bool:
+  if isinstance(level, bool):
+    return False
+  if isinstance(level, int):
+    return True
+  try:
+    import numpy as np
+    return isinstance(level, np.integer)
+  except ImportError:  # pragma: no cover
+    return False
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def build_model(model_config) -> NestedVAE:
+  """``NestedVAE(**model_config)``, accepting a ConfigDict or dict and dtype names like 'bfloat16'."""
+  kwargs = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
+  for key in ("dtype", "param_dtype"):
+    if isinstance(kwargs.get(key), str):
+      if kwargs[key] not in _DTYPES:
+        raise ValueError(f"model.{key} must be one of {sorted(_DTYPES)}, got {kwargs[key]!r}")
+      kwargs[key] = _DTYPES[kwargs[key]]
+  for key in ("ch_mult", "logvar_range"):
+    if key in kwargs:
+      kwargs[key] = tuple(kwargs[key])
+  unknown = set(kwargs) - set(NestedVAE.__dataclass_fields__) - {"parent", "name"}
+  if unknown:
+    raise ValueError(f"unknown model config keys {sorted(unknown)}; valid keys: "
+                     f"{sorted(k for k in NestedVAE.__dataclass_fields__ if k not in ('parent', 'name'))}")
+  return NestedVAE(**kwargs)
+
+
+def init_params(model: NestedVAE, rng: jax.Array, image_size: int = 256):
+  """Parameters for all three levels (init runs every branch)."""
+  x = jnp.zeros((1, image_size, image_size, model.in_channels), jnp.float32)
+  return model.init(rng, x, 0)["params"]
+
+
+def count_params(params) -> int:
+  return sum(int(p.size) for p in jax.tree.leaves(params))
