@@ -62,9 +62,9 @@ def _random_fid_inception() -> torch.nn.Module:
   for bn in batch_norms:
     bn.running_mean.data += 0.05 * torch.randn(bn.num_features, generator=gen)
     bn.running_var.data *= 0.8 + 0.4 * torch.rand(bn.num_features, generator=gen)
-  # Scale the last block's outputs (ReLU commutes with positive scaling) so the features have the
-  # magnitude of the real network's (mean near 0.5): the absolute tolerance then means what it means
-  # for the real weights.
+  # Scale the last block's outputs (ReLU commutes with positive scaling) so the features are of order
+  # 1 (mean about 0.45, max about 6) as with the real weights: the absolute tolerance then means
+  # roughly what it means for the real network.
   last = net.Mixed_7c
   for conv in (last.branch1x1, last.branch3x3_2a, last.branch3x3_2b, last.branch3x3dbl_3a,
                last.branch3x3dbl_3b, last.branch_pool):
@@ -74,7 +74,8 @@ def _random_fid_inception() -> torch.nn.Module:
 
 
 def _pool_features(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-  """Runs the blocks pytorch-fid's wrapper uses on already resized/normalised input."""
+  """The network's blocks after a resize to 299, as pytorch-fid's wrapper runs them, on [-1, 1]
+  input; only used to calibrate the batch-norm statistics."""
   x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
   for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
                "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",

@@ -1,0 +1,213 @@
+"""One object that accumulates rFID, LPIPS, PSNR and SSIM over batches, per level and overall.
+
+Protocol (what the numbers mean):
+- Inputs are NHWC images in [-1, 1], originals and their reconstructions. Both are clipped to [-1, 1]
+  and, with ``quantize=True`` (default), rounded to 8-bit levels first, as images written to PNG are:
+  this is what pytorch-fid sees when run on saved files and what published tokenizer evaluations do.
+- PSNR and SSIM are per image (``cat_jax.metrics.image_quality``: scikit-image's values on the same
+  images as uint8 [0, 255], with the Gaussian-window SSIM settings of the literature) and averaged
+  over images. PSNR of two equal images is
+  ``inf`` (as in scikit-image), so an exact reconstruction makes the mean ``inf``.
+- LPIPS is the mean of ``lpips_fn(originals, reconstructions)``, a (B,) distance on [-1, 1] images.
+- rFID is the FID between the Inception features of the originals and those of the reconstructions,
+  from streaming float64 statistics (``cat_jax.metrics.fid``); it needs at least 2 images.
+
+Keys of ``result()``: ``{metric}/level{k}`` for every level that received images and ``{metric}/all``
+over all of them, for metric in psnr, ssim, lpips (with ``lpips_fn``), rfid (with ``inception_fn``),
+num_images, and tokens_per_image (when ``update`` was given token counts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cat_jax import levels
+from cat_jax.metrics import fid as fid_lib
+from cat_jax.metrics import image_quality
+
+ImagesFn = Callable[[jax.Array], Any]
+PairFn = Callable[[jax.Array, jax.Array], Any]
+
+
+def quantize_to_uint8_levels(images: jax.Array) -> jax.Array:
+  """[-1, 1] images rounded to the 256 values an 8-bit image can hold (still in [-1, 1])."""
+  return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5) / 127.5 - 1.0
+
+
+@jax.jit
+def _psnr_ssim(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return (image_quality.psnr(x, y, value_range=(-1.0, 1.0)),
+          image_quality.ssim(x, y, value_range=(-1.0, 1.0)))
+
+
+@dataclasses.dataclass
+class _Sums:
+  """Per-level running sums; arrays of shape (NUM_LEVELS,), float64 / int64."""
+  num_images: np.ndarray
+  psnr: np.ndarray
+  ssim: np.ndarray
+  lpips: np.ndarray
+  tokens: np.ndarray
+  images_with_tokens: np.ndarray
+
+  @classmethod
+  def zeros(cls) -> "_Sums":
+    f = lambda: np.zeros((levels.NUM_LEVELS,), np.float64)
+    i = lambda: np.zeros((levels.NUM_LEVELS,), np.int64)
+    return cls(i(), f(), f(), f(), f(), i())
+
+  def merge(self, other: "_Sums") -> "_Sums":
+    return _Sums(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+class ReconstructionEvaluator:
+  """Accumulates reconstruction metrics over batches; see the module docstring for the protocol.
+
+  Args:
+    inception_fn: images in [-1, 1] NHWC -> (B, D) FID features (``load_inception(path)``); without
+      it rFID is omitted.
+    lpips_fn: (originals, reconstructions) in [-1, 1] -> (B,) LPIPS distances; without it LPIPS is
+      omitted.
+    quantize: round images to 8-bit levels before measuring (the published protocol).
+  """
+
+  def __init__(self, inception_fn: ImagesFn | None = None, lpips_fn: PairFn | None = None, *,
+               quantize: bool = True):
+    self.inception_fn = inception_fn
+    self.lpips_fn = lpips_fn
+    self.quantize = quantize
+    self.reset()
+
+  def reset(self) -> None:
+    self._sums = _Sums.zeros()
+    # Per level: FID statistics of the originals and of the reconstructions, created on first use.
+    self._real: list[fid_lib.FidStatistics | None] = [None] * levels.NUM_LEVELS
+    self._fake: list[fid_lib.FidStatistics | None] = [None] * levels.NUM_LEVELS
+
+  def update(self, originals: Any, reconstructions: Any, level: int | Any,
+             num_tokens: int | Any | None = None) -> None:
+    """Adds a batch.
+
+    Args:
+      originals, reconstructions: (B, H, W, C) in [-1, 1], numpy or jax.
+      level: the level of every image (int) or of each image ((B,) ints).
+      num_tokens: latent tokens spent on each image (int or (B,)), e.g. ``levels.num_tokens``.
+    """
+    x = jnp.asarray(originals, jnp.float32)
+    y = jnp.asarray(reconstructions, jnp.float32)
+    if x.shape != y.shape or x.ndim != 4:
+      raise ValueError(f"expected two NHWC batches of one shape, got {x.shape} and {y.shape}")
+    batch = x.shape[0]
+    per_image_level = self._per_image(level, batch, "level").astype(np.int64)
+    for lv in np.unique(per_image_level):
+      levels.check_level(int(lv))
+    if self.quantize:
+      x, y = quantize_to_uint8_levels(x), quantize_to_uint8_levels(y)
+    else:
+      x, y = jnp.clip(x, -1.0, 1.0), jnp.clip(y, -1.0, 1.0)
+
+    # Measure everything before touching the sums, so a failing batch leaves the state unchanged.
+    psnr, ssim = (np.asarray(v, np.float64) for v in _psnr_ssim(x, y))
+    dist = feats_real = feats_fake = tokens = None
+    if self.lpips_fn is not None:
+      dist = np.asarray(self.lpips_fn(x, y), np.float64).reshape(-1)
+      if dist.shape != (batch,):
+        raise ValueError(f"lpips_fn must return ({batch},) distances, got shape {dist.shape}")
+    if num_tokens is not None:
+      tokens = self._per_image(num_tokens, batch, "num_tokens").astype(np.float64)
+    if self.inception_fn is not None:
+      feats_real = np.asarray(self.inception_fn(x), np.float64)
+      feats_fake = np.asarray(self.inception_fn(y), np.float64)
+
+    s = self._sums
+    np.add.at(s.num_images, per_image_level, 1)
+    np.add.at(s.psnr, per_image_level, psnr)
+    np.add.at(s.ssim, per_image_level, ssim)
+    if dist is not None:
+      np.add.at(s.lpips, per_image_level, dist)
+    if tokens is not None:
+      np.add.at(s.tokens, per_image_level, tokens)
+      np.add.at(s.images_with_tokens, per_image_level, 1)
+    if feats_real is not None:
+      for lv in np.unique(per_image_level):
+        mask = per_image_level == lv
+        for stats, feats in ((self._real, feats_real), (self._fake, feats_fake)):
+          if stats[lv] is None:
+            stats[lv] = fid_lib.FidStatistics.zeros(feats.shape[-1])
+          stats[lv].update(feats[mask])
+
+  @staticmethod
+  def _per_image(value: Any, batch: int, what: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+      return np.full((batch,), arr)
+    if arr.shape != (batch,):
+      raise ValueError(f"{what} must be a scalar or have shape ({batch},), got {arr.shape}")
+    return arr
+
+  def merge(self, other: "ReconstructionEvaluator") -> "ReconstructionEvaluator":
+    """Adds ``other``'s accumulated state to this one (e.g. from another data shard); returns self."""
+    self._sums = self._sums.merge(other._sums)
+    for mine, theirs in ((self._real, other._real), (self._fake, other._fake)):
+      for lv, stats in enumerate(theirs):
+        if stats is not None:
+          mine[lv] = stats if mine[lv] is None else mine[lv].merge(stats)
+    return self
+
+  def sync_across_processes(self, allgather: Callable[[np.ndarray], Any] | None = None) -> None:
+    """Replaces the local state by the sum over all JAX processes (call on every process)."""
+    if allgather is None and jax.process_count() == 1:
+      return
+    allgather = allgather or fid_lib.default_allgather()
+    self._sums = _Sums(*fid_lib.sum_across_processes(dataclasses.astuple(self._sums), allgather))
+    if self.inception_fn is None:
+      return
+    local_dim = max((st.dim for st in self._real if st is not None), default=0)
+    # Every process must send the same arrays: gather each level that any process has seen, with
+    # zeros where this one has not.
+    dim = int(np.max(np.asarray(allgather(np.asarray([local_dim], np.int32)))))
+    for lv in range(levels.NUM_LEVELS):
+      if self._sums.num_images[lv] == 0:
+        continue
+      for stats in (self._real, self._fake):
+        local = stats[lv] if stats[lv] is not None else fid_lib.FidStatistics.zeros(dim)
+        stats[lv] = fid_lib.allgather_statistics(local, allgather)
+
+  def result(self) -> dict[str, float]:
+    """The metrics so far as ``{'psnr/level0': ..., 'psnr/all': ..., ...}`` (Python floats)."""
+    s = self._sums
+    out: dict[str, float] = {}
+    groups = [(f"level{lv}", [lv]) for lv in range(levels.NUM_LEVELS) if s.num_images[lv] > 0]
+    if groups:
+      groups.append(("all", [lv for _, (lv,) in groups]))
+    for name, lvs in groups:
+      n = int(s.num_images[lvs].sum())
+      out[f"num_images/{name}"] = n
+      out[f"psnr/{name}"] = float(s.psnr[lvs].sum() / n)
+      out[f"ssim/{name}"] = float(s.ssim[lvs].sum() / n)
+      if self.lpips_fn is not None:
+        out[f"lpips/{name}"] = float(s.lpips[lvs].sum() / n)
+      with_tokens = int(s.images_with_tokens[lvs].sum())
+      if with_tokens:
+        out[f"tokens_per_image/{name}"] = float(s.tokens[lvs].sum() / with_tokens)
+      if self.inception_fn is not None and n >= 2:
+        if name == "all" and len(lvs) == 1:  # the same statistics: skip a second eigendecomposition
+          out[f"rfid/{name}"] = out[f"rfid/level{lvs[0]}"]
+          continue
+        real = _merge_all(self._real[lv] for lv in lvs)
+        fake = _merge_all(self._fake[lv] for lv in lvs)
+        out[f"rfid/{name}"] = fid_lib.fid_from_statistics(real, fake)
+    return out
+
+
+def _merge_all(stats) -> fid_lib.FidStatistics:
+  stats = [s for s in stats if s is not None]
+  merged = stats[0]
+  for s in stats[1:]:
+    merged = merged.merge(s)
+  return merged

@@ -1,0 +1,171 @@
+"""ReconstructionEvaluator: per-level and overall metrics equal the reference tools run on all images
+at once (scikit-image on the uint8 images, pytorch-fid's Fréchet distance on np.cov statistics)."""
+
+import threading
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from pytorch_fid.fid_score import calculate_frechet_distance
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from cat_jax import levels
+from cat_jax.metrics.evaluator import ReconstructionEvaluator
+
+HW = (32, 32)
+
+
+def fake_inception(images):
+  """A cheap deterministic 4-d "feature" of [-1, 1] images."""
+  x = jnp.asarray(images)
+  return 10.0 * jnp.stack([x.mean(axis=(1, 2, 3)), x.std(axis=(1, 2, 3)), x[..., 0].mean(axis=(1, 2)),
+                    jnp.abs(x[:, 1:] - x[:, :-1]).mean(axis=(1, 2, 3))], axis=-1)
+
+
+def fake_lpips(x, y):
+  return jnp.mean(jnp.abs(x - y), axis=(1, 2, 3)) * 0.5
+
+
+def _batch(rng, n):
+  """uint8-valued originals in [-1, 1] and float reconstructions, partly outside [-1, 1]."""
+  u8 = rng.integers(0, 256, size=(n, *HW, 3))
+  originals = (u8 / 127.5 - 1.0).astype(np.float32)
+  noise = rng.random((n, 1, 1, 1)) * 0.3
+  recon = (originals * 0.9 + noise * rng.standard_normal(originals.shape)).astype(np.float32)
+  return originals, recon
+
+
+def _to_uint8(images):
+  return np.round((np.clip(images, -1, 1) + 1) * np.float32(127.5)).astype(np.uint8)
+
+
+# (batch size, level): level 0 and 2 from several batches, level 1 only from the mixed batch.
+BATCHES = [(4, 0), (5, 2), (5, 0), (4, np.array([0, 1, 2, 1]))]
+
+
+@pytest.fixture(scope="module")
+def data():
+  rng = np.random.default_rng(0)
+  return [(*_batch(rng, n), lv) for n, lv in BATCHES]
+
+
+def _expected(data):
+  """Reference metrics from all images at once, grouped by level."""
+  per_level = {}
+  for x, y, lv in data:
+    for i, l in enumerate(np.broadcast_to(lv, (x.shape[0],))):
+      per_level.setdefault(int(l), []).append((_to_uint8(x[i]), _to_uint8(y[i])))
+  groups = {f"level{l}": pairs for l, pairs in sorted(per_level.items())}
+  groups["all"] = [p for pairs in per_level.values() for p in pairs]
+  out = {}
+  for name, pairs in groups.items():
+    x8 = np.stack([p[0] for p in pairs])
+    y8 = np.stack([p[1] for p in pairs])
+    out[f"num_images/{name}"] = len(pairs)
+    out[f"psnr/{name}"] = np.mean([peak_signal_noise_ratio(a, b, data_range=255)
+                                   for a, b in zip(x8, y8)])
+    out[f"ssim/{name}"] = np.mean([
+        structural_similarity(a, b, data_range=255, channel_axis=-1, gaussian_weights=True,
+                              sigma=1.5, use_sample_covariance=False) for a, b in zip(x8, y8)])
+    xs, ys = x8 / 127.5 - 1.0, y8 / 127.5 - 1.0
+    out[f"lpips/{name}"] = float(np.mean(np.asarray(fake_lpips(xs, ys))))
+    fx = np.asarray(fake_inception(xs), np.float64)
+    fy = np.asarray(fake_inception(ys), np.float64)
+    out[f"rfid/{name}"] = calculate_frechet_distance(
+        fx.mean(0), np.cov(fx, rowvar=False), fy.mean(0), np.cov(fy, rowvar=False))
+    tokens = [levels.num_tokens(HW, int(name[-1]))] * len(pairs) if name != "all" else [
+        levels.num_tokens(HW, l) for l, pairs_l in per_level.items() for _ in pairs_l]
+    out[f"tokens_per_image/{name}"] = float(np.mean(tokens))
+  return out
+
+
+def _run(data, evaluator=None):
+  evaluator = evaluator or ReconstructionEvaluator(fake_inception, fake_lpips)
+  for x, y, lv in data:
+    tokens = np.vectorize(lambda l: levels.num_tokens(HW, int(l)))(lv)
+    evaluator.update(x, jnp.asarray(y), lv, num_tokens=tokens)
+  return evaluator
+
+
+def _assert_matches(result, expected):
+  assert set(result) == set(expected)
+  for key, value in expected.items():
+    # rfid with 2 images per level is near-singular, where pytorch-fid adds 1e-6 to the diagonal.
+    assert result[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_evaluator_matches_reference_tools_per_level_and_overall(data):
+  result = _run(data).result()
+  expected = _expected(data)
+  _assert_matches(result, expected)
+  assert result["rfid/all"] > 0.1
+  assert result["num_images/level1"] == 2
+  assert result["psnr/level0"] != pytest.approx(result["psnr/level2"], rel=1e-3)
+
+
+def test_merge_of_shards_equals_one_pass(data):
+  first, second = _run(data[:2]), _run(data[2:])
+  _assert_matches(first.merge(second).result(), _expected(data))
+
+
+def test_sync_across_simulated_processes(data):
+  """Two "processes" (threads) with different levels seen; sum through a barrier-based allgather."""
+  barrier = threading.Barrier(2)
+  slots = [None, None]
+
+  def make_allgather(rank):
+    def allgather(x):
+      slots[rank] = np.array(x)
+      barrier.wait()
+      stacked = np.stack(slots)
+      barrier.wait()  # both have read before the next call overwrites the slots
+      return stacked
+    return allgather
+
+  shards = [_run(data[:1]), _run(data[1:])]  # the first has seen level 0 only
+  errors = []
+
+  def work(rank):
+    try:
+      shards[rank].sync_across_processes(make_allgather(rank))
+    except Exception as e:  # pragma: no cover - surfaced below
+      errors.append(e)
+      barrier.abort()
+
+  threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=60)
+  assert not errors
+  expected = _expected(data)
+  _assert_matches(shards[0].result(), expected)
+  _assert_matches(shards[1].result(), expected)
+
+
+def test_without_networks_and_tokens_only_psnr_ssim(data):
+  evaluator = ReconstructionEvaluator()
+  x, y, lv = data[0]
+  evaluator.update(x, y, lv)
+  result = evaluator.result()
+  assert set(result) == {"num_images/level0", "psnr/level0", "ssim/level0", "num_images/all",
+                         "psnr/all", "ssim/all"}
+  assert result["psnr/all"] == pytest.approx(_expected([data[0]])["psnr/all"], rel=1e-6)
+
+
+def test_bad_inputs_raise(data):
+  x, y, _ = data[0]
+  evaluator = ReconstructionEvaluator()
+  with pytest.raises(ValueError, match="level"):
+    evaluator.update(x, y, 3)
+  with pytest.raises(ValueError, match="shape"):
+    evaluator.update(x, y, np.array([0, 1]))
+  with pytest.raises(ValueError):
+    evaluator.update(x, y[:, :16], 0)
+  assert evaluator.result() == {}
+
+
+def test_single_level_overall_equals_that_level(data):
+  result = _run(data[:1]).result()
+  _assert_matches(result, _expected(data[:1]))
+  assert result["rfid/all"] == result["rfid/level0"] > 0
