@@ -301,8 +301,7 @@ class NestedVAE(nn.Module):
         h = block(h)
       if s > 0:
         h = self.dec_up[s - 1](h)
-    h = self.dec_conv_out(nn.swish(self.dec_norm_out(h)))
-    return h.astype(jnp.float32)
+    return nn.swish(self.dec_norm_out(h))
 
   # -- public API --------------------------------------------------------------------------------------------------
   def encode(self, x: jax.Array, level) -> DiagonalGaussian:
@@ -314,9 +313,17 @@ class NestedVAE(nn.Module):
 
   def decode(self, z: jax.Array, level) -> jax.Array:
     """Image (B, H, W, 3) float32 from a latent canvas (B, H/8, W/8, C) at ``level``."""
+    return self.output_head(self.decode_features(z, level))
+
+  def decode_features(self, z: jax.Array, level) -> jax.Array:
+    """The decoder's activations right before its last layer (``output_head``), shape (B, H, W, ch)."""
     self._check_canvas(z)
     branches = [lambda mdl, z, lvl=lvl: mdl._decode_level(z, lvl) for lvl in range(L.NUM_LEVELS)]
     return self._dispatch(level, branches, z)
+
+  def output_head(self, features: jax.Array) -> jax.Array:
+    """The decoder's last layer (shared by all levels); the GAN's adaptive weight looks at its gradients."""
+    return self.dec_conv_out(features).astype(jnp.float32)
 
   def __call__(self, x: jax.Array, level, rng: jax.Array | None = None):
     """Returns ``(reconstruction, posterior)``; samples z with ``rng``, else uses the posterior mode."""

@@ -1,0 +1,139 @@
+"""Checkpoint I/O: an orbax CheckpointManager over ``<workdir>/checkpoints`` plus the run's config.
+
+Every checkpoint step holds three items:
+  ``train_state``  the full TrainState except EMA (params, both optimiser states, discriminator, step),
+  ``ema_params``   the EMA generator parameters (what inference loads; kept apart so a tokenizer restores only it),
+  ``data_iter``    the grain iterator state of every process (exact data-order resume).
+``<workdir>/config.json`` records the config the run was started with, so a tokenizer can rebuild the model and a
+resumed run can refuse an incompatible config. Saves are asynchronous; ``wait()`` surfaces a failed save as an
+exception instead of losing it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as policies
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+# Config keys whose change makes a checkpoint unusable (parameter or optimiser-state shapes change).
+STRUCTURAL_KEYS = ("model", "disc")
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / "checkpoints"
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes ``config.json`` once (process 0); a resumed run keeps the original."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  if jax.process_index() == 0 and not path.exists():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def load_config(workdir_or_checkpoint: str) -> ml_collections.ConfigDict:
+  """The config a run was started with; accepts a workdir or a step directory inside it."""
+  path = epath.Path(workdir_or_checkpoint)
+  for candidate in (path, path.parent, path.parent.parent):
+    if (candidate / CONFIG_FILE).exists():
+      return ml_collections.ConfigDict(json.loads((candidate / CONFIG_FILE).read_text()))
+  raise FileNotFoundError(f"no {CONFIG_FILE} found at {path} or its parents: is this a cat_jax workdir "
+                          "(python -m cat_jax.train --workdir ...)?")
+
+
+def check_compatible(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the keys where ``current`` cannot resume ``saved``'s checkpoints."""
+  diffs = []
+  for key in STRUCTURAL_KEYS:
+    a = json.loads(json.dumps(saved.get(key, {}).to_dict() if saved.get(key) else {}, default=str))
+    b = json.loads(json.dumps(current.get(key, {}).to_dict() if current.get(key) else {}, default=str))
+    for k in sorted(set(a) | set(b)):
+      if a.get(k) != b.get(k):
+        diffs.append(f"{key}.{k}: checkpoint has {a.get(k)!r}, config has {b.get(k)!r}")
+  if diffs:
+    raise ValueError("the config is incompatible with the checkpoints in this workdir:\n  " + "\n  ".join(diffs) +
+                     "\nUse a new --workdir, or set these back to the checkpoint's values.")
+
+
+class Checkpointer:
+  """Keeps the latest ``keep`` checkpoints plus the best one by eval metric (lower is better)."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, best_metric: str = "eval/loss"):
+    self.best_metric = best_metric
+    preservation = policies.AnyPreservationPolicy(policies=[
+        policies.LatestN(n=keep),
+        policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=True, n=1,
+                       keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(preservation_policy=preservation, enable_async_checkpointing=async_save,
+                                           create=True, cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(
+        checkpoint_dir(workdir), options=options,
+        item_handlers={"train_state": ocp.StandardCheckpointHandler(),
+                       "ema_params": ocp.StandardCheckpointHandler(),
+                       "data_iter": grain.checkpoint.CheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, train_state: Any, ema_params: Any, data_iter: Any, *,
+           metrics: dict[str, float] | None = None, force: bool = False) -> bool:
+    args = ocp.args.Composite(train_state=ocp.args.StandardSave(train_state),
+                              ema_params=ocp.args.StandardSave(ema_params),
+                              data_iter=grain.checkpoint.CheckpointSave(data_iter))
+    metrics = {self.best_metric: metrics[self.best_metric]} if metrics and self.best_metric in metrics else None
+    return self.manager.save(step, args=args, metrics=metrics, force=force)
+
+  def restore(self, step: int, abstract_train_state: Any, abstract_ema: Any, data_iter: Any):
+    """Restores into the given abstract trees (their shardings decide placement, any device count)."""
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        train_state=ocp.args.StandardRestore(abstract_train_state),
+        ema_params=ocp.args.StandardRestore(abstract_ema),
+        data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+    return out["train_state"], out["ema_params"], out["data_iter"]
+
+  def wait(self) -> None:
+    """Blocks until pending async saves finish; raises if one failed."""
+    self.manager.wait_until_finished()
+    self.manager.check_for_errors()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def restore_inference_params(workdir: str, abstract_params: Any, *, step: int | None = None,
+                             use_ema: bool = True) -> tuple[Any, int]:
+  """Generator parameters (EMA by default) from a workdir, placed as ``abstract_params`` says.
+
+  Returns ``(params, step)``. Raises FileNotFoundError when the workdir has no checkpoint.
+  """
+  directory = checkpoint_dir(workdir)
+  if not directory.exists():
+    raise FileNotFoundError(f"no checkpoints under {directory}")
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_handlers={"train_state": ocp.StandardCheckpointHandler(),
+                                                 "ema_params": ocp.StandardCheckpointHandler()})
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no finished checkpoint under {directory}")
+  if use_ema:
+    params = manager.restore(step, args=ocp.args.Composite(
+        ema_params=ocp.args.StandardRestore(abstract_params)))["ema_params"]
+  else:
+    item = manager.restore(step, args=ocp.args.Composite(train_state=ocp.args.PyTreeRestore(
+        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=None), {"params": abstract_params}),
+        partial_restore=True)))["train_state"]
+    params = jax.device_put(item["params"], jax.tree.map(lambda a: a.sharding, abstract_params))
+  manager.close()
+  return params, step

@@ -1,0 +1,78 @@
+"""The one place that decides meshes and shardings.
+
+Mesh axes: ('data', 'fsdp'). Batches are split over both axes on their leading (batch) dimension. Parameters and
+optimiser state follow ``param_shardings``: a leaf of at least ``fsdp_min_size`` elements is sharded over 'fsdp' on
+its largest dimension divisible by the 'fsdp' size; everything else is replicated. Optional regex rules over
+parameter paths (``'replicate'`` or ``'fsdp'``) override that, first match wins, as in big_vision.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp")
+BATCH_SPEC = P(AXES)
+
+
+def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A ('data', 'fsdp') mesh; one size may be -1 (all remaining devices)."""
+  devices = list(devices if devices is not None else jax.devices())
+  unknown = set(axis_sizes) - set(AXES)
+  if unknown:
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh has axes {AXES}")
+  sizes = [int(axis_sizes.get(a, 1)) for a in AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(AXES, sizes))}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if known <= 0 or len(devices) % known:
+    raise ValueError(f"mesh {dict(zip(AXES, sizes))} does not divide {len(devices)} devices")
+  sizes = [len(devices) // known if s == -1 else s for s in sizes]
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, have {len(devices)}")
+  return jax.make_mesh(tuple(sizes), AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, BATCH_SPEC)
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def spec_for(shape: tuple[int, ...], fsdp_size: int, min_size: int, tactic: str = "fsdp") -> P:
+  """PartitionSpec of one leaf: FSDP on the largest divisible dim above ``min_size``, else replicated."""
+  if tactic == "replicate" or fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  if tactic != "fsdp":
+    raise ValueError(f"unknown sharding tactic {tactic!r}; use 'fsdp' or 'replicate'")
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[dim] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def param_shardings(tree: Any, mesh: jax.sharding.Mesh, *, min_size: int = 2**18,
+                    rules: Sequence[tuple[str, str]] = ()) -> Any:
+  """NamedShardings for a pytree of arrays or ShapeDtypeStructs (params, optimiser state, EMA)."""
+  fsdp_size = mesh.shape["fsdp"]
+
+  def one(path, leaf):
+    shape = tuple(getattr(leaf, "shape", ()))
+    name = _path_str(path)
+    tactic = next((t for pattern, t in rules if re.search(pattern, name)), "fsdp")
+    return NamedSharding(mesh, spec_for(shape, fsdp_size, min_size, tactic))
+
+  return jax.tree_util.tree_map_with_path(one, tree)

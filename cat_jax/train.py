@@ -1,0 +1,437 @@
+r"""Trains CAT's nested VAE: ``python -m cat_jax.train --config configs/cat.py[:variant] --workdir DIR``.
+
+Read top to bottom: state and optimisers -> losses -> the jitted G/D step -> evaluation -> the loop
+(mesh, sharded init, restore, steps, logging, checkpoints, preemption). The step functions live at module level
+so tests can import them.
+
+One step = one single-level batch (the data pipeline buckets by level): a generator update (reconstruction + LPIPS +
+KL + hinge GAN loss with taming's adaptive weight), an EMA update, and a discriminator update. Before
+``loss.disc_start`` the GAN terms are off and the discriminator is not updated.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from cat_jax import checkpoint as ckpt
+from cat_jax import levels as L
+from cat_jax import parallel
+from cat_jax.losses import gan as gan_losses
+from cat_jax.losses.reconstruction import reconstruction_loss
+from cat_jax.models.discriminator import PatchDiscriminator
+from cat_jax.models.nested_vae import NestedVAE, build_model
+
+logger = logging.getLogger("cat_jax.train")
+
+
+# -- state and optimisers -------------------------------------------------------------------------------------------
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any            # generator (nested VAE)
+  opt_state: Any
+  ema_params: Any
+  d_params: Any          # discriminator
+  d_opt_state: Any
+  lecam_ema: jax.Array   # (2,): running means of real / fake discriminator logits (LeCam)
+  all_finite: jax.Array  # False from the first step whose losses or gradients were not finite
+
+
+def make_schedule(lr: float, opt_cfg, num_steps: int) -> optax.Schedule:
+  warmup = max(1, min(opt_cfg.warmup_steps, num_steps - 1))
+  # Warm up from lr / warmup (not 0) so the first update, the discriminator's first one included, moves weights.
+  return optax.warmup_cosine_decay_schedule(lr / warmup, lr, warmup, max(num_steps, warmup + 1),
+                                            lr * opt_cfg.end_lr_factor)
+
+
+def make_optimizers(config) -> tuple[optax.GradientTransformation, optax.GradientTransformation, optax.Schedule]:
+  o = config.optimizer
+  g_schedule = make_schedule(o.lr, o, config.num_steps)
+  d_schedule = make_schedule(o.d_lr, o, config.num_steps)
+  make = lambda schedule: optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                                      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+  return make(g_schedule), make(d_schedule), g_schedule
+
+
+def make_discriminator(config) -> PatchDiscriminator:
+  if config.disc.norm == "spectral":
+    raise ValueError("disc.norm='spectral' keeps power-iteration state the trainer does not carry yet; "
+                     "use 'group' or 'none'")
+  return PatchDiscriminator(**config.disc)
+
+
+def init_train_state(rng, *, model: NestedVAE, disc: PatchDiscriminator, g_tx, d_tx, image_size: int) -> TrainState:
+  g_rng, d_rng = jax.random.split(rng)
+  # Parameter shapes do not depend on the image size: init the VAE on a small image (every branch runs at init).
+  params = model.init(g_rng, jnp.zeros((1, 2 * L.MAX_FACTOR, 2 * L.MAX_FACTOR, model.in_channels)), 0)["params"]
+  d_params = disc.init(d_rng, jnp.zeros((1, image_size, image_size, model.in_channels)))["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=g_tx.init(params),
+                    ema_params=jax.tree.map(jnp.copy, params), d_params=d_params, d_opt_state=d_tx.init(d_params),
+                    lecam_ema=jnp.zeros((2,), jnp.float32), all_finite=jnp.ones((), bool))
+
+
+# -- losses ---------------------------------------------------------------------------------------------------------
+def generator_loss_fn(params, d_params, images, level, rng, lpips_params, gan_scale, *, model: NestedVAE,
+                      disc: PatchDiscriminator, lpips_module, loss_cfg):
+  """Total generator loss and its parts. ``gan_scale`` is 0 before the discriminator starts, 1 after."""
+  posterior = model.apply({"params": params}, images, level, method=NestedVAE.encode)
+  z = posterior.sample(rng)
+  features = model.apply({"params": params}, z, level, method=NestedVAE.decode_features)
+
+  def output_head(head_params, feats):
+    return model.apply({"params": {"dec_conv_out": head_params}}, feats, method=NestedVAE.output_head)
+
+  def nll_of(recon):
+    rec = reconstruction_loss(images, recon, loss_cfg.recon)
+    lp = jnp.zeros(())
+    if loss_cfg.lpips_weight > 0:
+      lp = jnp.mean(lpips_module.apply({"params": jax.lax.stop_gradient(lpips_params)}, images, recon))
+    return loss_cfg.recon_weight * rec + loss_cfg.lpips_weight * lp, (rec, lp)
+
+  def gan_of(recon):
+    logits = disc.apply({"params": d_params}, recon)
+    return gan_losses.generator_loss(fake_logit=logits, loss_type=loss_cfg.gan_loss)
+
+  head = params["dec_conv_out"]
+  recon = output_head(head, features)
+  nll, (rec, lp) = nll_of(recon)
+  g_loss = gan_of(recon)
+  kl = jnp.mean(posterior.kl())
+
+  if loss_cfg.adaptive_gan_weight:
+    # taming's weight: ||d nll / d W_last|| / ||d gan / d W_last|| at the decoder's last layer, no gradient.
+    def adaptive_weight():
+      feats = jax.lax.stop_gradient(features)
+      nll_grad = jax.grad(lambda h: nll_of(output_head(h, feats))[0])(head)["kernel"]
+      gan_grad = jax.grad(lambda h: gan_of(output_head(h, feats)))(head)["kernel"]
+      return gan_losses.adaptive_generator_weight(nll_grad=nll_grad, gan_grad=gan_grad)
+    weight = jax.lax.cond(gan_scale > 0, adaptive_weight, lambda: jnp.zeros((), jnp.float32))
+  else:
+    weight = jnp.ones((), jnp.float32)
+  gan_term = gan_scale * loss_cfg.gan_weight * weight * g_loss
+  total = nll + loss_cfg.kl_weight * kl + gan_term
+  aux = {"recon": recon, "metrics": {"g_loss": total, "recon_loss": rec, "lpips": lp, "kl": kl,
+                                     "gan_g_loss": g_loss, "gan_adaptive_weight": weight}}
+  return total, aux
+
+
+def discriminator_loss_fn(d_params, images, recon, lecam_ema, *, disc: PatchDiscriminator, loss_cfg):
+  apply = lambda x: disc.apply({"params": d_params}, x)
+  real, fake = apply(images), apply(jax.lax.stop_gradient(recon))
+  loss = gan_losses.discriminator_loss(real_logit=real, fake_logit=fake, loss_type=loss_cfg.gan_loss)
+  if loss_cfg.lecam_weight > 0:
+    loss += loss_cfg.lecam_weight * gan_losses.lecam_regularizer(
+        real_logit=real, fake_logit=fake, ema_real=lecam_ema[0], ema_fake=lecam_ema[1])
+  if loss_cfg.r1_weight > 0:
+    loss += 0.5 * loss_cfg.r1_weight * gan_losses.r1_penalty(apply, images)
+  return loss, (real, fake)
+
+
+# -- the step -------------------------------------------------------------------------------------------------------
+def train_step(state: TrainState, images, level, lpips_params, base_rng, *, model, disc, lpips_module, g_tx, d_tx,
+               g_schedule, config) -> tuple[TrainState, dict]:
+  """One generator + EMA + discriminator update on a single-level batch (``level``: int32 scalar)."""
+  loss_cfg = config.loss
+  rng = jax.random.fold_in(base_rng, state.step)  # resume-exact: the noise depends only on the step
+  gan_scale = gan_losses.gan_weight_schedule(state.step, start_step=loss_cfg.disc_start)
+
+  g_fn = functools.partial(generator_loss_fn, model=model, disc=disc, lpips_module=lpips_module, loss_cfg=loss_cfg)
+  (g_total, aux), grads = jax.value_and_grad(g_fn, has_aux=True)(
+      state.params, state.d_params, images, level, rng, lpips_params, gan_scale)
+  updates, opt_state = g_tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = jnp.minimum(config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
+  ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+
+  d_fn = functools.partial(discriminator_loss_fn, disc=disc, loss_cfg=loss_cfg)
+  (d_loss, (real, fake)), d_grads = jax.value_and_grad(d_fn, has_aux=True)(
+      state.d_params, images, aux["recon"], state.lecam_ema)
+  d_updates, d_opt_state = d_tx.update(d_grads, state.d_opt_state, state.d_params)
+  d_params = optax.apply_updates(state.d_params, d_updates)
+  active = gan_scale > 0  # the discriminator only moves once the GAN is on
+  keep_if_inactive = lambda new, old: jnp.where(active, new, old)
+  d_params = jax.tree.map(keep_if_inactive, d_params, state.d_params)
+  d_opt_state = jax.tree.map(keep_if_inactive, d_opt_state, state.d_opt_state)
+  lecam_ema = jnp.where(active, jnp.stack(gan_losses.lecam_ema_update(
+      ema_real=state.lecam_ema[0], ema_fake=state.lecam_ema[1], real_logit=real, fake_logit=fake)), state.lecam_ema)
+
+  grad_norm, d_grad_norm = optax.tree.norm(grads), optax.tree.norm(d_grads)
+  finite = jnp.isfinite(g_total) & jnp.isfinite(d_loss) & jnp.isfinite(grad_norm) & jnp.isfinite(d_grad_norm)
+  metrics = dict(aux["metrics"], d_loss=d_loss, logits_real=jnp.mean(real), logits_fake=jnp.mean(fake),
+                 grad_norm=grad_norm, d_grad_norm=d_grad_norm, gan_scale=gan_scale, lr=g_schedule(state.step))
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params,
+                         d_params=d_params, d_opt_state=d_opt_state, lecam_ema=lecam_ema,
+                         all_finite=state.all_finite & finite)
+  return new_state, metrics
+
+
+def reconstruct(params, images, level, *, model):
+  """Posterior-mode reconstruction (what evaluation and the tokenizer use)."""
+  recon, _ = model.apply({"params": params}, images, level)
+  return recon
+
+
+# -- evaluation -----------------------------------------------------------------------------------------------------
+def eval_step(params, images, mask, level, *, model):
+  """Masked sums of L1 and PSNR (images in [-1, 1], PSNR on [0, 1]) and the clipped reconstructions."""
+  recon = jnp.clip(reconstruct(params, images, level, model=model), -1.0, 1.0)
+  m = mask.astype(jnp.float32)
+  l1 = jnp.mean(jnp.abs(recon - images), axis=(1, 2, 3))
+  mse = jnp.mean(jnp.square((recon - images) / 2.0), axis=(1, 2, 3))
+  psnr = 10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
+  return {"l1": jnp.sum(l1 * m), "psnr": jnp.sum(psnr * m), "count": jnp.sum(m)}, recon
+
+
+def evaluate_reconstruction(eval_fn, params, eval_batches, writer=None, step: int = 0) -> dict[str, float]:
+  """L1 and PSNR of reconstructions at every level on the same images; 'eval/loss' is the mean L1.
+
+  ``eval_fn(params, images, mask, level) -> (sums, recon)`` is a jitted ``eval_step``; works with global arrays
+  spanning several processes (only replicated sums are fetched; the image grid is all-gathered once).
+  """
+  from jax.experimental import multihost_utils
+
+  totals = {lvl: {"l1": 0.0, "psnr": 0.0, "count": 0.0} for lvl in range(L.NUM_LEVELS)}
+  grid_rows = None
+  for batch in eval_batches:
+    rows = []
+    for level in range(L.NUM_LEVELS):
+      sums, recon = eval_fn(params, batch["image"], batch["mask"], jnp.int32(level))
+      for k, v in jax.device_get(sums).items():
+        totals[level][k] += float(v)
+      if grid_rows is None:
+        rows.append(recon)
+    if grid_rows is None:
+      gathered = multihost_utils.process_allgather([batch["image"], batch["mask"]] + rows, tiled=True)
+      keep = np.asarray(gathered[1], bool)
+      grid_rows = [np.asarray(a)[keep][:8] for a in [gathered[0]] + gathered[2:]]
+  if totals[0]["count"] == 0:
+    return {}
+  out = {}
+  for level, t in totals.items():
+    out[f"eval/level{level}/l1"] = t["l1"] / t["count"]
+    out[f"eval/level{level}/psnr"] = t["psnr"] / t["count"]
+  out["eval/loss"] = float(np.mean([out[f"eval/level{lvl}/l1"] for lvl in range(L.NUM_LEVELS)]))
+  if writer is not None and grid_rows and len(grid_rows[0]):
+    from cat_jax.metric_writers import make_image_grid
+    writer.write_images(step, {"reconstructions/original_8x_16x_32x": make_image_grid(grid_rows)})
+  return out
+
+
+# -- the loop -------------------------------------------------------------------------------------------------------
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    logger.warning("SIGTERM received: saving a checkpoint and exiting at the next step.")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _load_lpips_params(config):
+  if config.loss.lpips_weight <= 0:
+    return None, {}
+  from cat_jax.models.lpips import LPIPS, load_lpips
+  try:
+    lpips = load_lpips(config.lpips_path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(
+        f"{e}\nLPIPS weights are needed because loss.lpips_weight={config.loss.lpips_weight}. Convert them with "
+        "`python -m cat_jax.convert lpips --out PATH` and pass --config.lpips_path=PATH, or train without LPIPS "
+        "with --config.loss.lpips_weight=0.") from None
+  return LPIPS(), lpips.params
+
+
+def _make_data(config, *, split: str, train: bool, process_batch: int):
+  from cat_jax import data as cat_data
+  source = cat_data.get_source(config.data.source, split, **config.data.source_kwargs)
+  common = dict(batch_size=process_batch, image_size=config.data.image_size, min_size=config.data.min_size,
+                on_bad_image=config.data.on_bad_image, process_index=jax.process_index(),
+                process_count=jax.process_count())
+  if train:
+    return cat_data.make_train_iterator(source, levels=config.data.levels, seed=config.seed,
+                                        num_workers=config.data.num_workers,
+                                        level_weights=config.data.level_weights, **common)
+  # Evaluation reconstructs every image at every level, so the level assignment does not matter here.
+  return cat_data.make_eval_dataset(source, levels=0, **common)
+
+
+def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
+  """Averages fetched step metrics overall ('train/x') and per level ('train/level{l}/x')."""
+  out: dict[str, list[float]] = {}
+  for level, m in jax.device_get(pending):
+    for k, v in m.items():
+      out.setdefault(f"train/{k}", []).append(float(v))
+      out.setdefault(f"train/level{level}/{k}", []).append(float(v))
+  return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains to ``config.num_steps`` (resuming from ``workdir`` if it has checkpoints); returns the final state."""
+  from cat_jax.metric_writers import MetricWriter, ProgressBar
+
+  is_main = jax.process_index() == 0
+  writer = MetricWriter(workdir, enabled=is_main)
+
+  # Mesh and shapes.
+  mesh = parallel.make_mesh(config.mesh)
+  if config.batch_size % (jax.process_count() * mesh.size // jax.process_count()) or \
+     config.batch_size % mesh.size:
+    raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of devices ({mesh.size})")
+  process_batch = config.batch_size // jax.process_count()
+  model, disc = build_model(config.model), make_discriminator(config)
+  g_tx, d_tx, g_schedule = make_optimizers(config)
+  lpips_module, lpips_params = _load_lpips_params(config)
+  rng = jax.random.key(config.seed)
+  init_rng, step_rng = jax.random.split(rng)
+
+  # Sharded init: shapes first, then a jitted init that materialises each shard where it lives.
+  init_fn = functools.partial(init_train_state, model=model, disc=disc, g_tx=g_tx, d_tx=d_tx,
+                              image_size=config.data.image_size)
+  abstract_state = jax.eval_shape(init_fn, init_rng)
+  state_shardings = parallel.param_shardings(abstract_state, mesh, min_size=config.fsdp_min_size)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_state, state_shardings)
+
+  # Restore (or init) state and data position.
+  train_iter = _make_data(config, split=config.data.split, train=True, process_batch=process_batch)
+  checkpointer = ckpt.Checkpointer(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpointing)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    ckpt.check_compatible(ckpt.load_config(workdir), config)
+    saved_state, ema, train_iter = checkpointer.restore(latest, abstract_state.replace(ema_params=None),
+                                                        abstract_state.ema_params, train_iter)
+    state = saved_state.replace(ema_params=ema)
+    if is_main:
+      logger.info("Resumed from step %d in %s", latest, workdir)
+  else:
+    state = jax.jit(init_fn, out_shardings=state_shardings)(init_rng)
+    ckpt.save_config(workdir, config)
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+  if is_main:
+    logger.info("Nested VAE: %s parameters; mesh %s; global batch %d", f"{n_params:,}", dict(mesh.shape),
+                config.batch_size)
+
+  # The jitted steps: explicit shardings, the state donated.
+  rep = parallel.replicated(mesh)
+  step_fn = functools.partial(train_step, model=model, disc=disc, lpips_module=lpips_module, g_tx=g_tx, d_tx=d_tx,
+                              g_schedule=g_schedule, config=config)
+  lpips_shardings = jax.tree.map(lambda _: rep, lpips_params)
+  jit_step = jax.jit(step_fn, in_shardings=(state_shardings, parallel.batch_sharding(mesh), rep, lpips_shardings, rep),
+                     out_shardings=(state_shardings, rep), donate_argnums=0)
+  jit_eval = jax.jit(functools.partial(eval_step, model=model),
+                     out_shardings=(rep, parallel.batch_sharding(mesh)))
+
+  def run_eval(step):
+    eval_ds = _make_data(config, split=config.data.eval_split, train=False, process_batch=process_batch)
+    batches = (_global(b) for _, b in zip(range(config.eval_batches), eval_ds))
+    return evaluate_reconstruction(jit_eval, state.ema_params, batches, writer, step)
+
+  def _global(batch):
+    from cat_jax.data import make_global_batch
+    return make_global_batch(batch, parallel.batch_sharding(mesh))
+
+  def save(step, metrics=None, force=False):
+    if not bool(jax.device_get(state.all_finite)):
+      raise _non_finite(step, checkpointer)
+    if checkpointer.latest_step() != step:
+      checkpointer.save(step, state.replace(ema_params=None), state.ema_params, train_iter, metrics=metrics,
+                        force=force)
+
+  # The loop.
+  preemption = _Preemption()
+  start = int(jax.device_get(state.step))
+  progress = ProgressBar(config.num_steps, start) if is_main else None
+  pending: list[tuple[int, dict]] = []
+  timer = time.perf_counter()
+  try:
+    for step in range(start + 1, config.num_steps + 1):
+      batch = _global(next(train_iter))
+      level = batch["level"]
+      state, metrics = jit_step(state, batch["image"], jnp.int32(level), lpips_params, step_rng)
+      pending.append((level, metrics))
+
+      if step % config.log_every == 0 or step == config.num_steps:
+        if not bool(jax.device_get(state.all_finite)):
+          raise _non_finite(step, checkpointer)
+        scalars = _mean_metrics(pending)
+        elapsed = time.perf_counter() - timer
+        scalars["train/images_per_s"] = len(pending) * config.batch_size / max(elapsed, 1e-9)
+        scalars["train/steps_per_s"] = len(pending) / max(elapsed, 1e-9)
+        writer.write_scalars(step, scalars)
+        if progress:
+          progress.update(step, loss=f"{scalars['train/g_loss']:.4f}")
+        pending, timer = [], time.perf_counter()
+      eval_metrics = None
+      if step % config.eval_every == 0 or step == config.num_steps:
+        eval_metrics = run_eval(step)
+        writer.write_scalars(step, eval_metrics)
+      if step % config.checkpoint_every == 0 or step == config.num_steps or eval_metrics:
+        save(step, eval_metrics)
+      if preemption.requested or checkpointer.manager.reached_preemption(step):
+        save(step, force=True)
+        checkpointer.wait()
+        logger.warning("Preempted: saved step %d; re-run the same command to resume.", step)
+        break
+    checkpointer.wait()
+  finally:
+    preemption.restore()
+    checkpointer.close()
+    writer.close()
+    if progress:
+      progress.close()
+  return state
+
+
+def _non_finite(step: int, checkpointer) -> FloatingPointError:
+  checkpointer.wait()
+  last = checkpointer.latest_step()
+  return FloatingPointError(
+      f"non-finite loss or gradient at or before step {step}; stopping without saving. The last good checkpoint is "
+      f"step {last} (None: no checkpoint yet). Lower optimizer.lr, check the data, or enable bf16-safe settings, "
+      "then re-run to resume from it.")
+
+
+# -- command line ---------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  flags_ = flags.FLAGS
+  config_flags.DEFINE_config_file("config", None, "configs/cat.py[:variant]", lock_config=True)
+  flags.DEFINE_string("workdir", None, "where checkpoints, logs and config.json go (local path or gs://)")
+
+  def _main(_):
+    from cat_jax.distributed import maybe_initialize_distributed
+    maybe_initialize_distributed()
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and grain log every file they touch at INFO
+    logger.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+    if flags_.config is None or flags_.workdir is None:
+      print("usage: python -m cat_jax.train --config configs/cat.py[:demo|runlocal] --workdir DIR", file=sys.stderr)
+      return 2
+    train_and_evaluate(flags_.config, flags_.workdir)
+    return 0
+
+  app.run(_main, argv=argv)
+  return 0
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,96 @@
+r"""CAT nested-VAE training configs.
+
+  python -m cat_jax.train --config configs/cat.py --workdir gs://bucket/cat       # ImageNet-256, paper-like
+  python -m cat_jax.train --config configs/cat.py:demo --workdir /tmp/cat_demo    # embedded data, CPU, minutes
+  python -m cat_jax.train --config configs/cat.py:runlocal --workdir /tmp/cat_rl  # a few steps, for tests
+
+Override anything with --config.key=value, e.g. --config.batch_size=64 --config.data.levels=/path/manifest.jsonl.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "imagenet"
+  if variant not in ("imagenet", "demo", "runlocal"):
+    raise ValueError(f"unknown config variant {variant!r}; use imagenet (default), demo or runlocal")
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.seed = 0
+
+  # Model: the nested KL-VAE (cat_jax.models.nested_vae.NestedVAE fields).
+  c.model = dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, z_channels=16,
+                 head_attention=True, dtype="bfloat16", param_dtype="float32")
+
+  # Data: any cat_jax.data.get_source name. `levels`: a score manifest (python -m cat_jax.score), an int level
+  # for a fixed-rate baseline, or None for the source's built-in levels (the embedded dataset only).
+  c.data = dict(source="tfds:imagenet2012", split="train", eval_split="validation", source_kwargs={},
+                levels=ml_collections.config_dict.placeholder(str), eval_levels=None, level_weights="proportional",
+                image_size=256, num_workers=8, on_bad_image="skip", min_size=64)
+
+  c.batch_size = 256  # global, across all devices and hosts
+  c.num_steps = 400_000
+
+  c.optimizer = dict(lr=1e-4, d_lr=1e-4, b1=0.5, b2=0.9, weight_decay=1e-4, warmup_steps=5_000,
+                     end_lr_factor=0.1, grad_clip=1.0)
+  c.ema_decay = 0.9999
+
+  # Losses: recon (L1/L2) + LPIPS + KL + adversarial (hinge) with taming's adaptive weight.
+  c.loss = dict(recon="l1", recon_weight=1.0, lpips_weight=1.0, kl_weight=1e-6, gan_weight=0.5,
+                gan_loss="hinge", adaptive_gan_weight=True, disc_start=50_000, lecam_weight=0.0, r1_weight=0.0)
+  # Converted LPIPS weights (python -m cat_jax.convert lpips --out PATH); None: the default weights path.
+  c.lpips_path = ml_collections.config_dict.placeholder(str)
+  c.disc = dict(base_channels=64, num_layers=3, norm="group")
+
+  # Parallelism: mesh axis sizes (-1 = all remaining devices); parameters whose size is at least
+  # fsdp_min_size are sharded over 'fsdp' on their largest divisible dimension, the rest replicated.
+  c.mesh = dict(data=-1, fsdp=1)
+  c.fsdp_min_size = 2**18
+
+  c.log_every = 100
+  c.image_every = 5_000
+  c.eval_every = 10_000
+  c.eval_batches = 20
+  c.checkpoint_every = 2_000
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+
+  if variant == "demo":
+    # The embedded graded-complexity dataset on a CPU: reconstructions visibly improve within minutes.
+    c.model = dict(ch=16, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=1, z_channels=8, head_attention=False,
+                   dtype="float32", param_dtype="float32")
+    c.data.update(source="embedded", split="train", eval_split="validation", image_size=64, num_workers=0,
+                  source_kwargs={"num_images": 2000})
+    c.batch_size = 16
+    c.num_steps = 1_500
+    c.optimizer.update(lr=1e-3, d_lr=1e-4, warmup_steps=100, weight_decay=0.0)
+    c.ema_decay = 0.99
+    # No LPIPS by default: its VGG16 weights cannot be downloaded here. With converted weights, add
+    # --config.loss.lpips_weight=1.0 --config.lpips_path=PATH.
+    c.loss.update(lpips_weight=0.0, disc_start=1_000, kl_weight=1e-6)
+    c.disc.update(base_channels=16, num_layers=2)
+    c.log_every = 50
+    c.image_every = 250
+    c.eval_every = 500
+    c.eval_batches = 4
+    c.checkpoint_every = 250
+
+  if variant == "runlocal":
+    # A few steps of everything (GAN included) on tiny images, for tests and smoke runs.
+    c.model = dict(ch=8, ch_mult=(1, 1, 1, 1, 2, 2), num_res_blocks=1, z_channels=4, head_attention=False,
+                   dtype="float32", param_dtype="float32")
+    c.data.update(source="embedded", split="train", eval_split="validation", image_size=32, num_workers=0,
+                  source_kwargs={"num_images": 48})
+    c.batch_size = 8
+    c.num_steps = 6
+    c.optimizer.update(lr=1e-3, warmup_steps=2)
+    c.ema_decay = 0.9
+    c.loss.update(lpips_weight=0.0, disc_start=3)
+    c.disc.update(base_channels=8, num_layers=1)
+    c.log_every = 2
+    c.image_every = 3
+    c.eval_every = 3
+    c.eval_batches = 1
+    c.checkpoint_every = 3
+    c.keep_checkpoints = 2
+  return c

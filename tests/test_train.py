@@ -1,0 +1,240 @@
+"""Training: the sharded step, the GAN schedule, exact resume after SIGKILL, SIGTERM, NaN, multi-process, errors."""
+
+import functools
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cat_jax import checkpoint as ckpt
+from cat_jax import parallel
+from cat_jax import train as T
+from cat_jax.models.nested_vae import build_model
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("cat_config", ROOT / "configs" / "cat.py")
+cat_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cat_config)
+
+
+def _runlocal(**overrides):
+  config = cat_config.get_config("runlocal")
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def _step_setup(config):
+  model, disc = build_model(config.model), T.make_discriminator(config)
+  g_tx, d_tx, g_schedule = T.make_optimizers(config)
+  init_fn = functools.partial(T.init_train_state, model=model, disc=disc, g_tx=g_tx, d_tx=d_tx,
+                              image_size=config.data.image_size)
+  step_fn = functools.partial(T.train_step, model=model, disc=disc, lpips_module=None, g_tx=g_tx, d_tx=d_tx,
+                              g_schedule=g_schedule, config=config)
+  return init_fn, step_fn
+
+
+def _batch(n, size, seed=0):
+  return jnp.asarray(np.random.RandomState(seed).uniform(-1, 1, (n, size, size, 3)), jnp.float32)
+
+
+def test_sharded_step_on_4x2_mesh_equals_single_device():
+  assert jax.device_count() == 8
+  config = _runlocal(**{"loss.disc_start": 0, "loss.lecam_weight": 0.1, "loss.r1_weight": 1.0})
+  init_fn, step_fn = _step_setup(config)
+  rng = jax.random.key(0)
+  state = jax.jit(init_fn)(rng)
+  images, level = _batch(8, 32), jnp.int32(1)
+
+  single = jax.devices()[0]
+  state1 = jax.device_put(state, single)
+  out1, metrics1 = jax.jit(step_fn)(state1, jax.device_put(images, single), level, {}, rng)
+
+  mesh = parallel.make_mesh({"data": 4, "fsdp": 2})
+  shardings = parallel.param_shardings(state, mesh, min_size=64)
+  sharded_specs = [s.spec for s in jax.tree.leaves(shardings) if s.spec != jax.P()]
+  assert sharded_specs, "the test must shard some parameters over fsdp"
+  rep = parallel.replicated(mesh)
+  jit_step = jax.jit(step_fn, in_shardings=(shardings, parallel.batch_sharding(mesh), rep, {}, rep),
+                     out_shardings=(shardings, rep))
+  state8 = jax.device_put(state, shardings)
+  out8, metrics8 = jit_step(state8, jax.device_put(images, parallel.batch_sharding(mesh)), level, {}, rng)
+
+  assert out8.params["enc_conv_in"]["kernel"].sharding.spec == shardings.params["enc_conv_in"]["kernel"].spec
+  for a, b in zip(jax.tree.leaves(out1), jax.tree.leaves(out8)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  for k in metrics1:
+    np.testing.assert_allclose(float(metrics1[k]), float(metrics8[k]), rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_discriminator_only_steps_after_disc_start_and_gan_weight_is_adaptive():
+  config = _runlocal(**{"loss.disc_start": 2})
+  init_fn, step_fn = _step_setup(config)
+  rng = jax.random.key(0)
+  state = jax.jit(init_fn)(rng)
+  d0 = state.d_params
+  jit_step = jax.jit(step_fn)
+  weights = []
+  for i in range(4):
+    state, metrics = jit_step(state, _batch(4, 32, seed=i), jnp.int32(i % 3), {}, rng)
+    weights.append(float(metrics["gan_adaptive_weight"]))
+    moved = any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(d0), jax.tree.leaves(state.d_params)))
+    assert moved == (i >= 2), f"step {i}: discriminator moved={moved}"
+    assert float(metrics["gan_scale"]) == float(i >= 2)
+  assert weights[0] == weights[1] == 0.0
+  assert weights[2] > 0 and weights[3] > 0 and np.isfinite(weights[2:]).all()
+  assert int(state.step) == 4 and bool(state.all_finite)
+
+
+def _env(devices=2, **extra):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env.update(extra)
+  return env
+
+
+def _train_cmd(workdir, *overrides):
+  return [sys.executable, "-m", "cat_jax.train", "--config", str(ROOT / "configs/cat.py:runlocal"),
+          "--workdir", str(workdir), *overrides]
+
+
+def _steps(workdir):
+  d = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def _restore_final(workdir):
+  step = max(_steps(workdir))
+  path = pathlib.Path(workdir) / "checkpoints" / str(step)
+  with ocp.StandardCheckpointer() as c:
+    return step, c.restore(path / "train_state"), c.restore(path / "ema_params")
+
+
+RESUME_ARGS = ["--config.num_steps=40", "--config.checkpoint_every=4", "--config.log_every=1000",
+               "--config.eval_every=1000", "--config.keep_checkpoints=2"]
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  subprocess.run(_train_cmd(straight, *RESUME_ARGS), env=_env(), check=True, capture_output=True, timeout=300)
+
+  proc = subprocess.Popen(_train_cmd(killed, *RESUME_ARGS), env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and not any(s >= 8 for s in _steps(killed)):
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  at_kill = _steps(killed)
+  assert at_kill and max(at_kill) < 40, f"the run must be killed mid-way, had checkpoints {at_kill}"
+
+  subprocess.run(_train_cmd(killed, *RESUME_ARGS), env=_env(), check=True, capture_output=True, timeout=300)
+  step_a, state_a, ema_a = _restore_final(straight)
+  step_b, state_b, ema_b = _restore_final(killed)
+  assert step_a == step_b == 40
+  leaves_a, leaves_b = jax.tree.leaves((state_a, ema_a)), jax.tree.leaves((state_b, ema_b))
+  assert len(leaves_a) == len(leaves_b) > 10
+  for a, b in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bitwise
+  # The resumed run appended to the same metrics log.
+  lines = (killed / "metrics.jsonl").read_text().splitlines()
+  assert all(json.loads(line)["step"] <= 40 for line in lines)
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
+  args = ["--config.num_steps=400", "--config.checkpoint_every=5", "--config.eval_every=100000",
+          "--config.log_every=100000"]
+  proc = subprocess.Popen(_train_cmd(tmp_path, *args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and not _steps(tmp_path):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  assert "Preempted" in out
+  steps = _steps(tmp_path)
+  assert steps and max(steps) < 400
+  saved = max(steps)
+  _, state, _ = _restore_final(tmp_path)
+  assert int(state["step"]) == saved  # the checkpoint holds the step it was taken at
+
+
+def test_non_finite_loss_stops_with_clear_message_keeping_last_good_checkpoint(tmp_path):
+  args = ["--config.num_steps=30", "--config.checkpoint_every=1", "--config.log_every=1",
+          "--config.eval_every=1000", "--config.optimizer.lr=1e30", "--config.optimizer.warmup_steps=0",
+          "--config.optimizer.grad_clip=1e30"]
+  proc = subprocess.run(_train_cmd(tmp_path, *args), env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "non-finite loss or gradient" in proc.stderr
+  for step in _steps(tmp_path):
+    path = tmp_path / "checkpoints" / str(step)
+    with ocp.StandardCheckpointer() as c:
+      saved = c.restore(path / "train_state")
+    assert bool(saved["all_finite"])
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(saved["params"]))
+
+
+def test_two_processes_with_jax_distributed(tmp_path):
+  import portpicker
+  port = portpicker.pick_unused_port()
+  args = ["--config.num_steps=4", "--config.checkpoint_every=4", "--config.eval_every=4", "--config.log_every=2"]
+  procs = []
+  for pid in range(2):
+    env = _env(devices=1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(_train_cmd(tmp_path, *args), env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  assert _steps(tmp_path) == [4]
+  metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [m["step"] for m in metrics if "train/g_loss" in m] == [2, 4]  # written once, by process 0
+  config = ckpt.load_config(tmp_path)
+  assert config.batch_size == 8
+
+
+def test_runlocal_end_to_end_in_process(tmp_path):
+  config = _runlocal(**{"mesh.data": 4, "mesh.fsdp": 2, "fsdp_min_size": 64})
+  state = T.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == config.num_steps
+  assert _steps(tmp_path) == [3, 6]
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train_rows = [r for r in rows if "train/g_loss" in r]
+  assert any(k.startswith("train/level") for k in train_rows[0])
+  assert all(np.isfinite(r["train/g_loss"]) for r in train_rows)
+  eval_rows = [r for r in rows if "eval/loss" in r]
+  assert {f"eval/level{lvl}/psnr" for lvl in range(3)} <= set(eval_rows[-1])
+  assert list((tmp_path / "tensorboard").iterdir())
+  # Re-running a finished run restores and stops at once, with the same parameters.
+  again = T.train_and_evaluate(config, str(tmp_path))
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(again.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_incompatible_config_is_a_clear_error(tmp_path):
+  T.train_and_evaluate(_runlocal(num_steps=1, checkpoint_every=1), str(tmp_path))
+  with pytest.raises(ValueError, match=r"model.ch: checkpoint has 8, config has 16"):
+    T.train_and_evaluate(_runlocal(num_steps=2, **{"model.ch": 16}), str(tmp_path))
+
+
+def test_missing_dataset_and_weights_give_instructions(tmp_path):
+  config = _runlocal(**{"data.source": "tfds:imagenet2012"})
+  config.data.source_kwargs = {"data_dir": str(tmp_path / "tfds")}
+  with pytest.raises(FileNotFoundError, match="manual"):
+    T.train_and_evaluate(config, str(tmp_path / "w1"))
+  config = _runlocal(**{"loss.lpips_weight": 1.0})
+  config.lpips_path = str(tmp_path / "missing_lpips.msgpack")
+  with pytest.raises(FileNotFoundError, match="python -m cat_jax.convert lpips"):
+    T.train_and_evaluate(config, str(tmp_path / "w2"))
+  with pytest.raises(ValueError, match="divisible"):
+    T.train_and_evaluate(_runlocal(batch_size=6), str(tmp_path / "w3"))
