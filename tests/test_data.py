@@ -197,6 +197,14 @@ def test_load_levels_reads_and_validates(tmp_path):
     load_levels(write_manifest(tmp_path / "bool.jsonl", [{"id": "a", "level": True}]))
   with pytest.raises(FileNotFoundError):
     load_levels(str(tmp_path / "nope.jsonl"))
+  # Failure lines written by cat_jax.score are left out; their images then have no level.
+  with_failure = write_manifest(tmp_path / "f.jsonl", [{"id": "a", "level": 1, "method": "jpeg"},
+                                                       {"id": "b", "method": "caption_llm", "error": "timeout"}])
+  assert load_levels(with_failure) == {"a": 1}
+  source = EmbeddedSource("train", num_images=2, image_size=32)
+  rows = [{"id": source.ids()[0], "level": 1}, {"id": source.ids()[1], "method": "jpeg", "error": "x"}]
+  with pytest.raises(ValueError, match="score failed"):
+    resolve_levels(source, write_manifest(tmp_path / "g.jsonl", rows))
 
 
 def test_resolve_levels_from_manifest_int_and_builtin(tmp_path):

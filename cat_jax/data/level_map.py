@@ -32,7 +32,8 @@ def load_levels(manifest_path: str, known_ids: Iterable[str] | None = None) -> d
 
   Args:
     manifest_path: JSON lines file; every line an object with 'id' (str) and 'level'
-      (0, 1 or 2); other keys are ignored.
+      (0, 1 or 2); other keys are ignored. Failure lines of ``cat_jax.score`` (an 'error'
+      and no level) are left out.
     known_ids: if given, every manifest id must be one of them.
 
   Raises:
@@ -54,6 +55,8 @@ def load_levels(manifest_path: str, known_ids: Iterable[str] | None = None) -> d
         rec = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON ({e})") from None
+      if isinstance(rec, dict) and "error" in rec and rec.get("level") is None:
+        continue  # a failed score (cat_jax.score writes these); its image stays without a level
       if not isinstance(rec, dict) or "id" not in rec or "level" not in rec:
         raise ValueError(f"{where}: each line needs 'id' and 'level', got {line.strip()[:200]}")
       image_id = str(rec["id"])
@@ -96,8 +99,9 @@ def resolve_levels(source: Any, levels: Mapping[str, int] | int | str | None) ->
                      f"{type(levels).__name__}")
   missing = [i for i in ids if i not in levels]
   if missing:
-    raise ValueError(f"{len(missing)} of {len(ids)} images of {source!r} have no level, e.g. "
-                     f"{missing[:3]}; score them or pass a fixed level")
+    raise ValueError(f"{len(missing)} of {len(ids)} images of {source!r} have no level (unscored, or their "
+                     f"score failed), e.g. {missing[:3]}; score them (python -m cat_jax.score ... "
+                     "--retry-failures) or pass a fixed level")
   out = np.empty(len(ids), np.int32)
   for k, image_id in enumerate(ids):
     out[k] = _check_level_value(levels[image_id], f"level of {image_id!r}")
