@@ -1,0 +1,375 @@
+"""A PyTorch port of CAT's nested VAE and patch discriminator, and their train step: the baseline of train_bench.py.
+
+Same architecture as ``cat_jax.models.nested_vae.NestedVAE`` and ``cat_jax.models.discriminator.PatchDiscriminator``
+(stages, ResBlocks, the ``_num_groups`` GroupNorm rule with float32 statistics, single-head attention, asymmetric
+downsampling, nearest upsampling, channel-matched exits/entries, shared heads), NCHW. ``load_flax_params`` copies
+Flax parameters in, so tests/test_torch_reference.py can check the forward outputs agree.
+
+Two deliberate differences, both invisible in the outputs:
+
+* Latents live on each level's own grid (B, C, H/f, W/f), not on the JAX 8x canvas: the canvas exists only so that
+  ``lax.switch`` branches share shapes, and its padding adds zero KL and is never decoded.
+* Attention uses ``F.scaled_dot_product_attention`` (what a PyTorch user would write), with the same 1/sqrt(C) scale.
+
+``TorchTrainStep`` is the same G + D step as ``cat_jax.train.train_step`` with the GAN on: L1 reconstruction + KL +
+hinge generator loss with taming's adaptive weight (gradient norms at the decoder's last conv), grad clipping,
+AdamW, EMA, then a hinge discriminator update with AdamW. The learning-rate schedule is left out (a constant rate
+costs the same).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FACTORS = (8, 16, 32)  # level 0/1/2, as cat_jax.levels
+NUM_STAGES = 6  # H, H/2, ..., H/32
+
+
+def num_groups(channels: int) -> int:
+  """``cat_jax.models.nested_vae._num_groups``: 32 groups, but at least 4 channels per group."""
+  return math.gcd(channels, min(32, max(1, channels // 4)))
+
+
+def stage_of(level: int) -> int:
+  return int(math.log2(FACTORS[level]))
+
+
+class Normalize(nn.GroupNorm):
+  """GroupNorm computed in float32, result cast back to the input's dtype (as the Flax ``Normalize``)."""
+
+  def __init__(self, channels: int):
+    super().__init__(num_groups(channels), channels, eps=1e-6)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+      y = F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps)
+    return y.to(x.dtype)
+
+
+class ResnetBlock(nn.Module):
+
+  def __init__(self, in_channels: int, out_channels: int):
+    super().__init__()
+    self.norm1 = Normalize(in_channels)
+    self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+    self.norm2 = Normalize(out_channels)
+    self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+    self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    h = self.conv1(F.silu(self.norm1(x)))
+    h = self.conv2(F.silu(self.norm2(h)))
+    if self.skip is not None:
+      x = self.skip(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+
+  def __init__(self, channels: int):
+    super().__init__()
+    self.norm = Normalize(channels)
+    self.q, self.k, self.v, self.proj_out = (nn.Linear(channels, channels) for _ in range(4))
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    y = self.norm(x).reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C)
+    q, k, v = self.q(y), self.k(y), self.v(y)
+    y = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+    return x + self.proj_out(y).transpose(1, 2).reshape(b, c, h, w)
+
+
+class Downsample(nn.Module):
+
+  def __init__(self, channels: int):
+    super().__init__()
+    self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric, as the SD VAE
+
+
+class Upsample(nn.Module):
+
+  def __init__(self, channels: int):
+    super().__init__()
+    self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class MidBlock(nn.Module):
+
+  def __init__(self, channels: int, attention: bool):
+    super().__init__()
+    self.res_0 = ResnetBlock(channels, channels)
+    self.attn = AttnBlock(channels) if attention else None
+    self.res_1 = ResnetBlock(channels, channels)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    x = self.res_0(x)
+    if self.attn is not None:
+      x = self.attn(x)
+    return self.res_1(x)
+
+
+class NestedVAE(nn.Module):
+  """The nested KL-VAE; NCHW images in [-1, 1]; ``level`` is a Python int (0 = 8x, 1 = 16x, 2 = 32x)."""
+
+  def __init__(self, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4, 4), num_res_blocks: int = 2,
+               z_channels: int = 16, in_channels: int = 3, head_attention: bool = True,
+               logvar_range: tuple[float, float] = (-30.0, 20.0), **unused: Any):
+    super().__init__()
+    unused = {k: v for k, v in unused.items() if k not in ("dtype", "param_dtype")}
+    if unused:
+      raise ValueError(f"unknown NestedVAE arguments {sorted(unused)}")
+    if len(ch_mult) != NUM_STAGES:
+      raise ValueError(f"ch_mult needs {NUM_STAGES} entries, got {tuple(ch_mult)}")
+    self.logvar_range = tuple(logvar_range)
+    widths = [ch * m for m in ch_mult]
+    head = widths[-1]
+
+    self.enc_conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+    self.enc_stages = nn.ModuleList()
+    width = ch
+    for s in range(NUM_STAGES):
+      self.enc_stages.append(nn.ModuleList(
+          ResnetBlock(width if b == 0 else widths[s], widths[s]) for b in range(num_res_blocks)))
+      width = widths[s]
+    self.enc_down = nn.ModuleList(Downsample(widths[s]) for s in range(NUM_STAGES - 1))
+    self.enc_exit = nn.ModuleList(nn.Conv2d(widths[stage_of(lvl)], head, 1) for lvl in range(len(FACTORS)))
+    self.enc_mid = MidBlock(head, head_attention)
+    self.enc_norm_out = Normalize(head)
+    self.enc_conv_out = nn.Conv2d(head, 2 * z_channels, 3, padding=1)
+    self.quant_conv = nn.Conv2d(2 * z_channels, 2 * z_channels, 1)
+
+    self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 1)
+    self.dec_conv_in = nn.Conv2d(z_channels, head, 3, padding=1)
+    self.dec_mid = MidBlock(head, head_attention)
+    stage_input = lambda s: widths[min(s + 1, NUM_STAGES - 1)]  # what stage s receives from the stage above
+    self.dec_entry = nn.ModuleList(nn.Conv2d(head, stage_input(stage_of(lvl)), 1) for lvl in range(len(FACTORS)))
+    self.dec_stages = nn.ModuleList(
+        nn.ModuleList(ResnetBlock(stage_input(s) if b == 0 else widths[s], widths[s])
+                      for b in range(num_res_blocks + 1))
+        for s in range(NUM_STAGES))
+    self.dec_up = nn.ModuleList(Upsample(widths[s]) for s in range(1, NUM_STAGES))  # dec_up[s - 1]: s -> s - 1
+    self.dec_norm_out = Normalize(widths[0])
+    self.dec_conv_out = nn.Conv2d(widths[0], in_channels, 3, padding=1)
+
+  def encode(self, x: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, logvar), float32, on the level's own grid (B, C, H/f, W/f)."""
+    stage = stage_of(level)
+    h = self.enc_conv_in(x)
+    for s in range(stage + 1):
+      for block in self.enc_stages[s]:
+        h = block(h)
+      if s < stage:
+        h = self.enc_down[s](h)
+    h = self.enc_mid(self.enc_exit[level](h))
+    h = self.enc_conv_out(F.silu(self.enc_norm_out(h)))
+    mean, logvar = self.quant_conv(h).float().chunk(2, dim=1)
+    return mean, logvar.clamp(*self.logvar_range)
+
+  def decode_features(self, z: torch.Tensor, level: int) -> torch.Tensor:
+    """Decoder activations before ``output_head`` from a level-``level`` latent (B, C, H/f, W/f)."""
+    h = self.dec_mid(self.dec_conv_in(self.post_quant_conv(z)))
+    h = self.dec_entry[level](h)
+    for s in reversed(range(stage_of(level) + 1)):
+      for block in self.dec_stages[s]:
+        h = block(h)
+      if s > 0:
+        h = self.dec_up[s - 1](h)
+    return F.silu(self.dec_norm_out(h))
+
+  def output_head(self, features: torch.Tensor) -> torch.Tensor:
+    return self.dec_conv_out(features).float()
+
+  def decode(self, z: torch.Tensor, level: int) -> torch.Tensor:
+    return self.output_head(self.decode_features(z, level))
+
+  def train_features(self, x: torch.Tensor, level: int, noise: torch.Tensor):
+    """(decoder features, mean, logvar) for a reparameterised sample ``mean + std * noise``."""
+    mean, logvar = self.encode(x, level)
+    z = mean + torch.exp(0.5 * logvar) * noise
+    return self.decode_features(z, level), mean, logvar
+
+  def forward(self, x: torch.Tensor, level: int, noise: torch.Tensor | None = None):
+    """(reconstruction, mean, logvar); the posterior mode without ``noise``."""
+    mean, logvar = self.encode(x, level)
+    z = mean if noise is None else mean + torch.exp(0.5 * logvar) * noise
+    return self.decode(z, level), mean, logvar
+
+
+class PatchDiscriminator(nn.Module):
+  """taming's NLayerDiscriminator with 'group' (GroupNorm, bias-free convs) or 'none' normalisation."""
+
+  def __init__(self, base_channels: int = 64, num_layers: int = 3, norm: str = "group", num_groups: int = 32,
+               in_channels: int = 3, **unused: Any):
+    super().__init__()
+    unused = {k: v for k, v in unused.items() if k not in ("dtype", "param_dtype")}
+    if unused:
+      raise ValueError(f"unknown PatchDiscriminator arguments {sorted(unused)}")
+    if norm not in ("group", "none"):
+      raise ValueError(f"norm must be 'group' or 'none' (spectral is not ported), got {norm!r}")
+    group = norm == "group"
+    self.layers = nn.ModuleDict()
+    self.layers["conv_0"] = nn.Conv2d(in_channels, base_channels, 4, 2, 1)
+    prev = base_channels
+    for n in range(1, num_layers + 1):
+      features = base_channels * min(2**n, 8)
+      self.layers[f"conv_{n}"] = nn.Conv2d(prev, features, 4, 2 if n < num_layers else 1, 1, bias=not group)
+      if group:
+        self.layers[f"norm_{n}"] = nn.GroupNorm(math.gcd(num_groups, features), features, eps=1e-6)
+      prev = features
+    self.layers["logits"] = nn.Conv2d(prev, 1, 4, 1, 1)
+
+  def forward(self, images: torch.Tensor) -> torch.Tensor:
+    x = images
+    for name, layer in self.layers.items():
+      x = layer(x)
+      if name != "logits" and not (name.startswith("conv_") and f"norm_{name[5:]}" in self.layers):
+        x = F.leaky_relu(x, 0.2)
+    return x
+
+
+# -- Flax -> torch parameters ---------------------------------------------------------------------------------------
+def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def _torch_key(path: tuple[str, ...]) -> str:
+  parts: list[str] = []
+  for p in path:
+    if p == "GroupNorm_0":
+      continue
+    if m := re.fullmatch(r"(enc_stages|dec_stages)_(\d+)_(\d+)", p):
+      parts += m.groups()
+    elif m := re.fullmatch(r"(enc_exit|dec_entry|enc_down|dec_up)_(\d+)", p):
+      parts += m.groups()
+    elif p == "Conv_0":
+      parts.append("conv")
+    elif p in ("kernel", "scale"):
+      parts.append("weight")
+    else:
+      parts.append(p)
+  return ".".join(parts)
+
+
+def _torch_value(path: tuple[str, ...], value) -> torch.Tensor:
+  a = np.asarray(value, np.float32)
+  if path[-1] == "kernel":
+    a = a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T  # HWIO -> OIHW, (in, out) -> (out, in)
+  return torch.from_numpy(np.array(a, np.float32, order="C"))  # a writable copy
+
+
+def load_flax_params(module: nn.Module, params: Mapping, *, prefix: str = "") -> nn.Module:
+  """Copies a Flax parameter tree into ``module`` (NestedVAE or PatchDiscriminator); every tensor must match."""
+  state = {prefix + _torch_key(path): _torch_value(path, v) for path, v in _flatten(params).items()}
+  module.load_state_dict(state, strict=True)
+  return module
+
+
+def load_flax_discriminator(module: PatchDiscriminator, params: Mapping) -> PatchDiscriminator:
+  return load_flax_params(module, params, prefix="layers.")
+
+
+# -- the train step -------------------------------------------------------------------------------------------------
+def _adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, eps: float = 1e-4,
+                     max_weight: float = 1e4) -> torch.Tensor:
+  nll_grad, = torch.autograd.grad(nll, last_layer, retain_graph=True)
+  gan_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+  return (nll_grad.float().norm() / (gan_grad.float().norm() + eps)).clamp(0.0, max_weight).detach()
+
+
+class TorchTrainStep:
+  """One generator + EMA + discriminator update, as ``cat_jax.train.train_step`` with the GAN on.
+
+  The VAE trunk (up to the decoder's last conv) and the discriminator are ``torch.compile``d separately when
+  ``compile`` is set: the adaptive weight differentiates w.r.t. the last conv only, which must stay outside the
+  trunk's compiled graph (a compiled graph is one autograd node; reaching a weight inside it would run its whole
+  backward). ``autocast_dtype`` (e.g. torch.bfloat16) runs both networks under autocast.
+  """
+
+  def __init__(self, vae: NestedVAE, disc: PatchDiscriminator, *, lr: float = 1e-4, d_lr: float = 1e-4,
+               b1: float = 0.5, b2: float = 0.9, weight_decay: float = 1e-4, grad_clip: float = 1.0,
+               ema_decay: float = 0.9999, recon: str = "l1", recon_weight: float = 1.0, kl_weight: float = 1e-6,
+               gan_weight: float = 0.5, compile: bool = True, autocast_dtype: torch.dtype | None = None):
+    if recon not in ("l1", "l2"):
+      raise ValueError(f"recon must be 'l1' or 'l2', got {recon!r}")
+    self.vae, self.disc = vae, disc
+    self.recon, self.recon_weight, self.kl_weight, self.gan_weight = recon, recon_weight, kl_weight, gan_weight
+    self.grad_clip, self.ema_decay = grad_clip, ema_decay
+    self.autocast_dtype = autocast_dtype
+    device = next(vae.parameters()).device
+    self.device_type = device.type
+    fused = device.type == "cuda"
+    self.g_params = list(vae.parameters())
+    self.d_params = list(disc.parameters())
+    self.g_opt = torch.optim.AdamW(self.g_params, lr=lr, betas=(b1, b2), weight_decay=weight_decay, fused=fused)
+    self.d_opt = torch.optim.AdamW(self.d_params, lr=d_lr, betas=(b1, b2), weight_decay=weight_decay, fused=fused)
+    self.ema = [p.detach().clone() for p in self.g_params]
+    self.step_count = 0
+    self.trunk = torch.compile(vae.train_features) if compile else vae.train_features
+    self.disc_fn = torch.compile(disc) if compile else disc
+
+  def _nll(self, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    diff = recon.float() - images.float()
+    rec = diff.abs().mean() if self.recon == "l1" else diff.square().mean()
+    return self.recon_weight * rec
+
+  def __call__(self, images: torch.Tensor, level: int, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``images`` NCHW in [-1, 1]; returns the step's losses and gradient norms as (unsynchronised) tensors."""
+    autocast = torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+    if noise is None:
+      f = FACTORS[level]
+      z_channels = self.vae.post_quant_conv.in_channels
+      noise = torch.randn(images.shape[0], z_channels, images.shape[2] // f, images.shape[3] // f,
+                          device=images.device)
+
+    # Generator.
+    self.disc.requires_grad_(False)  # the G step needs gradients through D, not of its weights
+    with autocast:
+      features, mean, logvar = self.trunk(images, level, noise)
+      recon = self.vae.output_head(features)
+      nll = self._nll(images, recon)
+      g_loss = -self.disc_fn(recon).float().mean()
+    kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
+    weight = _adaptive_weight(nll, g_loss, self.vae.dec_conv_out.weight)
+    total = nll + self.kl_weight * kl + self.gan_weight * weight * g_loss
+    self.g_opt.zero_grad(set_to_none=True)
+    total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(self.g_params, self.grad_clip)
+    self.g_opt.step()
+    with torch.no_grad():
+      decay = min(self.ema_decay, (1.0 + self.step_count) / (10.0 + self.step_count))
+      torch._foreach_lerp_(self.ema, [p.detach() for p in self.g_params], 1.0 - decay)
+
+    # Discriminator.
+    self.disc.requires_grad_(True)
+    with autocast:
+      real = self.disc_fn(images).float()
+      fake = self.disc_fn(recon.detach()).float()
+    d_loss = 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+    self.d_opt.zero_grad(set_to_none=True)
+    d_loss.backward()
+    d_grad_norm = torch.nn.utils.clip_grad_norm_(self.d_params, self.grad_clip)
+    self.d_opt.step()
+    self.step_count += 1
+    return {"g_loss": total.detach(), "recon_loss": nll.detach() / self.recon_weight, "kl": kl.detach(),
+            "gan_g_loss": g_loss.detach(), "gan_adaptive_weight": weight, "d_loss": d_loss.detach(),
+            "grad_norm": grad_norm, "d_grad_norm": d_grad_norm}

@@ -1,0 +1,123 @@
+"""The PyTorch baseline of benchmarks/train_bench.py is the same network and the same train step as ours.
+
+Flax parameters are copied into benchmarks/torch_reference.py's modules; encoder, decoder and discriminator outputs
+must agree at every level, and one torch G + D step must report the same losses and gradient norms as
+``cat_jax.train.train_step`` on the same images and noise.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import torch_reference as tr
+from cat_jax import train
+from cat_jax.models.discriminator import PatchDiscriminator
+from cat_jax.models.nested_vae import NestedVAE, crop_latent
+
+TINY = dict(ch=8, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=1, z_channels=4, head_attention=True)
+SIZE = 64
+
+
+def _nchw(x) -> torch.Tensor:
+  return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
+
+
+def _nhwc(t: torch.Tensor) -> np.ndarray:
+  return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.fixture(scope="module")
+def vae_pair():
+  model = NestedVAE(**TINY)
+  params = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), 0)["params"]
+  # Non-trivial GroupNorm affine parameters, so a scale/bias mix-up cannot pass.
+  leaves, treedef = jax.tree.flatten_with_path(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(treedef, [
+      v + 0.1 * jax.random.normal(k, v.shape) if "GroupNorm_0" in jax.tree_util.keystr(p) else v
+      for (p, v), k in zip(leaves, keys)])
+  torch_model = tr.load_flax_params(tr.NestedVAE(**TINY), params).eval()
+  return model, params, torch_model
+
+
+def test_num_groups_rule_matches():
+  from cat_jax.models.nested_vae import _num_groups
+  for c in (3, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512):
+    assert tr.num_groups(c) == _num_groups(c)
+
+
+def test_every_torch_parameter_is_loaded(vae_pair):
+  _, params, torch_model = vae_pair
+  assert sum(p.numel() for p in torch_model.parameters()) == sum(v.size for v in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_forward_matches_flax(vae_pair, level):
+  model, params, torch_model = vae_pair
+  x = jax.random.uniform(jax.random.key(2), (2, SIZE, SIZE, 3), minval=-1.0, maxval=1.0)
+  posterior = model.apply({"params": params}, x, level, method=NestedVAE.encode)
+  noise = jax.random.normal(jax.random.key(3), crop_latent(posterior.mean, level).shape)
+  z = crop_latent(posterior.mean, level) + crop_latent(posterior.std, level) * noise
+  recon = model.apply({"params": params}, posterior.mean + jnp.pad(
+      crop_latent(posterior.std, level) * noise,
+      [(0, 0), (0, posterior.mean.shape[1] - z.shape[1]), (0, posterior.mean.shape[2] - z.shape[2]), (0, 0)]),
+      level, method=NestedVAE.decode)
+
+  with torch.no_grad():
+    mean, logvar = torch_model.encode(_nchw(x), level)
+    recon_t = torch_model.decode(mean + torch.exp(0.5 * logvar) * _nchw(noise), level)
+  np.testing.assert_allclose(_nhwc(mean), crop_latent(posterior.mean, level), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(_nhwc(logvar), crop_latent(posterior.logvar, level), atol=1e-4, rtol=0)
+  assert recon.shape == (2, SIZE, SIZE, 3)
+  assert float(jnp.std(recon)) > 1e-3  # the comparison below is not between two constants
+  np.testing.assert_allclose(_nhwc(recon_t), recon, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("norm", ["group", "none"])
+def test_discriminator_matches_flax(norm):
+  disc = PatchDiscriminator(base_channels=8, num_layers=2, norm=norm)
+  x = jax.random.uniform(jax.random.key(4), (2, 32, 32, 3), minval=-1.0, maxval=1.0)
+  params = disc.init(jax.random.key(5), x)["params"]
+  torch_disc = tr.load_flax_discriminator(tr.PatchDiscriminator(base_channels=8, num_layers=2, norm=norm), params)
+  with torch.no_grad():
+    got = _nhwc(torch_disc(_nchw(x)))
+  want = disc.apply({"params": params}, x)
+  assert want.shape == (2, 6, 6, 1)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_train_step_matches_flax():
+  config = ml_collections.ConfigDict(dict(
+      model=dict(TINY, head_attention=False), disc=dict(base_channels=8, num_layers=1, norm="group"),
+      optimizer=dict(lr=1e-3, d_lr=1e-3, b1=0.5, b2=0.9, weight_decay=1e-4, warmup_steps=2, end_lr_factor=0.1,
+                     grad_clip=1.0),
+      loss=dict(recon="l1", recon_weight=1.0, lpips_weight=0.0, kl_weight=1e-2, gan_weight=0.5, gan_loss="hinge",
+                adaptive_gan_weight=True, disc_start=0, lecam_weight=0.0, r1_weight=0.0),
+      num_steps=10, ema_decay=0.99))
+  level, size = 1, 32
+  model, disc = NestedVAE(**config.model), train.make_discriminator(config)
+  g_tx, d_tx, g_schedule = train.make_optimizers(config)
+  state = train.init_train_state(jax.random.key(6), model=model, disc=disc, g_tx=g_tx, d_tx=d_tx, image_size=size)
+  images = jax.random.uniform(jax.random.key(7), (2, size, size, 3), minval=-1.0, maxval=1.0)
+  base_rng = jax.random.key(8)
+  step = functools.partial(train.train_step, model=model, disc=disc, lpips_module=None, g_tx=g_tx, d_tx=d_tx,
+                           g_schedule=g_schedule, config=config)
+  _, metrics = jax.jit(step, static_argnums=2)(state, images, level, None, base_rng)
+  # The noise train_step draws for step 0, on the level's own grid.
+  canvas = (2, size // 8, size // 8, config.model.z_channels)
+  noise = crop_latent(jax.random.normal(jax.random.fold_in(base_rng, 0), canvas), level)
+
+  vae = tr.load_flax_params(tr.NestedVAE(**config.model), state.params)
+  torch_disc = tr.load_flax_discriminator(tr.PatchDiscriminator(**config.disc), state.d_params)
+  torch_step = tr.TorchTrainStep(vae, torch_disc, kl_weight=config.loss.kl_weight,
+                                 gan_weight=config.loss.gan_weight, compile=False)
+  got = torch_step(_nchw(images), level, noise=_nchw(noise))
+  assert float(metrics["gan_adaptive_weight"]) > 0  # the GAN branch really ran
+  for key in ("recon_loss", "kl", "gan_g_loss", "gan_adaptive_weight", "g_loss", "d_loss", "grad_norm",
+              "d_grad_norm"):
+    np.testing.assert_allclose(float(got[key]), float(metrics[key]), rtol=1e-4, err_msg=key)
