@@ -1,0 +1,333 @@
+"""The CAT tokenizer: images -> per-image latents at 8x / 16x / 32x -> images.
+
+  tok = cat_jax.Tokenizer.from_checkpoint("/path/to/workdir")          # EMA params, any device count
+  latents = tok.encode(images, levels=1)                               # every image at 16x
+  latents = tok.encode(images, levels="auto", manifest="scores.jsonl", ids=ids)   # from a score manifest
+  latents = tok.encode(images, levels="auto", scorer=JpegScorer(), thresholds=(0.8, 2.0))
+  images = tok.decode(latents)                                         # same order as the input
+
+Levels are indices (``cat_jax.levels``): 0 = 8x, 1 = 16x, 2 = 32x. ``Latents.values[i]`` is image i's own latent
+grid ``(H / f, W / f, C)`` (the posterior mean, or a sample with ``rng``), not the model's 8x canvas.
+
+Images of mixed levels (and sizes) are bucketed internally: each bucket runs in fixed-size batches (the last one
+padded), so every (level, image size) compiles once, and outputs come back in input order. Batches are split over
+all local devices along the batch axis; parameters are replicated. Single process only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cat_jax import levels as L
+from cat_jax import parallel
+from cat_jax.models.nested_vae import NestedVAE, build_model, crop_latent, pad_latent
+
+ImagesLike = Any  # (N, H, W, 3) array, or a sequence of (H, W, 3) arrays; float in [-1, 1] or uint8.
+
+
+@dataclasses.dataclass
+class Latents:
+  """Per-image latents: ``values[i]`` has shape ``(H_i / f_i, W_i / f_i, C)``, ``f_i = FACTORS[levels[i]]``."""
+
+  values: list[np.ndarray]
+  levels: np.ndarray
+
+  def __post_init__(self):
+    self.levels = np.asarray(self.levels, np.int32).reshape(-1)
+    if len(self.values) != len(self.levels):
+      raise ValueError(f"{len(self.values)} latents but {len(self.levels)} levels")
+    for lvl in np.unique(self.levels):
+      L.check_level(int(lvl))
+
+  def __len__(self) -> int:
+    return len(self.values)
+
+  @property
+  def factors(self) -> np.ndarray:
+    return np.array([L.FACTORS[int(lvl)] for lvl in self.levels], np.int32)
+
+  @property
+  def num_tokens(self) -> np.ndarray:
+    """Latent positions of each image."""
+    return np.array([v.shape[0] * v.shape[1] for v in self.values], np.int64)
+
+  def image_hw(self, i: int) -> tuple[int, int]:
+    f = L.FACTORS[int(self.levels[i])]
+    return self.values[i].shape[0] * f, self.values[i].shape[1] * f
+
+
+def _as_image_list(images: ImagesLike) -> list[np.ndarray]:
+  """Float32 HWC images in [-1, 1]; uint8 input is mapped from [0, 255]."""
+  if isinstance(images, (np.ndarray, jax.Array)):
+    arr = np.asarray(images)
+    if arr.ndim == 3:
+      raise ValueError(f"expected a batch (N, H, W, 3) or a list of (H, W, 3) images, got one image of shape "
+                       f"{arr.shape}; wrap it as images[None]")
+    items = list(arr)
+  else:
+    items = [np.asarray(x) for x in images]
+  out = []
+  for i, x in enumerate(items):
+    if x.ndim != 3 or x.shape[-1] != 3:
+      raise ValueError(f"image {i} has shape {x.shape}; expected (H, W, 3) RGB")
+    if x.dtype == np.uint8:
+      x = x.astype(np.float32) / 127.5 - 1.0
+    elif not np.issubdtype(x.dtype, np.floating):
+      raise ValueError(f"image {i} has dtype {x.dtype}; expected float in [-1, 1] or uint8")
+    h, w = x.shape[:2]
+    if h % L.MAX_FACTOR or w % L.MAX_FACTOR or h == 0 or w == 0:
+      raise ValueError(f"image {i} is {h}x{w}; sides must be positive multiples of {L.MAX_FACTOR} "
+                       "(resize or crop first, e.g. cat_jax.data.preprocess)")
+    out.append(np.asarray(x, np.float32))
+  return out
+
+
+def _stack_like(items: list[np.ndarray]):
+  """One array when every item has the same shape, else the list."""
+  if items and all(x.shape == items[0].shape for x in items):
+    return np.stack(items)
+  return items
+
+
+class Tokenizer:
+  """Encodes images to CAT latents and decodes them back with one nested VAE.
+
+  Args:
+    model: the ``NestedVAE``.
+    params: its parameters (placed replicated on ``mesh``).
+    batch_size: images per compiled call (rounded up to a multiple of the device count); default 8 per
+      device-count multiple.
+    mesh: a ``('data', 'fsdp')`` mesh; default every local device on 'data'.
+    step: the checkpoint step the parameters come from (informational).
+    config: the run's config (informational; ``from_checkpoint`` sets it).
+  """
+
+  def __init__(self, model: NestedVAE, params: Any, *, batch_size: int | None = None,
+               mesh: jax.sharding.Mesh | None = None, step: int | None = None, config: Any = None):
+    self.model = model
+    self.mesh = mesh if mesh is not None else parallel.make_mesh({"data": -1, "fsdp": 1})
+    n = self.mesh.size
+    batch_size = 8 if batch_size is None else int(batch_size)
+    if batch_size <= 0:
+      raise ValueError(f"batch_size must be positive, got {batch_size}")
+    self.batch_size = n * math.ceil(batch_size / n)
+    self._replicated = parallel.replicated(self.mesh)
+    self._batch_sharding = parallel.batch_sharding(self.mesh)
+    self.params = jax.device_put(params, self._replicated)
+    self.step = step
+    self.config = config
+    self._encode_fn = jax.jit(functools.partial(_encode, model=model), static_argnames=("level", "sample"),
+                              out_shardings=self._batch_sharding)
+    self._decode_fn = jax.jit(functools.partial(_decode, model=model), static_argnames=("level",),
+                              out_shardings=self._batch_sharding)
+    self._reconstruct_fn = jax.jit(functools.partial(_reconstruct, model=model), static_argnames=("level",),
+                                   out_shardings=self._batch_sharding)
+
+  # -- construction ------------------------------------------------------------------------------------------------
+  @classmethod
+  def from_checkpoint(cls, path: str | os.PathLike, *, step: int | None = None, use_ema: bool = True,
+                      batch_size: int | None = None, mesh: jax.sharding.Mesh | None = None,
+                      config: Any = None) -> "Tokenizer":
+    """Loads a training workdir (or a step directory inside it): its ``config.json`` and EMA parameters.
+
+    Args:
+      path: the ``--workdir`` of ``python -m cat_jax.train``, or ``<workdir>/checkpoints/<step>``.
+      step: which checkpoint (default: the latest, or the one ``path`` names).
+      use_ema: EMA parameters (default) or the raw training parameters.
+      config: a config to check against the checkpoint's (raises ValueError naming mismatched keys).
+
+    Raises:
+      FileNotFoundError: no workdir, no config.json or no finished checkpoint at ``path``.
+    """
+    from etils import epath
+
+    from cat_jax import checkpoint as ckpt
+
+    p = epath.Path(os.fspath(path))
+    if not p.exists():
+      raise FileNotFoundError(f"checkpoint path {p} does not exist; pass the --workdir of a training run")
+    workdir = p
+    if p.parent.name == "checkpoints" and p.name.isdigit():  # <workdir>/checkpoints/<step>
+      workdir, step = p.parent.parent, int(p.name) if step is None else step
+    elif p.name == "checkpoints":
+      workdir = p.parent
+    saved = ckpt.load_config(os.fspath(workdir))
+    if config is not None:
+      ckpt.check_compatible(saved, config)
+    model = build_model(saved.model)
+    mesh = mesh if mesh is not None else parallel.make_mesh({"data": -1, "fsdp": 1})
+    x = jnp.zeros((1, 2 * L.MAX_FACTOR, 2 * L.MAX_FACTOR, model.in_channels), jnp.float32)
+    abstract = jax.eval_shape(lambda rng: model.init(rng, x, 0)["params"], jax.random.key(0))
+    rep = parallel.replicated(mesh)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract)
+    params, restored_step = ckpt.restore_inference_params(os.fspath(workdir), abstract, step=step, use_ema=use_ema)
+    return cls(model, params, batch_size=batch_size, mesh=mesh, step=restored_step, config=saved)
+
+  def with_params(self, params: Any) -> "Tokenizer":
+    """The same tokenizer with other parameters (e.g. raw vs EMA)."""
+    return Tokenizer(self.model, params, batch_size=self.batch_size, mesh=self.mesh, step=self.step,
+                     config=self.config)
+
+  @property
+  def image_size(self) -> int | None:
+    """The training image size of the checkpoint's config, if known."""
+    try:
+      return int(self.config.data.image_size)
+    except (AttributeError, TypeError, KeyError):
+      return None
+
+  # -- levels ------------------------------------------------------------------------------------------------------
+  def assign_levels(self, images: ImagesLike, levels: Any = None, *, ids: Sequence[str] | None = None,
+                    manifest: str | os.PathLike | Mapping[str, int] | None = None, scorer: Any = None,
+                    thresholds: Sequence[float] | None = None) -> np.ndarray:
+    """Level index of every image: from an int, a per-image sequence, or ``"auto"`` (manifest or scorer).
+
+    ``levels=None`` means ``"auto"`` when a manifest or scorer is given. With a manifest, ``ids`` name the images
+    (the manifest's ids). With a scorer (``.method`` and ``.score(item) -> {"score": ...}``, see
+    ``cat_jax.complexity``), ``thresholds`` map scores to levels (default ``(3, 6)`` for the LLM methods; raw
+    scores such as JPEG bpp need explicit thresholds).
+    """
+    n = len(images)
+    if levels is None:
+      if manifest is None and scorer is None:
+        raise ValueError("levels=None needs a manifest or a scorer for automatic levels; pass levels=<0|1|2> "
+                         "(8x|16x|32x), a level per image, or levels='auto' with manifest= or scorer=")
+      levels = "auto"
+    if isinstance(levels, str):
+      if levels != "auto":
+        raise ValueError(f"levels must be None, 'auto', a level index or a sequence of them, got {levels!r}")
+      return self._auto_levels(images, ids=ids, manifest=manifest, scorer=scorer, thresholds=thresholds)
+    if isinstance(levels, (int, np.integer)) and not isinstance(levels, bool):
+      return np.full(n, L.check_level(int(levels)), np.int32)
+    arr = np.asarray(levels)
+    if arr.shape != (n,):
+      raise ValueError(f"expected one level per image ({n}), got shape {arr.shape}")
+    for lvl in arr.tolist():
+      L.check_level(lvl)
+    return arr.astype(np.int32)
+
+  def _auto_levels(self, images, *, ids, manifest, scorer, thresholds) -> np.ndarray:
+    from cat_jax.complexity import levels as complexity_levels
+
+    n = len(images)
+    if manifest is not None:
+      if ids is None or len(ids) != n:
+        raise ValueError(f"levels from a manifest need ids= with one id per image ({n})")
+      if isinstance(manifest, Mapping):
+        level_of = dict(manifest)
+      else:
+        from cat_jax.data import load_levels
+        level_of = load_levels(os.fspath(manifest))
+      missing = [i for i in ids if str(i) not in level_of]
+      if missing:
+        raise ValueError(f"{len(missing)} of {n} images are not in the manifest, e.g. {missing[:3]}")
+      return self.assign_levels(images, [level_of[str(i)] for i in ids])
+    if scorer is None:
+      raise ValueError("levels='auto' needs manifest= (with ids=) or scorer=")
+    if thresholds is None:
+      if getattr(scorer, "method", None) not in complexity_levels.LLM_METHODS:
+        raise ValueError(f"scorer {getattr(scorer, 'method', scorer)!r} gives raw scores: pass thresholds=(low, "
+                         "high) (e.g. from `python -m cat_jax.score`'s .thresholds.json)")
+      thresholds = complexity_levels.DEFAULT_LLM_THRESHOLDS
+    from cat_jax.data.preprocess import from_model_range
+    scores = []
+    for k, image in enumerate(_as_image_list(images)):
+      item = {"id": str(ids[k]) if ids is not None else str(k), "image": from_model_range(image)}
+      scores.append(float(scorer.score(item)["score"]))
+    return complexity_levels.levels_for_scores(scores, thresholds)
+
+  # -- encode / decode ---------------------------------------------------------------------------------------------
+  def encode(self, images: ImagesLike, levels: Any = None, *, ids: Sequence[str] | None = None,
+             manifest: str | os.PathLike | Mapping[str, int] | None = None, scorer: Any = None,
+             thresholds: Sequence[float] | None = None, rng: jax.Array | None = None) -> Latents:
+    """Latents of ``images`` (NHWC / list of HWC, float [-1, 1] or uint8) at their levels, in input order.
+
+    ``levels``: an int level for all, one level per image, or ``"auto"`` / None (see ``assign_levels``).
+    ``rng``: sample the posterior instead of taking its mean.
+    """
+    items = _as_image_list(images)
+    level_arr = self.assign_levels(items, levels, ids=ids, manifest=manifest, scorer=scorer,
+                                   thresholds=thresholds)
+    out: list[np.ndarray | None] = [None] * len(items)
+    for b, (level, idx, batch) in enumerate(self._buckets(items, level_arr)):
+      key = None if rng is None else jax.random.fold_in(rng, b)
+      z = np.asarray(self._encode_fn(self.params, self._put(batch), level=level, sample=key is not None,
+                                     rng=key if key is not None else jax.random.key(0)))
+      for slot, i in enumerate(idx):
+        out[i] = z[slot]
+    return Latents(values=out, levels=level_arr)
+
+  def decode(self, latents: Latents, *, clip: bool = True):
+    """Images (float32 in [-1, 1], input order): one (N, H, W, 3) array if all sizes agree, else a list."""
+    if not isinstance(latents, Latents):
+      raise TypeError(f"decode expects the Latents returned by encode, got {type(latents).__name__}")
+    out: list[np.ndarray | None] = [None] * len(latents)
+    for level, idx, batch in self._buckets(list(latents.values), latents.levels):
+      if batch.shape[-1] != self.model.z_channels:
+        raise ValueError(f"latents have {batch.shape[-1]} channels, the model has {self.model.z_channels}")
+      x = np.asarray(self._decode_fn(self.params, self._put(batch), level=level))
+      for slot, i in enumerate(idx):
+        out[i] = np.clip(x[slot], -1.0, 1.0) if clip else x[slot]
+    return _stack_like(out)
+
+  def reconstruct(self, images: ImagesLike, levels: Any = None, *, clip: bool = True, **level_kwargs):
+    """``decode(encode(images, levels))`` in one compiled call per bucket (posterior mean)."""
+    items = _as_image_list(images)
+    level_arr = self.assign_levels(items, levels, **level_kwargs)
+    out: list[np.ndarray | None] = [None] * len(items)
+    for level, idx, batch in self._buckets(items, level_arr):
+      x = np.asarray(self._reconstruct_fn(self.params, self._put(batch), level=level))
+      for slot, i in enumerate(idx):
+        out[i] = np.clip(x[slot], -1.0, 1.0) if clip else x[slot]
+    return _stack_like(out)
+
+  def reconstruct_batch(self, images: jax.Array | np.ndarray, level: int) -> jax.Array:
+    """Raw (unclipped) reconstructions of one batch of exactly ``batch_size`` images at one level."""
+    images = np.asarray(images, np.float32)
+    if images.shape[0] != self.batch_size:
+      raise ValueError(f"reconstruct_batch needs exactly batch_size={self.batch_size} images, got {images.shape[0]}")
+    return self._reconstruct_fn(self.params, self._put(images), level=L.check_level(int(level)))
+
+  # -- helpers -----------------------------------------------------------------------------------------------------
+  def _put(self, batch: np.ndarray) -> jax.Array:
+    return jax.device_put(batch, self._batch_sharding)
+
+  def _buckets(self, items: list[np.ndarray], level_arr: np.ndarray):
+    """Yields ``(level, indices, padded batch)`` per (level, shape) bucket, ``batch_size`` at a time."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (x, lvl) in enumerate(zip(items, level_arr)):
+      groups.setdefault((int(lvl), x.shape), []).append(i)
+    for (level, shape), indices in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+      for s in range(0, len(indices), self.batch_size):
+        idx = indices[s:s + self.batch_size]
+        batch = np.zeros((self.batch_size,) + tuple(shape), np.float32)
+        batch[:len(idx)] = np.stack([items[i] for i in idx])
+        yield level, idx, batch
+
+  def compiled_count(self) -> dict[str, int]:
+    """How many programs each entry point has compiled (one per level and image size when bucketing works)."""
+    return {"encode": self._encode_fn._cache_size(), "decode": self._decode_fn._cache_size(),
+            "reconstruct": self._reconstruct_fn._cache_size()}
+
+
+def _encode(params, images, rng, *, level: int, sample: bool, model: NestedVAE):
+  posterior = model.apply({"params": params}, images, level, method=NestedVAE.encode)
+  z = posterior.sample(rng) if sample else posterior.mode()
+  return crop_latent(z, level)
+
+
+def _decode(params, latents, *, level: int, model: NestedVAE):
+  return model.apply({"params": params}, pad_latent(latents, level), level, method=NestedVAE.decode)
+
+
+def _reconstruct(params, images, *, level: int, model: NestedVAE):
+  recon, _ = model.apply({"params": params}, images, level)
+  return recon
