@@ -34,7 +34,7 @@ def _nhwc(t: torch.Tensor) -> np.ndarray:
 @pytest.fixture(scope="module")
 def vae_pair():
   model = NestedVAE(**TINY)
-  params = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), 0)["params"]
+  params = jax.jit(model.init, static_argnums=2)(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), 0)["params"]
   # Non-trivial GroupNorm affine parameters, so a scale/bias mix-up cannot pass.
   leaves, treedef = jax.tree.flatten_with_path(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
@@ -91,18 +91,23 @@ def test_discriminator_matches_flax(norm):
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_train_step_matches_flax():
+def test_train_step_matches_flax(vae_pair):
+  model, params, _ = vae_pair
   config = ml_collections.ConfigDict(dict(
-      model=dict(TINY, head_attention=False), disc=dict(base_channels=8, num_layers=1, norm="group"),
+      model=TINY, disc=dict(base_channels=8, num_layers=1, norm="group"),
       optimizer=dict(lr=1e-3, d_lr=1e-3, b1=0.5, b2=0.9, weight_decay=1e-4, warmup_steps=2, end_lr_factor=0.1,
                      grad_clip=1.0),
       loss=dict(recon="l1", recon_weight=1.0, lpips_weight=0.0, kl_weight=1e-2, gan_weight=0.5, gan_loss="hinge",
                 adaptive_gan_weight=True, disc_start=0, lecam_weight=0.0, r1_weight=0.0),
       num_steps=10, ema_decay=0.99))
-  level, size = 1, 32
-  model, disc = NestedVAE(**config.model), train.make_discriminator(config)
+  level, size = 0, 32
+  disc = train.make_discriminator(config)
   g_tx, d_tx, g_schedule = train.make_optimizers(config)
-  state = train.init_train_state(jax.random.key(6), model=model, disc=disc, g_tx=g_tx, d_tx=d_tx, image_size=size)
+  # init_train_state's state, reusing the fixture's VAE parameters (a second VAE init costs seconds on a CPU).
+  d_params = disc.init(jax.random.key(6), jnp.zeros((1, size, size, 3)))["params"]
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=g_tx.init(params),
+                           ema_params=params, d_params=d_params, d_opt_state=d_tx.init(d_params),
+                           lecam_ema=jnp.zeros((2,)), all_finite=jnp.ones((), bool))
   images = jax.random.uniform(jax.random.key(7), (2, size, size, 3), minval=-1.0, maxval=1.0)
   base_rng = jax.random.key(8)
   step = functools.partial(train.train_step, model=model, disc=disc, lpips_module=None, g_tx=g_tx, d_tx=d_tx,
