@@ -307,7 +307,8 @@ class TorchTrainStep:
   def __init__(self, vae: NestedVAE, disc: PatchDiscriminator, *, lr: float = 1e-4, d_lr: float = 1e-4,
                b1: float = 0.5, b2: float = 0.9, weight_decay: float = 1e-4, grad_clip: float = 1.0,
                ema_decay: float = 0.9999, recon: str = "l1", recon_weight: float = 1.0, kl_weight: float = 1e-6,
-               gan_weight: float = 0.5, compile: bool = True, autocast_dtype: torch.dtype | None = None):
+               gan_weight: float = 0.5, perceptual: nn.Module | None = None, perceptual_weight: float = 0.0,
+               compile: bool = True, autocast_dtype: torch.dtype | None = None):
     if recon not in ("l1", "l2"):
       raise ValueError(f"recon must be 'l1' or 'l2', got {recon!r}")
     self.vae, self.disc = vae, disc
@@ -325,10 +326,16 @@ class TorchTrainStep:
     self.step_count = 0
     self.trunk = torch.compile(vae.train_features) if compile else vae.train_features
     self.disc_fn = torch.compile(disc) if compile else disc
+    self.perceptual_weight = perceptual_weight if perceptual is not None else 0.0
+    if perceptual is not None:
+      perceptual.requires_grad_(False)
+      self.perceptual_fn = torch.compile(perceptual) if compile else perceptual
 
   def _nll(self, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     diff = recon.float() - images.float()
     rec = diff.abs().mean() if self.recon == "l1" else diff.square().mean()
+    if self.perceptual_weight > 0:  # e.g. lpips.LPIPS: NCHW in [-1, 1] -> (B, 1, 1, 1)
+      return self.recon_weight * rec + self.perceptual_weight * self.perceptual_fn(images, recon).float().mean()
     return self.recon_weight * rec
 
   def __call__(self, images: torch.Tensor, level: int, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -370,6 +377,6 @@ class TorchTrainStep:
     d_grad_norm = torch.nn.utils.clip_grad_norm_(self.d_params, self.grad_clip)
     self.d_opt.step()
     self.step_count += 1
-    return {"g_loss": total.detach(), "recon_loss": nll.detach() / self.recon_weight, "kl": kl.detach(),
+    return {"g_loss": total.detach(), "nll": nll.detach(), "kl": kl.detach(),
             "gan_g_loss": g_loss.detach(), "gan_adaptive_weight": weight, "d_loss": d_loss.detach(),
             "grad_norm": grad_norm, "d_grad_norm": d_grad_norm}

@@ -123,6 +123,7 @@ def test_train_step_matches_flax(vae_pair):
                                  gan_weight=config.loss.gan_weight, compile=False)
   got = torch_step(_nchw(images), level, noise=_nchw(noise))
   assert float(metrics["gan_adaptive_weight"]) > 0  # the GAN branch really ran
-  for key in ("recon_loss", "kl", "gan_g_loss", "gan_adaptive_weight", "g_loss", "d_loss", "grad_norm",
+  np.testing.assert_allclose(float(got["nll"]), float(metrics["recon_loss"]), rtol=1e-4)  # no LPIPS here
+  for key in ("kl", "gan_g_loss", "gan_adaptive_weight", "g_loss", "d_loss", "grad_norm",
               "d_grad_norm"):
     np.testing.assert_allclose(float(got[key]), float(metrics[key]), rtol=1e-4, err_msg=key)
