@@ -18,6 +18,10 @@ stay float32) and runs torch under bf16 autocast. MFU uses dense peak FLOP/s per
 against the TF32 tensor-core peak on NVIDIA: both XLA and cuDNN use TF32 for float32 by default; torch's matmul TF32
 switch is turned on to match); on a CPU it is n/a unless ``--peak_tflops`` is given.
 
+On a CPU, the first run with a cold inductor cache spends minutes compiling C++ kernels and its torch timings come
+out several times too slow (the compile workers still hold the cores); the kernels are cached
+(/tmp/torchinductor_$USER), so run it twice and report the second run. The script warns when this happens.
+
 Prints one table and, last, one JSON line.
 """
 
@@ -242,6 +246,9 @@ def main() -> None:
           f"{fmt(r['tflops_per_s'], '9.4f')} {fmt(r['mfu'] and 100 * r['mfu'], '6.2f') + '%' if r['mfu'] else 'n/a':>7s} "
           f"{r['first_step_s']:10.1f}")
   print(f"ratio jax/torch images/s: {ratio:.2f}x")
+  if torch_mode == "compile" and torch_first_s > 60:
+    print(f"warning: torch compiled cold ({torch_first_s:.0f} s); inductor's compile workers may have slowed the timed "
+          "steps. Re-run for representative figures (compiled kernels are cached).", file=sys.stderr)
   if not (jax_finite and torch_finite):
     print(f"warning: non-finite losses (jax finite={jax_finite}, torch finite={torch_finite})", file=sys.stderr)
   print(json.dumps({
