@@ -194,7 +194,8 @@ def eval_step(params, images, mask, level, *, model):
   return {"l1": jnp.sum(l1 * m), "psnr": jnp.sum(psnr * m), "count": jnp.sum(m)}, recon
 
 
-def evaluate_reconstruction(eval_fn, params, eval_batches, writer=None, step: int = 0) -> dict[str, float]:
+def evaluate_reconstruction(eval_fn, params, eval_batches, writer=None, step: int = 0,
+                            level_arg=jnp.int32) -> dict[str, float]:
   """L1 and PSNR of reconstructions at every level on the same images; 'eval/loss' is the mean L1.
 
   ``eval_fn(params, images, mask, level) -> (sums, recon)`` is a jitted ``eval_step``; works with global arrays
@@ -207,7 +208,7 @@ def evaluate_reconstruction(eval_fn, params, eval_batches, writer=None, step: in
   for batch in eval_batches:
     rows = []
     for level in range(L.NUM_LEVELS):
-      sums, recon = eval_fn(params, batch["image"], batch["mask"], jnp.int32(level))
+      sums, recon = eval_fn(params, batch["image"], batch["mask"], level_arg(level))
       for k, v in jax.device_get(sums).items():
         totals[level][k] += float(v)
       if grid_rows is None:
@@ -334,15 +335,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   step_fn = functools.partial(train_step, model=model, disc=disc, lpips_module=lpips_module, g_tx=g_tx, d_tx=d_tx,
                               g_schedule=g_schedule, config=config)
   lpips_shardings = jax.tree.map(lambda _: rep, lpips_params)
-  jit_step = jax.jit(step_fn, in_shardings=(state_shardings, parallel.batch_sharding(mesh), rep, lpips_shardings, rep),
-                     out_shardings=(state_shardings, rep), donate_argnums=0)
-  jit_eval = jax.jit(functools.partial(eval_step, model=model),
-                     out_shardings=(rep, parallel.batch_sharding(mesh)))
+  # The level is a traced scalar (one compilation serves all levels through lax.switch) unless
+  # config.static_level: then each level compiles its own step. XLA:CPU runs the switch's backward pass an order
+  # of magnitude slower than the static branch, so the CPU configs (demo, runlocal) use static levels.
+  def level_arg(level):
+    return int(level) if config.static_level else jnp.int32(level)
+
+  rep_if_traced = () if config.static_level else (rep,)
+  jit_step = jax.jit(lambda state, images, lpips_params, base_rng, level: step_fn(
+                         state, images, level, lpips_params, base_rng),
+                     in_shardings=(state_shardings, parallel.batch_sharding(mesh), lpips_shardings, rep) + rep_if_traced,
+                     out_shardings=(state_shardings, rep), donate_argnums=0,
+                     static_argnums=(4,) if config.static_level else ())
+  jit_eval = jax.jit(functools.partial(eval_step, model=model), out_shardings=(rep, parallel.batch_sharding(mesh)),
+                     static_argnums=(3,) if config.static_level else ())
 
   def run_eval(step):
     eval_ds = _make_data(config, split=config.data.eval_split, train=False, process_batch=process_batch)
     batches = (_global(b) for _, b in zip(range(config.eval_batches), eval_ds))
-    return evaluate_reconstruction(jit_eval, state.ema_params, batches, writer, step)
+    return evaluate_reconstruction(jit_eval, state.ema_params, batches, writer, step, level_arg=level_arg)
 
   def _global(batch):
     from cat_jax.data import make_global_batch
@@ -365,7 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     for step in range(start + 1, config.num_steps + 1):
       batch = _global(next(train_iter))
       level = batch["level"]
-      state, metrics = jit_step(state, batch["image"], jnp.int32(level), lpips_params, step_rng)
+      state, metrics = jit_step(state, batch["image"], lpips_params, step_rng, level_arg(level))
       pending.append((level, metrics))
 
       if step % config.log_every == 0 or step == config.num_steps:

@@ -46,9 +46,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # fsdp_min_size are sharded over 'fsdp' on their largest divisible dimension, the rest replicated.
   c.mesh = dict(data=-1, fsdp=1)
   c.fsdp_min_size = 2**18
+  # False: the level is a traced scalar and lax.switch picks the branch (one compilation for all levels).
+  # True: one compilation per level; faster on CPU, where XLA runs the switch's backward pass slowly.
+  c.static_level = False
 
   c.log_every = 100
-  c.image_every = 5_000
   c.eval_every = 10_000
   c.eval_batches = 20
   c.checkpoint_every = 2_000
@@ -60,27 +62,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = dict(ch=16, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=1, z_channels=8, head_attention=False,
                    dtype="float32", param_dtype="float32")
     c.data.update(source="embedded", split="train", eval_split="validation", image_size=64, num_workers=0,
-                  source_kwargs={"num_images": 2000})
+                  source_kwargs={"num_images": 2000, "image_size": 64}, min_size=64)
+    c.static_level = True
     c.batch_size = 16
-    c.num_steps = 1_500
+    c.num_steps = 1_200
     c.optimizer.update(lr=1e-3, d_lr=1e-4, warmup_steps=100, weight_decay=0.0)
     c.ema_decay = 0.99
     # No LPIPS by default: its VGG16 weights cannot be downloaded here. With converted weights, add
     # --config.loss.lpips_weight=1.0 --config.lpips_path=PATH.
-    c.loss.update(lpips_weight=0.0, disc_start=1_000, kl_weight=1e-6)
+    c.loss.update(lpips_weight=0.0, disc_start=800, kl_weight=1e-6)
     c.disc.update(base_channels=16, num_layers=2)
     c.log_every = 50
-    c.image_every = 250
-    c.eval_every = 500
+    c.eval_every = 400
     c.eval_batches = 4
-    c.checkpoint_every = 250
+    c.checkpoint_every = 200
 
   if variant == "runlocal":
     # A few steps of everything (GAN included) on tiny images, for tests and smoke runs.
     c.model = dict(ch=8, ch_mult=(1, 1, 1, 1, 2, 2), num_res_blocks=1, z_channels=4, head_attention=False,
                    dtype="float32", param_dtype="float32")
     c.data.update(source="embedded", split="train", eval_split="validation", image_size=32, num_workers=0,
-                  source_kwargs={"num_images": 48})
+                  source_kwargs={"num_images": 48, "image_size": 32}, min_size=32)
+    c.static_level = True
     c.batch_size = 8
     c.num_steps = 6
     c.optimizer.update(lr=1e-3, warmup_steps=2)
@@ -88,7 +91,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.update(lpips_weight=0.0, disc_start=3)
     c.disc.update(base_channels=8, num_layers=1)
     c.log_every = 2
-    c.image_every = 3
     c.eval_every = 3
     c.eval_batches = 1
     c.checkpoint_every = 3
