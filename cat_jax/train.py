@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import sys
 import time
@@ -195,7 +196,7 @@ def eval_step(params, images, mask, level, *, model):
 
 
 def evaluate_reconstruction(eval_fn, params, eval_batches, writer=None, step: int = 0,
-                            level_arg=jnp.int32) -> dict[str, float]:
+                            level_arg=jnp.int32, image_dir: str | None = None) -> dict[str, float]:
   """L1 and PSNR of reconstructions at every level on the same images; 'eval/loss' is the mean L1.
 
   ``eval_fn(params, images, mask, level) -> (sums, recon)`` is a jitted ``eval_step``; works with global arrays
@@ -226,7 +227,12 @@ def evaluate_reconstruction(eval_fn, params, eval_batches, writer=None, step: in
   out["eval/loss"] = float(np.mean([out[f"eval/level{lvl}/l1"] for lvl in range(L.NUM_LEVELS)]))
   if writer is not None and grid_rows and len(grid_rows[0]):
     from cat_jax.metric_writers import make_image_grid
-    writer.write_images(step, {"reconstructions/original_8x_16x_32x": make_image_grid(grid_rows)})
+    grid = make_image_grid(grid_rows)
+    writer.write_images(step, {"reconstructions/original_8x_16x_32x": grid})
+    if image_dir is not None and jax.process_index() == 0:  # also as PNG, to look at without TensorBoard
+      from PIL import Image
+      os.makedirs(image_dir, exist_ok=True)
+      Image.fromarray(grid).save(os.path.join(image_dir, f"reconstructions_step{step:07d}.png"))
   return out
 
 
@@ -353,7 +359,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   def run_eval(step):
     eval_ds = _make_data(config, split=config.data.eval_split, train=False, process_batch=process_batch)
     batches = (_global(b) for _, b in zip(range(config.eval_batches), eval_ds))
-    return evaluate_reconstruction(jit_eval, state.ema_params, batches, writer, step, level_arg=level_arg)
+    return evaluate_reconstruction(jit_eval, state.ema_params, batches, writer, step, level_arg=level_arg,
+                                   image_dir=None if workdir.startswith("gs://") else os.path.join(workdir, "images"))
 
   def _global(batch):
     from cat_jax.data import make_global_batch
@@ -371,8 +378,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   start = int(jax.device_get(state.step))
   progress = ProgressBar(config.num_steps, start) if is_main else None
   pending: list[tuple[int, dict]] = []
-  timer = time.perf_counter()
   try:
+    if start == 0:  # a baseline before any update: the first point of every eval curve and grid
+      writer.write_scalars(0, run_eval(0))
+    timer = time.perf_counter()
     for step in range(start + 1, config.num_steps + 1):
       batch = _global(next(train_iter))
       level = batch["level"]
