@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -21,34 +20,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from pytorch_fid import inception as pt_inception  # noqa: E402
 
+from benchmarks.common import images_per_second, torch_fid_inception  # noqa: E402
 from cat_jax.convert.inception import convert_state_dict  # noqa: E402
 from cat_jax.models.inception import InceptionV3  # noqa: E402
-
-
-def random_torch_fid_inception() -> torch.nn.Module:
-  """pytorch-fid's FID Inception structure with random weights (no download)."""
-  net = pt_inception._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-  net.Mixed_5b = pt_inception.FIDInceptionA(192, pool_features=32)
-  net.Mixed_5c = pt_inception.FIDInceptionA(256, pool_features=64)
-  net.Mixed_5d = pt_inception.FIDInceptionA(288, pool_features=64)
-  net.Mixed_6b = pt_inception.FIDInceptionC(768, channels_7x7=128)
-  net.Mixed_6c = pt_inception.FIDInceptionC(768, channels_7x7=160)
-  net.Mixed_6d = pt_inception.FIDInceptionC(768, channels_7x7=160)
-  net.Mixed_6e = pt_inception.FIDInceptionC(768, channels_7x7=192)
-  net.Mixed_7b = pt_inception.FIDInceptionE_1(1280)
-  net.Mixed_7c = pt_inception.FIDInceptionE_2(2048)
-  return net.eval()
-
-
-def _rate(step, batch: int, warmup: int, iters: int) -> float:
-  for _ in range(warmup):
-    step()
-  start = time.perf_counter()
-  for _ in range(iters):
-    step()
-  return batch * iters / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -67,7 +42,7 @@ def main() -> None:
   precision = jax.lax.Precision.HIGHEST if args.precision == "highest" else None
 
   torch.manual_seed(0)
-  net = random_torch_fid_inception()
+  net = torch_fid_inception()
   original = pt_inception.fid_inception_v3
   pt_inception.fid_inception_v3 = lambda: net
   try:
@@ -90,8 +65,8 @@ def main() -> None:
     with torch.no_grad():
       wrapper(ref_in)[0].cpu()  # .cpu() waits for the GPU, as pytorch-fid does per batch
 
-  ours = _rate(ours_step, args.batch, args.warmup, args.iters)
-  ref = _rate(ref_step, args.batch, args.warmup, args.iters)
+  ours = images_per_second(ours_step, args.batch, args.warmup, args.iters)
+  ref = images_per_second(ref_step, args.batch, args.warmup, args.iters)
   with torch.no_grad():
     ref_feats = wrapper(ref_in)[0][:, :, 0, 0].cpu().numpy()
   diff = float(np.abs(np.asarray(features(ours_in)) - ref_feats).max())

@@ -10,26 +10,21 @@ does not depend on the weight values. GPU for both when JAX sees one and torch h
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 import warnings
 
-import jax
-import jax.numpy as jnp
-import lpips
-import numpy as np
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cat_jax.convert.lpips import convert_torch_lpips
-from cat_jax.models.lpips import LPIPSDistance
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import lpips  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-
-def _rate(step, batch: int, warmup: int, iters: int) -> float:
-  for _ in range(warmup):
-    step()
-  start = time.perf_counter()
-  for _ in range(iters):
-    step()
-  return batch * iters / (time.perf_counter() - start)
+from benchmarks.common import images_per_second  # noqa: E402
+from cat_jax.convert.lpips import convert_torch_lpips  # noqa: E402
+from cat_jax.models.lpips import LPIPSDistance  # noqa: E402
 
 
 def main() -> None:
@@ -80,8 +75,8 @@ def main() -> None:
     ref = torch_model(xt, yt).reshape(-1).cpu().numpy()
   max_diff = float(np.abs(np.asarray(lpips_fn(x, y)) - ref).max())
 
-  jax_rate = _rate(jax_step, args.batch, args.warmup, args.iters)
-  torch_rate = _rate(torch_step, args.batch, args.warmup, args.iters)
+  jax_rate = images_per_second(jax_step, args.batch, args.warmup, args.iters)
+  torch_rate = images_per_second(torch_step, args.batch, args.warmup, args.iters)
   mode = "distance+grad" if args.grad else "distance"
   print(f"LPIPS-VGG {mode}, batch {args.batch} at {args.size}x{args.size}, "
         f"jax on {jax.devices()[0].device_kind} ({jax.default_backend()}), torch on {torch_device} "

@@ -22,3 +22,21 @@ def pytest_runtest_makereport(item, call):
   if report.skipped and os.environ.get("CAT_JAX_ALLOW_SKIP") != "1":
     report.outcome = "failed"
     report.longrepr = f"skipped, but no test may be skipped in this suite (CAT_JAX_ALLOW_SKIP=1 allows it): {report.longrepr}"
+
+
+@pytest.fixture
+def chat_server():
+  """Starts ``FakeChatServer(respond, ...)`` servers on 127.0.0.1 and always shuts them down at teardown."""
+  from cat_jax.complexity.fake_server import FakeChatServer
+
+  servers = []
+
+  def start(respond, **kwargs):
+    server = FakeChatServer(respond, **kwargs).__enter__()
+    servers.append(server)
+    return server
+
+  yield start
+  for server in servers:
+    server.__exit__(None, None, None)
+    assert not server.overflowed, "a client sent more requests than the test allows"

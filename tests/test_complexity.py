@@ -30,22 +30,6 @@ def _no_proxy(monkeypatch):
     monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture
-def chat_server():
-  """Starts ``FakeChatServer(respond, ...)`` servers and always shuts them down at teardown."""
-  servers = []
-
-  def start(respond, **kwargs):
-    server = FakeChatServer(respond, **kwargs).__enter__()
-    servers.append(server)
-    return server
-
-  yield start
-  for server in servers:
-    server.__exit__(None, None, None)
-    assert not server.overflowed, "a client sent more requests than the test allows"
-
-
 def make_client(server, **kwargs):
   delays = []
   kwargs.setdefault("timeout", 2.0)
@@ -481,7 +465,7 @@ def test_caption_llm_run_is_concurrent_bounded_and_resumable(chat_server, tmp_pa
     text = prompt_text(body)
     if "caption number 5." in text:
       return Reply("no idea")  # garbage for this one image, every time
-    return Reply('{"score": 7, "reason": "busy"}', delay=0.15)
+    return Reply('{"score": 7, "reason": "busy"}', delay=0.3)
 
   server = chat_server(respond, max_requests=14)
   client, _ = make_client(server)

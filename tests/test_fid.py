@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pytorch_fid import fid_score
 from pytorch_fid import inception as pt_inception
 
+from benchmarks.common import torch_fid_inception
 from cat_jax.convert import __main__ as convert_main
 from cat_jax.convert import inception as convert_inception
 from cat_jax.metrics import fid
@@ -39,16 +40,7 @@ def _random_fid_inception() -> torch.nn.Module:
   tensor matters.
   """
   torch.manual_seed(0)
-  net = pt_inception._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-  net.Mixed_5b = pt_inception.FIDInceptionA(192, pool_features=32)
-  net.Mixed_5c = pt_inception.FIDInceptionA(256, pool_features=64)
-  net.Mixed_5d = pt_inception.FIDInceptionA(288, pool_features=64)
-  net.Mixed_6b = pt_inception.FIDInceptionC(768, channels_7x7=128)
-  net.Mixed_6c = pt_inception.FIDInceptionC(768, channels_7x7=160)
-  net.Mixed_6d = pt_inception.FIDInceptionC(768, channels_7x7=160)
-  net.Mixed_6e = pt_inception.FIDInceptionC(768, channels_7x7=192)
-  net.Mixed_7b = pt_inception.FIDInceptionE_1(1280)
-  net.Mixed_7c = pt_inception.FIDInceptionE_2(2048)
+  net = torch_fid_inception()
   gen = torch.Generator().manual_seed(1)
   batch_norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
   for bn in batch_norms:

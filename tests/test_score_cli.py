@@ -26,21 +26,6 @@ def _env(monkeypatch):
     monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture
-def chat_server():
-  servers = []
-
-  def start(respond, **kwargs):
-    server = FakeChatServer(respond, **kwargs).__enter__()
-    servers.append(server)
-    return server
-
-  yield start
-  for server in servers:
-    server.__exit__(None, None, None)
-    assert not server.overflowed, "the CLI sent more requests than the test allows"
-
-
 def read_lines(path):
   return [json.loads(line) for line in path.read_text().splitlines()]
 
