@@ -281,7 +281,9 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
   rows = [_Row(name, lvl, f"every image at {L.FACTORS[lvl]}x") for lvl, name in enumerate(FIXED_ROWS)]
   notes = []
   if manifest is not None:
-    rows.append(_Row("adaptive", load_levels(manifest, known_ids=all_ids), f"levels from {manifest}"))
+    level_of = load_levels(manifest, known_ids=all_ids)
+    _require_all(level_of, all_ids, f"manifest {manifest}")
+    rows.append(_Row("adaptive", level_of, f"levels from {manifest}"))
   elif hasattr(source, "builtin_levels"):
     rows.append(_Row("adaptive", source.builtin_levels(), "the embedded dataset's built-in levels (its "
                      "generator's complexity grade; no --manifest given)"))

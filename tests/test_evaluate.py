@@ -1,0 +1,154 @@
+"""`python -m cat_jax.evaluate` on a runlocal checkpoint: every output file, per-level metrics, clear errors."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import lpips
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cat_jax import evaluate as E
+from cat_jax.convert import common
+from cat_jax.convert import lpips as convert_lpips
+from cat_jax.data import get_source
+from cat_jax.data.embedded import generate
+from cat_jax.models.inception import InceptionV3
+from cat_jax.tokenizer import Tokenizer
+from test_tokenizer import ROOT, runlocal_checkpoint
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*(pretrained|weight enum).*:UserWarning")
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+  return runlocal_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+  """Converted LPIPS weights of a random torch LPIPS-VGG, and random FID-Inception weights (real ones cannot be
+  downloaded here): they exercise the rFID / LPIPS code paths with finite numbers."""
+  tmp = tmp_path_factory.mktemp("weights")
+  torch.manual_seed(0)
+  net = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+  state = net.state_dict()
+  common.save_params(tmp / "lpips.msgpack", convert_lpips.convert_torch_lpips(state, state))
+  variables = jax.jit(InceptionV3(resize_input=False).init)(jax.random.key(0), jnp.zeros((1, 80, 80, 3)))
+  common.save_params(tmp / "inception.msgpack", variables)
+  return str(tmp / "inception.msgpack"), str(tmp / "lpips.msgpack")
+
+
+def _finite(x):
+  return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_evaluate_writes_every_file_with_finite_numbers(workdir, weights, tmp_path, capsys):
+  inception, lpips_path = weights
+  out = tmp_path / "eval"
+  rc = E.main(["--workdir", workdir, "--num_images", "8", "--measures", "random,jpeg,mse,grade",
+               "--inception_weights", inception, "--lpips_weights", lpips_path, "--out", str(out),
+               "--num_grid_images", "4"])
+  assert rc == 0
+  results = json.loads((out / "results.json").read_text())
+  rows = results["rows"]
+  assert list(rows) == ["fixed_8x", "fixed_16x", "fixed_32x", "adaptive", "budget:random", "budget:jpeg",
+                        "budget:mse", "budget:grade"]
+  for name, row in rows.items():
+    for key in ("rfid", "lpips", "psnr", "ssim", "mean_tokens", "images_per_s"):
+      assert _finite(row[key]), (name, key, row.get(key))
+    assert row["num_images"] == 8
+  assert [rows[f"fixed_{f}x"]["mean_tokens"] for f in (8, 16, 32)] == [16, 4, 1]
+  # Budget mode: every measure is held to the fixed-16x mean token count.
+  assert results["budget_tokens"] == 4
+  for name in ("budget:random", "budget:jpeg", "budget:mse", "budget:grade"):
+    assert abs(rows[name]["mean_tokens"] - 4) <= 1.0, (name, rows[name]["mean_tokens"])
+  assert results["skipped"] == {}
+  md = (out / "results.md").read_text()
+  assert "| fixed_16x |" in md and "budget:jpeg" in md and "rFID" in md
+  with Image.open(out / "rate_distortion.png") as im:
+    assert im.size[0] > 400
+  with Image.open(out / "reconstructions_000.png") as im:
+    assert im.size == (4 * 32 + 3 * 2, 4 * 32 + 3 * 2)  # 4 images, rows: original, 8x, 16x, 32x
+  assert "| adaptive |" in capsys.readouterr().out
+
+
+def test_without_weights_rfid_and_lpips_are_reported_as_skipped(workdir, tmp_path, capsys):
+  out = tmp_path / "eval"
+  assert E.main(["--workdir", workdir, "--num_images", "4", "--measures", "none", "--out", str(out)]) == 0
+  results = json.loads((out / "results.json").read_text())
+  assert set(results["skipped"]) == {"rfid", "lpips"}
+  assert "python -m cat_jax.convert inception" in results["skipped"]["rfid"]
+  assert all("rfid" not in r and "lpips" not in r and _finite(r["psnr"]) for r in results["rows"].values())
+  stdout = capsys.readouterr().out
+  assert "rFID skipped" in stdout and "LPIPS skipped" in stdout
+
+
+def test_per_level_metrics_use_that_levels_reconstructions(workdir, tmp_path):
+  """A decoder tampered at 32x only (it returns 0.9 x the input: near perfect) changes only the 32x numbers."""
+  tok = Tokenizer.from_checkpoint(workdir)
+  tampered = tok.with_params(tok.params)
+  honest = tampered._reconstruct_fn
+
+  def tampered_reconstruct(params, images, *, level):
+    recon = honest(params, images, level=level)
+    return 0.9 * images if level == 2 else recon
+
+  tampered._reconstruct_fn = tampered_reconstruct
+  source = E._Head(get_source("embedded", "validation", num_images=48, image_size=32), 12)
+  kwargs = dict(dataset="embedded", image_size=32, measures=["grade"], num_grid_images=2)
+  good = E.run_evaluation(tok, source, out_dir=tmp_path / "good", **kwargs)["rows"]
+  bad = E.run_evaluation(tampered, source, out_dir=tmp_path / "bad", **kwargs)["rows"]
+  for name in ("fixed_8x", "fixed_16x"):
+    assert good[name]["psnr"] == bad[name]["psnr"] and good[name]["ssim"] == bad[name]["ssim"], name
+  assert bad["fixed_32x"]["psnr"] > good["fixed_32x"]["psnr"] + 5.0
+  assert good["adaptive"]["level_counts"]["32x"] > 0
+  for key in ("psnr/level0", "psnr/level1"):
+    assert good["adaptive"]["per_level"][key] == bad["adaptive"]["per_level"][key]
+  assert bad["adaptive"]["per_level"]["psnr/level2"] > good["adaptive"]["per_level"]["psnr/level2"] + 5.0
+
+
+def test_folder_data(workdir, tmp_path):
+  folder = tmp_path / "images"
+  folder.mkdir()
+  for i in range(3):
+    Image.fromarray(generate(i, image_size=40, split="test")[0]).save(folder / f"{i}.png")
+  out = tmp_path / "eval"
+  assert E.main(["--workdir", workdir, "--data", f"folder:{folder}", "--measures", "jpeg", "--out", str(out)]) == 0
+  results = json.loads((out / "results.json").read_text())
+  assert results["num_images"] == 3 and "adaptive" not in results["rows"]
+  assert "budget:jpeg" in results["rows"] and results["notes"]
+
+
+def _manifest(path, records):
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return str(path)
+
+
+def test_clear_errors(workdir, tmp_path, capsys):
+  ids = get_source("embedded", "validation", num_images=48, image_size=32).ids()
+  base = ["--workdir", workdir, "--num_images", "4", "--measures", "none", "--out", str(tmp_path / "o")]
+
+  def error(argv):
+    capsys.readouterr()
+    assert E.main(argv) == 2
+    return capsys.readouterr().err
+
+  bad_id = _manifest(tmp_path / "a.jsonl", [{"id": "embedded/validation/999999", "level": 0}])
+  message = error(base + ["--manifest", bad_id])
+  assert "999999" in message and "not in the dataset" in message
+  bad_level = _manifest(tmp_path / "b.jsonl", [{"id": ids[0], "level": 7}])
+  assert "level" in error(base + ["--manifest", bad_level])
+  partial = _manifest(tmp_path / "c.jsonl", [{"id": ids[0], "level": 1}])
+  assert "no entry" in error(base + ["--manifest", partial])
+  scores = _manifest(tmp_path / "d.jsonl", [{"id": ids[0], "score": 3, "level": 1}])
+  assert "no entry" in error(base + ["--score_manifest", f"caption_llm={scores}"])
+  assert "does not exist" in error(["--workdir", str(tmp_path / "missing")])
+  assert "incompatible" in error(base + ["--config", str(ROOT / "configs" / "cat.py") + ":demo"])
+  folder = tmp_path / "images"
+  folder.mkdir()
+  Image.fromarray(generate(0, image_size=32, split="test")[0]).save(folder / "0.png")
+  assert "'grade' needs the embedded" in error(base[:-2] + ["--data", f"folder:{folder}", "--measures", "grade"])
