@@ -130,10 +130,10 @@ def restore_inference_params(workdir: str, abstract_params: Any, *, step: int | 
   if use_ema:
     params = manager.restore(step, args=ocp.args.Composite(
         ema_params=ocp.args.StandardRestore(abstract_params)))["ema_params"]
-  else:
-    item = manager.restore(step, args=ocp.args.Composite(train_state=ocp.args.PyTreeRestore(
-        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=None), {"params": abstract_params}),
-        partial_restore=True)))["train_state"]
-    params = jax.device_put(item["params"], jax.tree.map(lambda a: a.sharding, abstract_params))
+  else:  # only the 'params' subtree of the train state, straight into the requested placement
+    with ocp.PyTreeCheckpointer() as reader:
+      params = reader.restore(directory / str(step) / "train_state", args=ocp.args.PyTreeRestore(
+          item={"params": abstract_params}, restore_args={"params": ocp.checkpoint_utils.construct_restore_args(
+              abstract_params)}, partial_restore=True))["params"]
   manager.close()
   return params, step

@@ -125,53 +125,31 @@ def _row_keys(x: np.ndarray) -> list[bytes]:
   return [hashlib.sha1(np.ascontiguousarray(row).tobytes()).digest() for row in x]
 
 
-class _CachedImageFn:
-  """Per-image cache of ``fn(images) -> (B, D)`` (Inception features): the originals and each level's
-  reconstructions are measured once, however many rows reuse them. Calls are padded to ``batch`` images."""
+class _CachedFn:
+  """Per-input cache of ``fn(*arrays) -> (B, ...)`` (Inception features, LPIPS distances of pairs): the originals
+  and each level's reconstructions are measured once, however many rows reuse them. Calls are padded to ``batch``."""
 
   def __init__(self, fn: Callable, batch: int):
     self.fn, self.batch, self.cache = fn, batch, {}
 
-  def __call__(self, x):
-    x = np.asarray(x, np.float32)
-    keys = _row_keys(x)
+  def __call__(self, *arrays):
+    arrays = [np.asarray(a, np.float32) for a in arrays]
+    keys = [b"".join(parts) for parts in zip(*(_row_keys(a) for a in arrays))]
     first = {}
     for i, k in enumerate(keys):
       first.setdefault(k, i)
     missing = [k for k in first if k not in self.cache]
     for s in range(0, len(missing), self.batch):
       chunk = missing[s:s + self.batch]
-      rows = np.zeros((self.batch,) + x.shape[1:], np.float32)
-      rows[:len(chunk)] = x[[first[k] for k in chunk]]
-      feats = np.asarray(self.fn(rows), np.float64)
+      padded = []
+      for a in arrays:
+        rows = np.zeros((self.batch,) + a.shape[1:], np.float32)
+        rows[:len(chunk)] = a[[first[k] for k in chunk]]
+        padded.append(rows)
+      out = np.asarray(self.fn(*padded), np.float64)
       for j, k in enumerate(chunk):
-        self.cache[k] = feats[j]
+        self.cache[k] = out[j]
     return np.stack([self.cache[k] for k in keys])
-
-
-class _CachedPairFn:
-  """Per-pair cache of ``fn(x, y) -> (B,)`` (LPIPS), padded to ``batch`` pairs."""
-
-  def __init__(self, fn: Callable, batch: int):
-    self.fn, self.batch, self.cache = fn, batch, {}
-
-  def __call__(self, x, y):
-    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
-    keys = [a + b for a, b in zip(_row_keys(x), _row_keys(y))]
-    first = {}
-    for i, k in enumerate(keys):
-      first.setdefault(k, i)
-    missing = [k for k in first if k not in self.cache]
-    for s in range(0, len(missing), self.batch):
-      chunk = missing[s:s + self.batch]
-      xs = np.zeros((self.batch,) + x.shape[1:], np.float32)
-      ys = np.zeros_like(xs)
-      xs[:len(chunk)] = x[[first[k] for k in chunk]]
-      ys[:len(chunk)] = y[[first[k] for k in chunk]]
-      d = np.asarray(self.fn(xs, ys), np.float64).reshape(-1)
-      for j, k in enumerate(chunk):
-        self.cache[k] = d[j]
-    return np.array([self.cache[k] for k in keys])
 
 
 # -- level assignments ----------------------------------------------------------------------------------------------
@@ -305,8 +283,8 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
                        thresholds=thresholds))
 
   # Cached frozen networks: each image and each level's reconstruction goes through them once.
-  cached_inception = _CachedImageFn(inception_fn, tok.batch_size) if inception_fn is not None else None
-  cached_lpips = _CachedPairFn(lpips_fn, tok.batch_size) if lpips_fn is not None else None
+  cached_inception = _CachedFn(inception_fn, tok.batch_size) if inception_fn is not None else None
+  cached_lpips = _CachedFn(lpips_fn, tok.batch_size) if lpips_fn is not None else None
   evaluators = {r.name: ReconstructionEvaluator(cached_inception, cached_lpips) for r in rows}
   seconds = np.zeros(L.NUM_LEVELS)
   warm = np.zeros((tok.batch_size, image_size, image_size, 3), np.float32)

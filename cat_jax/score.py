@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--no-progress", action="store_true", help="no progress bar")
   g = p.add_argument_group("jpeg / mse")
   g.add_argument("--jpeg-quality", type=int, default=scorers.DEFAULT_JPEG_QUALITY)
-  g.add_argument("--checkpoint", help="trained tokenizer checkpoint for --method mse (not available yet)")
+  g.add_argument("--checkpoint", help="a training workdir: --method mse then measures that tokenizer's 32x reconstruction error")
   g.add_argument("--proxy-factor", type=int, default=32, help="downsampling factor of the MSE proxy")
   g = p.add_argument_group("caption_llm (OpenAI-compatible chat-completions endpoint)")
   g.add_argument("--base-url", help=f"endpoint root (env CAT_LLM_BASE_URL / OPENAI_BASE_URL, default "
@@ -105,10 +105,15 @@ def _make_scorer(args: argparse.Namespace, parser: argparse.ArgumentParser):
   if args.method == "jpeg":
     return scorers.JpegScorer(quality=args.jpeg_quality, image_size=image_size)
   if args.method == "mse":
-    if args.checkpoint:
-      parser.exit(2, "error: --checkpoint: scoring with a trained CAT tokenizer is not available yet (the "
-                  "tokenizer's encode/decode API has not landed). Omit --checkpoint to use the low-pass proxy, "
-                  "or pass a reconstruct_fn to cat_jax.complexity.MseScorer from Python.\n")
+    if args.checkpoint:  # the error of a trained tokenizer at its coarsest level (32x)
+      from cat_jax.levels import NUM_LEVELS
+      from cat_jax.tokenizer import Tokenizer
+      try:
+        tok = Tokenizer.from_checkpoint(args.checkpoint)
+      except (FileNotFoundError, ValueError) as e:
+        parser.exit(2, f"error: --checkpoint: {e}\n")
+      return scorers.MseScorer(image_size=image_size,
+                               reconstruct_fn=lambda x: tok.reconstruct(x, NUM_LEVELS - 1, clip=True))
     return scorers.MseScorer(image_size=image_size, proxy_factor=args.proxy_factor)
   if not args.llm_model:
     parser.error("--method caption_llm needs --llm-model")

@@ -82,7 +82,7 @@ def test_cli_entry_point_on_embedded_data_and_resume(tmp_path):
   assert by_index[0]["level"] == 2 and by_index[7]["level"] == 0
 
 
-def test_mse_cli_proxy_budget_mode_and_checkpoint_not_available(tmp_path, capsys):
+def test_mse_cli_proxy_budget_mode_and_missing_checkpoint(tmp_path, capsys):
   out = tmp_path / "mse.jsonl"
   # At 64x64 a level holds 64 / 16 / 4 tokens (8x / 16x / 32x).
   rc = score.main(["--method", "mse", "--split", "test", "--limit", "8", "--out", str(out), "--image-size", "64",
@@ -101,8 +101,8 @@ def test_mse_cli_proxy_budget_mode_and_checkpoint_not_available(tmp_path, capsys
     score.main(["--method", "mse", "--image-size", "64", "--budget-tokens", "100", "--out", str(tmp_path / "b")])
   assert e.value.code == 2 and "outside [4, 64]" in capsys.readouterr().err
   with pytest.raises(SystemExit) as e:
-    score.main(["--method", "mse", "--checkpoint", "/tmp/ckpt", "--out", str(tmp_path / "c.jsonl")])
-  assert e.value.code == 2 and "not available yet" in capsys.readouterr().err
+    score.main(["--method", "mse", "--checkpoint", str(tmp_path / "no_run"), "--out", str(tmp_path / "c.jsonl")])
+  assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
 
 
 def test_caption_llm_cli_with_dataset_captions(chat_server, tmp_path, capsys, monkeypatch):

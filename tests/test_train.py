@@ -219,6 +219,13 @@ def test_runlocal_end_to_end_in_process(tmp_path):
   eval_rows = [r for r in rows if "eval/loss" in r]
   assert {f"eval/level{lvl}/psnr" for lvl in range(3)} <= set(eval_rows[-1])
   assert list((tmp_path / "tensorboard").iterdir())
+  # Inference restores the EMA (default) or the raw parameters alone, placed as asked.
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state.params)
+  for use_ema, expected in ((True, state.ema_params), (False, state.params)):
+    params, step = ckpt.restore_inference_params(str(tmp_path), abstract, use_ema=use_ema)
+    assert step == config.num_steps
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Re-running a finished run restores and stops at once, with the same parameters.
   again = T.train_and_evaluate(config, str(tmp_path))
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(again.params)):
