@@ -299,8 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   # Mesh and shapes.
   mesh = parallel.make_mesh(config.mesh)
-  if config.batch_size % (jax.process_count() * mesh.size // jax.process_count()) or \
-     config.batch_size % mesh.size:
+  if config.batch_size % mesh.size:  # mesh.size is a multiple of the process count, so hosts split evenly too
     raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of devices ({mesh.size})")
   process_batch = config.batch_size // jax.process_count()
   model, disc = build_model(config.model), make_discriminator(config)

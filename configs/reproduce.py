@@ -25,10 +25,8 @@ def get_config(arg: str | None = None):
   c.ema_decay = 0.98
   # The GAN would only start after the run ends; the reproduction compares level assignments, not GAN sharpness.
   c.loss.update(disc_start=c.num_steps + 1)
-  if "static_level" in c:  # one compilation per level: XLA:CPU runs lax.switch's backward pass slowly
-    c.static_level = True
+  c.static_level = True  # one compilation per level: XLA:CPU runs lax.switch's backward pass slowly
   c.log_every = 100
   c.eval_every = 10_000
-  c.image_every = 10_000
   c.checkpoint_every = 200
   return c
