@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from typing import Any
 
 import flax
@@ -292,7 +291,8 @@ def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains to ``config.num_steps`` (resuming from ``workdir`` if it has checkpoints); returns the final state."""
-  from cat_jax.metric_writers import MetricWriter, ProgressBar
+  from cat_jax.data import make_global_batch
+  from cat_jax.metric_writers import MetricWriter, ProgressBar, StepTimer
 
   is_main = jax.process_index() == 0
   writer = MetricWriter(workdir, enabled=is_main)
@@ -362,7 +362,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                    image_dir=None if workdir.startswith("gs://") else os.path.join(workdir, "images"))
 
   def _global(batch):
-    from cat_jax.data import make_global_batch
     return make_global_batch(batch, parallel.batch_sharding(mesh))
 
   def save(step, metrics=None, force=False):
@@ -380,7 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   try:
     if start == 0:  # a baseline before any update: the first point of every eval curve and grid
       writer.write_scalars(0, run_eval(0))
-    timer = time.perf_counter()
+    timer = StepTimer(start)
     for step in range(start + 1, config.num_steps + 1):
       batch = _global(next(train_iter))
       level = batch["level"]
@@ -390,20 +389,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if step % config.log_every == 0 or step == config.num_steps:
         if not bool(jax.device_get(state.all_finite)):
           raise _non_finite(step, checkpointer)
-        scalars = _mean_metrics(pending)
-        elapsed = time.perf_counter() - timer
-        scalars["train/images_per_s"] = len(pending) * config.batch_size / max(elapsed, 1e-9)
-        scalars["train/steps_per_s"] = len(pending) / max(elapsed, 1e-9)
+        scalars = _mean_metrics(pending)  # fetching the metrics waits for the steps, so the rates are real
+        rates = timer.rates(step, batch_size=config.batch_size)
+        scalars["train/images_per_s"], scalars["train/steps_per_s"] = rates["images_per_sec"], rates["steps_per_sec"]
         writer.write_scalars(step, scalars)
         if progress:
           progress.update(step, loss=f"{scalars['train/g_loss']:.4f}")
-        pending, timer = [], time.perf_counter()
+        pending = []
       eval_metrics = None
       if step % config.eval_every == 0 or step == config.num_steps:
         eval_metrics = run_eval(step)
         writer.write_scalars(step, eval_metrics)
       if step % config.checkpoint_every == 0 or step == config.num_steps or eval_metrics:
         save(step, eval_metrics)
+        timer.reset(step)  # evaluation and checkpoint time is not training throughput
       if preemption.requested or checkpointer.manager.reached_preemption(step):
         save(step, force=True)
         checkpointer.wait()
