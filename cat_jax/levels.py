@@ -46,3 +46,27 @@ def num_tokens(image_hw: tuple[int, int], level: int) -> int:
   """Latent positions of one image at ``level`` (256x256: 1024 / 256 / 64)."""
   h, w = latent_hw(image_hw, level)
   return h * w
+
+
+def parse_level(value) -> int:
+  """A level index from any spelling: an index 0 / 1 / 2, a factor 8 / 16 / 32, or '8x' / '16x' / '32x'.
+
+  Indices and factors do not overlap, so ints and digit strings of either kind are accepted everywhere a level is.
+  """
+  if isinstance(value, bool):
+    raise ValueError(f"a level must be 0/1/2 or 8x/16x/32x, got {value!r}")
+  text = str(value).strip().lower()
+  number = text[:-1] if text.endswith("x") else text
+  if number.isdigit():
+    n = int(number)
+    if not text.endswith("x") and 0 <= n < NUM_LEVELS:
+      return n
+    if n in FACTORS:
+      return FACTORS.index(n)
+  raise ValueError(f"a level must be an index {tuple(range(NUM_LEVELS))} or a factor "
+                   f"{', '.join(f'{f}x' for f in FACTORS)}, got {value!r}")
+
+
+def level_name(level: int) -> str:
+  """'8x' / '16x' / '32x': how a level is printed."""
+  return f"{factor_for_level(level)}x"

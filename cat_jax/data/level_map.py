@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cat_jax.levels import NUM_LEVELS, check_level
+from cat_jax.levels import NUM_LEVELS, check_level, parse_level
 from cat_jax.data.sources import source_ids
 
 
@@ -25,6 +25,14 @@ def _check_level_value(value: Any, where: str) -> int:
     return check_level(value)
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from None
+
+
+def _is_level_spelling(text: str) -> bool:
+  try:
+    parse_level(text)
+    return True
+  except ValueError:
+    return False
 
 
 def load_levels(manifest_path: str, known_ids: Iterable[str] | None = None) -> dict[str, int]:
@@ -78,8 +86,9 @@ def resolve_levels(source: Any, levels: Mapping[str, int] | int | str | None) ->
 
   Args:
     source: a source (see ``cat_jax.data.sources``).
-    levels: {id: level}; an int (one level for all); a manifest path; or None for the
-      source's built-in levels (only the embedded dataset has them).
+    levels: {id: level}; one level for all (0/1/2, or a factor 8/16/32, '8x'/'16x'/'32x', also as a string
+      from the command line); a manifest path; or None for the source's built-in levels (only the embedded
+      dataset has them).
 
   Raises:
     ValueError: an id without a level, or a bad level.
@@ -90,8 +99,10 @@ def resolve_levels(source: Any, levels: Mapping[str, int] | int | str | None) ->
       raise ValueError(f"{source!r} has no built-in levels; pass levels= a score manifest "
                        "path, an {id: level} mapping or one fixed level (0, 1 or 2)")
     levels = source.builtin_levels()
+  if isinstance(levels, str) and _is_level_spelling(levels):  # e.g. --config.data.levels=0 or =16x
+    levels = parse_level(levels)
   if isinstance(levels, (int, np.integer)) and not isinstance(levels, bool):
-    return np.full(len(ids), check_level(int(levels)), np.int32)
+    return np.full(len(ids), parse_level(int(levels)), np.int32)
   if isinstance(levels, (str, os.PathLike)):
     levels = load_levels(os.fspath(levels))
   if not isinstance(levels, Mapping):
