@@ -218,6 +218,11 @@ def test_resolve_levels_from_manifest_int_and_builtin(tmp_path):
     resolve_levels(source, {i: 0 for i in source.ids()[:4]})
   with pytest.raises(ValueError, match="level must be"):
     resolve_levels(source, 5)
+  # From the command line a fixed level arrives as a string, in either spelling.
+  for spelling, level in (("0", 0), ("2", 2), ("16x", 1), ("32", 2), (8, 0)):
+    np.testing.assert_array_equal(resolve_levels(source, spelling), [level] * 5)
+  with pytest.raises(FileNotFoundError):
+    resolve_levels(source, str(tmp_path / "3"))
 
 
 # Training pipeline -------------------------------------------------------------------------
@@ -300,6 +305,33 @@ def test_fixed_level_weights_and_forced_level(demo_source):
     train_iter(demo_source, 0, 1, levels=2, level_weights=[1, 1, 0])
   with pytest.raises(ValueError, match="process_index"):
     train_iter(demo_source, 2, 2)
+
+
+def test_all_levels_mode_draws_every_level_from_every_image(demo_source):
+  it = train_iter(demo_source, 0, 1, level_mode="all")
+  batches = [next(it) for _ in range(30)]
+  assert Counter(int(b["level"]) for b in batches) == {0: 10, 1: 10, 2: 10}  # equal weights by default
+  for level in range(3):  # each level's stream covers the whole dataset, whatever the images' own levels
+    ids = {i for b in batches if int(b["level"]) == level for i in b["id"]}
+    assert len(ids) == NUM_IMAGES == len(set(demo_source.ids()) & ids)
+  weighted = train_iter(demo_source, 0, 1, level_mode="all", level_weights=[2, 1, 1])
+  assert Counter(int(next(weighted)["level"]) for _ in range(16)) == {0: 8, 1: 4, 2: 4}
+  with pytest.raises(ValueError, match="level_mode"):
+    train_iter(demo_source, 0, 1, level_mode="random")
+
+
+def test_heldout_source_is_fixed_and_not_in_the_embedded_dataset():
+  from cat_jax.data import embedded, heldout
+
+  source = get_source("heldout", "test", image_size=32, crops_per_image=2)
+  assert len(source) == 2 * len(heldout.PICTURES) == len(set(source.ids()))
+  first = decode_image(source[0]["image"])
+  assert first.shape == (32, 32, 3)
+  np.testing.assert_array_equal(first, decode_image(get_source("heldout", "train", image_size=32,
+                                                               crops_per_image=2)[0]["image"]))
+  assert not np.array_equal(first, decode_image(source[1]["image"]))  # two different crops of one picture
+  used = {name for name, _ in embedded._PHOTOS + embedded._TEXTURES}
+  assert not used & {name.split(".")[0] for name, _, _ in heldout.PICTURES}
 
 
 def test_worker_processes_give_the_same_batches_and_restore(demo_source):

@@ -48,6 +48,7 @@ import grain
 import numpy as np
 
 from cat_jax.data.level_map import resolve_levels
+from cat_jax.data.sources import source_ids
 from cat_jax.data.preprocess import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, BadImageError,
                                      BadImageReport, PreprocessConfig, preprocess)
 from cat_jax.levels import NUM_LEVELS, check_level
@@ -55,6 +56,7 @@ from cat_jax.levels import NUM_LEVELS, check_level
 logger = logging.getLogger(__name__)
 
 LevelWeights = None | str | int | Sequence[float]
+LEVEL_MODES = ("content", "all")
 _SKIPPED = "_skipped"  # Batch key carrying bad-image reasons from workers to the reporter.
 _MAX_REPLACEMENT_TRIES = 64
 
@@ -218,13 +220,13 @@ def make_train_dataset(source: Any, *, levels: Mapping[str, int] | int | str | N
                        num_workers: int = 0, level_weights: LevelWeights = None,
                        min_size: int = DEFAULT_MIN_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS,
                        on_bad_image: str = "skip", read_threads: int = 2,
-                       prefetch_batches: int = 2) -> grain.IterDataset:
+                       prefetch_batches: int = 2, level_mode: str = "content") -> grain.IterDataset:
   """The infinite, level-bucketed training pipeline of this process (see module doc).
 
   Args:
     source: a source (``cat_jax.data.get_source``).
     levels: {id: level}, a score manifest path, one int level for all, or None for the
-      source's built-in levels (embedded dataset).
+      source's built-in levels (embedded dataset). Ignored with ``level_mode='all'``.
     batch_size: per-process batch size.
     image_size: output side (random crop after resizing the shorter side).
     seed: fixes shuffling, level order and crops.
@@ -235,6 +237,8 @@ def make_train_dataset(source: Any, *, levels: Mapping[str, int] | int | str | N
       that level (a fixed-rate baseline; same as ``levels=<int>``).
     min_size, max_pixels, on_bad_image: see ``PreprocessConfig``.
     read_threads, prefetch_batches: threads and buffered batches per process/worker.
+    level_mode: 'content' (the paper's): each image only at its own level; 'all': every level draws from every
+      image (a level per batch, independent of content; ``level_weights`` 'proportional' means equal weights).
 
   Returns:
     A grain ``IterDataset``; ``iter()`` gives a checkpointable ``DatasetIterator``.
@@ -246,12 +250,18 @@ def make_train_dataset(source: Any, *, levels: Mapping[str, int] | int | str | N
   pi, pc = _process_index_and_count(process_index, process_count)
   if isinstance(level_weights, (int, np.integer)) and not isinstance(level_weights, bool):
     levels, level_weights = check_level(int(level_weights)), None
-  level_of = resolve_levels(source, levels)
-  weights = _proportions(level_of, level_weights)
+  if level_mode not in LEVEL_MODES:
+    raise ValueError(f"level_mode must be one of {LEVEL_MODES}, got {level_mode!r}")
+  if level_mode == "all":  # every image in every level's pool
+    level_of = np.zeros(len(source_ids(source)), np.int32)
+    weights = _proportions(np.arange(NUM_LEVELS), level_weights)  # one "image" per level: equal by default
+  else:
+    level_of = resolve_levels(source, levels)
+    weights = _proportions(level_of, level_weights)
   active = [l for l in range(NUM_LEVELS) if weights[l] > 0]
   per_level = []
   for l in active:
-    indices = np.flatnonzero(level_of == l)
+    indices = np.arange(len(level_of)) if level_mode == "all" else np.flatnonzero(level_of == l)
     shard = indices[pi::pc]
     if len(shard) == 0:  # Fewer images at this level than processes: share one.
       logger.warning("Level %d has %d images for %d processes; process %d reuses image %d.",

@@ -303,7 +303,8 @@ def get_source(name: str, split: str = "train", **kwargs: Any) -> Source:
   """Builds a source by name.
 
   Args:
-    name: 'embedded' (kwargs: num_images, seed, image_size), 'folder' (path,
+    name: 'embedded' (kwargs: num_images, seed, image_size), 'heldout' (photos the embedded dataset never
+      uses; kwargs: crops_per_image, image_size), 'folder' (path,
       captions_file), 'chartqa' (path), or 'tfds:<dataset>' such as 'tfds:imagenet2012',
       'tfds:coco/2017', 'tfds:celeb_a' (data_dir, image_key, caption_key).
     split: 'train', 'validation', 'test' (TFDS split strings such as 'train[:1%]' too).
@@ -314,6 +315,9 @@ def get_source(name: str, split: str = "train", **kwargs: Any) -> Source:
   """
   if name == "embedded":
     return EmbeddedSource(split, **kwargs)
+  if name == "heldout":
+    from cat_jax.data.heldout import HeldoutSource
+    return HeldoutSource(split, **kwargs)
   if name == "folder":
     if "path" not in kwargs:
       raise ValueError("the 'folder' source needs path=<folder of images>")
@@ -324,5 +328,5 @@ def get_source(name: str, split: str = "train", **kwargs: Any) -> Source:
     return ChartQASource(kwargs.pop("path"), split, **kwargs)
   if name.startswith("tfds:"):
     return TfdsSource(name[len("tfds:"):], split, **kwargs)
-  raise ValueError(f"unknown source {name!r}; use 'embedded', 'folder', 'chartqa' or "
+  raise ValueError(f"unknown source {name!r}; use 'embedded', 'heldout', 'folder', 'chartqa' or "
                    "'tfds:<name>' (e.g. 'tfds:imagenet2012').")
