@@ -212,3 +212,47 @@ def test_build_model_validates_config():
     nv.build_model(dict(TINY, dtype="float8"))
   with pytest.raises(ValueError, match="ch_mult needs 6 entries"):
     nv.init_params(nv.build_model(dict(TINY, ch_mult=(1, 2, 4))), jax.random.key(0), 64)
+
+
+def test_channel_shortcut_averages_and_repeats():
+  x = jnp.asarray(np.random.RandomState(5).normal(size=(2, 3, 3, 8)), jnp.float32)
+  narrow = nv.resize_channels(x, 2)
+  np.testing.assert_allclose(narrow[..., 1], x[..., 4:].mean(-1), rtol=1e-6)
+  np.testing.assert_allclose(nv.resize_channels(nv.resize_channels(x, 24), 8), x, rtol=1e-6)
+  np.testing.assert_array_equal(nv.resize_channels(x, 24)[..., 3:6], jnp.repeat(x[..., 1:2], 3, -1))
+  rgb = nv.resize_channels(x, 3)  # uneven: groups of 3, 3 and 2 channels
+  np.testing.assert_allclose(rgb, jnp.stack([x[..., :3].mean(-1), x[..., 3:6].mean(-1), x[..., 6:].mean(-1)], -1),
+                             rtol=1e-6)
+  np.testing.assert_array_equal(nv.resize_channels(x[..., :3], 8)[..., :3], x[..., [0, 0, 0]])
+
+
+def test_shortcut_resampling_is_average_pool_and_nearest_when_the_convs_are_zero():
+  x = jnp.asarray(np.random.RandomState(6).normal(size=(1, 4, 4, 2)), jnp.float32)
+  zero = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+  down = nv.Downsample(shortcuts=True)
+  y = down.apply({"params": zero(down.init(jax.random.key(0), x)["params"])}, x)
+  np.testing.assert_allclose(y, x.reshape(1, 2, 2, 2, 2, 2).mean((2, 4)), rtol=1e-6)
+  up = nv.Upsample(shortcuts=True)
+  y = up.apply({"params": zero(up.init(jax.random.key(0), x)["params"])}, x)
+  np.testing.assert_array_equal(y, jnp.repeat(jnp.repeat(x, 2, 1), 2, 2))
+  plain = nv.Downsample()
+  assert float(jnp.abs(plain.apply({"params": zero(plain.init(jax.random.key(0), x)["params"])}, x)).max()) == 0
+
+
+@pytest.mark.parametrize("options", [dict(shortcuts=True), dict(norm="rms", shortcuts=True), dict(norm="none"),
+                                     dict(norm_groups=4), dict(logvar_init=-6.0)])
+def test_block_options_keep_one_tree_and_every_level(options):
+  model = nv.NestedVAE(**TINY, **options)
+  params = nv.init_params(model, jax.random.key(0), 64)
+  x = _images(2, 64, seed=7)
+  for level in range(L.NUM_LEVELS):
+    recon, post = model.apply({"params": params}, x, level)
+    assert recon.shape == x.shape and bool(jnp.all(jnp.isfinite(recon)))
+  has_skip_convs = any("skip" in jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
+  assert has_skip_convs == (not options.get("shortcuts", False))  # shortcuts replace the 1x1 channel convs
+  h, w = L.latent_hw((64, 64), L.NUM_LEVELS - 1)  # post is the last level's
+  np.testing.assert_allclose(float(post.logvar[:, :h, :w].mean()), options.get("logvar_init", 0.0), atol=1.0)
+  with pytest.raises(ValueError, match="norm_groups=3 does not divide"):
+    nv.init_params(nv.NestedVAE(**TINY, norm_groups=3), jax.random.key(0), 64)
+  with pytest.raises(ValueError, match="norm must be one of"):
+    nv.init_params(nv.NestedVAE(**TINY, norm="batch"), jax.random.key(0), 64)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from cat_jax import levels as L
 
 Dtype = Any
+NORMS = ("group", "rms", "none")
 
 
 @flax.struct.dataclass
@@ -78,54 +79,100 @@ def pad_latent(latent: jax.Array, level: int) -> jax.Array:
   return jnp.pad(latent, ((0, 0), (0, h * scale - h), (0, w * scale - w), (0, 0)))
 
 
-def _num_groups(channels: int) -> int:
-  # 32 groups as the SD VAE for wide layers; narrow (test/demo) layers keep >= 4 channels per group so that
-  # GroupNorm on a 1x1 latent grid does not normalise every value to zero.
+def _num_groups(channels: int, groups: int) -> int:
+  if groups:  # a fixed count, as in the source of converted weights (the SD VAE uses 32 at every width)
+    if channels % groups:
+      raise ValueError(f"norm_groups={groups} does not divide a layer's {channels} channels")
+    return groups
+  # Auto: 32 groups as the SD VAE for wide layers; narrow (test/demo) layers keep >= 4 channels per group so
+  # that GroupNorm on a 1x1 latent grid does not normalise every value to zero.
   return math.gcd(channels, min(32, max(1, channels // 4)))
 
 
-class Normalize(nn.Module):
-  """GroupNorm computed in float32 (bf16 statistics drift), result cast back to ``dtype``."""
+def resize_channels(x: jax.Array, channels: int) -> jax.Array:
+  """Non-parametric channel shortcut (DC-AE's residual autoencoding): averages groups of consecutive channels to
+  narrow, repeats each channel to widen. ``resize_channels(resize_channels(x, 2c), c) == x``."""
+  c = x.shape[-1]
+  if c == channels:
+    return x
+  if c % channels == 0:
+    return x.reshape(*x.shape[:-1], channels, c // channels).mean(-1)
+  if channels % c == 0:
+    return jnp.repeat(x, channels // c, axis=-1)
+  # Uneven counts (e.g. to 3 colour channels): the same rule through a fixed (c, channels) matrix.
+  owner = (jnp.arange(c) * channels) // c if c > channels else None
+  if owner is not None:
+    m = jax.nn.one_hot(owner, channels, dtype=x.dtype)
+    return (x @ m) / m.sum(0)
+  return x[..., (jnp.arange(channels) * c) // channels]
 
+
+class Normalize(nn.Module):
+  """Normalisation computed in float32 (bf16 statistics drift), result cast back to ``dtype``.
+
+  ``kind='group'``: GroupNorm (the SD VAE's); ``'rms'``: per-position RMS norm over channels (DC-AE's), which does not
+  depend on the spatial size, so a 2x2 latent grid is normalised like a 32x32 one.
+  """
+
+  kind: str = "group"
+  groups: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    y = nn.GroupNorm(num_groups=_num_groups(x.shape[-1]), epsilon=1e-6, dtype=jnp.float32,
-                     param_dtype=self.param_dtype)(x.astype(jnp.float32))
+    x32 = x.astype(jnp.float32)
+    if self.kind == "group":
+      y = nn.GroupNorm(num_groups=_num_groups(x.shape[-1], self.groups), epsilon=1e-6, dtype=jnp.float32,
+                       param_dtype=self.param_dtype)(x32)
+    elif self.kind == "rms":
+      y = nn.RMSNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=self.param_dtype)(x32)
+    elif self.kind == "none":
+      return x
+    else:
+      raise ValueError(f"norm must be one of {NORMS}, got {self.kind!r}")
     return y.astype(self.dtype)
 
 
-class ResnetBlock(nn.Module):
-  out_channels: int
+class _Block(nn.Module):
+  """Fields every building block shares: normalisation, DC-AE shortcuts, dtypes."""
+
+  norm: str = "group"
+  norm_groups: int = 0
+  shortcuts: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+
+  def make_norm(self, name):
+    return Normalize(self.norm, self.norm_groups, self.dtype, self.param_dtype, name=name)
+
+  def conv(self, channels, kernel, name=None, **kw):
+    return nn.Conv(channels, (kernel, kernel), padding=kw.pop("padding", "SAME"), dtype=self.dtype,
+                   param_dtype=self.param_dtype, name=name, **kw)
+
+
+class ResnetBlock(_Block):
+  out_channels: int = 0
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda c, k, name: nn.Conv(c, (k, k), padding="SAME", dtype=self.dtype,
-                                      param_dtype=self.param_dtype, name=name)
-    h = nn.swish(Normalize(self.dtype, self.param_dtype, name="norm1")(x))
-    h = conv(self.out_channels, 3, "conv1")(h)
-    h = nn.swish(Normalize(self.dtype, self.param_dtype, name="norm2")(h))
-    h = conv(self.out_channels, 3, "conv2")(h)
+    h = nn.swish(self.make_norm("norm1")(x))
+    h = self.conv(self.out_channels, 3, "conv1")(h)
+    h = nn.swish(self.make_norm("norm2")(h))
+    h = self.conv(self.out_channels, 3, "conv2")(h)
     if x.shape[-1] != self.out_channels:
-      x = conv(self.out_channels, 1, "skip")(x)
+      x = resize_channels(x, self.out_channels) if self.shortcuts else self.conv(self.out_channels, 1, "skip")(x)
     return x + h
 
 
-class AttnBlock(nn.Module):
+class AttnBlock(_Block):
   """Single-head spatial self-attention, as in the SD VAE; softmax in float32."""
-
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
     dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    y = Normalize(self.dtype, self.param_dtype, name="norm")(x).reshape(b, h * w, c)
+    y = self.make_norm("norm")(x).reshape(b, h * w, c)
     q, k, v = dense("q")(y), dense("k")(y), dense("v")(y)
     logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) / math.sqrt(c)
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
@@ -133,43 +180,44 @@ class AttnBlock(nn.Module):
     return x + dense("proj_out")(y).reshape(b, h, w, c)
 
 
-class Downsample(nn.Module):
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+class Downsample(_Block):
+  """Stride-2 3x3 conv after asymmetric padding (the SD VAE's); with shortcuts, plus 2x2 average pooling."""
 
   @nn.compact
   def __call__(self, x):
-    x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))  # asymmetric, as the SD VAE
-    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding="VALID", dtype=self.dtype,
-                   param_dtype=self.param_dtype)(x)
+    y = self.conv(x.shape[-1], 3, "Conv_0", strides=(2, 2), padding="VALID")(
+        jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
+    if self.shortcuts:  # DC-AE's space-to-channel + channel averaging; at constant width, a 2x2 average pool
+      y = y + nn.avg_pool(x, (2, 2), strides=(2, 2))
+    return y
 
 
-class Upsample(nn.Module):
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+class Upsample(_Block):
+  """Nearest 2x then a 3x3 conv (the SD VAE's); with shortcuts, plus the nearest-upsampled input."""
 
   @nn.compact
   def __call__(self, x):
     # Nearest-neighbour 2x by broadcast + reshape: its gradient is a cheap sum, jnp.repeat's is a scatter-add.
     b, h, w, c = x.shape
-    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
-    return nn.Conv(x.shape[-1], (3, 3), padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    up = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+    y = self.conv(c, 3, "Conv_0")(up)
+    return y + up if self.shortcuts else y  # channel duplication then channel-to-space is nearest upsampling
 
 
-class MidBlock(nn.Module):
+class MidBlock(_Block):
   """ResBlock, (attention), ResBlock at constant width."""
 
-  channels: int
+  channels: int = 0
   attention: bool = True
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    x = ResnetBlock(self.channels, self.dtype, self.param_dtype, name="res_0")(x)
+    kw = dict(norm=self.norm, norm_groups=self.norm_groups, shortcuts=self.shortcuts, dtype=self.dtype,
+              param_dtype=self.param_dtype)
+    x = ResnetBlock(out_channels=self.channels, name="res_0", **kw)(x)
     if self.attention:
-      x = AttnBlock(self.dtype, self.param_dtype, name="attn")(x)
-    return ResnetBlock(self.channels, self.dtype, self.param_dtype, name="res_1")(x)
+      x = AttnBlock(name="attn", **kw)(x)
+    return ResnetBlock(out_channels=self.channels, name="res_1", **kw)(x)
 
 
 class NestedVAE(nn.Module):
@@ -182,6 +230,8 @@ class NestedVAE(nn.Module):
     z_channels: latent channels (default 16).
     head_attention: self-attention in the shared latent head and the shared decoder head.
     logvar_range: the posterior log-variance is clipped to this range.
+    logvar_init: the posterior log-variance at initialisation (the SD VAE's 0 is a posterior std of 1, noise
+      as large as the latents: a short run then spends its first thousands of steps shrinking it).
   """
 
   ch: int = 128
@@ -191,6 +241,10 @@ class NestedVAE(nn.Module):
   in_channels: int = 3
   head_attention: bool = True
   logvar_range: tuple[float, float] = (-30.0, 20.0)
+  logvar_init: float = 0.0
+  norm: str = "group"
+  norm_groups: int = 0
+  shortcuts: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -199,40 +253,51 @@ class NestedVAE(nn.Module):
     if len(self.ch_mult) != num_stages:
       raise ValueError(f"ch_mult needs {num_stages} entries (one per stage H ... H/{L.MAX_FACTOR}), "
                        f"got {tuple(self.ch_mult)}")
+    if self.norm not in NORMS:
+      raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    block_kw = dict(norm=self.norm, norm_groups=self.norm_groups, shortcuts=self.shortcuts, **kw)
     widths = [self.ch * m for m in self.ch_mult]
     head_width = widths[-1]
     conv1x1 = lambda c, name: nn.Conv(c, (1, 1), name=name, **kw)
 
     # Encoder trunk.
     self.enc_conv_in = nn.Conv(self.ch, (3, 3), padding="SAME", **kw)
-    self.enc_stages = [[ResnetBlock(widths[s], **kw) for _ in range(self.num_res_blocks)]
+    self.enc_stages = [[ResnetBlock(out_channels=widths[s], **block_kw) for _ in range(self.num_res_blocks)]
                        for s in range(num_stages)]
-    self.enc_down = [Downsample(**kw) for _ in range(num_stages - 1)]
+    self.enc_down = [Downsample(**block_kw) for _ in range(num_stages - 1)]
     # Channel-matched exits into the shared latent head.
     self.enc_exit = [conv1x1(head_width, f"enc_exit_{lvl}") for lvl in range(L.NUM_LEVELS)]
-    self.enc_mid = MidBlock(head_width, self.head_attention, **kw)
-    self.enc_norm_out = Normalize(**kw)
+    self.enc_mid = MidBlock(channels=head_width, attention=self.head_attention, **block_kw)
+    self.enc_norm_out = Normalize(self.norm, self.norm_groups, **kw)
     self.enc_conv_out = nn.Conv(2 * self.z_channels, (3, 3), padding="SAME", **kw)
-    self.quant_conv = conv1x1(2 * self.z_channels, "quant_conv")
+    z = self.z_channels
+    logvar_bias = lambda key, shape, dtype: jnp.concatenate(  # [mean half, log-variance half]
+        [jnp.zeros((z,), dtype), jnp.full((z,), self.logvar_init, dtype)])
+    self.quant_conv = nn.Conv(2 * z, (1, 1), bias_init=logvar_bias, name="quant_conv", **kw)
 
     # Shared decoder head.
     self.post_quant_conv = conv1x1(self.z_channels, "post_quant_conv")
     self.dec_conv_in = nn.Conv(head_width, (3, 3), padding="SAME", **kw)
-    self.dec_mid = MidBlock(head_width, self.head_attention, **kw)
+    self.dec_mid = MidBlock(channels=head_width, attention=self.head_attention, **block_kw)
     # Channel-matched entries: project to what the entry stage receives when coming from above.
     self.dec_entry = [conv1x1(self._dec_stage_input_width(self._stage_of(lvl)), f"dec_entry_{lvl}")
                       for lvl in range(L.NUM_LEVELS)]
-    self.dec_stages = [[ResnetBlock(widths[s], **kw) for _ in range(self.num_res_blocks + 1)]
+    self.dec_stages = [[ResnetBlock(out_channels=widths[s], **block_kw) for _ in range(self.num_res_blocks + 1)]
                        for s in range(num_stages)]
-    self.dec_up = [Upsample(**kw) for _ in range(num_stages - 1)]  # dec_up[s - 1]: H/2^s -> H/2^(s-1)
-    self.dec_norm_out = Normalize(**kw)
+    self.dec_up = [Upsample(**block_kw) for _ in range(num_stages - 1)]  # dec_up[s - 1]: H/2^s -> H/2^(s-1)
+    self.dec_norm_out = Normalize(self.norm, self.norm_groups, **kw)
     self.dec_conv_out = nn.Conv(self.in_channels, (3, 3), padding="SAME", **kw)
 
   # -- helpers -----------------------------------------------------------------------------------------------------
   @staticmethod
   def _stage_of(level: int) -> int:
     return int(math.log2(L.FACTORS[level]))
+
+  def _skip(self, projection, h):
+    """A level's channel-matched exit/entry: the 1x1 projection, plus the channel shortcut with ``shortcuts``."""
+    y = projection(h)
+    return y + resize_channels(h, y.shape[-1]) if self.shortcuts else y
 
   def _dec_stage_input_width(self, stage: int) -> int:
     return self.ch * self.ch_mult[min(stage + 1, len(self.ch_mult) - 1)]
@@ -285,19 +350,21 @@ class NestedVAE(nn.Module):
         h = block(h)
       if s < stage:
         h = self.enc_down[s](h)
-    h = self.enc_exit[level](h)
+    h = self._skip(self.enc_exit[level], h)
     h = self.enc_mid(h)
-    h = self.enc_conv_out(nn.swish(self.enc_norm_out(h)))
-    moments = self.quant_conv(h).astype(jnp.float32)
+    moments = self.quant_conv(self.enc_conv_out(nn.swish(self.enc_norm_out(h)))).astype(jnp.float32)
     mean, logvar = jnp.split(moments, 2, axis=-1)
+    if self.shortcuts:  # the latent mean starts as channel averages of the head's features (DC-AE)
+      mean = mean + resize_channels(h, self.z_channels).astype(jnp.float32)
     logvar = jnp.clip(logvar, *self.logvar_range)
     return pad_latent(mean, level), pad_latent(logvar, level)
 
   def _decode_level(self, canvas, level: int):
     z = crop_latent(canvas, level).astype(self.dtype)
-    h = self.post_quant_conv(z)
-    h = self.dec_mid(self.dec_conv_in(h))
-    h = self.dec_entry[level](h)
+    h = self.dec_conv_in(self.post_quant_conv(z))
+    if self.shortcuts:  # and the head's input starts as repeated latent channels
+      h = h + resize_channels(z, h.shape[-1])
+    h = self._skip(self.dec_entry[level], self.dec_mid(h))
     for s in reversed(range(self._stage_of(level) + 1)):
       for block in self.dec_stages[s]:
         h = block(h)
