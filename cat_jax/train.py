@@ -84,8 +84,9 @@ def init_train_state(rng, *, model: NestedVAE, disc: PatchDiscriminator, g_tx, d
 
 # -- losses ---------------------------------------------------------------------------------------------------------
 def generator_loss_fn(params, d_params, images, level, rng, lpips_params, gan_scale, *, model: NestedVAE,
-                      disc: PatchDiscriminator, lpips_module, loss_cfg):
-  """Total generator loss and its parts. ``gan_scale`` is 0 before the discriminator starts, 1 after."""
+                      disc: PatchDiscriminator, lpips_module, loss_cfg, use_gan: bool = True):
+  """Total generator loss and its parts. ``gan_scale`` is 0 before the discriminator starts, 1 after;
+  ``use_gan=False`` leaves the GAN terms out of the computation altogether."""
   posterior = model.apply({"params": params}, images, level, method=NestedVAE.encode)
   z = posterior.sample(rng)
   features = model.apply({"params": params}, z, level, method=NestedVAE.decode_features)
@@ -107,10 +108,12 @@ def generator_loss_fn(params, d_params, images, level, rng, lpips_params, gan_sc
   head = params["dec_conv_out"]
   recon = output_head(head, features)
   nll, (rec, lp) = nll_of(recon)
-  g_loss = gan_of(recon)
+  g_loss = gan_of(recon) if use_gan else jnp.zeros((), jnp.float32)
   kl = jnp.mean(posterior.kl())
 
-  if loss_cfg.adaptive_gan_weight:
+  if not use_gan:
+    weight = jnp.zeros((), jnp.float32)
+  elif loss_cfg.adaptive_gan_weight:
     # taming's weight: ||d nll / d W_last|| / ||d gan / d W_last|| at the decoder's last layer, no gradient.
     def adaptive_weight():
       feats = jax.lax.stop_gradient(features)
@@ -140,14 +143,25 @@ def discriminator_loss_fn(d_params, images, recon, lecam_ema, *, disc: PatchDisc
 
 
 # -- the step -------------------------------------------------------------------------------------------------------
+def gan_in_step(step: int, config) -> bool:
+  """Whether the update to ``step`` (1-based, as the loop counts) has the GAN on: the ``use_gan`` to pass."""
+  return step - 1 >= config.loss.disc_start
+
+
 def train_step(state: TrainState, images, level, lpips_params, base_rng, *, model, disc, lpips_module, g_tx, d_tx,
-               g_schedule, config) -> tuple[TrainState, dict]:
-  """One generator + EMA + discriminator update on a single-level batch (``level``: int32 scalar)."""
+               g_schedule, config, use_gan: bool = True) -> tuple[TrainState, dict]:
+  """One generator + EMA + discriminator update on a single-level batch (``level``: int32 scalar).
+
+  ``use_gan=False`` (a static choice: before ``loss.disc_start`` the loop compiles this cheaper step) leaves the
+  discriminator and the GAN terms out of the computation; the updated state is the same as with ``use_gan=True``
+  at a step before ``disc_start``.
+  """
   loss_cfg = config.loss
   rng = jax.random.fold_in(base_rng, state.step)  # resume-exact: the noise depends only on the step
   gan_scale = gan_losses.gan_weight_schedule(state.step, start_step=loss_cfg.disc_start)
 
-  g_fn = functools.partial(generator_loss_fn, model=model, disc=disc, lpips_module=lpips_module, loss_cfg=loss_cfg)
+  g_fn = functools.partial(generator_loss_fn, model=model, disc=disc, lpips_module=lpips_module, loss_cfg=loss_cfg,
+                           use_gan=use_gan)
   (g_total, aux), grads = jax.value_and_grad(g_fn, has_aux=True)(
       state.params, state.d_params, images, level, rng, lpips_params, gan_scale)
   updates, opt_state = g_tx.update(grads, state.opt_state, state.params)
@@ -155,19 +169,25 @@ def train_step(state: TrainState, images, level, lpips_params, base_rng, *, mode
   decay = jnp.minimum(config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
   ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
 
-  d_fn = functools.partial(discriminator_loss_fn, disc=disc, loss_cfg=loss_cfg)
-  (d_loss, (real, fake)), d_grads = jax.value_and_grad(d_fn, has_aux=True)(
-      state.d_params, images, aux["recon"], state.lecam_ema)
-  d_updates, d_opt_state = d_tx.update(d_grads, state.d_opt_state, state.d_params)
-  d_params = optax.apply_updates(state.d_params, d_updates)
-  active = gan_scale > 0  # the discriminator only moves once the GAN is on
-  keep_if_inactive = lambda new, old: jnp.where(active, new, old)
-  d_params = jax.tree.map(keep_if_inactive, d_params, state.d_params)
-  d_opt_state = jax.tree.map(keep_if_inactive, d_opt_state, state.d_opt_state)
-  lecam_ema = jnp.where(active, jnp.stack(gan_losses.lecam_ema_update(
-      ema_real=state.lecam_ema[0], ema_fake=state.lecam_ema[1], real_logit=real, fake_logit=fake)), state.lecam_ema)
+  if use_gan:
+    d_fn = functools.partial(discriminator_loss_fn, disc=disc, loss_cfg=loss_cfg)
+    (d_loss, (real, fake)), d_grads = jax.value_and_grad(d_fn, has_aux=True)(
+        state.d_params, images, aux["recon"], state.lecam_ema)
+    d_updates, d_opt_state = d_tx.update(d_grads, state.d_opt_state, state.d_params)
+    d_params = optax.apply_updates(state.d_params, d_updates)
+    active = gan_scale > 0  # the discriminator only moves once the GAN is on
+    keep_if_inactive = lambda new, old: jnp.where(active, new, old)
+    d_params = jax.tree.map(keep_if_inactive, d_params, state.d_params)
+    d_opt_state = jax.tree.map(keep_if_inactive, d_opt_state, state.d_opt_state)
+    lecam_ema = jnp.where(active, jnp.stack(gan_losses.lecam_ema_update(
+        ema_real=state.lecam_ema[0], ema_fake=state.lecam_ema[1], real_logit=real, fake_logit=fake)),
+                          state.lecam_ema)
+    d_grad_norm = optax.tree.norm(d_grads)
+  else:
+    d_params, d_opt_state, lecam_ema = state.d_params, state.d_opt_state, state.lecam_ema
+    d_loss = real = fake = d_grad_norm = jnp.zeros((), jnp.float32)
 
-  grad_norm, d_grad_norm = optax.tree.norm(grads), optax.tree.norm(d_grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(g_total) & jnp.isfinite(d_loss) & jnp.isfinite(grad_norm) & jnp.isfinite(d_grad_norm)
   metrics = dict(aux["metrics"], d_loss=d_loss, logits_real=jnp.mean(real), logits_fake=jnp.mean(fake),
                  grad_norm=grad_norm, d_grad_norm=d_grad_norm, gan_scale=gan_scale, lr=g_schedule(state.step))
@@ -346,12 +366,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   def level_arg(level):
     return int(level) if config.static_level else jnp.int32(level)
 
+  # use_gan is static too: before loss.disc_start the step leaves the discriminator out (a second compilation).
   rep_if_traced = () if config.static_level else (rep,)
-  jit_step = jax.jit(lambda state, images, lpips_params, base_rng, level: step_fn(
-                         state, images, level, lpips_params, base_rng),
+  jit_step = jax.jit(lambda state, images, lpips_params, base_rng, use_gan, level: step_fn(
+                         state, images, level, lpips_params, base_rng, use_gan=use_gan),
                      in_shardings=(state_shardings, parallel.batch_sharding(mesh), lpips_shardings, rep) + rep_if_traced,
                      out_shardings=(state_shardings, rep), donate_argnums=0,
-                     static_argnums=(4,) if config.static_level else ())
+                     static_argnums=(4, 5) if config.static_level else (4,))
   jit_eval = jax.jit(functools.partial(eval_step, model=model), out_shardings=(rep, parallel.batch_sharding(mesh)),
                      static_argnums=(3,) if config.static_level else ())
 
@@ -383,7 +404,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     for step in range(start + 1, config.num_steps + 1):
       batch = _global(next(train_iter))
       level = batch["level"]
-      state, metrics = jit_step(state, batch["image"], lpips_params, step_rng, level_arg(level))
+      state, metrics = jit_step(state, batch["image"], lpips_params, step_rng, gan_in_step(step, config),
+                                level_arg(level))
       pending.append((level, metrics))
 
       if step % config.log_every == 0 or step == config.num_steps:
