@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
+import pathlib
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -31,6 +33,12 @@ from cat_jax import parallel
 from cat_jax.models.nested_vae import NestedVAE, build_model, crop_latent, pad_latent
 
 ImagesLike = Any  # (N, H, W, 3) array, or a sequence of (H, W, 3) arrays; float in [-1, 1] or uint8.
+
+PRETRAINED_DIR = pathlib.Path(__file__).parent / "pretrained"
+PRETRAINED = ("demo",)  # shipped in the package (see cat_jax/pretrained/README.md)
+PRETRAINED_CONFIG, PRETRAINED_PARAMS = "config.json", "params.msgpack"
+_MODEL_FIELDS = tuple(f for f in NestedVAE.__dataclass_fields__ if f not in ("parent", "name", "dtype",
+                                                                             "param_dtype"))
 
 
 @dataclasses.dataclass
@@ -170,6 +178,52 @@ class Tokenizer:
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract)
     params, restored_step = ckpt.restore_inference_params(os.fspath(workdir), abstract, step=step, use_ema=use_ema)
     return cls(model, params, batch_size=batch_size, mesh=mesh, step=restored_step, config=saved)
+
+  @classmethod
+  def from_pretrained(cls, name_or_path: str | os.PathLike = "demo", *, batch_size: int | None = None,
+                      mesh: jax.sharding.Mesh | None = None) -> "Tokenizer":
+    """Loads exported weights: ``"demo"`` (the small tokenizer shipped in the package) or a directory written by
+    ``save_pretrained`` (``config.json`` + ``params.msgpack``). Nothing is downloaded.
+
+    Raises:
+      FileNotFoundError: no such name or directory, or one without both files.
+    """
+    import ml_collections
+
+    from cat_jax.convert.common import load_params
+
+    path = pathlib.Path(os.fspath(name_or_path)).expanduser()
+    if isinstance(name_or_path, str) and name_or_path in PRETRAINED:
+      path = PRETRAINED_DIR / name_or_path
+    missing = [f for f in (PRETRAINED_CONFIG, PRETRAINED_PARAMS) if not (path / f).is_file()]
+    if missing:
+      raise FileNotFoundError(
+          f"{name_or_path!r} is neither a shipped tokenizer {sorted(PRETRAINED)} nor a directory holding "
+          f"{PRETRAINED_CONFIG} and {PRETRAINED_PARAMS} (missing: {missing}); write one with "
+          "Tokenizer.from_checkpoint(workdir).save_pretrained(dir)")
+    config = ml_collections.ConfigDict(json.loads((path / PRETRAINED_CONFIG).read_text()))
+    model = build_model(config.model)
+    params = load_params(path / PRETRAINED_PARAMS)
+    expected = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 64, 64, model.in_channels)), 0)["params"],
+                              jax.random.key(0))
+    if jax.tree.structure(expected) != jax.tree.structure(params) or any(
+        a.shape != np.shape(b) for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(params))):
+      raise ValueError(f"{path / PRETRAINED_PARAMS} does not match the model its {PRETRAINED_CONFIG} describes")
+    return cls(model, jax.tree.map(jnp.asarray, params), batch_size=batch_size, mesh=mesh,
+               step=config.get("step"), config=config)
+
+  def save_pretrained(self, path: str | os.PathLike) -> None:
+    """Writes ``config.json`` (the run's config, with the step) and ``params.msgpack`` for ``from_pretrained``."""
+    from cat_jax.convert.common import save_params
+
+    path = pathlib.Path(os.fspath(path)).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    config = self.config.to_dict() if hasattr(self.config, "to_dict") else dict(self.config or {})
+    config["model"] = {k: getattr(self.model, k) for k in _MODEL_FIELDS}
+    config["model"].update(dtype=jnp.dtype(self.model.dtype).name, param_dtype=jnp.dtype(self.model.param_dtype).name)
+    config["step"] = self.step
+    save_params(path / PRETRAINED_PARAMS, jax.device_get(self.params))
+    (path / PRETRAINED_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=list))
 
   def with_params(self, params: Any) -> "Tokenizer":
     """The same tokenizer with other parameters (e.g. raw vs EMA)."""

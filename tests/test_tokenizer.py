@@ -220,3 +220,17 @@ def test_encode_cli_array_record_and_errors(workdir, tmp_path, capsys):
   assert encode_cli.main(["--checkpoint", workdir, "--input", str(tmp_path / "in"), "--out", str(out),
                           "--level", "auto", "--manifest", str(bad)]) == 2
   assert "level" in capsys.readouterr().err
+
+
+def test_save_and_load_pretrained_round_trip(tok, tmp_path):
+  tok.save_pretrained(tmp_path / "exported")
+  assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["config.json", "params.msgpack"]
+  loaded = Tokenizer.from_pretrained(tmp_path / "exported")
+  assert loaded.model == tok.model and loaded.image_size == tok.image_size and loaded.step == tok.step
+  x = _images(3)
+  np.testing.assert_array_equal(loaded.reconstruct(x, 1), tok.reconstruct(x, 1))
+  with pytest.raises(FileNotFoundError, match="neither a shipped tokenizer"):
+    Tokenizer.from_pretrained(tmp_path / "nowhere")
+  (tmp_path / "exported" / "params.msgpack").unlink()
+  with pytest.raises(FileNotFoundError, match="params.msgpack"):
+    Tokenizer.from_pretrained(tmp_path / "exported")
