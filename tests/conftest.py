@@ -27,7 +27,7 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture
 def chat_server():
   """Starts ``FakeChatServer(respond, ...)`` servers on 127.0.0.1 and always shuts them down at teardown."""
-  from cat_jax.complexity.fake_server import FakeChatServer
+  from fake_chat_server import FakeChatServer  # tests/fake_chat_server.py
 
   servers = []
 

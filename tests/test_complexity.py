@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from cat_jax.complexity import levels as levels_lib
 from cat_jax.complexity import manifest as manifest_lib
 from cat_jax.complexity import prompts
-from cat_jax.complexity.fake_server import FakeChatServer, Reply
+from fake_chat_server import Reply
 from cat_jax.complexity.llm import ChatClient, LLMError
 from cat_jax.complexity.runner import TooManyFailures, score_source
 from cat_jax.complexity.scorers import (CaptionLLMScorer, JpegScorer, MseScorer, TextOnlyScorer, jpeg_bpp,
@@ -103,8 +103,8 @@ def test_client_request_body_headers_and_image_parts(chat_server):
   assert "sk-secret-123" not in repr(client)
   (body,), (headers,) = server.requests, server.headers
   assert server.paths == ["/v1/chat/completions"]
-  assert headers["Authorization"] == "Bearer sk-secret-123"
-  assert headers["Content-Type"] == "application/json"
+  assert headers["authorization"] == "Bearer sk-secret-123"
+  assert headers["content-type"] == "application/json"
   assert body["model"] == "my-vlm" and body["temperature"] == 0.0 and body["max_tokens"] == 77
   image_part, text_part = body["messages"][0]["content"]
   assert body["messages"][0]["role"] == "user" and text_part == {"type": "text", "text": "describe"}
@@ -120,7 +120,7 @@ def test_client_sends_no_authorization_without_key(chat_server):
   server = chat_server(lambda body, i: Reply("ok"), max_requests=1)
   client, _ = make_client(server, api_key=None)
   client.chat("m", [{"role": "user", "content": "hi"}])
-  assert "Authorization" not in server.headers[0]
+  assert "authorization" not in server.headers[0]
 
 
 def test_client_retries_500_with_exponential_backoff(chat_server):
@@ -461,21 +461,31 @@ def test_runner_budget_mode_relevels(tmp_path):
 
 
 def test_caption_llm_run_is_concurrent_bounded_and_resumable(chat_server, tmp_path):
+  # Exactly `workers` requests in flight, shown without timing: the first four replies are held until all four
+  # requests have arrived (only a concurrent client gets there), and no reply is slow enough to time out, so no
+  # abandoned request can linger on the server while its retry runs (see fake_chat_server.py on the count).
+  workers, lock, arrived, all_arrived = 4, threading.Lock(), [0], threading.Event()
+
   def respond(body, i):
-    text = prompt_text(body)
-    if "caption number 5." in text:
+    if "caption number 5." in prompt_text(body):
       return Reply("no idea")  # garbage for this one image, every time
-    return Reply('{"score": 7, "reason": "busy"}', delay=0.3)
+    if i < workers:
+      with lock:
+        arrived[0] += 1
+        if arrived[0] == workers:
+          all_arrived.set()
+      all_arrived.wait(timeout=60)
+    return Reply('{"score": 7, "reason": "busy"}')
 
   server = chat_server(respond, max_requests=14)
-  client, _ = make_client(server)
+  client, _ = make_client(server, timeout=120.0)
   scorer = CaptionLLMScorer(client, llm_model="llm", use_dataset_captions=True, parse_retries=1)
   items = [{"id": f"img{k}", "image": flat_image(8), "caption": f"caption number {k}."} for k in range(12)]
   out = tmp_path / "llm.jsonl"
-  summary = score_source(items, scorer, out, workers=4, progress=False)
+  summary = score_source(items, scorer, out, workers=workers, progress=False)
   assert (summary.scored, summary.failed) == (11, 1)
   assert len(server.requests) == 11 + 2  # the garbage item was asked twice, then recorded as failed
-  assert 2 <= server.max_in_flight <= 4
+  assert all_arrived.is_set() and server.max_in_flight == workers
   latest = manifest_lib.read_manifest(out)
   assert latest["img0"] == {"id": "img0", "score": 7, "level": 0, "method": "caption_llm", "reason": "busy",
                             "caption": "caption number 0.", "answers": None}

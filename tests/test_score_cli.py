@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from cat_jax import score
 from cat_jax.complexity import manifest as manifest_lib
-from cat_jax.complexity.fake_server import FakeChatServer, Reply
+from fake_chat_server import Reply
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = "sk-test-do-not-print-4242"
@@ -121,7 +121,7 @@ def test_caption_llm_cli_with_dataset_captions(chat_server, tmp_path, capsys, mo
   assert rc == 0, captured.err
   assert len(server.requests) == 8
   assert {r["model"] for r in server.requests} == {"test-llm"}
-  assert all(h["Authorization"] == f"Bearer {SECRET}" for h in server.headers)
+  assert all(h["authorization"] == f"Bearer {SECRET}" for h in server.headers)
   assert SECRET not in captured.out + captured.err + out.read_text()
   records = {int(r["id"].rsplit("/", 1)[1]): r for r in read_lines(out)}
   assert records[7]["score"] == 9 and records[7]["reason"] == "small text"

@@ -1,9 +1,16 @@
-"""A scripted OpenAI-compatible chat-completions server on 127.0.0.1, for tests and offline demos.
+"""A scripted OpenAI-compatible chat-completions server on 127.0.0.1, for the tests (the ``chat_server`` fixture).
 
 ``respond(body, index) -> Reply`` decides each answer from the parsed request body and its 0-based arrival
-index; replies can be delayed (to trip client timeouts), carry any status, or be raw garbage. Every request body
-and its headers are recorded, the most requests in flight at once is tracked, and requests beyond
-``max_requests`` get HTTP 400 (not retried by clients) and set ``overflowed``, so a retry loop cannot run away.
+index; it runs on the request's own thread, so it may block (on an Event) to hold a reply. Replies can be delayed
+(to trip client timeouts), carry any status and headers (``Retry-After``), or be raw garbage. Every request body,
+its headers (lower-case names) and arrival time are recorded; requests beyond ``max_requests`` get HTTP 400 (not
+retried by clients) and set ``overflowed``, so a retry loop cannot run away.
+
+``max_in_flight`` is the most requests received and not yet answered at once. A request stops counting just
+before its reply is sent, so a client's next request (sent only after it has read the reply) can never overlap
+it in the count; counting until the handler thread finished instead let a busy machine, by descheduling that
+thread after the reply went out, show more requests in flight than the client ever had. A request the client
+abandoned (timed out) still counts until its handler answers: that is real server load.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import http.server
 import json
+import socket
 import threading
 import time
 from typing import Any, Callable
@@ -24,12 +32,21 @@ class Reply:
   status: int = 200
   raw: bytes | None = None
   delay: float = 0.0
+  headers: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def completion(content: str, model: str = "fake") -> dict[str, Any]:
   """A minimal chat-completions response body."""
-  return {"id": "chatcmpl-fake", "object": "chat.completion", "model": model,
+  return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": model,
           "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}
+
+
+def dead_base_url() -> str:
+  """The base URL of a local port nothing listens on (connections are refused)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  return f"http://127.0.0.1:{port}/v1"
 
 
 class FakeChatServer:
@@ -41,6 +58,7 @@ class FakeChatServer:
     self.requests: list[dict[str, Any]] = []
     self.headers: list[dict[str, str]] = []
     self.paths: list[str] = []
+    self.arrivals: list[float] = []  # time.monotonic() of each request
     self.overflowed = False
     self.max_in_flight = 0
     self._in_flight = 0
@@ -62,10 +80,12 @@ class FakeChatServer:
           except ValueError:
             parsed = {"_unparsed": body.decode("utf-8", "replace")}
           server.requests.append(parsed)
-          server.headers.append(dict(self.headers.items()))
+          server.headers.append({k.lower(): v for k, v in self.headers.items()})
           server.paths.append(self.path)
+          server.arrivals.append(time.monotonic())
           server._in_flight += 1
           server.max_in_flight = max(server.max_in_flight, server._in_flight)
+        answered = False
         try:
           if index >= server.max_requests:
             server.overflowed = True
@@ -75,16 +95,22 @@ class FakeChatServer:
           if reply.delay:
             time.sleep(reply.delay)
           data = reply.raw if reply.raw is not None else json.dumps(completion(reply.content or "")).encode()
+          with server._lock:
+            server._in_flight -= 1
+          answered = True
           self.send_response(reply.status)
           self.send_header("Content-Type", "application/json")
           self.send_header("Content-Length", str(len(data)))
+          for name, value in reply.headers.items():
+            self.send_header(name, value)
           self.end_headers()
           self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
           pass  # the client gave up (timeout); nothing to answer
         finally:
-          with server._lock:
-            server._in_flight -= 1
+          if not answered:
+            with server._lock:
+              server._in_flight -= 1
 
     self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     self._httpd.daemon_threads = True
