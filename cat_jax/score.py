@@ -8,8 +8,9 @@ Examples::
       --base-url http://127.0.0.1:8000/v1 --llm-model meta-llama/Llama-3.1-8B-Instruct --use-dataset-captions
   python -m cat_jax.score --text "a page of a newspaper" --llm-model llama3.1   # text-only, no image
 
-Writes a resumable manifest (one JSON line per image, see ``cat_jax.complexity.manifest``) and
-``<out>.thresholds.json``. Rerunning the same command resumes; ``--retry-failures`` rescores failed items.
+Writes a resumable manifest (a header with the scorer's setup, then one JSON line per image; see
+``cat_jax.complexity.manifest``) and ``<out>.thresholds.json``, locally or to any etils.epath path (gs://...).
+Rerunning the same command resumes; ``--retry-failures`` rescores failed items.
 Exit status: 0 when every item of this run scored, 1 when some failed, 2 on usage errors, 130 when interrupted.
 """
 
@@ -18,11 +19,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import pathlib
 import re
 import sys
 import tempfile
 from typing import Sequence
+
+from etils import epath
 
 from cat_jax.complexity import levels as levels_lib
 from cat_jax.complexity import manifest as manifest_lib
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="images are resized (shorter side) and center-cropped to this before scoring, and token "
                  "counts are for this size; 0 scores images as they are (default 256)")
   g = p.add_argument_group("output and levels")
-  g.add_argument("--out", help="manifest path (default scores/<source>-<split>-<method>.jsonl)")
+  g.add_argument("--out", help="manifest path, local or gs://... (default scores/<source>-<split>-<method>.jsonl)")
   g.add_argument("--thresholds", type=_thresholds_arg, metavar="LOW,HIGH",
                  help="score <= LOW -> 32x, <= HIGH -> 16x, else 8x (default: 3,6 for caption_llm, the "
                  "dataset's terciles for jpeg/mse)")
@@ -89,10 +91,10 @@ def _thresholds_arg(text: str) -> tuple[float, float]:
     raise argparse.ArgumentTypeError(f"expected LOW,HIGH numbers with LOW <= HIGH: {e}") from None
 
 
-def _default_out(source: str, split: str, method: str, path: str | None) -> pathlib.Path:
-  name = pathlib.Path(path).expanduser().resolve().name if source == "folder" and path else source
+def _default_out(source: str, split: str, method: str, path: str | None) -> epath.Path:
+  name = epath.Path(path).expanduser().resolve().name if source == "folder" and path else source
   name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{name}-{split}")
-  return pathlib.Path("scores") / f"{name}-{method}.jsonl"
+  return epath.Path("scores") / f"{name}-{method}.jsonl"
 
 
 def _client(args: argparse.Namespace) -> ChatClient:
@@ -129,14 +131,14 @@ def text_id(prompt: str) -> str:
   return "text-" + hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]
 
 
-def _run(args: argparse.Namespace, source, scorer, out: pathlib.Path) -> runner.RunSummary:
+def _run(args: argparse.Namespace, source, scorer, out: epath.Path) -> runner.RunSummary:
   return runner.score_source(
       source, scorer, out, workers=args.workers, limit=args.limit, retry_failures=args.retry_failures,
       thresholds=args.thresholds, budget_tokens=args.budget_tokens, image_size=args.image_size or 256,
       progress=not args.no_progress)
 
 
-def _report(summary: runner.RunSummary, out: pathlib.Path | None) -> None:
+def _report(summary: runner.RunSummary, out: epath.Path | None) -> None:
   lines = [f"scored {summary.scored}, failed {summary.failed}, skipped (already in manifest) {summary.skipped}"]
   if summary.thresholds is not None:
     counts = summary.level_counts
@@ -156,13 +158,13 @@ def _score_texts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
                                   max_tokens=args.max_tokens)
   items = [{"id": text_id(t), "text": t} for t in args.text]
   with tempfile.TemporaryDirectory() as tmp:
-    out = pathlib.Path(args.out) if args.out else pathlib.Path(tmp) / "text.jsonl"
+    out = epath.Path(args.out) if args.out else epath.Path(tmp) / "text.jsonl"
     args.no_progress = True
     summary = _run(args, items, scorer, out)
     latest = manifest_lib.read_manifest(out)
     for item in items:
       print(json.dumps(latest[item["id"]], ensure_ascii=False))
-  _report(summary, pathlib.Path(args.out) if args.out else None)
+  _report(summary, epath.Path(args.out) if args.out else None)
   return 1 if summary.failed else 0
 
 
@@ -193,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kwargs = {k: getattr(args, k) for k in ("path", "captions_file", "data_dir", "image_key", "caption_key")
               if getattr(args, k)}
     source = get_source(source_name, args.split, **kwargs)
-    out = pathlib.Path(args.out) if args.out else _default_out(source_name, args.split, args.method, args.path)
+    out = epath.Path(args.out) if args.out else _default_out(source_name, args.split, args.method, args.path)
     summary = _run(args, source, scorer, out)
   except KeyboardInterrupt:
     print("interrupted; rerun the same command to resume", file=sys.stderr)
@@ -201,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except runner.TooManyFailures as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except manifest_lib.ManifestMismatch as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   _report(summary, out)
   return 1 if summary.failed else 0
 

@@ -12,12 +12,14 @@ from PIL import Image, ImageDraw
 from cat_jax.complexity import levels as levels_lib
 from cat_jax.complexity import manifest as manifest_lib
 from cat_jax.complexity import prompts
-from fake_chat_server import Reply
 from cat_jax.complexity.llm import ChatClient, LLMError
 from cat_jax.complexity.runner import TooManyFailures, score_source
 from cat_jax.complexity.scorers import (CaptionLLMScorer, JpegScorer, MseScorer, TextOnlyScorer, jpeg_bpp,
                                         lowpass_reconstruct, prepare_image, to_pil_rgb)
+from cat_jax.data import load_levels
 from cat_jax.data.embedded import EmbeddedSource
+from fake_chat_server import Reply
+from fake_object_store import use_fake_object_store
 
 GOOD_PERCEPTION = "FACES: no, none\nTEXT: yes, a few words\nDETAIL: medium, about five objects"
 
@@ -370,7 +372,7 @@ def test_budget_thresholds_prefer_spreading_over_levels():
 
 def test_manifest_append_resume_and_partial_lines(tmp_path):
   path = tmp_path / "m.jsonl"
-  with manifest_lib.ManifestWriter(path) as w:
+  with manifest_lib.ManifestWriter(path, header={"scorer": {"method": "jpeg"}}) as w:
     w.write({"id": "a", "score": 1.0, "level": None, "method": "jpeg"})
     w.write({"id": "b", "method": "jpeg", "error": "boom"})
   with open(path, "ab") as f:
@@ -379,13 +381,35 @@ def test_manifest_append_resume_and_partial_lines(tmp_path):
     assert manifest_lib.ids_to_skip(path, "jpeg") == {"a", "b"}
   with pytest.warns(UserWarning):
     assert manifest_lib.ids_to_skip(path, "jpeg", retry_failures=True) == {"a"}
-  with manifest_lib.ManifestWriter(path) as w:  # terminates the partial line before appending
+  with manifest_lib.ManifestWriter(path, header={"scorer": {"method": "jpeg"}}) as w:  # terminates the line
     w.write({"id": "b", "score": 2.0, "level": None, "method": "jpeg"})
+  lines = path.read_text().splitlines()
+  assert json.loads(lines[0]) == {"header": {"scorer": {"method": "jpeg"}}} and len(lines) == 5  # header once
   with pytest.warns(UserWarning):
     latest = manifest_lib.read_manifest(path)
   assert latest["b"]["score"] == 2.0 and set(latest) == {"a", "b"}
-  with pytest.warns(UserWarning), pytest.raises(ValueError, match="method"):
+  assert manifest_lib.read_header(path) == {"scorer": {"method": "jpeg"}}
+  with pytest.warns(UserWarning), pytest.raises(manifest_lib.ManifestMismatch, match="method"):
     manifest_lib.ids_to_skip(path, "mse")
+  with pytest.raises(manifest_lib.ManifestMismatch, match="quality: None -> 90"):
+    manifest_lib.check_header(path, {"scorer": {"method": "jpeg", "quality": 90}})
+
+
+def test_load_levels_is_the_one_strict_reader(tmp_path):
+  path = tmp_path / "m.jsonl"
+  rows = [{"header": {"scorer": {"method": "caption_llm"}}}, {"id": "a", "level": 0}, {"id": "b", "level": "16x"},
+          {"id": "c", "level": 32}, {"id": "d", "level": 2.0}, {"id": "e", "method": "caption_llm", "error": "x"}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert load_levels(path) == {"a": 0, "b": 1, "c": 2, "d": 2}  # indices and factors; header and failure skipped
+  path.write_text(json.dumps({"id": "a", "level": None, "score": 1.0, "method": "jpeg"}) + "\n")
+  with pytest.raises(ValueError, match=r"m.jsonl:1: id 'a' has no level yet: the scoring run .* has not finished"):
+    load_levels(path)
+  path.write_text(json.dumps({"id": "a", "level": 0}) + '\n{"id": "b", "le')
+  with pytest.raises(ValueError, match=r"m.jsonl:2: not valid JSON .* rerun the same cat_jax.score command"):
+    load_levels(path)
+  path.write_text(json.dumps({"id": "a", "level": "4x"}) + "\n")
+  with pytest.raises(ValueError, match=r"m.jsonl:1: a level must be an index \(0, 1, 2\) or a factor"):
+    load_levels(path)
 
 
 class CountingScorer:
@@ -395,6 +419,9 @@ class CountingScorer:
   def __init__(self):
     self.calls = []
     self._lock = threading.Lock()
+
+  def config(self):
+    return {"method": self.method, "rule": "value"}
 
   def score(self, item):
     with self._lock:
@@ -423,13 +450,27 @@ def test_runner_resume_skips_done_ids_and_failures(tmp_path):
   assert third.calls == ["i3"] and summary.scored == 1
 
   latest = manifest_lib.read_manifest(out)
-  assert len(out.read_text().splitlines()) == 9  # rewritten: one line per id, failure replaced
+  lines = out.read_text().splitlines()
+  assert len(lines) == 1 + 9  # rewritten: the header, then one line per id, failure replaced
+  assert json.loads(lines[0]) == {"header": {"scorer": {"method": "jpeg", "rule": "value"}}}
   assert [latest[f"i{k}"]["score"] for k in range(9)] == [float(k) for k in range(9)]
   # Raw scores: tercile thresholds over all 9, written into every record and the thresholds file.
   assert [latest[f"i{k}"]["level"] for k in range(9)] == [2, 2, 2, 1, 1, 1, 0, 0, 0]
   info = json.loads((tmp_path / "scores.jsonl.thresholds.json").read_text())
   assert info["mode"] == "quantile" and info["level_counts"] == [3, 3, 3]
-  assert manifest_lib.load_levels(out)["i8"] == 0
+  assert load_levels(out) == {f"i{k}": [2, 2, 2, 1, 1, 1, 0, 0, 0][k] for k in range(9)}
+
+
+def test_runner_refuses_to_resume_with_another_scorer_setup(tmp_path):
+  out = tmp_path / "m.jsonl"
+  score_source([{"id": "a", "value": 1.0}], CountingScorer(), out, progress=False)
+
+  class OtherRule(CountingScorer):
+    def config(self):
+      return {"method": self.method, "rule": "other"}
+
+  with pytest.raises(manifest_lib.ManifestMismatch, match=r"rule: 'value' -> 'other'\); use another --out"):
+    score_source([{"id": "b", "value": 1.0}], OtherRule(), out, progress=False)
 
 
 def test_runner_records_failures_without_level(tmp_path):
@@ -439,7 +480,7 @@ def test_runner_records_failures_without_level(tmp_path):
   assert summary.failed == 1
   bad = manifest_lib.read_manifest(out)["bad"]
   assert bad == {"id": "bad", "method": "jpeg", "error": "ValueError: cannot score"}
-  assert set(manifest_lib.load_levels(out)) == {"good"}
+  assert set(load_levels(out)) == {"good"}
 
 
 def test_runner_stops_after_consecutive_failures(tmp_path):
@@ -494,3 +535,42 @@ def test_caption_llm_run_is_concurrent_bounded_and_resumable(chat_server, tmp_pa
   summary = score_source(items, scorer, out, workers=4, progress=False)
   assert (summary.scored, summary.failed, summary.skipped) == (0, 0, 12)
   assert len(server.requests) == 13
+
+
+# --- manifests on an object store (gs://) -----------------------------------------------------------------
+
+
+def test_manifest_on_an_object_store_adds_objects_and_never_appends(monkeypatch):
+  store = use_fake_object_store(monkeypatch)
+  path = "gs://bucket/scores/m.jsonl"
+  with manifest_lib.ManifestWriter(path, header={"scorer": {"method": "jpeg"}}, flush_every=2,
+                                   flush_seconds=float("inf")) as w:
+    for k in range(5):
+      w.write({"id": f"i{k}", "score": float(k), "level": None, "method": "jpeg"})
+  parts = sorted(k for k in store.objects if k.startswith("gs://bucket/scores/m.jsonl.parts/"))
+  assert len(parts) == 3  # header + 5 records, two lines per object
+  assert all(store.writes[p] == 1 for p in parts)  # each object written once, none rewritten
+  assert sorted(manifest_lib.read_manifest(path)) == [f"i{k}" for k in range(5)]
+  assert manifest_lib.read_header(path) == {"scorer": {"method": "jpeg"}}
+  with pytest.raises(ValueError, match="has not finished.* holds records not yet merged"):
+    load_levels(path)
+  # A resumed run adds objects after the old ones; its newer record of i4 wins.
+  with manifest_lib.ManifestWriter(path, header={"scorer": {"method": "jpeg"}}) as w:
+    w.write({"id": "i4", "score": 40.0, "level": None, "method": "jpeg"})
+  assert manifest_lib.read_manifest(path)["i4"]["score"] == 40.0
+  assert manifest_lib.read_header(path) == {"scorer": {"method": "jpeg"}}  # written once, by the first run
+
+
+def test_runner_on_an_object_store(monkeypatch):
+  store = use_fake_object_store(monkeypatch)
+  out = "gs://bucket/run/scores.jsonl"
+  items = [{"id": f"i{k}", "value": None if k == 4 else float(k)} for k in range(9)]
+  summary = score_source(items, CountingScorer(), out, workers=2, progress=False)
+  assert (summary.scored, summary.failed) == (8, 1)
+  assert sorted(store.objects) == [out, out + ".thresholds.json"]  # parts merged and removed
+  assert store.writes[out] == 1 and store.writes[out + ".thresholds.json"] == 1
+  levels = load_levels(out)
+  assert levels == {f"i{k}": lvl for k, lvl in zip([0, 1, 2, 3, 5, 6, 7, 8], [2, 2, 2, 1, 1, 1, 0, 0])}
+  # Resuming the finished run sends nothing and keeps the levels.
+  summary = score_source(items, CountingScorer(), out, workers=2, progress=False)
+  assert (summary.scored, summary.skipped) == (0, 9) and load_levels(out) == levels

@@ -186,7 +186,7 @@ def test_load_levels_reads_and_validates(tmp_path):
   assert load_levels(good, known_ids=["a", "b", "c"]) == {"a": 0, "b": 2}
   with pytest.raises(ValueError, match=r"m.jsonl:2: id 'b' is not in the dataset"):
     load_levels(good, known_ids=["a"])
-  cases = {"level": [{"id": "a", "level": 3}], "level must be": [{"id": "a", "level": "1"}],
+  cases = {"level": [{"id": "a", "level": 3}], "level must be": [{"id": "a", "level": "4x"}],
            "needs 'id' and 'level'": [{"id": "a", "score": 3}],
            "not valid JSON": ["{broken"], "listed again": [{"id": "a", "level": 0},
                                                           {"id": "a", "level": 1}]}

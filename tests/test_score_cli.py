@@ -12,7 +12,9 @@ from PIL import Image, ImageDraw
 
 from cat_jax import score
 from cat_jax.complexity import manifest as manifest_lib
+from cat_jax.data import load_levels
 from fake_chat_server import Reply
+from fake_object_store import use_fake_object_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = "sk-test-do-not-print-4242"
@@ -27,7 +29,8 @@ def _env(monkeypatch):
 
 
 def read_lines(path):
-  return [json.loads(line) for line in path.read_text().splitlines()]
+  """The image records of a manifest (its header line left out)."""
+  return [r for r in map(json.loads, path.read_text().splitlines()) if "header" not in r]
 
 
 @pytest.fixture
@@ -182,3 +185,13 @@ def test_cli_usage_errors(tmp_path, capsys):
       score.main(argv + ["--out", str(tmp_path / "x.jsonl")])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_jpeg_cli_writes_to_an_object_store(monkeypatch, capsys):
+  store = use_fake_object_store(monkeypatch)
+  out = "gs://bucket/scores/embedded.jsonl"
+  rc = score.main(["--method", "jpeg", "--split", "validation", "--limit", "8", "--out", out, "--no-progress"])
+  assert rc == 0 and f"manifest: {out}" in capsys.readouterr().err
+  assert sorted(store.objects) == [out, out + ".thresholds.json"] and store.writes[out] == 1
+  levels = load_levels(out)
+  assert len(levels) == 8 and levels["embedded/validation/000000"] == 2 and levels["embedded/validation/000007"] == 0

@@ -1,9 +1,12 @@
-"""Content-complexity scores (caption + LLM, JPEG bits per pixel, reconstruction MSE) and score -> level."""
+"""Content-complexity scores (caption + LLM, JPEG bits per pixel, reconstruction MSE) and score -> level.
+
+Score manifests are read for training by the one reader, ``cat_jax.data.load_levels``.
+"""
 
 from cat_jax.complexity.levels import (DEFAULT_LLM_THRESHOLDS, budget_thresholds, default_thresholds,
                                        level_for_score, levels_for_scores, quantile_thresholds)
 from cat_jax.complexity.llm import ChatClient, LLMError
-from cat_jax.complexity.manifest import ManifestWriter, load_levels, read_manifest
+from cat_jax.complexity.manifest import ManifestWriter, read_manifest
 from cat_jax.complexity.prompts import ParseError, parse_score
 from cat_jax.complexity.runner import RunSummary, TooManyFailures, score_source
 from cat_jax.complexity.scorers import (CaptionLLMScorer, JpegScorer, MseScorer, TextOnlyScorer, jpeg_bpp,

@@ -7,9 +7,9 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 from typing import Any, Callable, Sequence
 
+from etils import epath
 from tqdm.auto import tqdm
 
 from cat_jax.complexity import levels as levels_lib
@@ -34,10 +34,15 @@ class TooManyFailures(RuntimeError):
   """Raised when many items in a row fail (server down, wrong model name), so a run does not fail everything."""
 
 
-def thresholds_path(out: str | os.PathLike) -> pathlib.Path:
+def thresholds_path(out: str | os.PathLike) -> epath.Path:
   """Where a manifest's thresholds and level statistics are written: ``<out>.thresholds.json``."""
-  out = pathlib.Path(out)
-  return out.with_name(out.name + ".thresholds.json")
+  return epath.Path(os.fspath(out) + ".thresholds.json")
+
+
+def manifest_header(scorer: Scorer, **extra: Any) -> dict[str, Any]:
+  """The manifest header of a run: the scorer's setup (what a resumed run must match) and ``extra`` notes."""
+  config = scorer.config() if hasattr(scorer, "config") else {"method": scorer.method}
+  return {"scorer": config, **extra}
 
 
 def _score_one(source: Sequence[dict[str, Any]], index: int, scorer: Scorer, skip: set[str],
@@ -65,22 +70,28 @@ def score_source(source: Sequence[dict[str, Any]], scorer: Scorer, out: str | os
                  limit: int | None = None, retry_failures: bool = False,
                  thresholds: tuple[float, float] | None = None, budget_tokens: float | None = None,
                  image_size: int = 256, progress: bool = True, max_consecutive_failures: int = 20,
-                 on_record: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
+                 on_record: Callable[[dict[str, Any]], None] | None = None,
+                 header: dict[str, Any] | None = None) -> RunSummary:
   """Scores ``source[0:limit]`` into the manifest ``out``, skipping ids it already holds, then finalizes levels.
 
   Items are read and scored on ``workers`` threads, with at most ``2 * workers`` items in flight. Levels are
   written with each record when the thresholds are known up front (explicit ``thresholds``, or the LLM default
   without a budget); otherwise they are null until the end, where the thresholds are chosen over every success
   in the manifest (explicit > ``budget_tokens`` > method default), the manifest is rewritten atomically with
-  one record per id, and ``<out>.thresholds.json`` records the choice.
+  one record per id, and ``<out>.thresholds.json`` records the choice. ``out`` may be any ``etils.epath`` path.
+
+  The manifest header records ``manifest_header(scorer, **extra)`` (``header`` gives the extra notes).
 
   Raises:
     TooManyFailures: after ``max_consecutive_failures`` failures in a row (those already written stay in the
       manifest; rerun with ``retry_failures=True``).
+    ManifestMismatch: when ``out`` holds scores of another method or scorer setup.
   """
   if workers < 1:
     raise ValueError(f"workers must be >= 1, got {workers}")
   method = scorer.method
+  run_header = manifest_header(scorer, **(header or {}))
+  manifest_lib.check_header(out, run_header)
   skip = manifest_lib.ids_to_skip(out, method, retry_failures=retry_failures)
   if thresholds is None and budget_tokens is None and method in levels_lib.LLM_METHODS:
     thresholds = levels_lib.DEFAULT_LLM_THRESHOLDS
@@ -97,7 +108,7 @@ def score_source(source: Sequence[dict[str, Any]], scorer: Scorer, out: str | os
   consecutive = 0
   bar = tqdm(total=len(todo), disable=not progress, unit="img", desc=f"score:{method}", dynamic_ncols=True)
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="score")
-  with manifest_lib.ManifestWriter(out) as writer:
+  with manifest_lib.ManifestWriter(out, header=run_header) as writer:
     pending: set[concurrent.futures.Future] = set()
     next_pos = 0
     try:
@@ -133,13 +144,14 @@ def score_source(source: Sequence[dict[str, Any]], scorer: Scorer, out: str | os
     finally:
       bar.close()
   pool.shutdown()
-  _finalize(out, method, summary, thresholds, mode, budget_tokens, image_size)
+  _finalize(out, method, summary, thresholds, mode, budget_tokens, image_size, run_header)
   return summary
 
 
 def _finalize(out: str | os.PathLike, method: str, summary: RunSummary, thresholds: tuple[float, float] | None,
-              mode: str | None, budget_tokens: float | None, image_size: int) -> None:
+              mode: str | None, budget_tokens: float | None, image_size: int, header: dict[str, Any]) -> None:
   """Chooses thresholds over every success in the manifest, then rewrites it with levels."""
+  header = manifest_lib.read_header(out) or header
   latest = manifest_lib.read_manifest(out)
   successes = [r for r in latest.values() if not manifest_lib.is_failure(r)]
   scores = [r["score"] for r in successes]
@@ -157,6 +169,5 @@ def _finalize(out: str | os.PathLike, method: str, summary: RunSummary, threshol
     summary.level_counts, summary.mean_tokens = stats["level_counts"], stats["mean_tokens"]
     info = {"method": method, "mode": mode, "budget_tokens": budget_tokens, **stats,
             "num_failures": len(latest) - len(successes)}
-    path = thresholds_path(out)
-    path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-  manifest_lib.rewrite(out, latest.values())
+    thresholds_path(out).write_text(json.dumps(info, indent=2) + "\n")
+  manifest_lib.rewrite(out, latest.values(), header)

@@ -1,8 +1,9 @@
 """Complexity scorers: JPEG bits per pixel, reconstruction MSE, and the caption + LLM score.
 
-Every scorer has a ``method`` name and ``score(item) -> dict`` taking a data-source item
-(``{"id", "image", "caption"?}``) and returning at least ``{"score": ...}`` plus method-specific fields; it raises
-on failure (the runner records the failure). Higher scores always mean more complex.
+Every scorer has a ``method`` name, ``config()`` (what decides its scores, stored in the manifest header) and
+``score(item) -> dict`` taking a data-source item (``{"id", "image", "caption"?}``) and returning at least
+``{"score": ...}`` plus method-specific fields; it raises on failure (the runner records the failure). Higher
+scores always mean more complex.
 
 Images are prepared the same way for every method (``prepare_image``): decoded to RGB, then, when
 ``image_size`` is set, resized so the shorter side is ``image_size`` and center-cropped to a square, i.e. the
@@ -27,6 +28,9 @@ DEFAULT_JPEG_QUALITY = 75
 
 class Scorer(Protocol):
   method: str
+
+  def config(self) -> dict[str, Any]:
+    ...
 
   def score(self, item: dict[str, Any]) -> dict[str, Any]:
     ...
@@ -80,6 +84,9 @@ class JpegScorer:
     self.quality = quality
     self.image_size = image_size
 
+  def config(self) -> dict[str, Any]:
+    return {"method": self.method, "quality": self.quality, "image_size": self.image_size}
+
   def score(self, item: dict[str, Any]) -> dict[str, Any]:
     return {"score": jpeg_bpp(_prepare_item(item, self.image_size), self.quality)}
 
@@ -121,6 +128,10 @@ class MseScorer:
     self.reconstruct_fn = reconstruct_fn
     self.image_size = image_size
     self.proxy_factor = proxy_factor
+
+  def config(self) -> dict[str, Any]:
+    measure = "reconstruct_fn" if self.reconstruct_fn is not None else f"lowpass proxy 1/{self.proxy_factor}"
+    return {"method": self.method, "image_size": self.image_size, "reconstruction": measure}
 
   def score(self, item: dict[str, Any]) -> dict[str, Any]:
     im = _prepare_item(item, self.image_size)
@@ -172,6 +183,13 @@ class CaptionLLMScorer:
     self.parse_retries = parse_retries
     self.max_tokens = max_tokens
 
+  def config(self) -> dict[str, Any]:
+    """What decides this scorer's scores (models, prompts, image size), for the manifest header."""
+    return {"method": self.method, "vlm_model": self.vlm_model, "llm_model": self.llm_model,
+            "use_dataset_captions": self.use_dataset_captions, "image_size": self.image_size,
+            "prompts": {"caption": prompts.CAPTION_PROMPT, "perception": prompts.PERCEPTION_PROMPT,
+                        "score": prompts.SCORE_PROMPT.template}}
+
   def describe(self, item: dict[str, Any]) -> tuple[str, dict[str, str]]:
     """(caption, perception answers) of one item's image from the VLM."""
     assert self.vlm_model is not None
@@ -208,6 +226,11 @@ class TextOnlyScorer:
     self.llm_model = llm_model
     self.parse_retries = parse_retries
     self.max_tokens = max_tokens
+
+  def config(self) -> dict[str, Any]:
+    """What decides this scorer's scores, for the manifest header."""
+    return {"method": self.method, "llm_model": self.llm_model,
+            "prompts": {"text_only": prompts.TEXT_ONLY_PROMPT.template}}
 
   def score_text(self, prompt: str) -> dict[str, Any]:
     score, reason = _ask(self.client, self.llm_model, user_message(prompts.text_only_prompt(prompt)),

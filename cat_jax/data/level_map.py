@@ -1,8 +1,8 @@
 """Which level each image trains at: id -> level index (0/1/2 = 8x/16x/32x).
 
 Levels come from a score manifest (JSON lines with at least ``'id'`` and ``'level'``,
-written by ``cat_jax.score``), from one fixed level for every image, or, for the embedded
-dataset, from its generator's built-in grade.
+written by ``cat_jax.score``; ``load_levels`` is its one reader), from one fixed level for every
+image, or, for the embedded dataset, from its generator's built-in grade.
 """
 
 from __future__ import annotations
@@ -13,16 +13,33 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
 
-from cat_jax.levels import NUM_LEVELS, check_level, parse_level
+from cat_jax.levels import NUM_LEVELS, parse_level
 from cat_jax.data.sources import source_ids
+
+
+# A manifest's first line may be ``{"header": {...}}`` (how it was scored: method, models, prompts); it has no id.
+HEADER_KEY = "header"
+# Where a scoring run on an object store (gs://...) appends its records, one object per flush, until it finishes.
+PARTS_SUFFIX = ".parts"
+
+
+def parts_dir(manifest_path: str | os.PathLike) -> epath.Path:
+  """``<manifest>.parts``: the unfinished records of a scoring run that writes to an object store."""
+  return epath.Path(os.fspath(manifest_path) + PARTS_SUFFIX)
+
+
+def is_header(record: Any) -> bool:
+  """Whether a decoded manifest line is the header (not an image's record)."""
+  return isinstance(record, dict) and HEADER_KEY in record and "id" not in record
 
 
 def _check_level_value(value: Any, where: str) -> int:
   if isinstance(value, float) and value.is_integer():
     value = int(value)
   try:
-    return check_level(value)
+    return parse_level(value)
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from None
 
@@ -35,39 +52,46 @@ def _is_level_spelling(text: str) -> bool:
     return False
 
 
-def load_levels(manifest_path: str, known_ids: Iterable[str] | None = None) -> dict[str, int]:
-  """Reads a score manifest into {id: level}.
+def load_levels(manifest_path: str | os.PathLike, known_ids: Iterable[str] | None = None) -> dict[str, int]:
+  """Reads a finished score manifest into {id: level}: the one reader of manifests, for every caller.
 
   Args:
-    manifest_path: JSON lines file; every line an object with 'id' (str) and 'level'
-      (0, 1 or 2); other keys are ignored. Failure lines of ``cat_jax.score`` (an 'error'
-      and no level) are left out.
+    manifest_path: JSON lines file, local or any ``etils.epath`` path (``gs://...``). Every line is an object with
+      'id' (str) and 'level', spelled as an index (0/1/2) or a factor (8/16/32, '16x'); other keys are ignored.
+      The header line and failure lines of ``cat_jax.score`` (an 'error' and no level) are left out.
     known_ids: if given, every manifest id must be one of them.
 
   Raises:
     FileNotFoundError: no such file.
-    ValueError: bad JSON, a missing key, a level outside {0, 1, 2}, an id listed twice
-      with different levels, or an id not in ``known_ids``; the message names the line.
+    ValueError: the scoring run has not finished (a record without a level yet, or unmerged parts on an object
+      store), bad JSON, a missing key, a bad level, an id listed twice with different levels, or an id not in
+      ``known_ids``; the message names the line.
   """
-  if not os.path.isfile(manifest_path):
-    raise FileNotFoundError(f"score manifest {manifest_path} does not exist; write one with "
+  path = epath.Path(manifest_path)
+  unfinished = f"the scoring run that writes {path} has not finished; rerun the same cat_jax.score command"
+  if parts_dir(path).exists():
+    raise ValueError(f"{unfinished} ({parts_dir(path)} holds records not yet merged)")
+  if not path.exists():
+    raise FileNotFoundError(f"score manifest {path} does not exist; write one with "
                             "cat_jax.score or pass a fixed level instead")
   levels: dict[str, int] = {}
   known = None if known_ids is None else set(known_ids)
-  with open(manifest_path, encoding="utf-8") as f:
+  with path.open("r") as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
         continue
-      where = f"{manifest_path}:{n}"
+      where = f"{path}:{n}"
       try:
         rec = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from None
-      if isinstance(rec, dict) and "error" in rec and rec.get("level") is None:
-        continue  # a failed score (cat_jax.score writes these); its image stays without a level
+        raise ValueError(f"{where}: not valid JSON ({e}); if a run was interrupted, {unfinished}") from None
+      if is_header(rec) or (isinstance(rec, dict) and "error" in rec and rec.get("level") is None):
+        continue  # the header, or a failed score: its image stays without a level
       if not isinstance(rec, dict) or "id" not in rec or "level" not in rec:
         raise ValueError(f"{where}: each line needs 'id' and 'level', got {line.strip()[:200]}")
       image_id = str(rec["id"])
+      if rec["level"] is None:
+        raise ValueError(f"{where}: id {image_id!r} has no level yet: {unfinished}")
       level = _check_level_value(rec["level"], where)
       if known is not None and image_id not in known:
         raise ValueError(f"{where}: id {image_id!r} is not in the dataset (wrong manifest for "
@@ -77,7 +101,7 @@ def load_levels(manifest_path: str, known_ids: Iterable[str] | None = None) -> d
                          f"(was {levels[image_id]})")
       levels[image_id] = level
   if not levels:
-    raise ValueError(f"score manifest {manifest_path} is empty")
+    raise ValueError(f"score manifest {path} is empty")
   return levels
 
 
