@@ -7,30 +7,36 @@ Examples::
   python -m cat_jax.score --method caption_llm --source tfds:coco_captions --split validation \\
       --base-url http://127.0.0.1:8000/v1 --llm-model meta-llama/Llama-3.1-8B-Instruct --use-dataset-captions
   python -m cat_jax.score --text "a page of a newspaper" --llm-model llama3.1   # text-only, no image
+  python -m cat_jax.score --method caption_llm --vlm-model V --llm-model L --dry-run   # show the requests
 
-Writes a resumable manifest (a header with the scorer's setup, then one JSON line per image; see
+Writes a resumable manifest (a header with the scorer's models and prompts, then one JSON line per image; see
 ``cat_jax.complexity.manifest``) and ``<out>.thresholds.json``, locally or to any etils.epath path (gs://...).
-Rerunning the same command resumes; ``--retry-failures`` rescores failed items.
-Exit status: 0 when every item of this run scored, 1 when some failed, 2 on usage errors, 130 when interrupted.
+Rerunning the same command resumes; ``--retry-failures`` rescores failed items. caption_llm and --text need the
+openai client: pip install 'cat_jax[llm]'.
+Exit status: 0 when every item of this run scored, 1 when some failed or the endpoint cannot be reached, 2 on
+usage errors, 130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
+import io
 import json
 import re
 import sys
 import tempfile
-from typing import Sequence
+from typing import Any, Sequence
 
 from etils import epath
+from PIL import Image
 
 from cat_jax.complexity import levels as levels_lib
 from cat_jax.complexity import manifest as manifest_lib
 from cat_jax.complexity import runner
 from cat_jax.complexity import scorers
-from cat_jax.complexity.llm import ChatClient, api_key_from_env, base_url_from_env
+from cat_jax.complexity.llm import ChatClient, EndpointError, api_key_from_env, base_url_from_env, redact_url
 from cat_jax.levels import NUM_LEVELS, num_tokens
 
 METHODS = ("caption_llm", "jpeg", "mse")
@@ -78,9 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--text", action="append", metavar="PROMPT",
                  help="score a text-to-image prompt with no image (repeatable); prints JSON lines")
   g.add_argument("--timeout", type=float, default=60.0, help="seconds per request read (default 60)")
-  g.add_argument("--max-retries", type=int, default=4, help="retries on 5xx/429/timeouts/bad bodies")
-  g.add_argument("--parse-retries", type=int, default=2, help="re-asks when an answer does not parse")
+  g.add_argument("--max-retries", type=int, default=4,
+                 help="retries, with backoff, on connection errors, timeouts, 408/409/429 (Retry-After honoured) "
+                 "and 5xx")
+  g.add_argument("--parse-retries", type=int, default=2,
+                 help="asks again when a caption or score does not parse, is refused or is not a completion")
   g.add_argument("--max-tokens", type=int, default=512)
+  g.add_argument("--dry-run", action="store_true",
+                 help="print the exact requests (prompts, models, body) for one item and the manifest header, "
+                 "send nothing")
   return p
 
 
@@ -97,9 +109,17 @@ def _default_out(source: str, split: str, method: str, path: str | None) -> epat
   return epath.Path("scores") / f"{name}-{method}.jsonl"
 
 
-def _client(args: argparse.Namespace) -> ChatClient:
-  return ChatClient(base_url=args.base_url or base_url_from_env(), api_key=args.api_key or api_key_from_env(),
-                    timeout=args.timeout, max_retries=args.max_retries, max_tokens=args.max_tokens)
+def _client(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ChatClient:
+  try:
+    return ChatClient(base_url=args.base_url or base_url_from_env(), api_key=args.api_key or api_key_from_env(),
+                      timeout=args.timeout, max_retries=args.max_retries, max_tokens=args.max_tokens)
+  except ImportError as e:
+    parser.exit(2, f"error: {e}\n")
+
+
+def _llm_header(client: ChatClient) -> dict[str, Any]:
+  """Manifest header notes of an LLM run: where it was scored (never the key)."""
+  return {"endpoint": redact_url(client.base_url)}
 
 
 def _make_scorer(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -121,7 +141,7 @@ def _make_scorer(args: argparse.Namespace, parser: argparse.ArgumentParser):
     parser.error("--method caption_llm needs --llm-model")
   if not args.vlm_model and not args.use_dataset_captions:
     parser.error("--method caption_llm needs --vlm-model, or --use-dataset-captions")
-  return scorers.CaptionLLMScorer(_client(args), llm_model=args.llm_model, vlm_model=args.vlm_model,
+  return scorers.CaptionLLMScorer(_client(args, parser), llm_model=args.llm_model, vlm_model=args.vlm_model,
                                   use_dataset_captions=args.use_dataset_captions, image_size=image_size,
                                   parse_retries=args.parse_retries, max_tokens=args.max_tokens)
 
@@ -132,14 +152,51 @@ def text_id(prompt: str) -> str:
 
 
 def _run(args: argparse.Namespace, source, scorer, out: epath.Path) -> runner.RunSummary:
+  client = getattr(scorer, "client", None)
   return runner.score_source(
       source, scorer, out, workers=args.workers, limit=args.limit, retry_failures=args.retry_failures,
       thresholds=args.thresholds, budget_tokens=args.budget_tokens, image_size=args.image_size or 256,
-      progress=not args.no_progress)
+      progress=not args.no_progress, header=_llm_header(client) if isinstance(client, ChatClient) else None)
+
+
+def _abbreviate_images(value: Any) -> Any:
+  """``value`` with every image data URL replaced by a note of its size (for printing request bodies)."""
+  if isinstance(value, dict):
+    return {k: _abbreviate_images(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [_abbreviate_images(v) for v in value]
+  if isinstance(value, str) and value.startswith("data:image/jpeg;base64,"):
+    data = value.split(",", 1)[1]
+    w, h = Image.open(io.BytesIO(base64.b64decode(data))).size
+    return f"data:image/jpeg;base64,<{len(data)} base64 characters: a {w}x{h} JPEG>"
+  return value
+
+
+def dry_run_text(scorer, item: dict[str, Any], header: dict[str, Any]) -> str:
+  """What ``--dry-run`` prints: the endpoint, every request ``scorer`` would send for ``item``, the header."""
+  client: ChatClient = scorer.client
+  key = ("Authorization: Bearer *** (the API key; never printed)" if client.api_key else
+         "no API key (the openai client sends the placeholder 'EMPTY'; local servers accept it)")
+  planned = scorer.planned_requests(item)
+  lines = [f"dry run, nothing sent: {len(planned)} request(s) for item {item['id']!r}",
+           f"POST {redact_url(client.url)}", key,
+           f"timeout {client.timeout:g} s; up to {client.max_retries} retries with backoff on connection errors, "
+           "timeouts, 408/409/429 (honouring Retry-After) and 5xx"]
+  for k, (purpose, model, message) in enumerate(planned, 1):
+    body = client.request_body(model, [message])
+    content = message["content"]
+    prompt = content if isinstance(content, str) else content[-1]["text"]
+    lines += ["", f"--- request {k}/{len(planned)}: {purpose} ({model}) ---",
+              json.dumps(_abbreviate_images(body), indent=2, ensure_ascii=False), "--- its prompt ---", prompt]
+  lines += ["", "--- manifest header ---", json.dumps(header, indent=2, ensure_ascii=False)]
+  return "\n".join(lines)
 
 
 def _report(summary: runner.RunSummary, out: epath.Path | None) -> None:
   lines = [f"scored {summary.scored}, failed {summary.failed}, skipped (already in manifest) {summary.skipped}"]
+  if summary.fallbacks:
+    lines.append(f"{summary.fallbacks} scored without (all) perception answers: the VLM's answers could not be "
+                 "parsed ('fallback' in their manifest rows)")
   if summary.thresholds is not None:
     counts = summary.level_counts
     lines.append(f"thresholds {summary.thresholds} ({summary.threshold_mode}); images at 8x/16x/32x: "
@@ -154,16 +211,20 @@ def _score_texts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     parser.error("--text scores prompts with the LLM; it cannot be combined with --method " + args.method)
   if not args.llm_model:
     parser.error("--text needs --llm-model")
-  scorer = scorers.TextOnlyScorer(_client(args), llm_model=args.llm_model, parse_retries=args.parse_retries,
-                                  max_tokens=args.max_tokens)
+  scorer = scorers.TextOnlyScorer(_client(args, parser), llm_model=args.llm_model,
+                                  parse_retries=args.parse_retries, max_tokens=args.max_tokens)
   items = [{"id": text_id(t), "text": t} for t in args.text]
+  if args.dry_run:
+    print(dry_run_text(scorer, items[0], runner.manifest_header(scorer, **_llm_header(scorer.client))))
+    return 0
   with tempfile.TemporaryDirectory() as tmp:
     out = epath.Path(args.out) if args.out else epath.Path(tmp) / "text.jsonl"
     args.no_progress = True
     summary = _run(args, items, scorer, out)
     latest = manifest_lib.read_manifest(out)
     for item in items:
-      print(json.dumps(latest[item["id"]], ensure_ascii=False))
+      if item["id"] in latest:
+        print(json.dumps(latest[item["id"]], ensure_ascii=False))
   _report(summary, epath.Path(args.out) if args.out else None)
   return 1 if summary.failed else 0
 
@@ -184,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not min(reachable) <= args.budget_tokens <= max(reachable):
       parser.error(f"--budget-tokens {args.budget_tokens:g} is outside [{min(reachable)}, {max(reachable)}], the "
                    f"mean token counts reachable at {size}x{size}")
+  if args.dry_run and not args.text and args.method != "caption_llm":
+    parser.error("--dry-run shows the requests of --method caption_llm or --text (jpeg and mse send none)")
   try:
     if args.text:
       return _score_texts(args, parser)
@@ -195,13 +258,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     kwargs = {k: getattr(args, k) for k in ("path", "captions_file", "data_dir", "image_key", "caption_key")
               if getattr(args, k)}
     source = get_source(source_name, args.split, **kwargs)
+    if args.dry_run:
+      header = runner.manifest_header(scorer, **_llm_header(scorer.client))
+      print(dry_run_text(scorer, source[0], header))
+      return 0
     out = epath.Path(args.out) if args.out else _default_out(source_name, args.split, args.method, args.path)
     summary = _run(args, source, scorer, out)
   except KeyboardInterrupt:
     print("interrupted; rerun the same command to resume", file=sys.stderr)
     return 130
-  except runner.TooManyFailures as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (runner.TooManyFailures, EndpointError) as e:
+    print(f"error: {e}\nfix the cause and rerun the same command to resume", file=sys.stderr)
     return 1
   except manifest_lib.ManifestMismatch as e:
     print(f"error: {e}", file=sys.stderr)

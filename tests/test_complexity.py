@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import sys
 import threading
 
 import numpy as np
@@ -12,32 +13,32 @@ from PIL import Image, ImageDraw
 from cat_jax.complexity import levels as levels_lib
 from cat_jax.complexity import manifest as manifest_lib
 from cat_jax.complexity import prompts
-from cat_jax.complexity.llm import ChatClient, LLMError
+from cat_jax.complexity.llm import ChatClient, EndpointError, LLMError, MalformedResponse, user_message
 from cat_jax.complexity.runner import TooManyFailures, score_source
 from cat_jax.complexity.scorers import (CaptionLLMScorer, JpegScorer, MseScorer, TextOnlyScorer, jpeg_bpp,
                                         lowpass_reconstruct, prepare_image, to_pil_rgb)
 from cat_jax.data import load_levels
 from cat_jax.data.embedded import EmbeddedSource
-from fake_chat_server import Reply
+from fake_chat_server import Reply, dead_base_url
 from fake_object_store import use_fake_object_store
 
 GOOD_PERCEPTION = "FACES: no, none\nTEXT: yes, a few words\nDETAIL: medium, about five objects"
+HI = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(autouse=True)
 def _no_proxy(monkeypatch):
   monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
   monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-  for name in ("CAT_LLM_API_KEY", "OPENAI_API_KEY"):
+  for name in ("CAT_LLM_API_KEY", "OPENAI_API_KEY", "OPENAI_BASE_URL", "CAT_LLM_BASE_URL"):
     monkeypatch.delenv(name, raising=False)
 
 
 def make_client(server, **kwargs):
-  delays = []
-  kwargs.setdefault("timeout", 2.0)
+  # Generous timeouts: a loaded machine must never turn a prompt reply into a timeout and a retry.
+  kwargs.setdefault("timeout", 30.0)
   kwargs.setdefault("max_retries", 3)
-  client = ChatClient(base_url=server.base_url, sleep=delays.append, backoff=0.5, **kwargs)
-  return client, delays
+  return ChatClient(base_url=server.base_url, **kwargs)
 
 
 def flat_image(size=64):
@@ -62,45 +63,24 @@ def prompt_text(body):
 
 
 # --- prompts ---------------------------------------------------------------------------------------------
+# The corpus of real-model answer styles is tests/test_llm_answers.py.
 
 
-@pytest.mark.parametrize("answer, expected", [
-    ('{"score": 7, "reason": "dense text"}', (7, "dense text")),
-    ('Sure!\n```json\n{"score": 2, "reason": "a flat sky"}\n```', (2, "a flat sky")),
-    ('{"score": "4", "reason": "a room"}', (4, "a room")),
-    ('{"score": 9.0}', (9, "")),
-    ("Score: 5\nReason: a street scene", (5, "a street scene")),
-])
-def test_parse_score_accepts_integer_answers(answer, expected):
-  assert prompts.parse_score(answer) == expected
-
-
-@pytest.mark.parametrize("answer", [
-    '{"score": 6.5, "reason": "between"}', '{"score": "seven"}', '{"score": 10}', '{"score": 0}',
-    '{"score": true}', "Score: 6.5", "I think it is fairly complex.", "", '{"reason": "no score"}',
-])
-def test_parse_score_rejects_everything_else(answer):
-  with pytest.raises(prompts.ParseError):
-    prompts.parse_score(answer)
-
-
-def test_parse_perception():
+def test_score_prompt_holds_caption_and_answers():
   answers = prompts.parse_perception("**FACES:** yes, two small faces\n- TEXT: no\n3. Detail: high, a crowd")
   assert answers == {"faces": "yes, two small faces", "text": "no", "detail": "high, a crowd"}
-  with pytest.raises(prompts.ParseError):
-    prompts.parse_perception("FACES: no\nTEXT: no")
   prompt = prompts.score_prompt("A cat.", answers)
   assert "A cat." in prompt and "FACES: yes, two small faces" in prompt and "integer from 1 to 9" in prompt
+  assert "Perception answers" not in prompts.score_prompt("A cat.")
 
 
-# --- chat client -----------------------------------------------------------------------------------------
+# --- chat client (the openai package) --------------------------------------------------------------------
 
 
 def test_client_request_body_headers_and_image_parts(chat_server):
-  server = chat_server(lambda body, i: Reply("hello"), max_requests=2)
-  client, _ = make_client(server, api_key="sk-secret-123", max_tokens=77)
+  server = chat_server(lambda body, i: Reply("hello"), max_requests=1)
+  client = make_client(server, api_key="sk-secret-123", max_tokens=77)
   image = text_image(40)
-  from cat_jax.complexity.llm import user_message
   assert client.chat("my-vlm", [user_message("describe", [image])]) == "hello"
   assert "sk-secret-123" not in repr(client)
   (body,), (headers,) = server.requests, server.headers
@@ -108,6 +88,7 @@ def test_client_request_body_headers_and_image_parts(chat_server):
   assert headers["authorization"] == "Bearer sk-secret-123"
   assert headers["content-type"] == "application/json"
   assert body["model"] == "my-vlm" and body["temperature"] == 0.0 and body["max_tokens"] == 77
+  assert body == client.request_body("my-vlm", [user_message("describe", [image])], max_tokens=77)
   image_part, text_part = body["messages"][0]["content"]
   assert body["messages"][0]["role"] == "user" and text_part == {"type": "text", "text": "describe"}
   url = image_part["image_url"]["url"]
@@ -118,76 +99,118 @@ def test_client_request_body_headers_and_image_parts(chat_server):
   assert np.abs(np.asarray(decoded.convert("RGB"), np.float32) - np.asarray(image, np.float32)).mean() < 12
 
 
-def test_client_sends_no_authorization_without_key(chat_server):
+def test_client_without_key_sends_the_placeholder_not_a_secret(chat_server):
   server = chat_server(lambda body, i: Reply("ok"), max_requests=1)
-  client, _ = make_client(server, api_key=None)
-  client.chat("m", [{"role": "user", "content": "hi"}])
-  assert "authorization" not in server.headers[0]
+  make_client(server, api_key=None).chat("m", HI)
+  assert server.headers[0]["authorization"] == "Bearer EMPTY"
 
 
-def test_client_retries_500_with_exponential_backoff(chat_server):
-  server = chat_server(lambda body, i: Reply(status=500, raw=b"overloaded") if i < 3 else Reply("fine"),
-                       max_requests=4)
-  client, delays = make_client(server, max_retries=3)
-  assert client.chat("m", [{"role": "user", "content": "hi"}]) == "fine"
+def test_client_needs_the_llm_extra(monkeypatch):
+  monkeypatch.setitem(sys.modules, "openai", None)  # as if not installed
+  with pytest.raises(ImportError, match=r"pip install 'cat_jax\[llm\]'"):
+    ChatClient(base_url="http://127.0.0.1:1/v1")
+
+
+def test_client_retries_5xx_with_backoff(chat_server):
+  server = chat_server(lambda body, i: Reply(status=(500, 502, 503)[i], raw=b"overloaded") if i < 3 else
+                       Reply("fine"), max_requests=4)
+  assert make_client(server, max_retries=3).chat("m", HI) == "fine"
   assert len(server.requests) == 4
-  assert len(delays) == 3
-  for k, d in enumerate(delays):  # 0.5 * 2**k with +-25% jitter
-    assert 0.75 * 0.5 * 2 ** k <= d <= 1.25 * 0.5 * 2 ** k
+  # The openai client waits 0.5 s, 1 s, 2 s (less up to 25% jitter) between attempts: lower bounds, which a busy
+  # machine can only make longer.
+  gaps = np.diff(server.arrivals)
+  assert all(gap >= 0.75 * 0.5 * 2 ** k for k, gap in enumerate(gaps)), gaps
+
+
+def test_client_honours_retry_after_on_429(chat_server):
+  server = chat_server(lambda body, i: Reply(status=429, raw=b'{"error": "slow down"}', headers={"Retry-After": "1"})
+                       if i == 0 else Reply("after the wait"), max_requests=2)
+  assert make_client(server).chat("m", HI) == "after the wait"
+  assert len(server.requests) == 2
+  # Its own first backoff would be at most 0.5 s: waiting 1 s or more is the server's Retry-After.
+  assert server.arrivals[1] - server.arrivals[0] >= 1.0
 
 
 def test_client_gives_up_after_max_retries_and_redacts_key(chat_server):
   # The server echoes the key in its error body; the client's message must not.
-  server = chat_server(lambda body, i: Reply(status=503, raw=b"bad key sk-secret-123"), max_requests=3)
-  client, _ = make_client(server, max_retries=2, api_key="sk-secret-123")
+  server = chat_server(lambda body, i: Reply(status=503, raw=b"bad key sk-secret-123"), max_requests=2)
+  client = make_client(server, max_retries=1, api_key="sk-secret-123")
   with pytest.raises(LLMError) as e:
-    client.chat("m", [{"role": "user", "content": "hi"}])
-  assert len(server.requests) == 3
+    client.chat("m", HI)
+  assert len(server.requests) == 2 and not isinstance(e.value, EndpointError)
   assert "503" in str(e.value) and "sk-secret-123" not in str(e.value) and "***" in str(e.value)
 
 
 def test_client_does_not_retry_client_errors(chat_server):
-  server = chat_server(lambda body, i: Reply(status=404, raw=b'{"error": "model not found"}'), max_requests=1)
-  client, delays = make_client(server)
-  with pytest.raises(LLMError, match="404.*model not found"):
-    client.chat("missing-model", [{"role": "user", "content": "hi"}])
-  assert len(server.requests) == 1 and delays == []
+  server = chat_server(lambda body, i: Reply(status=400, raw=b'{"error": "prompt too long"}'), max_requests=1)
+  with pytest.raises(LLMError, match="400.*prompt too long") as e:
+    make_client(server).chat("m", HI)
+  assert len(server.requests) == 1 and not isinstance(e.value, EndpointError)
 
 
-def test_client_retries_timeouts(chat_server):
-  server = chat_server(lambda body, i: Reply("late", delay=1.0) if i == 0 else Reply("on time"), max_requests=2)
-  client, delays = make_client(server, timeout=0.3)
-  assert client.chat("m", [{"role": "user", "content": "hi"}]) == "on time"
-  assert len(server.requests) == 2 and len(delays) == 1
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_client_endpoint_errors_are_not_retried(chat_server, status):
+  server = chat_server(lambda body, i: Reply(status=status, raw=b'{"error": "no such model sk-secret-123"}'),
+                       max_requests=1)
+  with pytest.raises(EndpointError, match=f"{status}.*check the API key, --base-url and the model") as e:
+    make_client(server, api_key="sk-secret-123").chat("missing-model", HI)
+  assert len(server.requests) == 1 and "sk-secret-123" not in str(e.value)
 
 
-def test_client_retries_garbage_bodies(chat_server):
-  replies = [Reply(raw=b"<html>not json"), Reply(raw=b'{"choices": []}'), Reply("<think>hmm</think> real")]
-  server = chat_server(lambda body, i: replies[i], max_requests=3)
-  client, _ = make_client(server)
-  assert client.chat("m", [{"role": "user", "content": "hi"}]) == "real"
-  assert len(server.requests) == 3
+def test_client_retries_timeouts_and_the_abandoned_request_still_runs(chat_server):
+  retried = threading.Event()
+
+  def respond(body, i):
+    if i == 0:
+      retried.wait(timeout=60)  # hold the first reply until the client has given up on it and retried
+      return Reply("too late")
+    retried.set()
+    return Reply("on time")
+
+  server = chat_server(respond, max_requests=6)
+  assert make_client(server, timeout=2.0, max_retries=5).chat("m", HI) == "on time"
+  assert 2 <= len(server.requests) <= 6  # one timeout, and on a very slow machine perhaps a few more
+  # One client thread, yet two requests in flight on the server: the abandoned one was still being served.
+  assert server.max_in_flight >= 2
 
 
-def test_client_connection_refused_is_an_llm_error():
-  client = ChatClient(base_url="http://127.0.0.1:9/v1", max_retries=1, timeout=1.0, sleep=lambda s: None)
-  with pytest.raises(LLMError, match="2 attempts"):
-    client.chat("m", [{"role": "user", "content": "hi"}])
+def test_client_malformed_completions(chat_server):
+  replies = [Reply(raw=b"<html>not json"), Reply(raw=b'{"choices": []}'),
+             Reply(raw=b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": null}}]}'),
+             Reply("<think>hmm</think> real")]
+  server = chat_server(lambda body, i: replies[i], max_requests=4)
+  client = make_client(server)
+  for _ in range(3):
+    with pytest.raises(MalformedResponse):
+      client.chat("m", HI)
+  assert client.chat("m", HI) == "real"
+  assert len(server.requests) == 4  # a 200 is not retried by the transport; the scorer asks again
+
+
+def test_client_connection_refused_is_an_endpoint_error():
+  client = ChatClient(base_url=dead_base_url(), max_retries=1, timeout=5.0, api_key="sk-secret-123")
+  with pytest.raises(EndpointError, match="cannot reach .* after 2 attempts; is the server running") as e:
+    client.chat("m", HI)
+  assert "sk-secret-123" not in str(e.value)
 
 
 # --- caption + LLM scorer --------------------------------------------------------------------------------
 
 
-def test_caption_llm_scorer_pipeline_request_bodies(chat_server):
+def vlm_and_llm(caption="A page of small black text.", perception=GOOD_PERCEPTION,
+                score='{"score": 8, "reason": "dense small text"}'):
   def respond(body, i):
     if body["model"] == "vlm":
-      return Reply("A page of small black text." if "Describe" in prompt_text(body) else GOOD_PERCEPTION)
-    return Reply('{"score": 8, "reason": "dense small text"}')
+      return Reply(caption if "Describe" in prompt_text(body) else perception)
+    return Reply(score)
+  return respond
 
-  server = chat_server(respond, max_requests=3)
-  client, _ = make_client(server)
-  scorer = CaptionLLMScorer(client, vlm_model="vlm", llm_model="llm", image_size=32)
-  result = scorer.score({"id": "a", "image": np.asarray(text_image(64))})
+
+def test_caption_llm_scorer_pipeline_request_bodies(chat_server):
+  server = chat_server(vlm_and_llm(), max_requests=3)
+  scorer = CaptionLLMScorer(make_client(server), vlm_model="vlm", llm_model="llm", image_size=32)
+  item = {"id": "a", "image": np.asarray(text_image(64))}
+  result = scorer.score(item)
   assert result == {"score": 8, "reason": "dense small text", "caption": "A page of small black text.",
                     "answers": {"faces": "no, none", "text": "yes, a few words",
                                 "detail": "medium, about five objects"}}
@@ -198,51 +221,90 @@ def test_caption_llm_scorer_pipeline_request_bodies(chat_server):
     assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size == (32, 32)  # prepared image
   assert llm_req["model"] == "llm" and isinstance(llm_req["messages"][0]["content"], str)  # text only
   assert prompt_text(llm_req) == prompts.score_prompt("A page of small black text.", result["answers"])
+  # The dry run plans the same image requests (the score request carries placeholders for the VLM's words).
+  planned = scorer.planned_requests(item)
+  assert [(purpose, model) for purpose, model, _ in planned] == [("caption", "vlm"), ("perception", "vlm"),
+                                                                 ("score", "llm")]
+  assert [scorer.client.request_body(model, [m]) for _, model, m in planned[:2]] == [caption_req, perception_req]
+  assert "<caption from vlm>" in planned[2][2]["content"] and "FACES: <faces answer from vlm>" in planned[2][2]["content"]
 
 
-def test_caption_llm_retries_unparseable_then_fails_without_default(chat_server):
-  answers = iter(['{"score": 6.5}', "seven", '{"score": 3, "reason": "flat"}'])
+def test_unparseable_perception_answers_fall_back_to_the_caption(chat_server):
+  server = chat_server(vlm_and_llm(perception="I see a blue square and nothing else."), max_requests=3)
+  scorer = CaptionLLMScorer(make_client(server), vlm_model="vlm", llm_model="llm", image_size=32)
+  result = scorer.score({"id": "a", "image": flat_image()})
+  assert result["score"] == 8 and result["answers"] is None
+  assert result["fallback"].startswith("perception answers unparseable, scored from the caption alone")
+  assert "blue square" in result["fallback"]
+  assert prompt_text(server.requests[2]) == prompts.score_prompt("A page of small black text.")
+
+
+def test_answers_folded_into_the_caption_reply_are_used(chat_server):
+  caption = ("A crowded stadium at night with thousands of spectators. Faces: many, all tiny. "
+             "Text: a scoreboard with small digits. Detail: very high.")
+  server = chat_server(vlm_and_llm(caption=caption, perception="FACES: yes, thousands"), max_requests=3)
+  scorer = CaptionLLMScorer(make_client(server), vlm_model="vlm", llm_model="llm", image_size=32)
+  result = scorer.score({"id": "a", "image": flat_image()})
+  # The perception reply wins where it answers; the caption reply fills in the rest.
+  assert result["answers"] == {"faces": "yes, thousands", "text": "a scoreboard with small digits",
+                               "detail": "very high"}
+  assert "fallback" not in result
+
+
+def test_partial_perception_answers_are_used_and_noted(chat_server):
+  server = chat_server(vlm_and_llm(caption="A sign.", perception="FACES: no\nTEXT: yes, one word"),
+                       max_requests=3)
+  scorer = CaptionLLMScorer(make_client(server), vlm_model="vlm", llm_model="llm", image_size=32)
+  result = scorer.score({"id": "a", "image": flat_image()})
+  assert result["answers"] == {"faces": "no", "text": "yes, one word"}
+  assert result["fallback"] == "perception answers lack ['detail']"
+
+
+def test_caption_llm_asks_again_on_unparseable_or_refused_scores(chat_server):
+  answers = iter(['{"score": 6.5}', "I'm sorry, I can't rate images.", '{"score": 3, "reason": "flat"}'])
   server = chat_server(lambda body, i: Reply(next(answers)), max_requests=3)
-  client, _ = make_client(server)
-  scorer = CaptionLLMScorer(client, llm_model="llm", use_dataset_captions=True, parse_retries=2)
+  scorer = CaptionLLMScorer(make_client(server), llm_model="llm", use_dataset_captions=True, parse_retries=2)
   assert scorer.score({"id": "x", "image": flat_image(), "caption": "A blue sky."})["score"] == 3
   assert len(server.requests) == 3 and "A blue sky." in prompt_text(server.requests[0])
 
-  server = chat_server(lambda body, i: Reply("somewhere around 6.5 I guess"), max_requests=2)
-  client, _ = make_client(server)
-  scorer = CaptionLLMScorer(client, llm_model="llm", use_dataset_captions=True, parse_retries=1)
-  with pytest.raises(prompts.ParseError, match="unparseable after 2 answers"):
+  server = chat_server(lambda body, i: Reply("I'm sorry, but I cannot help with that."), max_requests=2)
+  scorer = CaptionLLMScorer(make_client(server), llm_model="llm", use_dataset_captions=True, parse_retries=1)
+  with pytest.raises(prompts.ParseError, match="unparseable after 2 answers; last: the model refused"):
     scorer.score({"id": "x", "image": flat_image(), "caption": "A blue sky."})
   assert len(server.requests) == 2
 
 
-def test_dataset_captions_skip_the_vlm_and_fall_back_to_it(chat_server):
-  def respond(body, i):
-    if body["model"] == "vlm":
-      return Reply("A flat colour." if "Describe" in prompt_text(body) else GOOD_PERCEPTION)
-    return Reply('{"score": 2, "reason": "flat"}')
+def test_caption_llm_asks_again_on_malformed_completions(chat_server):
+  replies = [Reply(raw=b'{"choices": []}'), Reply('{"score": 4, "reason": "a room"}')]
+  server = chat_server(lambda body, i: replies[i], max_requests=2)
+  scorer = CaptionLLMScorer(make_client(server), llm_model="llm", use_dataset_captions=True, parse_retries=1)
+  assert scorer.score({"id": "x", "image": flat_image(), "caption": "A room."})["score"] == 4
 
-  server = chat_server(respond, max_requests=4)
-  client, _ = make_client(server)
-  scorer = CaptionLLMScorer(client, vlm_model="vlm", llm_model="llm", use_dataset_captions=True)
+
+def test_dataset_captions_skip_the_vlm_and_fall_back_to_it(chat_server):
+  server = chat_server(vlm_and_llm(caption="A flat colour.", score='{"score": 2, "reason": "flat"}'),
+                       max_requests=4)
+  scorer = CaptionLLMScorer(make_client(server), vlm_model="vlm", llm_model="llm", use_dataset_captions=True)
   with_caption = scorer.score({"id": "a", "image": flat_image(), "caption": "Dataset caption."})
   assert with_caption["caption"] == "Dataset caption." and with_caption["answers"] is None
+  assert "fallback" not in with_caption  # no perception answers by design
   assert [r["model"] for r in server.requests] == ["llm"]
   without = scorer.score({"id": "b", "image": flat_image()})
   assert without["caption"] == "A flat colour." and without["answers"]["faces"] == "no, none"
   assert [r["model"] for r in server.requests] == ["llm", "vlm", "vlm", "llm"]
   with pytest.raises(ValueError, match="--vlm-model"):
-    CaptionLLMScorer(client, llm_model="llm")
+    CaptionLLMScorer(scorer.client, llm_model="llm")
 
 
 def test_text_only_scorer_sends_the_prompt_without_an_image(chat_server):
   server = chat_server(lambda body, i: Reply('{"score": 9, "reason": "a newspaper page"}'), max_requests=1)
-  client, _ = make_client(server)
-  result = TextOnlyScorer(client, llm_model="llm").score_text("a full newspaper page")
+  scorer = TextOnlyScorer(make_client(server), llm_model="llm")
+  result = scorer.score_text("a full newspaper page")
   assert result == {"score": 9, "reason": "a newspaper page", "text": "a full newspaper page"}
   (body,) = server.requests
   assert body["model"] == "llm" and prompt_text(body) == prompts.text_only_prompt("a full newspaper page")
-  assert "a full newspaper page" in prompt_text(body)
+  assert scorer.config() == {"method": "text_llm", "llm_model": "llm",
+                             "prompts": {"text_only": prompts.TEXT_ONLY_PROMPT.template}}
 
 
 # --- JPEG / MSE ------------------------------------------------------------------------------------------
@@ -428,7 +490,10 @@ class CountingScorer:
       self.calls.append(item["id"])
     if item["value"] is None:
       raise ValueError("cannot score")
-    return {"score": item["value"]}
+    result = {"score": item["value"]}
+    if item.get("note"):
+      result["fallback"] = item["note"]
+    return result
 
 
 def test_runner_resume_skips_done_ids_and_failures(tmp_path):
@@ -473,14 +538,16 @@ def test_runner_refuses_to_resume_with_another_scorer_setup(tmp_path):
     score_source([{"id": "b", "value": 1.0}], OtherRule(), out, progress=False)
 
 
-def test_runner_records_failures_without_level(tmp_path):
-  items = [{"id": "good", "value": 1.0}, {"id": "bad", "value": None}]
+def test_runner_records_failures_and_counts_fallbacks(tmp_path):
+  items = [{"id": "good", "value": 1.0}, {"id": "bad", "value": None},
+           {"id": "noted", "value": 2.0, "note": "perception answers lack ['detail']"}]
   out = tmp_path / "m.jsonl"
   summary = score_source(items, CountingScorer(), out, workers=1, progress=False)
-  assert summary.failed == 1
-  bad = manifest_lib.read_manifest(out)["bad"]
-  assert bad == {"id": "bad", "method": "jpeg", "error": "ValueError: cannot score"}
-  assert set(load_levels(out)) == {"good"}
+  assert (summary.scored, summary.failed, summary.fallbacks) == (2, 1, 1)
+  latest = manifest_lib.read_manifest(out)
+  assert latest["bad"] == {"id": "bad", "method": "jpeg", "error": "ValueError: cannot score"}
+  assert latest["noted"]["fallback"] == "perception answers lack ['detail']"
+  assert set(load_levels(out)) == {"good", "noted"}
 
 
 def test_runner_stops_after_consecutive_failures(tmp_path):
@@ -519,8 +586,8 @@ def test_caption_llm_run_is_concurrent_bounded_and_resumable(chat_server, tmp_pa
     return Reply('{"score": 7, "reason": "busy"}')
 
   server = chat_server(respond, max_requests=14)
-  client, _ = make_client(server, timeout=120.0)
-  scorer = CaptionLLMScorer(client, llm_model="llm", use_dataset_captions=True, parse_retries=1)
+  scorer = CaptionLLMScorer(make_client(server, timeout=120.0), llm_model="llm", use_dataset_captions=True,
+                            parse_retries=1)
   items = [{"id": f"img{k}", "image": flat_image(8), "caption": f"caption number {k}."} for k in range(12)]
   out = tmp_path / "llm.jsonl"
   summary = score_source(items, scorer, out, workers=workers, progress=False)
@@ -531,10 +598,23 @@ def test_caption_llm_run_is_concurrent_bounded_and_resumable(chat_server, tmp_pa
   assert latest["img0"] == {"id": "img0", "score": 7, "level": 0, "method": "caption_llm", "reason": "busy",
                             "caption": "caption number 0.", "answers": None}
   assert "error" in latest["img5"] and "level" not in latest["img5"] and "score" not in latest["img5"]
+  header = manifest_lib.read_header(out)
+  assert header["scorer"]["llm_model"] == "llm" and header["scorer"]["vlm_model"] is None
+  assert header["scorer"]["prompts"]["score"] == prompts.SCORE_PROMPT.template
   # Resume: nothing left to do, no request sent.
   summary = score_source(items, scorer, out, workers=4, progress=False)
   assert (summary.scored, summary.failed, summary.skipped) == (0, 0, 12)
   assert len(server.requests) == 13
+
+
+def test_dead_endpoint_stops_the_run_with_one_error(tmp_path):
+  scorer = CaptionLLMScorer(ChatClient(base_url=dead_base_url(), max_retries=1, timeout=5.0), llm_model="llm",
+                            use_dataset_captions=True)
+  items = [{"id": f"img{k}", "image": flat_image(8), "caption": f"caption {k}."} for k in range(20)]
+  out = tmp_path / "llm.jsonl"
+  with pytest.raises(EndpointError, match="cannot reach"):
+    score_source(items, scorer, out, workers=3, progress=False)
+  assert manifest_lib.read_manifest(out) == {}  # no image is blamed for the endpoint
 
 
 # --- manifests on an object store (gs://) -----------------------------------------------------------------

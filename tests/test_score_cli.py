@@ -1,5 +1,6 @@
 """`python -m cat_jax.score`: jpeg/mse on the embedded data and an image folder, caption_llm and --text against a
-scripted local OpenAI-compatible server, resume, exit codes, and the API key never printed."""
+scripted local OpenAI-compatible server, --dry-run, a dead endpoint, a gs:// manifest, resume, exit codes, and the
+API key never printed."""
 
 import json
 import os
@@ -12,8 +13,9 @@ from PIL import Image, ImageDraw
 
 from cat_jax import score
 from cat_jax.complexity import manifest as manifest_lib
+from cat_jax.complexity import prompts
 from cat_jax.data import load_levels
-from fake_chat_server import Reply
+from fake_chat_server import Reply, dead_base_url
 from fake_object_store import use_fake_object_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,16 +68,17 @@ def test_jpeg_cli_on_a_folder_with_progress_bar(image_folder, tmp_path, capsys):
   assert info["mode"] == "quantile" and info["level_counts"] == [1, 1, 1] and info["num_failures"] == 1
 
 
-def test_cli_entry_point_on_embedded_data_and_resume(tmp_path):
+def test_cli_entry_point_on_embedded_data_and_resume(tmp_path, capsys):
   out = tmp_path / "embedded.jsonl"
-  cmd = [sys.executable, "-m", "cat_jax.score", "--method", "jpeg", "--out", str(out), "--split", "validation"]
+  args = ["--method", "jpeg", "--out", str(out), "--split", "validation"]
   env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-  first = subprocess.run(cmd + ["--limit", "3"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+  # One run through the `python -m` entry point (8 s on an idle machine; the timeout only stops a hang), the
+  # resume in-process.
+  first = subprocess.run([sys.executable, "-m", "cat_jax.score", *args, "--limit", "3"], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=900)
   assert first.returncode == 0, first.stderr
-  second = subprocess.run(cmd + ["--limit", "8"], capture_output=True, text=True, env=env, cwd=tmp_path,
-                          timeout=120)
-  assert second.returncode == 0, second.stderr
-  assert "scored 5, failed 0, skipped (already in manifest) 3" in second.stderr
+  assert score.main(args + ["--limit", "8", "--no-progress"]) == 0
+  assert "scored 5, failed 0, skipped (already in manifest) 3" in capsys.readouterr().err
   records = read_lines(out)
   assert [r["id"] for r in sorted(records, key=lambda r: r["id"])] == [
       f"embedded/validation/{i:06d}" for i in range(8)]
@@ -185,6 +188,73 @@ def test_cli_usage_errors(tmp_path, capsys):
       score.main(argv + ["--out", str(tmp_path / "x.jsonl")])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_caption_llm_cli_counts_answers_it_could_not_parse(chat_server, tmp_path, capsys):
+  def respond(body, i):
+    if body["model"] == "vlm":  # a caption, then perception "answers" with none of the three
+      return Reply("A flat field of colour." if "Describe" in body["messages"][0]["content"][-1]["text"] else
+                   "It is a picture.")
+    return Reply("Score: 2\nReason: flat")
+
+  server = chat_server(respond, max_requests=6)
+  out = tmp_path / "llm.jsonl"
+  rc = score.main(["--method", "caption_llm", "--limit", "2", "--split", "validation", "--vlm-model", "vlm",
+                   "--llm-model", "llm", "--base-url", server.base_url, "--out", str(out), "--workers", "1",
+                   "--no-progress", "--image-size", "64"])
+  err = capsys.readouterr().err
+  assert rc == 0 and "scored 2, failed 0" in err
+  assert "2 scored without (all) perception answers" in err
+  rows = read_lines(out)
+  assert [r["answers"] for r in rows] == [None, None] and all("unparseable" in r["fallback"] for r in rows)
+  assert all(r["score"] == 2 and r["level"] == 2 for r in rows)
+  assert load_levels(out) == {r["id"]: 2 for r in rows}
+
+
+def test_dry_run_prints_the_requests_and_sends_nothing(chat_server, tmp_path, capsys, monkeypatch):
+  server = chat_server(lambda body, i: Reply("unused"), max_requests=0)
+  monkeypatch.setenv("CAT_LLM_API_KEY", SECRET)
+  out = tmp_path / "never.jsonl"
+  rc = score.main(["--method", "caption_llm", "--split", "validation", "--vlm-model", "my-vlm", "--llm-model",
+                   "my-llm", "--base-url", server.base_url, "--out", str(out), "--image-size", "64", "--dry-run"])
+  printed = capsys.readouterr().out
+  assert rc == 0 and server.requests == [] and not out.exists()
+  assert SECRET not in printed and "Authorization: Bearer ***" in printed
+  assert f"POST {server.base_url}/chat/completions" in printed
+  assert "3 request(s) for item 'embedded/validation/000000'" in printed
+  assert "request 1/3: caption (my-vlm)" in printed and "request 3/3: score (my-llm)" in printed
+  # The exact prompts, and the image as a note of its size instead of 5,000 base64 characters.
+  assert prompts.CAPTION_PROMPT in printed and prompts.PERCEPTION_PROMPT in printed
+  assert "<caption from my-vlm>" in printed and "a 64x64 JPEG>" in printed and "/9j/" not in printed
+  header = json.loads(printed.split("--- manifest header ---\n", 1)[1])
+  assert header["endpoint"] == server.base_url and header["scorer"]["vlm_model"] == "my-vlm"
+  assert header["scorer"]["prompts"]["perception"] == prompts.PERCEPTION_PROMPT
+
+  rc = score.main(["--text", "a red ball", "--llm-model", "my-llm", "--base-url", server.base_url, "--dry-run"])
+  printed = capsys.readouterr().out
+  assert rc == 0 and prompts.text_only_prompt("a red ball") in printed and server.requests == []
+  with pytest.raises(SystemExit) as e:
+    score.main(["--method", "jpeg", "--dry-run"])
+  assert e.value.code == 2 and "jpeg and mse send none" in capsys.readouterr().err
+
+
+def test_dead_endpoint_gives_one_error(tmp_path, capsys):
+  out = tmp_path / "llm.jsonl"
+  rc = score.main(["--method", "caption_llm", "--limit", "6", "--use-dataset-captions", "--llm-model", "m",
+                   "--base-url", dead_base_url(), "--max-retries", "1", "--workers", "3", "--no-progress",
+                   "--out", str(out)])
+  err = capsys.readouterr().err
+  assert rc == 1
+  assert err.count("error:") == 1 and "cannot reach" in err and "is the server running" in err
+  assert read_lines(out) == []  # no image recorded as failed because of the endpoint
+
+
+def test_missing_llm_extra_is_a_usage_error(tmp_path, capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "openai", None)  # as if not installed
+  with pytest.raises(SystemExit) as e:
+    score.main(["--method", "caption_llm", "--llm-model", "m", "--use-dataset-captions", "--out",
+                str(tmp_path / "x.jsonl")])
+  assert e.value.code == 2 and "pip install 'cat_jax[llm]'" in capsys.readouterr().err
 
 
 def test_jpeg_cli_writes_to_an_object_store(monkeypatch, capsys):

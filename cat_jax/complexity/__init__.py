@@ -5,9 +5,9 @@ Score manifests are read for training by the one reader, ``cat_jax.data.load_lev
 
 from cat_jax.complexity.levels import (DEFAULT_LLM_THRESHOLDS, budget_thresholds, default_thresholds,
                                        level_for_score, levels_for_scores, quantile_thresholds)
-from cat_jax.complexity.llm import ChatClient, LLMError
+from cat_jax.complexity.llm import ChatClient, EndpointError, LLMError
 from cat_jax.complexity.manifest import ManifestWriter, read_manifest
-from cat_jax.complexity.prompts import ParseError, parse_score
+from cat_jax.complexity.prompts import ParseError, parse_perception, parse_score
 from cat_jax.complexity.runner import RunSummary, TooManyFailures, score_source
 from cat_jax.complexity.scorers import (CaptionLLMScorer, JpegScorer, MseScorer, TextOnlyScorer, jpeg_bpp,
                                         lowpass_reconstruct, prepare_image)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from cat_jax.complexity import levels as levels_lib
 from cat_jax.complexity import manifest as manifest_lib
+from cat_jax.complexity.llm import EndpointError
 from cat_jax.complexity.scorers import Scorer
 
 
@@ -24,6 +25,7 @@ class RunSummary:
   scored: int = 0
   failed: int = 0
   skipped: int = 0
+  fallbacks: int = 0  # scored, but with a ``fallback`` note (e.g. caption_llm without perception answers)
   thresholds: tuple[float, float] | None = None
   threshold_mode: str | None = None
   level_counts: list[int] | None = None
@@ -60,6 +62,8 @@ def _score_one(source: Sequence[dict[str, Any]], index: int, scorer: Scorer, ski
     score = result.pop("score")
     if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
       raise ValueError(f"scorer returned a non-finite or non-numeric score {score!r}")
+  except EndpointError:
+    raise  # no item can be scored: the run stops, and this item is not blamed
   except Exception as e:  # noqa: BLE001 - recorded in the manifest, never defaulted
     return {"id": item_id, "method": scorer.method, "error": f"{type(e).__name__}: {e}"}
   level = levels_lib.level_for_score(score, thresholds) if thresholds is not None else None
@@ -85,6 +89,7 @@ def score_source(source: Sequence[dict[str, Any]], scorer: Scorer, out: str | os
   Raises:
     TooManyFailures: after ``max_consecutive_failures`` failures in a row (those already written stay in the
       manifest; rerun with ``retry_failures=True``).
+    EndpointError: at the first item whose scorer cannot reach its endpoint; nothing is recorded for it.
     ManifestMismatch: when ``out`` holds scores of another method or scorer setup.
   """
   if workers < 1:
@@ -136,6 +141,7 @@ def score_source(source: Sequence[dict[str, Any]], scorer: Scorer, out: str | os
                   "with --retry-failures.")
           else:
             summary.scored += 1
+            summary.fallbacks += "fallback" in record
             consecutive = 0
     except BaseException:
       # Do not wait for queued items; requests already in flight end on their own timeouts.

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from cat_jax.complexity import prompts
-from cat_jax.complexity.llm import ChatClient, user_message
+from cat_jax.complexity.llm import ChatClient, MalformedResponse, user_message
 from cat_jax.data.preprocess import from_model_range, open_checked, resize_and_crop
 
 DEFAULT_JPEG_QUALITY = 75
@@ -149,22 +149,31 @@ class MseScorer:
 
 def _ask(client: ChatClient, model: str, message: dict[str, Any], parse: Callable[[str], Any],
          parse_retries: int, max_tokens: int) -> Any:
-  """One chat request, re-asked up to ``parse_retries`` times while the answer does not parse."""
-  error: prompts.ParseError | None = None
+  """One chat request, asked again up to ``parse_retries`` times while the answer does not parse."""
+  error: Exception | None = None
   for _ in range(parse_retries + 1):
-    text = client.chat(model, [message], max_tokens=max_tokens)
     try:
-      return parse(text)
-    except prompts.ParseError as e:
+      return parse(client.chat(model, [message], max_tokens=max_tokens))
+    except (prompts.ParseError, MalformedResponse) as e:
       error = e
   raise prompts.ParseError(f"{model}: unparseable after {parse_retries + 1} answers; last: {error}")
+
+
+def _answers_fallback(answers: dict[str, str], perception_reply: str) -> str | None:
+  """What the manifest row records when perception answers are missing (None when all three were found)."""
+  if not answers:
+    return f"perception answers unparseable, scored from the caption alone: {perception_reply[:200]!r}"
+  missing = [k for k in prompts.PERCEPTION_KEYS if k not in answers]
+  return f"perception answers lack {missing}" if missing else None
 
 
 class CaptionLLMScorer:
   """The paper's score: VLM caption + perception answers, then an LLM returns an integer 1-9 and a reason.
 
   With ``use_dataset_captions``, an item's own ``caption`` replaces the VLM step (no perception answers); items
-  without one go through the VLM if ``vlm_model`` is set and fail otherwise.
+  without one go through the VLM if ``vlm_model`` is set and fail otherwise. Perception answers are an aid: when
+  the VLM's reply holds none (or only some) of them, the answers folded into its caption reply are used, and
+  failing that the item is scored from the caption alone and its record carries a ``fallback`` note.
   """
 
   method = "caption_llm"
@@ -190,15 +199,41 @@ class CaptionLLMScorer:
             "prompts": {"caption": prompts.CAPTION_PROMPT, "perception": prompts.PERCEPTION_PROMPT,
                         "score": prompts.SCORE_PROMPT.template}}
 
-  def describe(self, item: dict[str, Any]) -> tuple[str, dict[str, str]]:
-    """(caption, perception answers) of one item's image from the VLM."""
+  def _needs_vlm(self, item: dict[str, Any]) -> bool:
+    if self.use_dataset_captions and item.get("caption"):
+      return False
+    if self.vlm_model is None:
+      raise ValueError("item has no dataset caption and no --vlm-model was given")
+    return True
+
+  def planned_requests(self, item: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(purpose, model, message)`` of every request ``score(item)`` sends, without sending any (``--dry-run``).
+
+    The score request's caption and answers come from the VLM, so for VLM items they are placeholders here.
+    """
+    if not self._needs_vlm(item):
+      return [("score", self.llm_model, user_message(prompts.score_prompt(item["caption"])))]
+    im = _prepare_item(item, self.image_size)
+    placeholders = {k: f"<{k} answer from {self.vlm_model}>" for k in prompts.PERCEPTION_KEYS}
+    return [("caption", self.vlm_model, user_message(prompts.CAPTION_PROMPT, [im])),
+            ("perception", self.vlm_model, user_message(prompts.PERCEPTION_PROMPT, [im])),
+            ("score", self.llm_model,
+             user_message(prompts.score_prompt(f"<caption from {self.vlm_model}>", placeholders)))]
+
+  def describe(self, item: dict[str, Any]) -> tuple[str, dict[str, str], str | None]:
+    """(caption, perception answers found, fallback note or None) of one item's image, from the VLM."""
     assert self.vlm_model is not None
     im = _prepare_item(item, self.image_size)
     caption = _ask(self.client, self.vlm_model, user_message(prompts.CAPTION_PROMPT, [im]),
                    prompts.parse_caption, self.parse_retries, self.max_tokens)
-    answers = _ask(self.client, self.vlm_model, user_message(prompts.PERCEPTION_PROMPT, [im]),
-                   prompts.parse_perception, self.parse_retries, self.max_tokens)
-    return caption, answers
+    try:
+      reply = self.client.chat(self.vlm_model, [user_message(prompts.PERCEPTION_PROMPT, [im])],
+                               max_tokens=self.max_tokens)
+    except MalformedResponse as e:
+      reply = f"<no answer: {e}>"
+    answers = {**prompts.parse_perception(caption), **prompts.parse_perception(reply)}
+    answers = {k: answers[k] for k in prompts.PERCEPTION_KEYS if k in answers}
+    return caption, answers, _answers_fallback(answers, reply)
 
   def score_caption(self, caption: str, answers: dict[str, str] | None = None) -> tuple[int, str]:
     """(score, reason) for a caption and optional perception answers, from the LLM."""
@@ -206,14 +241,14 @@ class CaptionLLMScorer:
                 prompts.parse_score, self.parse_retries, self.max_tokens)
 
   def score(self, item: dict[str, Any]) -> dict[str, Any]:
-    caption = item.get("caption") if self.use_dataset_captions else None
-    answers = None
-    if not caption:
-      if self.vlm_model is None:
-        raise ValueError("item has no dataset caption and no --vlm-model was given")
-      caption, answers = self.describe(item)
-    score, reason = self.score_caption(caption, answers)
-    return {"score": score, "reason": reason, "caption": caption, "answers": answers}
+    caption, answers, fallback = item.get("caption"), None, None
+    if self._needs_vlm(item):
+      caption, answers, fallback = self.describe(item)
+    score, reason = self.score_caption(caption, answers or None)
+    result = {"score": score, "reason": reason, "caption": caption, "answers": answers or None}
+    if fallback:
+      result["fallback"] = fallback
+    return result
 
 
 class TextOnlyScorer:
@@ -231,6 +266,10 @@ class TextOnlyScorer:
     """What decides this scorer's scores, for the manifest header."""
     return {"method": self.method, "llm_model": self.llm_model,
             "prompts": {"text_only": prompts.TEXT_ONLY_PROMPT.template}}
+
+  def planned_requests(self, item: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(purpose, model, message)`` of the one request ``score(item)`` sends (``--dry-run``)."""
+    return [("score", self.llm_model, user_message(prompts.text_only_prompt(item["text"])))]
 
   def score_text(self, prompt: str) -> dict[str, Any]:
     score, reason = _ask(self.client, self.llm_model, user_message(prompts.text_only_prompt(prompt)),
