@@ -76,6 +76,12 @@ def test_identical_images_and_jit():
   psnr, ssim = jax.jit(lambda a, b: (image_quality.psnr(a, b), image_quality.ssim(a, b)))(x, x)
   assert np.all(np.isinf(np.asarray(psnr)))
   np.testing.assert_allclose(np.asarray(ssim), 1.0, atol=1e-6)
+  # The reported convention caps each image at PSNR_MAX_DB; below the cap nothing changes.
+  capped = image_quality.psnr(x, x, max_db=image_quality.PSNR_MAX_DB)
+  np.testing.assert_array_equal(np.asarray(capped), image_quality.PSNR_MAX_DB)
+  y = x + 0.1
+  np.testing.assert_allclose(image_quality.psnr(x, y, max_db=50.0), image_quality.psnr(x, y), rtol=1e-6)
+  assert float(image_quality.psnr(x, y).max()) < 50.0
 
 
 def test_bad_shapes_raise():

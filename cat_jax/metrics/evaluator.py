@@ -6,8 +6,8 @@ Protocol (what the numbers mean):
   this is what pytorch-fid sees when run on saved files and what published tokenizer evaluations do.
 - PSNR and SSIM are per image (``cat_jax.metrics.image_quality``: scikit-image's values on the same
   images as uint8 [0, 255], with the Gaussian-window SSIM settings of the literature) and averaged
-  over images. PSNR of two equal images is
-  ``inf`` (as in scikit-image), so an exact reconstruction makes the mean ``inf``.
+  over images. Each image's PSNR is capped at ``image_quality.PSNR_MAX_DB`` (50 dB; scikit-image gives
+  ``inf`` for an exact match), so a few exactly reconstructed flat images cannot dominate the mean.
 - LPIPS is the mean of ``lpips_fn(originals, reconstructions)``, a (B,) distance on [-1, 1] images.
 - rFID is the FID between the Inception features of the originals and those of the reconstructions,
   from streaming float64 statistics (``cat_jax.metrics.fid``); it needs at least 2 images.
@@ -41,7 +41,7 @@ def quantize_to_uint8_levels(images: jax.Array) -> jax.Array:
 
 @jax.jit
 def _psnr_ssim(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-  return (image_quality.psnr(x, y, value_range=(-1.0, 1.0)),
+  return (image_quality.psnr(x, y, value_range=(-1.0, 1.0), max_db=image_quality.PSNR_MAX_DB),
           image_quality.ssim(x, y, value_range=(-1.0, 1.0)))
 
 
@@ -74,6 +74,9 @@ class ReconstructionEvaluator:
     lpips_fn: (originals, reconstructions) in [-1, 1] -> (B,) LPIPS distances; without it LPIPS is
       omitted.
     quantize: round images to 8-bit levels before measuring (the published protocol).
+
+  ``per_image`` keeps every image's PSNR, SSIM (and LPIPS) in the order of ``update`` calls, for confidence
+  intervals and breakdowns (``cat_jax.evaluate``).
   """
 
   def __init__(self, inception_fn: ImagesFn | None = None, lpips_fn: PairFn | None = None, *,
@@ -85,6 +88,7 @@ class ReconstructionEvaluator:
 
   def reset(self) -> None:
     self._sums = _Sums.zeros()
+    self.per_image: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
     # Per level: FID statistics of the originals and of the reconstructions, created on first use.
     self._real: list[fid_lib.FidStatistics | None] = [None] * levels.NUM_LEVELS
     self._fake: list[fid_lib.FidStatistics | None] = [None] * levels.NUM_LEVELS
@@ -125,6 +129,10 @@ class ReconstructionEvaluator:
       feats_fake = np.asarray(self.inception_fn(y), np.float64)
 
     s = self._sums
+    self.per_image["psnr"] += psnr.tolist()
+    self.per_image["ssim"] += ssim.tolist()
+    if dist is not None:
+      self.per_image["lpips"] += dist.tolist()
     np.add.at(s.num_images, per_image_level, 1)
     np.add.at(s.psnr, per_image_level, psnr)
     np.add.at(s.ssim, per_image_level, ssim)
