@@ -187,10 +187,10 @@ class NestedVAE(nn.Module):
         h = block(h)
       if s > 0:
         h = self.dec_up[s - 1](h)
-    return F.silu(self.dec_norm_out(h))
+    return h
 
   def output_head(self, features: torch.Tensor) -> torch.Tensor:
-    return self.dec_conv_out(features).float()
+    return self.dec_conv_out(F.silu(self.dec_norm_out(features))).float()
 
   def decode(self, z: torch.Tensor, level: int) -> torch.Tensor:
     return self.output_head(self.decode_features(z, level))

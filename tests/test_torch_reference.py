@@ -48,7 +48,7 @@ def vae_pair():
 def test_num_groups_rule_matches():
   from cat_jax.models.nested_vae import _num_groups
   for c in (3, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512):
-    assert tr.num_groups(c) == _num_groups(c)
+    assert tr.num_groups(c) == _num_groups(c, 0)
 
 
 def test_every_torch_parameter_is_loaded(vae_pair):

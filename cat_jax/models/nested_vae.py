@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from cat_jax import levels as L
+from cat_jax.models import patch_code
 
 Dtype = Any
 NORMS = ("group", "rms", "none")
@@ -146,7 +147,10 @@ class _Block(nn.Module):
   def make_norm(self, name):
     return Normalize(self.norm, self.norm_groups, self.dtype, self.param_dtype, name=name)
 
-  def conv(self, channels, kernel, name=None, **kw):
+  def conv(self, channels, kernel, name=None, residual=False, **kw):
+    """A conv; ``residual=True`` marks the last layer of a residual branch, zero-initialised with shortcuts."""
+    if residual and self.shortcuts:
+      kw["kernel_init"] = nn.initializers.zeros
     return nn.Conv(channels, (kernel, kernel), padding=kw.pop("padding", "SAME"), dtype=self.dtype,
                    param_dtype=self.param_dtype, name=name, **kw)
 
@@ -159,7 +163,7 @@ class ResnetBlock(_Block):
     h = nn.swish(self.make_norm("norm1")(x))
     h = self.conv(self.out_channels, 3, "conv1")(h)
     h = nn.swish(self.make_norm("norm2")(h))
-    h = self.conv(self.out_channels, 3, "conv2")(h)
+    h = self.conv(self.out_channels, 3, "conv2", residual=True)(h)
     if x.shape[-1] != self.out_channels:
       x = resize_channels(x, self.out_channels) if self.shortcuts else self.conv(self.out_channels, 1, "skip")(x)
     return x + h
@@ -171,13 +175,14 @@ class AttnBlock(_Block):
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    dense = lambda name, **kw: nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw)
     y = self.make_norm("norm")(x).reshape(b, h * w, c)
     q, k, v = dense("q")(y), dense("k")(y), dense("v")(y)
     logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) / math.sqrt(c)
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     y = jnp.einsum("bqk,bkc->bqc", attn, v)
-    return x + dense("proj_out")(y).reshape(b, h, w, c)
+    zero = dict(kernel_init=nn.initializers.zeros) if self.shortcuts else {}
+    return x + dense("proj_out", **zero)(y).reshape(b, h, w, c)
 
 
 class Downsample(_Block):
@@ -185,7 +190,7 @@ class Downsample(_Block):
 
   @nn.compact
   def __call__(self, x):
-    y = self.conv(x.shape[-1], 3, "Conv_0", strides=(2, 2), padding="VALID")(
+    y = self.conv(x.shape[-1], 3, "Conv_0", residual=True, strides=(2, 2), padding="VALID")(
         jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
     if self.shortcuts:  # DC-AE's space-to-channel + channel averaging; at constant width, a 2x2 average pool
       y = y + nn.avg_pool(x, (2, 2), strides=(2, 2))
@@ -200,7 +205,7 @@ class Upsample(_Block):
     # Nearest-neighbour 2x by broadcast + reshape: its gradient is a cheap sum, jnp.repeat's is a scatter-add.
     b, h, w, c = x.shape
     up = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
-    y = self.conv(c, 3, "Conv_0")(up)
+    y = self.conv(c, 3, "Conv_0", residual=True)(up)
     return y + up if self.shortcuts else y  # channel duplication then channel-to-space is nearest upsampling
 
 
@@ -255,14 +260,20 @@ class NestedVAE(nn.Module):
                        f"got {tuple(self.ch_mult)}")
     if self.norm not in NORMS:
       raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+    if self.shortcuts and (self.z_channels < 3 or self.in_channels != 3):
+      raise ValueError(f"shortcuts carry a colour patch code in the latent: they need RGB inputs and z_channels >= 3, "
+                       f"got in_channels={self.in_channels}, z_channels={self.z_channels}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     block_kw = dict(norm=self.norm, norm_groups=self.norm_groups, shortcuts=self.shortcuts, **kw)
     widths = [self.ch * m for m in self.ch_mult]
     head_width = widths[-1]
-    conv1x1 = lambda c, name: nn.Conv(c, (1, 1), name=name, **kw)
+    # With shortcuts, every layer that adds to a shortcut starts at zero, so the untrained model is exactly its
+    # shortcut path (average-pool down, nearest up: close to the area+bicubic baseline) and learns the residual.
+    beside_shortcut = dict(kw, kernel_init=nn.initializers.zeros) if self.shortcuts else kw
+    conv1x1 = lambda c, name: nn.Conv(c, (1, 1), name=name, **beside_shortcut)
 
     # Encoder trunk.
-    self.enc_conv_in = nn.Conv(self.ch, (3, 3), padding="SAME", **kw)
+    self.enc_conv_in = nn.Conv(self.ch, (3, 3), padding="SAME", **beside_shortcut)
     self.enc_stages = [[ResnetBlock(out_channels=widths[s], **block_kw) for _ in range(self.num_res_blocks)]
                        for s in range(num_stages)]
     self.enc_down = [Downsample(**block_kw) for _ in range(num_stages - 1)]
@@ -274,11 +285,11 @@ class NestedVAE(nn.Module):
     z = self.z_channels
     logvar_bias = lambda key, shape, dtype: jnp.concatenate(  # [mean half, log-variance half]
         [jnp.zeros((z,), dtype), jnp.full((z,), self.logvar_init, dtype)])
-    self.quant_conv = nn.Conv(2 * z, (1, 1), bias_init=logvar_bias, name="quant_conv", **kw)
+    self.quant_conv = nn.Conv(2 * z, (1, 1), bias_init=logvar_bias, name="quant_conv", **beside_shortcut)
 
     # Shared decoder head.
-    self.post_quant_conv = conv1x1(self.z_channels, "post_quant_conv")
-    self.dec_conv_in = nn.Conv(head_width, (3, 3), padding="SAME", **kw)
+    self.post_quant_conv = nn.Conv(self.z_channels, (1, 1), name="post_quant_conv", **kw)
+    self.dec_conv_in = nn.Conv(head_width, (3, 3), padding="SAME", **beside_shortcut)
     self.dec_mid = MidBlock(channels=head_width, attention=self.head_attention, **block_kw)
     # Channel-matched entries: project to what the entry stage receives when coming from above.
     self.dec_entry = [conv1x1(self._dec_stage_input_width(self._stage_of(lvl)), f"dec_entry_{lvl}")
@@ -287,7 +298,7 @@ class NestedVAE(nn.Module):
                        for s in range(num_stages)]
     self.dec_up = [Upsample(**block_kw) for _ in range(num_stages - 1)]  # dec_up[s - 1]: H/2^s -> H/2^(s-1)
     self.dec_norm_out = Normalize(self.norm, self.norm_groups, **kw)
-    self.dec_conv_out = nn.Conv(self.in_channels, (3, 3), padding="SAME", **kw)
+    self.dec_conv_out = nn.Conv(self.in_channels, (3, 3), padding="SAME", **beside_shortcut)
 
   # -- helpers -----------------------------------------------------------------------------------------------------
   @staticmethod
@@ -345,6 +356,8 @@ class NestedVAE(nn.Module):
   def _encode_level(self, x, level: int):
     stage = self._stage_of(level)
     h = self.enc_conv_in(x.astype(self.dtype))
+    if self.shortcuts:  # colour channels repeated across the first stage's width
+      h = h + resize_channels(x.astype(self.dtype), h.shape[-1])
     for s in range(stage + 1):
       for block in self.enc_stages[s]:
         h = block(h)
@@ -354,8 +367,8 @@ class NestedVAE(nn.Module):
     h = self.enc_mid(h)
     moments = self.quant_conv(self.enc_conv_out(nn.swish(self.enc_norm_out(h)))).astype(jnp.float32)
     mean, logvar = jnp.split(moments, 2, axis=-1)
-    if self.shortcuts:  # the latent mean starts as channel averages of the head's features (DC-AE)
-      mean = mean + resize_channels(h, self.z_channels).astype(jnp.float32)
+    if self.shortcuts:  # the latent mean starts as a linear patch code of the image (see patch_code)
+      mean = mean + patch_code.encode_patches(x, L.factor_for_level(level), self.z_channels)
     logvar = jnp.clip(logvar, *self.logvar_range)
     return pad_latent(mean, level), pad_latent(logvar, level)
 
@@ -370,7 +383,7 @@ class NestedVAE(nn.Module):
         h = block(h)
       if s > 0:
         h = self.dec_up[s - 1](h)
-    return nn.swish(self.dec_norm_out(h))
+    return h
 
   # -- public API --------------------------------------------------------------------------------------------------
   def encode(self, x: jax.Array, level) -> DiagonalGaussian:
@@ -382,17 +395,27 @@ class NestedVAE(nn.Module):
 
   def decode(self, z: jax.Array, level) -> jax.Array:
     """Image (B, H, W, 3) float32 from a latent canvas (B, H/8, W/8, C) at ``level``."""
-    return self.output_head(self.decode_features(z, level))
+    return self.output_head(self.decode_features(z, level)) + self.decode_base(z, level)
+
+  def decode_base(self, z: jax.Array, level):
+    """With shortcuts, the latent read as a linear patch code (``patch_code.decode_patches``), (B, H, W, 3), which
+    the decoder's output adds to; without, 0. Has no parameters."""
+    if not self.shortcuts:
+      return 0.0
+    branches = [lambda mdl, z, lvl=lvl: patch_code.decode_patches(crop_latent(z, lvl), L.factor_for_level(lvl))
+                for lvl in range(L.NUM_LEVELS)]
+    return self._dispatch(level, branches, z)
 
   def decode_features(self, z: jax.Array, level) -> jax.Array:
-    """The decoder's activations right before its last layer (``output_head``), shape (B, H, W, ch)."""
+    """The decoder trunk's output, shape (B, H, W, ch): what ``output_head`` (shared by all levels) maps to RGB."""
     self._check_canvas(z)
     branches = [lambda mdl, z, lvl=lvl: mdl._decode_level(z, lvl) for lvl in range(L.NUM_LEVELS)]
     return self._dispatch(level, branches, z)
 
   def output_head(self, features: jax.Array) -> jax.Array:
-    """The decoder's last layer (shared by all levels); the GAN's adaptive weight looks at its gradients."""
-    return self.dec_conv_out(features).astype(jnp.float32)
+    """Norm, swish and the decoder's last layer ``dec_conv_out`` (the GAN's adaptive weight looks at its
+    gradients). ``decode`` adds ``decode_base`` to it."""
+    return self.dec_conv_out(nn.swish(self.dec_norm_out(features))).astype(jnp.float32)
 
   def __call__(self, x: jax.Array, level, rng: jax.Array | None = None):
     """Returns ``(reconstruction, posterior)``; samples z with ``rng``, else uses the posterior mode."""
