@@ -30,10 +30,13 @@ from cat_jax import levels as L
 from cat_jax import parallel
 from cat_jax.losses import gan as gan_losses
 from cat_jax.losses.reconstruction import reconstruction_loss
+from cat_jax.metrics import image_quality
+from cat_jax.metrics.baselines import area_bicubic
 from cat_jax.models.discriminator import PatchDiscriminator
 from cat_jax.models.nested_vae import NestedVAE, build_model
 
 logger = logging.getLogger("cat_jax.train")
+OUTPUT_HEAD_PARAMS = ("dec_norm_out", "dec_conv_out")
 
 
 # -- state and optimisers -------------------------------------------------------------------------------------------
@@ -61,7 +64,8 @@ def make_optimizers(config) -> tuple[optax.GradientTransformation, optax.Gradien
   g_schedule = make_schedule(o.lr, o, config.num_steps)
   d_schedule = make_schedule(o.d_lr, o, config.num_steps)
   make = lambda schedule: optax.chain(optax.clip_by_global_norm(o.grad_clip),
-                                      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+                                      optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
+                                                                  weight_decay=o.weight_decay))
   return make(g_schedule), make(d_schedule), g_schedule
 
 
@@ -90,9 +94,12 @@ def generator_loss_fn(params, d_params, images, level, rng, lpips_params, gan_sc
   posterior = model.apply({"params": params}, images, level, method=NestedVAE.encode)
   z = posterior.sample(rng)
   features = model.apply({"params": params}, z, level, method=NestedVAE.decode_features)
+  base = model.apply({"params": params}, z, level, method=NestedVAE.decode_base)  # 0 without shortcuts
 
-  def output_head(head_params, feats):
-    return model.apply({"params": {"dec_conv_out": head_params}}, feats, method=NestedVAE.output_head)
+  def output_head(head_params, feats):  # the last layer's kernel is what the adaptive weight differentiates
+    head_tree = {k: params[k] for k in OUTPUT_HEAD_PARAMS if k in params}  # no norm params with norm='none'
+    out = model.apply({"params": dict(head_tree, dec_conv_out=head_params)}, feats, method=NestedVAE.output_head)
+    return out + base
 
   def nll_of(recon):
     rec = reconstruction_loss(images, recon, loss_cfg.recon)
@@ -205,44 +212,54 @@ def reconstruct(params, images, level, *, model):
 
 # -- evaluation -----------------------------------------------------------------------------------------------------
 def eval_step(params, images, mask, level, *, model):
-  """Masked sums of L1 and PSNR (images in [-1, 1], PSNR on [0, 1]) and the clipped reconstructions."""
+  """Masked sums of L1, PSNR and the area+bicubic baseline's PSNR, and the clipped reconstructions.
+
+  PSNR is the reported convention (``image_quality.PSNR_MAX_DB``): per image on [0, 1], capped at 50 dB.
+  """
   recon = jnp.clip(reconstruct(params, images, level, model=model), -1.0, 1.0)
+  if isinstance(level, int):
+    baseline = area_bicubic(images, level)
+  else:  # a traced level: every branch has the image's shape
+    baseline = jax.lax.switch(level, [functools.partial(area_bicubic, level=lvl) for lvl in range(L.NUM_LEVELS)],
+                              images)
   m = mask.astype(jnp.float32)
   l1 = jnp.mean(jnp.abs(recon - images), axis=(1, 2, 3))
-  mse = jnp.mean(jnp.square((recon - images) / 2.0), axis=(1, 2, 3))
-  psnr = 10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
-  return {"l1": jnp.sum(l1 * m), "psnr": jnp.sum(psnr * m), "count": jnp.sum(m)}, recon
+  psnr = lambda y: image_quality.psnr(y, images, max_db=image_quality.PSNR_MAX_DB)
+  sums = {"l1": jnp.sum(l1 * m), "psnr": jnp.sum(psnr(recon) * m), "psnr_area_bicubic": jnp.sum(psnr(baseline) * m),
+          "count": jnp.sum(m)}
+  return sums, recon
 
 
 def evaluate_reconstruction(eval_fn, params, eval_batches, writer=None, step: int = 0,
                             level_arg=jnp.int32, image_dir: str | None = None) -> dict[str, float]:
-  """L1 and PSNR of reconstructions at every level on the same images; 'eval/loss' is the mean L1.
+  """L1 and PSNR of reconstructions, and the area+bicubic baseline's PSNR, at every level on the same images;
+  'eval/loss' is the mean L1.
 
   ``eval_fn(params, images, mask, level) -> (sums, recon)`` is a jitted ``eval_step``; works with global arrays
   spanning several processes (only replicated sums are fetched; the image grid is all-gathered once).
   """
   from jax.experimental import multihost_utils
 
-  totals = {lvl: {"l1": 0.0, "psnr": 0.0, "count": 0.0} for lvl in range(L.NUM_LEVELS)}
+  totals = {lvl: {} for lvl in range(L.NUM_LEVELS)}
   grid_rows = None
   for batch in eval_batches:
     rows = []
     for level in range(L.NUM_LEVELS):
       sums, recon = eval_fn(params, batch["image"], batch["mask"], level_arg(level))
       for k, v in jax.device_get(sums).items():
-        totals[level][k] += float(v)
+        totals[level][k] = totals[level].get(k, 0.0) + float(v)
       if grid_rows is None:
         rows.append(recon)
     if grid_rows is None:
       gathered = multihost_utils.process_allgather([batch["image"], batch["mask"]] + rows, tiled=True)
       keep = np.asarray(gathered[1], bool)
       grid_rows = [np.asarray(a)[keep][:8] for a in [gathered[0]] + gathered[2:]]
-  if totals[0]["count"] == 0:
+  if not totals[0].get("count"):
     return {}
   out = {}
   for level, t in totals.items():
-    out[f"eval/level{level}/l1"] = t["l1"] / t["count"]
-    out[f"eval/level{level}/psnr"] = t["psnr"] / t["count"]
+    for k in sorted(set(t) - {"count"}):
+      out[f"eval/level{level}/{k}"] = t[k] / t["count"]
   out["eval/loss"] = float(np.mean([out[f"eval/level{lvl}/l1"] for lvl in range(L.NUM_LEVELS)]))
   if writer is not None and grid_rows and len(grid_rows[0]):
     from cat_jax.metric_writers import make_image_grid
@@ -293,7 +310,7 @@ def _make_data(config, *, split: str, train: bool, process_batch: int):
                 process_count=jax.process_count())
   if train:
     return cat_data.make_train_iterator(source, levels=config.data.levels, seed=config.seed,
-                                        num_workers=config.data.num_workers,
+                                        num_workers=config.data.num_workers, level_mode=config.data.level_mode,
                                         level_weights=config.data.level_weights, **common)
   # Evaluation reconstructs every image at every level, so the level assignment does not matter here.
   return cat_data.make_eval_dataset(source, levels=0, **common)

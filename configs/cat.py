@@ -22,16 +22,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, z_channels=16,
                  head_attention=True, dtype="bfloat16", param_dtype="float32")
 
-  # Data: any cat_jax.data.get_source name. `levels`: a score manifest (python -m cat_jax.score), an int level
-  # for a fixed-rate baseline, or None for the source's built-in levels (the embedded dataset only).
+  # Data: any cat_jax.data.get_source name. `levels`: a score manifest (python -m cat_jax.score), one level for a
+  # fixed-rate baseline (0/1/2 or 8x/16x/32x, e.g. --config.data.levels=16x), or None for the source's built-in
+  # levels (the embedded dataset only).
+  # `level_mode`: 'content' is the paper's: each image trains only at its complexity level, so each batch costs
+  # that level's compute and the mix follows the data (simple images: the cheap 32x path). 'all': every level
+  # trains on every image, a level drawn per batch (`level_weights`, equal by default), independent of content:
+  # each path sees the whole distribution (what evaluating every level on every image asks for) and no scores
+  # are needed to train; a third of the steps then run the costliest (8x) path whatever the data.
   c.data = dict(source="tfds:imagenet2012", split="train", eval_split="validation", source_kwargs={},
-                levels=ml_collections.config_dict.placeholder(str), eval_levels=None, level_weights="proportional",
-                image_size=256, num_workers=8, on_bad_image="skip", min_size=64)
+                levels=ml_collections.config_dict.placeholder(str), level_mode="content", eval_levels=None,
+                level_weights="proportional", image_size=256, num_workers=8, on_bad_image="skip", min_size=64)
 
   c.batch_size = 256  # global, across all devices and hosts
   c.num_steps = 400_000
 
-  c.optimizer = dict(lr=1e-4, d_lr=1e-4, b1=0.5, b2=0.9, weight_decay=1e-4, warmup_steps=5_000,
+  c.optimizer = dict(lr=1e-4, d_lr=1e-4, b1=0.5, b2=0.9, eps=1e-8, weight_decay=1e-4, warmup_steps=5_000,
                      end_lr_factor=0.1, grad_clip=1.0)
   c.ema_decay = 0.9999
 
