@@ -106,13 +106,14 @@ def make_source(data: str | None, split: str | None, config) -> tuple[Any, str, 
   if data is None:
     name, kwargs = config.data.source, dict(config.data.source_kwargs)
     split = split or config.data.eval_split
-  elif data == "embedded" or data.startswith("tfds:"):
+  elif data in ("embedded", "heldout") or data.startswith("tfds:"):
     name, kwargs = data, {}
   elif data.startswith(("folder:", "chartqa:")):
     name, path = data.split(":", 1)
     kwargs = {"path": path}
   else:
-    raise ValueError(f"--data must be 'embedded', 'folder:PATH', 'chartqa:PATH' or 'tfds:NAME', got {data!r}")
+    raise ValueError(f"--data must be 'embedded', 'heldout', 'folder:PATH', 'chartqa:PATH' or 'tfds:NAME', got "
+                     f"{data!r}")
   if split is None:
     split = "all" if name == "folder" else "validation"
   source = get_source(name, split, **kwargs)
@@ -188,6 +189,7 @@ class _Row:
   level_of: Mapping[str, int] | int
   note: str = ""
   thresholds: tuple[float, float] | None = None
+  source: str = "model"  # whose reconstructions: 'model', 'area_bicubic' or a --compare name
 
   def levels(self, ids: Sequence[str]) -> np.ndarray:
     if isinstance(self.level_of, int):
@@ -237,10 +239,18 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
                    manifest: str | None = None, score_manifests: Mapping[str, str] | None = None,
                    measures: Sequence[str] = ("random", "jpeg", "mse"), budget_tokens: float | None = None,
                    inception_fn: Callable | None = None, lpips_fn: Callable | None = None,
-                   num_grid_images: int = 8, seed: int = 0, extra: Mapping[str, Any] | None = None) -> dict:
-  """Evaluates ``tok`` on ``source`` and writes every output file; returns the results dict."""
+                   num_grid_images: int = 8, seed: int = 0, extra: Mapping[str, Any] | None = None,
+                   compare: Mapping[str, tuple[Any, int]] | None = None, baselines: bool = True,
+                   bootstrap: int = 1000) -> dict:
+  """Evaluates ``tok`` on ``source`` and writes every output file; returns the results dict.
+
+  ``compare``: {row name: (another Tokenizer, level)}, e.g. separately trained fixed-rate models or a converted SD
+  VAE, each evaluated on the same images at one level. ``baselines``: add the no-learning area+bicubic rows.
+  ``bootstrap``: resamples for the 95% intervals over images (0: none).
+  """
   from cat_jax.complexity import levels as complexity_levels
   from cat_jax.data import load_levels, source_ids
+  from cat_jax.metrics.baselines import area_bicubic
   from cat_jax.metrics.evaluator import ReconstructionEvaluator
 
   out_dir = pathlib.Path(out_dir)
@@ -257,6 +267,12 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
 
   # Rows: fixed levels, adaptive, and one per complexity measure at the budget.
   rows = [_Row(name, lvl, f"every image at {L.FACTORS[lvl]}x") for lvl, name in enumerate(FIXED_ROWS)]
+  if baselines:
+    rows += [_Row(f"area_bicubic_{f}x", lvl, f"no learning: average-pool to the {f}x grid, bicubic upsampling "
+                  "(3 numbers per latent position)", source="area_bicubic") for lvl, f in enumerate(L.FACTORS)]
+  compare = dict(compare or {})
+  for name, (_, lvl) in compare.items():
+    rows.append(_Row(name, L.parse_level(lvl), f"{name} at {L.level_name(L.parse_level(lvl))}", source=name))
   notes = []
   if manifest is not None:
     level_of = load_levels(manifest, known_ids=all_ids)
@@ -290,6 +306,9 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
   warm = np.zeros((tok.batch_size, image_size, image_size, 3), np.float32)
   for lvl in range(L.NUM_LEVELS):  # compile outside the timed region
     np.asarray(tok.reconstruct_batch(warm, lvl))
+  for other, lvl in compare.values():
+    if other.batch_size != tok.batch_size:
+      raise ValueError(f"compared tokenizers need the same batch_size as the evaluated one ({tok.batch_size})")
   grid: list[list[np.ndarray]] = [[] for _ in range(L.NUM_LEVELS + 1)]
   seen_ids: list[str] = []
   for batch in _batches(source, tok, image_size):
@@ -306,9 +325,15 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
       seconds[lvl] += time.perf_counter() - start
       recons.append(np.clip(recon[valid], -1.0, 1.0))
     recons = np.stack(recons)  # (levels, n, H, W, 3)
+    by_source = {"model": recons}
+    if baselines:
+      by_source["area_bicubic"] = np.stack([np.asarray(area_bicubic(originals, lvl)) for lvl in range(L.NUM_LEVELS)])
+    for name, (other, lvl) in compare.items():
+      recon = np.clip(np.asarray(other.reconstruct_batch(batch["image"], L.parse_level(lvl)))[valid], -1.0, 1.0)
+      by_source[name] = np.broadcast_to(recon, (L.NUM_LEVELS,) + recon.shape)  # one level: the same at each
     for row in rows:
       lv = row.levels(batch_ids)
-      chosen = recons[lv, np.arange(len(batch_ids))]
+      chosen = by_source[row.source][lv, np.arange(len(batch_ids))]
       evaluators[row.name].update(originals, chosen, lv, num_tokens=tokens[lv])
     take = num_grid_images - len(grid[0])
     if take > 0:
@@ -347,12 +372,55 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
     if row.thresholds is not None:
       entry["thresholds"] = list(row.thresholds)
     results["rows"][row.name] = entry
+  _add_intervals_and_breakdown(results, evaluators, seen_ids, source, bootstrap, seed)
 
   (out_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=False, default=_json_default))
   (out_dir / "results.md").write_text(markdown_table(results))
   plot_rate_distortion(results, out_dir / "rate_distortion.png")
   _write_grids(grid, out_dir)
   return results
+
+
+def bootstrap_interval(values: np.ndarray, resamples: np.ndarray) -> list[float]:
+  """95% percentile interval of the mean of ``values`` over ``resamples`` (an (R, N) array of indices)."""
+  means = np.asarray(values, np.float64)[resamples].mean(axis=1)
+  return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def _add_intervals_and_breakdown(results: dict, evaluators: Mapping[str, Any], ids: Sequence[str], source,
+                                 bootstrap: int, seed: int) -> None:
+  """Bootstrap 95% intervals over images for each row's PSNR/SSIM and for its PSNR difference to fixed 16x
+  (paired: the same resampled images), and the mean PSNR per kind of image where the source names kinds."""
+  per_image = {name: {k: np.asarray(v) for k, v in ev.per_image.items() if len(v)} for name, ev in evaluators.items()}
+  reference = per_image.get(FIXED_ROWS[1], {}).get("psnr")
+  if bootstrap > 0:
+    resamples = np.random.default_rng(seed).integers(0, len(ids), size=(bootstrap, len(ids)))
+    results["bootstrap_resamples"] = bootstrap
+    for name, values in per_image.items():
+      row = results["rows"][name]
+      for metric in ("psnr", "ssim", "lpips"):
+        if metric in values:
+          row[f"{metric}_ci95"] = bootstrap_interval(values[metric], resamples)
+      if reference is not None and name != FIXED_ROWS[1]:
+        diff = values["psnr"] - reference
+        row["psnr_minus_fixed_16x"] = float(diff.mean())
+        row["psnr_minus_fixed_16x_ci95"] = bootstrap_interval(diff, resamples)
+  kind_of = _kinds(source, ids)
+  if kind_of is not None:
+    from cat_jax.data.embedded import KIND_NAMES
+    kinds = sorted(set(kind_of), key=KIND_NAMES.index)  # simplest first
+    results["kinds"] = {k: int(sum(1 for x in kind_of if x == k)) for k in kinds}
+    for name, values in per_image.items():
+      results["rows"][name]["psnr_per_kind"] = {
+          k: float(np.mean([v for v, x in zip(values["psnr"], kind_of) if x == k])) for k in kinds}
+
+
+def _kinds(source, ids: Sequence[str]) -> list[str] | None:
+  """The kind of each evaluated image (the embedded dataset's generator kinds, ordered simple to complex)."""
+  if not hasattr(source, "kind"):
+    return None
+  position = {i: k for k, i in enumerate(source.ids())}
+  return [source.kind(position[i]).name for i in ids]
 
 
 def _json_default(value):
@@ -378,15 +446,39 @@ _COLUMNS = (("mean_tokens", "mean tokens", "{:.1f}"), ("rfid", "rFID", "{:.3f}")
             ("psnr", "PSNR", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"), ("images_per_s", "images/s", "{:.1f}"))
 
 
+def _cell(row: Mapping[str, Any], key: str, fmt: str) -> str:
+  if key not in row:
+    return "-"
+  text = fmt.format(row[key])
+  if f"{key}_ci95" in row:  # the 95% bootstrap interval over images
+    lo, hi = row[f"{key}_ci95"]
+    text += f" [{fmt.format(lo)}, {fmt.format(hi)}]"
+  return text
+
+
 def _table(rows: Mapping[str, dict], names: Sequence[str]) -> list[str]:
   cols = [c for c in _COLUMNS if any(c[0] in rows[n] for n in names)]
-  lines = ["| setting | " + " | ".join(c[1] for c in cols) + " | images at 8x/16x/32x |",
-           "|---|" + "---:|" * len(cols) + "---|"]
+  paired = any("psnr_minus_fixed_16x" in rows[n] for n in names)
+  header = [c[1] for c in cols] + (["PSNR - fixed 16x"] if paired else [])
+  lines = ["| setting | " + " | ".join(header) + " | images at 8x/16x/32x |",
+           "|---|" + "---:|" * len(header) + "---|"]
   for n in names:
     r = rows[n]
-    cells = [fmt.format(r[key]) if key in r else "-" for key, _, fmt in cols]
+    cells = [_cell(r, key, fmt) for key, _, fmt in cols]
+    if paired:
+      cells.append(_cell(r, "psnr_minus_fixed_16x", "{:+.2f}"))
     counts = "/".join(str(r["level_counts"][f"{f}x"]) for f in L.FACTORS)
     lines.append(f"| {n} | " + " | ".join(cells) + f" | {counts} |")
+  return lines
+
+
+def _kinds_table(results: Mapping[str, Any]) -> list[str]:
+  """Mean PSNR per kind of image (columns simplest first) for every row: where adaptive wins and loses."""
+  kinds = list(results["kinds"])
+  lines = ["| setting | " + " | ".join(f"{k} ({results['kinds'][k]})" for k in kinds) + " |",
+           "|---|" + "---:|" * len(kinds)]
+  for name, row in results["rows"].items():
+    lines.append(f"| {name} | " + " | ".join(f"{row['psnr_per_kind'][k]:.2f}" for k in kinds) + " |")
   return lines
 
 
@@ -396,10 +488,17 @@ def markdown_table(results: Mapping[str, Any]) -> str:
   budget = [n for n in rows if n.startswith("budget:")]
   lines = [f"# Reconstruction: {results['dataset']} ({results['num_images']} images, "
            f"{results['image_size']}x{results['image_size']}, checkpoint step {results['checkpoint_step']})", ""]
+  if results.get("training"):
+    lines += ["Trained with " + ", ".join(f"{k}={v}" for k, v in results["training"].items()) + ".", ""]
+  if results.get("bootstrap_resamples"):
+    lines += [f"PSNR: mean of per-image PSNR capped at 50 dB; [brackets]: 95% bootstrap interval over images "
+              f"({results['bootstrap_resamples']} resamples; the difference to fixed 16x is paired).", ""]
   lines += _table(rows, main)
   if budget:
     lines += ["", f"## Complexity measures at {results['budget_tokens']:g} mean tokens per image (budget mode)", ""]
     lines += _table(rows, budget)
+  if results.get("kinds"):
+    lines += ["", "## PSNR per kind of image", ""] + _kinds_table(results)
   for key, text in results.get("skipped", {}).items():
     lines += ["", f"Note: {text}"]
   for text in results.get("notes", []):
@@ -445,10 +544,12 @@ def plot_rate_distortion(results: Mapping[str, Any], path: str | os.PathLike) ->
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m cat_jax.evaluate", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", required=True, help="training workdir (checkpoints/ and config.json)")
+  p.add_argument("--workdir", required=True, help="training workdir (checkpoints/ and config.json), a "
+                 "Tokenizer.save_pretrained directory, or 'demo' (the shipped tokenizer)")
   p.add_argument("--config", help="configs/cat.py[:variant]; checked against the checkpoint's config.json "
                  "(default: the checkpoint's own config)")
-  p.add_argument("--data", help="embedded | folder:PATH | chartqa:PATH | tfds:NAME (default: the config's source)")
+  p.add_argument("--data", help="embedded | heldout | folder:PATH | chartqa:PATH | tfds:NAME (default: the config's "
+                 "source)")
   p.add_argument("--split", help="split (default: the config's eval_split; 'all' for folders)")
   p.add_argument("--manifest", help="score manifest whose levels make the adaptive row")
   p.add_argument("--score_manifest", action="append", default=[], metavar="NAME=PATH",
@@ -465,10 +566,48 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no_ema", action="store_true", help="use the raw parameters instead of the EMA")
   p.add_argument("--inception_weights", help="converted FID Inception weights (python -m cat_jax.convert inception)")
   p.add_argument("--lpips_weights", help="converted LPIPS weights (python -m cat_jax.convert lpips)")
+  p.add_argument("--compare", action="append", default=[], metavar="NAME=PATH@LEVEL",
+                 help="another tokenizer on the same images at one level, e.g. fixed16=/runs/fixed16@16x or "
+                 "sd_vae=/weights/sdxl_vae@8x: a training workdir or a Tokenizer.save_pretrained / converted "
+                 "directory (repeatable)")
+  p.add_argument("--no_baselines", action="store_true", help="leave out the no-learning area+bicubic rows")
+  p.add_argument("--bootstrap", type=int, default=1000, help="resamples for 95%% intervals over images (0: none)")
   p.add_argument("--num_grid_images", type=int, default=8)
   p.add_argument("--seed", type=int, default=0, help="seed of the random measure")
   p.add_argument("--out", help="output folder (default <workdir>/eval)")
   return p
+
+
+def training_summary(config, step) -> dict[str, Any]:
+  """How the evaluated checkpoint was trained, as the report states it (level mode, steps, data)."""
+  data = config.get("data", {}) if hasattr(config, "get") else {}
+  mode = data.get("level_mode", "content") if hasattr(data, "get") else "content"
+  explain = {"content": "content (the paper's: each image at its complexity level)",
+             "all": "all (every level on every image, a level drawn per batch)"}
+  return {"level_mode": explain.get(mode, mode), "steps": step, "source": data.get("source") if data else None}
+
+
+def load_tokenizer(path: str, *, batch_size: int, step: int | None = None, use_ema: bool = True, config=None):
+  """A training workdir (its checkpoint) or a ``save_pretrained`` / converted directory (its config.json and
+  params.msgpack), as a Tokenizer."""
+  from cat_jax.tokenizer import PRETRAINED, PRETRAINED_PARAMS, Tokenizer
+
+  if path in PRETRAINED or os.path.isfile(os.path.join(path, PRETRAINED_PARAMS)):
+    return Tokenizer.from_pretrained(path, batch_size=batch_size)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path} is neither a training workdir nor a pretrained tokenizer directory")
+  return Tokenizer.from_checkpoint(path, step=step, use_ema=use_ema, batch_size=batch_size, config=config)
+
+
+def _parse_compare(items: Sequence[str], batch_size: int) -> dict[str, tuple[Any, int]]:
+  out = {}
+  for item in items:
+    name, sep, rest = item.partition("=")
+    path, at, level = rest.rpartition("@")
+    if not sep or not name or not at or not path:
+      raise ValueError(f"--compare expects NAME=PATH@LEVEL (e.g. fixed16=/runs/fixed16@16x), got {item!r}")
+    out[name] = (load_tokenizer(path, batch_size=batch_size), L.parse_level(level))
+  return out
 
 
 def _parse_named(items: Sequence[str]) -> dict[str, str]:
@@ -486,15 +625,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   logging.getLogger("absl").setLevel(logging.ERROR)
   try:
-    from cat_jax import checkpoint as ckpt
-    from cat_jax.tokenizer import Tokenizer
-
-    if not os.path.isdir(args.workdir):
-      raise FileNotFoundError(f"workdir {args.workdir} does not exist")
     config = load_config_file(args.config) if args.config else None
-    tok = Tokenizer.from_checkpoint(args.workdir, step=args.step, use_ema=not args.no_ema,
-                                    batch_size=args.batch_size, config=config)
-    config = config if config is not None else ckpt.load_config(args.workdir)
+    tok = load_tokenizer(args.workdir, batch_size=args.batch_size, step=args.step, use_ema=not args.no_ema,
+                         config=config)
+    config = config if config is not None else tok.config
     source, dataset, split = make_source(args.data, args.split, config)
     if args.num_images is not None:
       if args.num_images < 1:
@@ -514,13 +648,16 @@ def main(argv: Sequence[str] | None = None) -> int:
       from cat_jax.models.lpips import load_lpips
       lpips_fn = load_lpips(args.lpips_weights)
     image_size = args.image_size or int(config.data.image_size)
-    out = args.out or os.path.join(args.workdir, "eval")
+    out = args.out or (f"eval_{args.workdir}" if not os.path.isdir(args.workdir) else
+                       os.path.join(args.workdir, "eval"))
     results = run_evaluation(
         tok, source, out_dir=out, dataset=f"{dataset} ({split})", image_size=image_size, manifest=args.manifest,
         score_manifests=_parse_named(args.score_manifest), measures=measures, budget_tokens=args.budget_tokens,
         inception_fn=inception_fn, lpips_fn=lpips_fn, num_grid_images=args.num_grid_images, seed=args.seed,
-        extra={"workdir": os.path.abspath(args.workdir), "command": "python -m cat_jax.evaluate " +
-               " ".join(sys.argv[1:] if argv is None else argv)})
+        compare=_parse_compare(args.compare, tok.batch_size), baselines=not args.no_baselines,
+        bootstrap=args.bootstrap,
+        extra={"workdir": os.path.abspath(args.workdir), "training": training_summary(config, tok.step),
+               "command": "python -m cat_jax.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)})
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
