@@ -23,6 +23,8 @@ PARITY = [
     "lpips>=0.1.4",
     "pytorch-fid>=0.3.0",
     "scikit-image>=0.22",
+    "diffusers>=0.30",  # the SD VAE converter's parity tests (AutoencoderKL, its single-file key mapping)
+    "safetensors>=0.4",  # the SD VAE converter's only runtime need (python -m cat_jax.convert sd_vae)
 ]
 
 LLM = ["openai>=1.40"]  # the caption + LLM score's OpenAI-compatible client

@@ -238,6 +238,16 @@ class Tokenizer:
     except (AttributeError, TypeError, KeyError):
       return None
 
+  @property
+  def latent_scaling(self) -> dict[str, Any] | None:
+    """``{"scale": s, "shift": b}`` of a converted Stable Diffusion VAE (``config.json``'s ``latent_scaling``), else
+    None. ``encode``/``decode`` never apply it: a downstream diffusion model trains on ``(z - b) * s`` and its
+    samples go back through ``decode`` as ``z = z_model / s + b`` (diffusers' convention; see docs/sd_vae.md)."""
+    scaling = self.config.get("latent_scaling") if hasattr(self.config, "get") else None
+    if scaling is None:
+      return None
+    return scaling.to_dict() if hasattr(scaling, "to_dict") else dict(scaling)
+
   # -- levels ------------------------------------------------------------------------------------------------------
   def assign_levels(self, images: ImagesLike, levels: Any = None, *, ids: Sequence[str] | None = None,
                     manifest: str | os.PathLike | Mapping[str, int] | None = None, scorer: Any = None,

@@ -28,6 +28,7 @@ import optax
 from cat_jax import checkpoint as ckpt
 from cat_jax import levels as L
 from cat_jax import parallel
+from cat_jax import warm_start
 from cat_jax.losses import gan as gan_losses
 from cat_jax.losses.reconstruction import reconstruction_loss
 from cat_jax.metrics import image_quality
@@ -65,8 +66,9 @@ def make_optimizers(config) -> tuple[optax.GradientTransformation, optax.Gradien
   d_schedule = make_schedule(o.d_lr, o, config.num_steps)
   make = lambda schedule: optax.chain(optax.clip_by_global_norm(o.grad_clip),
                                       optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
-                                                                  weight_decay=o.weight_decay))
-  return make(g_schedule), make(d_schedule), g_schedule
+                                                  weight_decay=o.weight_decay))
+  g_tx = warm_start.maybe_freeze(make(g_schedule), config)  # warm start: the 8x path held still for a while
+  return g_tx, make(d_schedule), g_schedule
 
 
 def make_discriminator(config) -> PatchDiscriminator:
@@ -366,6 +368,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       logger.info("Resumed from step %d in %s", latest, workdir)
   else:
     state = jax.jit(init_fn, out_shardings=state_shardings)(init_rng)
+    if config.get("init_from"):  # converted weights (e.g. an SD VAE); the discriminator stays fresh
+      state = warm_start.warm_start(state, config)
+      if is_main:
+        logger.info("Initialised the nested VAE from %s", config.init_from)
     ckpt.save_config(workdir, config)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   if is_main:

@@ -3,6 +3,7 @@ r"""CAT nested-VAE training configs.
   python -m cat_jax.train --config configs/cat.py --workdir gs://bucket/cat       # ImageNet-256, paper-like
   python -m cat_jax.train --config configs/cat.py:demo --workdir /tmp/cat_demo    # embedded data, CPU, minutes
   python -m cat_jax.train --config configs/cat.py:runlocal --workdir /tmp/cat_rl  # a few steps, for tests
+  python -m cat_jax.train --config configs/cat.py:sd3 --config.init_from=DIR --workdir ...  # from an SD VAE
 
 Override anything with --config.key=value, e.g. --config.batch_size=64 --config.data.levels=/path/manifest.jsonl.
 """
@@ -12,8 +13,8 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "imagenet"
-  if variant not in ("imagenet", "demo", "runlocal"):
-    raise ValueError(f"unknown config variant {variant!r}; use imagenet (default), demo or runlocal")
+  if variant not in ("imagenet", "demo", "runlocal", "sd3", "sdxl"):
+    raise ValueError(f"unknown config variant {variant!r}; use imagenet (default), demo, runlocal, sd3 or sdxl")
   c = ml_collections.ConfigDict()
   c.variant = variant
   c.seed = 0
@@ -63,6 +64,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpointing = True
 
+  # Warm start (docs/sd_vae.md): a Tokenizer.from_pretrained directory, e.g. from `python -m cat_jax.convert sd_vae`;
+  # its converted 8x path gets no updates for the first freeze_pretrained_steps steps (-1: never).
+  c.init_from = ml_collections.config_dict.placeholder(str)
+  c.freeze_pretrained_steps = 0
+
   if variant == "demo":
     # The embedded graded-complexity dataset on a CPU: reconstructions visibly improve within minutes.
     c.model = dict(ch=16, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=1, z_channels=8, head_attention=False,
@@ -101,4 +107,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_batches = 1
     c.checkpoint_every = 3
     c.keep_checkpoints = 2
+
+  if variant in ("sd3", "sdxl"):
+    # From a converted SD VAE (python -m cat_jax.convert sd_vae ...; pass --config.init_from=DIR): sd3 is the
+    # 16-channel SD3 / FLUX VAE, sdxl the 4-channel SDXL (or SD 1.x/2.x) one. The model is the SD layout (widths
+    # 128, 256, 512, 512, then 512 for the new 16x/32x stages, 32 GroupNorm groups); the 8x path is frozen while
+    # the new stages learn to feed the pretrained heads, then everything is fine-tuned at a small learning rate.
+    c.model = dict(ch=128, ch_mult=(1, 2, 4, 4, 4, 4), num_res_blocks=2, z_channels=16 if variant == "sd3" else 4,
+                   head_attention=True, norm="group", norm_groups=32, shortcuts=False, dtype="bfloat16",
+                   param_dtype="float32")
+    c.freeze_pretrained_steps = 20_000
+    c.num_steps = 150_000
+    c.optimizer.update(lr=5e-5, warmup_steps=1_000)
+    c.loss.update(disc_start=20_000)
   return c
