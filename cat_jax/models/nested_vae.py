@@ -379,6 +379,9 @@ class NestedVAE(nn.Module):
       h = h + resize_channels(z, h.shape[-1])
     h = self._skip(self.dec_entry[level], self.dec_mid(h))
     for s in reversed(range(self._stage_of(level) + 1)):
+      if s == 0 and self.shortcuts:  # at full resolution the trunk also sees the patch code's image (deblocking)
+        base = patch_code.decode_patches(z, L.factor_for_level(level)).astype(h.dtype)
+        h = h + resize_channels(base, h.shape[-1])
       for block in self.dec_stages[s]:
         h = block(h)
       if s > 0:
