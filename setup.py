@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "pillow>=10.0",
     "scikit-image>=0.22",  # natural photos of the embedded default dataset
     "tqdm>=4.66",
+    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow (numpy + protobuf, no new dependencies)
     "matplotlib>=3.8",  # evaluate's rate-distortion plot
 ]
 

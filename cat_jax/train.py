@@ -249,9 +249,8 @@ def evaluate_reconstruction(eval_fn, params, eval_batches, writer=None, step: in
     grid = make_image_grid(grid_rows)
     writer.write_images(step, {"reconstructions/original_8x_16x_32x": grid})
     if image_dir is not None and jax.process_index() == 0:  # also as PNG, to look at without TensorBoard
-      from PIL import Image
-      os.makedirs(image_dir, exist_ok=True)
-      Image.fromarray(grid).save(os.path.join(image_dir, f"reconstructions_step{step:07d}.png"))
+      from cat_jax import storage
+      storage.write_png(storage.as_path(image_dir) / f"reconstructions_step{step:07d}.png", grid)
   return out
 
 
@@ -312,6 +311,7 @@ def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains to ``config.num_steps`` (resuming from ``workdir`` if it has checkpoints); returns the final state."""
   from cat_jax.data import make_global_batch
+  from cat_jax import storage
   from cat_jax.metric_writers import MetricWriter, ProgressBar, StepTimer
 
   is_main = jax.process_index() == 0
@@ -380,7 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     eval_ds = _make_data(config, split=config.data.eval_split, train=False, process_batch=process_batch)
     batches = (_global(b) for _, b in zip(range(config.eval_batches), eval_ds))
     return evaluate_reconstruction(jit_eval, state.ema_params, batches, writer, step, level_arg=level_arg,
-                                   image_dir=None if workdir.startswith("gs://") else os.path.join(workdir, "images"))
+                                   image_dir=os.fspath(storage.as_path(workdir) / "images"))
 
   def _global(batch):
     return make_global_batch(batch, parallel.batch_sharding(mesh))
