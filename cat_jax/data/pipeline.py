@@ -58,7 +58,7 @@ from cat_jax.data.level_map import resolve_levels
 from cat_jax.data.sources import source_ids
 from cat_jax.data.preprocess import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, BadImageError,
                                      BadImageReport, PreprocessConfig, preprocess)
-from cat_jax.levels import NUM_LEVELS, check_level
+from cat_jax.levels import NUM_LEVELS, parse_level
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def make_train_dataset(source: Any, *, levels: Mapping[str, int] | int | str | N
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   pi, pc = _process_index_and_count(process_index, process_count)
   if isinstance(level_weights, (int, np.integer)) and not isinstance(level_weights, bool):
-    levels, level_weights = check_level(int(level_weights)), None
+    levels, level_weights = parse_level(int(level_weights)), None
   if level_mode not in LEVEL_MODES:
     raise ValueError(f"level_mode must be one of {LEVEL_MODES}, got {level_mode!r}")
   if level_mode == "all":  # every image in every level's pool
