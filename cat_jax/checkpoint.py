@@ -88,7 +88,7 @@ class ElasticDataIterHandler(grain.checkpoint.CheckpointHandler):
           f"cannot restore the data position saved in {directory} onto {jax.process_count()} processes: "
           f"{'no state was saved' if not states else 'the saved processes are at different positions'} "
           f"(files: {[f.name for f in saved]}). Resume with the process count the run was saved with.")
-    logger.info("Data position saved by %d processes, restored onto %d.", len(saved), jax.process_count())
+    logger.warning("Data position saved by %d processes, restored onto %d.", len(saved), jax.process_count())
     item.set_state(json.loads(states.pop()))
     item.start_prefetch()
     return item

@@ -96,3 +96,31 @@ def test_resume_on_another_process_count_continues_the_data_order(tmp_path, save
       f"process_{i}-of-{saved_on}.json" for i in range(saved_on)]
   after = _run(tmp_path, "resume", MORE, resumed_on)
   assert before + after == _reference(SAVED_AT + MORE)
+
+
+def test_training_saved_by_two_processes_resumes_on_one(tmp_path):
+  """The whole trainer: a 2-process run's checkpoint (state, EMA, data position) continues on 1 process."""
+  import portpicker
+
+  train = [sys.executable, "-m", "cat_jax.train", "--config", str(ROOT / "configs/cat.py:runlocal"),
+           "--workdir", str(tmp_path), "--config.checkpoint_every=2", "--config.eval_every=1000",
+           "--config.log_every=1"]
+  base = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen(train + ["--config.num_steps=2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                                                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank)))
+           for rank in range(2)]
+  for proc in procs:
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+  resumed = subprocess.run(train + ["--config.num_steps=4"], capture_output=True, text=True, timeout=600,
+                           env=dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Resumed from step 2" in resumed.stderr
+  assert "Data position saved by 2 processes, restored onto 1" in resumed.stderr
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == 4
+  from cat_jax.metric_writers import read_metrics
+  assert [r["step"] for r in read_metrics(tmp_path) if "train/g_loss" in r] == [1, 2, 3, 4]
