@@ -79,17 +79,21 @@ class ElasticDataIterHandler(grain.checkpoint.CheckpointHandler):
   def restore(self, directory: epath.Path, item: Any = None, args: Any = None) -> Any:
     item = item if item is not None else args.item
     own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    if own.exists():
-      return super().restore(directory, item=item)
-    saved = sorted(directory.glob("process_*-of-*.json"))
+    saved = [own] if own.exists() else sorted(directory.glob("process_*-of-*.json"))
     states = {json.dumps(json.loads(f.read_text()), sort_keys=True) for f in saved}
     if len(states) != 1:
       raise ValueError(
           f"cannot restore the data position saved in {directory} onto {jax.process_count()} processes: "
           f"{'no state was saved' if not states else 'the saved processes are at different positions'} "
           f"(files: {[f.name for f in saved]}). Resume with the process count the run was saved with.")
-    logger.warning("Data position saved by %d processes, restored onto %d.", len(saved), jax.process_count())
-    item.set_state(json.loads(states.pop()))
+    if saved[0] != own:
+      logger.warning("Data position saved by %d processes, restored onto %d.", len(saved), jax.process_count())
+    state = json.loads(states.pop())
+    try:
+      item.set_state(state)
+    except KeyError as e:
+      raise ValueError(f"the data position in {directory} ({state}) was not written by this data pipeline "
+                       f"(missing {e}); resume with the cat_jax version that wrote it, or use a new workdir") from None
     item.start_prefetch()
     return item
 

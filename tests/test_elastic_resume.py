@@ -124,3 +124,21 @@ def test_training_saved_by_two_processes_resumes_on_one(tmp_path):
   assert steps[-1] == 4
   from cat_jax.metric_writers import read_metrics
   assert [r["step"] for r in read_metrics(tmp_path) if "train/g_loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_position_from_another_pipeline_or_diverged_processes_is_a_clear_error(tmp_path):
+  from etils import epath
+
+  from cat_jax import checkpoint as ckpt
+
+  it = make_train_iterator(EmbeddedSource("train", num_images=40, image_size=32), levels=None, batch_size=4,
+                           image_size=24, seed=0, process_index=0, process_count=1)
+  handler = ckpt.ElasticDataIterHandler()
+  (tmp_path / "process_0-of-1.json").write_text(json.dumps({"next_index": 3}))  # an older per-process format
+  with pytest.raises(ValueError, match="not written by this data pipeline"):
+    handler.restore(epath.Path(tmp_path), item=it)
+  for name, position in (("process_0-of-2.json", 4), ("process_1-of-2.json", 8)):
+    (tmp_path / name).write_text(json.dumps({"global_next_index": position}))
+  (tmp_path / "process_0-of-1.json").unlink()
+  with pytest.raises(ValueError, match="different positions"):
+    handler.restore(epath.Path(tmp_path), item=it)
