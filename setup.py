@@ -7,13 +7,14 @@ INSTALL_REQUIRES = [
     "flax>=0.11",
     "optax>=0.2.4",
     "orbax-checkpoint>=0.11",
-    "grain>=0.2.10",
+    "grain>=0.2.18",  # grain.experimental.ElasticIterator (the data position restores onto any process count)
     "tensorflow-datasets>=4.9.7",
     "ml-collections>=1.0",
     "numpy>=1.26",
     "pillow>=10.0",
     "scikit-image>=0.22",  # natural photos of the embedded default dataset
     "tqdm>=4.66",
+    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow (numpy + protobuf, no new dependencies)
     "matplotlib>=3.8",  # evaluate's rate-distortion plot
 ]
 

@@ -3,7 +3,9 @@
 Every checkpoint step holds three items:
   ``train_state``  the full TrainState except EMA (params, both optimiser states, discriminator, step),
   ``ema_params``   the EMA generator parameters (what inference loads; kept apart so a tokenizer restores only it),
-  ``data_iter``    the grain iterator state of every process (exact data-order resume).
+  ``data_iter``    the grain iterator state of every process (exact data-order resume). The training pipeline's
+                   position is global (``cat_jax.data.pipeline``), so a run saved by N processes restores onto M:
+                   each process reads its own file, or any process's when the process count changed.
 ``<workdir>/config.json`` records the config the run was started with, so a tokenizer can rebuild the model and a
 resumed run can refuse an incompatible config. Saves are asynchronous; ``wait()`` surfaces a failed save as an
 exception instead of losing it.
@@ -11,6 +13,7 @@ exception instead of losing it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any
@@ -65,6 +68,48 @@ def check_compatible(saved: ml_collections.ConfigDict, current: ml_collections.C
                      "\nUse a new --workdir, or set these back to the checkpoint's values.")
 
 
+class ElasticDataIterHandler(grain.checkpoint.CheckpointHandler):
+  """grain's orbax handler, restoring onto a different process count.
+
+  It writes ``process_<i>-of-<n>.json`` per process as grain's does. On restore, a process whose own file is
+  missing (the run was saved by another number of processes) takes the saved state, which must be the same in
+  every file: true for ``make_train_iterator`` (its state is the global element count), refused otherwise.
+  """
+
+  def restore(self, directory: epath.Path, item: Any = None, args: Any = None) -> Any:
+    item = item if item is not None else args.item
+    own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    saved = [own] if own.exists() else sorted(directory.glob("process_*-of-*.json"))
+    states = {json.dumps(json.loads(f.read_text()), sort_keys=True) for f in saved}
+    if len(states) != 1:
+      raise ValueError(
+          f"cannot restore the data position saved in {directory} onto {jax.process_count()} processes: "
+          f"{'no state was saved' if not states else 'the saved processes are at different positions'} "
+          f"(files: {[f.name for f in saved]}). Resume with the process count the run was saved with.")
+    if saved[0] != own:
+      logger.warning("Data position saved by %d processes, restored onto %d.", len(saved), jax.process_count())
+    state = json.loads(states.pop())
+    try:
+      item.set_state(state)
+    except KeyError as e:
+      raise ValueError(f"the data position in {directory} ({state}) was not written by this data pipeline "
+                       f"(missing {e}); resume with the cat_jax version that wrote it, or use a new workdir") from None
+    item.start_prefetch()
+    return item
+
+
+@ocp.args.register_with_handler(ElasticDataIterHandler, for_save=True)
+@dataclasses.dataclass
+class DataIterSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(ElasticDataIterHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIterRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
 class Checkpointer:
   """Keeps the latest ``keep`` checkpoints plus the best one by eval metric (lower is better)."""
 
@@ -81,7 +126,7 @@ class Checkpointer:
         checkpoint_dir(workdir), options=options,
         item_handlers={"train_state": ocp.StandardCheckpointHandler(),
                        "ema_params": ocp.StandardCheckpointHandler(),
-                       "data_iter": grain.checkpoint.CheckpointHandler()})
+                       "data_iter": ElasticDataIterHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -90,7 +135,7 @@ class Checkpointer:
            metrics: dict[str, float] | None = None, force: bool = False) -> bool:
     args = ocp.args.Composite(train_state=ocp.args.StandardSave(train_state),
                               ema_params=ocp.args.StandardSave(ema_params),
-                              data_iter=grain.checkpoint.CheckpointSave(data_iter))
+                              data_iter=DataIterSave(data_iter))
     metrics = {self.best_metric: metrics[self.best_metric]} if metrics and self.best_metric in metrics else None
     return self.manager.save(step, args=args, metrics=metrics, force=force)
 
@@ -99,7 +144,7 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(
         train_state=ocp.args.StandardRestore(abstract_train_state),
         ema_params=ocp.args.StandardRestore(abstract_ema),
-        data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+        data_iter=DataIterRestore(data_iter)))
     return out["train_state"], out["ema_params"], out["data_iter"]
 
   def wait(self) -> None:

@@ -1,20 +1,29 @@
 r"""Encodes images with a CAT checkpoint: latents (npz or array_record) and reconstructions.
 
-  python -m cat_jax.encode --checkpoint /tmp/cat_demo --input photos/ --out latents/ --level 16
+  python -m cat_jax.encode --checkpoint /tmp/cat_demo --input photos/ --out latents/ --level 16x
   python -m cat_jax.encode --checkpoint DIR --input photos/ --out latents/ --level auto --manifest scores.jsonl
   python -m cat_jax.encode --checkpoint DIR --input photo.png --out latents/ --level auto --scorer jpeg
 
 Images are decoded, resized (shorter side to ``--image_size``, default the checkpoint's training size) and
-centre-cropped, as in evaluation. ``--level``: 8, 16 or 32 (the downsampling factor) or ``auto``; auto takes each
-image's level from ``--manifest`` (ids are paths relative to the input folder, as ``python -m cat_jax.score --path``
-writes them) or from ``--scorer jpeg|mse`` with ``--thresholds LOW,HIGH`` (default: the inputs' score terciles).
-The mse scorer uses this checkpoint's own 32x reconstruction error.
+centre-cropped, as in evaluation. ``--level``: a level in either spelling (index 0 / 1 / 2 or factor 8 / 16 / 32,
+``8x`` / ``16x`` / ``32x``) or ``auto``; auto takes each image's level from ``--manifest`` (ids are paths relative
+to the input folder, as ``python -m cat_jax.score --path`` writes them) or from ``--scorer jpeg|mse`` with
+``--thresholds LOW,HIGH`` (default: the inputs' score terciles, kept in ``thresholds.json`` so a rerun uses the
+same). The mse scorer uses this checkpoint's own 32x reconstruction error.
+
+Real folders: a file that cannot be read or used (truncated, corrupt, too small, too large) is skipped and
+recorded in ``index.jsonl`` with the reason; the exit status is 1 when any was skipped (``--on_bad_image raise``
+stops at the first one instead, status 2). Rerunning the same command skips every image already encoded and
+retries the skipped ones; in ``index.jsonl`` the last row of an id is the current one. Images are processed a
+chunk at a time, with a progress bar (rate, ETA). ``--out`` may be any etils.epath location (gs://...) with
+``--format npz``.
 
 Outputs in ``--out``:
   ``latents/<id>.npz``         (npz format) ``latent`` (H/f, W/f, C) float32, ``level``, ``factor``, ``image_size``;
-  ``latents.array_record``     (array_record format) one record per image: the same npz, bytes;
+  ``latents.array_record``     (array_record format) one record per image: the same npz, bytes (a resumed run
+                               writes ``latents-<n>.array_record``; each row names its ``record_file``);
   ``reconstructions/<id>.png`` unless ``--no_reconstructions``;
-  ``index.jsonl``              one line per image: id, level, factor, tokens, latent shape, files.
+  ``index.jsonl``              one line per image: id, level, factor, tokens, latent shape, files; or id and error.
 """
 
 from __future__ import annotations
@@ -30,6 +39,9 @@ from typing import Sequence
 import numpy as np
 
 from cat_jax import levels as L
+from cat_jax import storage
+
+ON_BAD_IMAGE = ("skip", "raise")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,64 +49,128 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--checkpoint", required=True, help="training workdir (or <workdir>/checkpoints/<step>)")
   p.add_argument("--input", required=True, help="an image file or a folder of images (searched recursively)")
-  p.add_argument("--out", required=True, help="output folder")
-  p.add_argument("--level", default="16", help="8, 16, 32 (downsampling factor) or auto (default 16)")
+  p.add_argument("--out", required=True, help="output folder (local or gs://...)")
+  p.add_argument("--level", default="16x", help="0/1/2 or 8x/16x/32x (8/16/32), or auto (default 16x)")
   p.add_argument("--manifest", help="score manifest for --level auto")
   p.add_argument("--scorer", choices=("jpeg", "mse"), help="complexity scorer for --level auto")
   p.add_argument("--thresholds", help="LOW,HIGH score thresholds for --scorer (default: terciles of the inputs)")
   p.add_argument("--format", choices=("npz", "array_record"), default="npz")
   p.add_argument("--image_size", type=int, help="default: the checkpoint's data.image_size")
   p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--chunk", type=int, default=256, help="images decoded and encoded at a time")
+  p.add_argument("--on_bad_image", choices=ON_BAD_IMAGE, default="skip",
+                 help="skip (record in index.jsonl, exit status 1) or raise (stop at the first)")
   p.add_argument("--no_reconstructions", action="store_true")
   p.add_argument("--no_ema", action="store_true", help="raw parameters instead of the EMA")
   return p
 
 
-def _load_inputs(path: str, image_size: int) -> tuple[list[str], np.ndarray]:
-  from cat_jax.data.preprocess import PreprocessConfig, preprocess
+# -- inputs ---------------------------------------------------------------------------------------------------------
+def list_inputs(path: str) -> list[tuple[str, pathlib.Path]]:
+  """(id, file) of every image: a single file, or a folder searched recursively (ids relative to it)."""
   from cat_jax.data.sources import FolderSource
 
   p = pathlib.Path(path).expanduser()
   if p.is_file():
-    files = [(p.name, p)]
-  elif p.is_dir():
-    source = FolderSource(str(p), "all")
-    files = [(i, p / i) for i in source.ids()]
-  else:
-    raise FileNotFoundError(f"--input {path} is neither an image file nor a folder")
-  config = PreprocessConfig(image_size=image_size, on_bad_image="raise")
-  images = [preprocess(f.read_bytes(), config, path=str(f), rng=None) for _, f in files]
-  return [i for i, _ in files], np.stack(images)
+    return [(p.name, p)]
+  if p.is_dir():
+    return [(i, p / i) for i in FolderSource(str(p), "all").ids()]
+  raise FileNotFoundError(f"--input {path} is neither an image file nor a folder")
 
 
-def _levels(args, tok, ids: list[str], images: np.ndarray) -> np.ndarray:
-  from cat_jax.complexity import levels as complexity_levels
+def load_image(path: pathlib.Path, image_size: int) -> np.ndarray:
+  """The model input of one file; raises BadImageError (unreadable, corrupt, truncated, tiny or huge)."""
+  from cat_jax.data.preprocess import BadImageError, PreprocessConfig, preprocess
+
+  try:
+    data = path.read_bytes()
+  except OSError as e:
+    raise BadImageError(str(path), f"cannot read file ({type(e).__name__}: {e.strerror or e})") from e
+  return preprocess(data, PreprocessConfig(image_size=image_size, on_bad_image="raise"), path=str(path), rng=None)
+
+
+def _chunks(items: list, size: int):
+  for s in range(0, len(items), size):
+    yield items[s:s + size]
+
+
+# -- levels ---------------------------------------------------------------------------------------------------------
+def _scorer(args, tok):
   from cat_jax.complexity import scorers
 
-  if args.level != "auto":
-    if args.manifest or args.scorer:
-      raise ValueError("--manifest and --scorer only apply with --level auto")
-    try:
-      return tok.assign_levels(images, L.level_for_factor(int(args.level)))
-    except ValueError:
-      raise ValueError(f"--level must be 8, 16, 32 or auto, got {args.level!r}") from None
-  if bool(args.manifest) == bool(args.scorer):
-    raise ValueError("--level auto needs exactly one of --manifest PATH or --scorer jpeg|mse")
-  if args.manifest:
-    from cat_jax.data import load_levels
-    return tok.assign_levels(images, "auto", ids=ids, manifest=load_levels(args.manifest))
   if args.scorer == "jpeg":
-    scorer = scorers.JpegScorer(image_size=None)
-  else:
-    scorer = scorers.MseScorer(image_size=None,
-                               reconstruct_fn=lambda x: tok.reconstruct(x, L.NUM_LEVELS - 1, clip=True))
+    return scorers.JpegScorer(image_size=None)
+  return scorers.MseScorer(image_size=None, reconstruct_fn=lambda x: tok.reconstruct(x, L.NUM_LEVELS - 1, clip=True))
+
+
+def _score(scorer, image_id: str, image: np.ndarray) -> float:
   from cat_jax.data.preprocess import from_model_range
-  scores = [float(scorer.score({"id": i, "image": from_model_range(x)})["score"]) for i, x in zip(ids, images)]
-  thresholds = (complexity_levels.parse_thresholds(args.thresholds) if args.thresholds
-                else complexity_levels.quantile_thresholds(scores))
-  return complexity_levels.levels_for_scores(scores, thresholds)
+
+  return float(scorer.score({"id": image_id, "image": from_model_range(image)})["score"])
 
 
+def _thresholds(args, out, scorer, files, image_size: int) -> tuple[float, float]:
+  """--thresholds, else those of an earlier run of this --out, else the terciles of every input's score."""
+  from cat_jax.complexity import levels as complexity_levels
+  from cat_jax.data.preprocess import BadImageError
+
+  if args.thresholds:
+    return complexity_levels.parse_thresholds(args.thresholds)
+  saved = out / "thresholds.json"
+  if saved.exists():
+    return tuple(json.loads(saved.read_text())["thresholds"])
+  scores = []
+  for image_id, path in files:
+    try:
+      scores.append(_score(scorer, image_id, load_image(path, image_size)))
+    except BadImageError:
+      continue  # recorded by the encoding pass
+  if not scores:
+    raise ValueError("no readable image to derive --thresholds from")
+  thresholds = tuple(float(t) for t in complexity_levels.quantile_thresholds(scores))
+  storage.write_text(saved, json.dumps({"method": args.scorer, "thresholds": thresholds}) + "\n")
+  return thresholds
+
+
+class _LevelOf:
+  """Level of each image: a fixed one, from a manifest, or from a scorer's score and thresholds."""
+
+  def __init__(self, args, tok, out, files, image_size: int):
+    from cat_jax.complexity import levels as complexity_levels
+
+    self._levels_for_scores = complexity_levels.levels_for_scores
+    self.fixed = self.manifest = self.scorer = None
+    if args.level.strip().lower() != "auto":
+      if args.manifest or args.scorer:
+        raise ValueError("--manifest and --scorer only apply with --level auto")
+      try:
+        self.fixed = L.parse_level(args.level)
+      except ValueError as e:
+        raise ValueError(f"--level must be auto or a level: {e}") from None
+      return
+    if bool(args.manifest) == bool(args.scorer):
+      raise ValueError("--level auto needs exactly one of --manifest PATH or --scorer jpeg|mse")
+    if args.manifest:
+      from cat_jax.data import load_levels
+      self.manifest = load_levels(args.manifest)
+      missing = [i for i, _ in files if i not in self.manifest]
+      if missing:
+        raise ValueError(f"{len(missing)} of {len(files)} images are not in the manifest {args.manifest}, "
+                         f"e.g. {missing[:3]}")
+      return
+    self.scorer = _scorer(args, tok)
+    self.thresholds = _thresholds(args, out, self.scorer, files, image_size)
+
+  def __call__(self, ids: Sequence[str], images: Sequence[np.ndarray]) -> list[int]:
+    if self.fixed is not None:
+      return [self.fixed] * len(ids)
+    if self.manifest is not None:
+      return [L.parse_level(self.manifest[i]) for i in ids]
+    scores = [_score(self.scorer, i, x) for i, x in zip(ids, images)]
+    return [int(v) for v in self._levels_for_scores(scores, self.thresholds)]
+
+
+# -- outputs --------------------------------------------------------------------------------------------------------
 def _npz_bytes(latent: np.ndarray, level: int, image_size: int) -> bytes:
   buf = io.BytesIO()
   np.savez(buf, latent=latent.astype(np.float32), level=np.int32(level), factor=np.int32(L.FACTORS[level]),
@@ -102,56 +178,147 @@ def _npz_bytes(latent: np.ndarray, level: int, image_size: int) -> bytes:
   return buf.getvalue()
 
 
+def read_index(out) -> dict[str, dict]:
+  """The current row of every id in ``out/index.jsonl`` (the last one written)."""
+  rows = {}
+  for line in storage.read_lines(storage.as_path(out) / "index.jsonl"):
+    if line.strip():
+      row = json.loads(line)
+      rows[row["id"]] = row
+  return rows
+
+
+def _record_file(out) -> str:
+  """latents.array_record, or latents-<n>.array_record when earlier runs wrote the first ones."""
+  name, n = "latents.array_record", 0
+  while (out / name).exists():
+    n += 1
+    name = f"latents-{n}.array_record"
+  return name
+
+
+class _Writer:
+  """Writes one image's outputs and its index row."""
+
+  def __init__(self, args, out, image_size: int):
+    self.out, self.image_size = out, image_size
+    self.reconstructions = not args.no_reconstructions
+    self.records = None
+    if args.format == "array_record":
+      if not storage.is_local(out):
+        raise ValueError("--format array_record writes a local file: use a local --out, or --format npz")
+      from array_record.python.array_record_module import ArrayRecordWriter
+      self.record_file = _record_file(out)
+      self.records = ArrayRecordWriter(os.fspath(out / self.record_file), "group_size:1")
+      self.count = 0
+    self.index = storage.AppendFile(out / "index.jsonl")
+
+  def encoded(self, image_id: str, latent: np.ndarray, level: int, recon: np.ndarray | None) -> None:
+    from cat_jax.data.preprocess import from_model_range
+
+    row = {"id": image_id, "level": level, "factor": L.FACTORS[level],
+           "tokens": int(latent.shape[0] * latent.shape[1]), "latent_shape": list(latent.shape),
+           "image_size": self.image_size}
+    data = _npz_bytes(latent, level, self.image_size)
+    if self.records is not None:
+      self.records.write(data)
+      row.update(record_file=self.record_file, record=self.count)
+      self.count += 1
+    else:
+      row["latent_file"] = f"latents/{image_id}.npz"
+      storage.write_bytes(self.out / row["latent_file"], data)
+    if recon is not None:
+      row["reconstruction"] = f"reconstructions/{os.path.splitext(image_id)[0]}.png"
+      storage.write_png(self.out / row["reconstruction"], from_model_range(recon))
+    self.index.write(json.dumps(row) + "\n")
+
+  def failed(self, image_id: str, reason: str) -> None:
+    self.index.write(json.dumps({"id": image_id, "error": reason}) + "\n")
+
+  def flush(self) -> None:
+    self.index.flush()
+
+  def close(self) -> None:
+    self.index.close()
+    if self.records is not None:
+      self.records.close()
+
+
+# -- the command ----------------------------------------------------------------------------------------------------
+def encode_folder(args, tok, out, files, image_size: int) -> dict:
+  """Encodes every file not yet encoded in ``out``; returns the run's counts."""
+  import tqdm
+
+  from cat_jax.data.preprocess import BadImageError
+
+  done = {i for i, row in read_index(out).items() if "error" not in row}
+  todo = [(i, p) for i, p in files if i not in done]
+  level_of = _LevelOf(args, tok, out, files, image_size)
+  counts = {"encoded": 0, "failed": 0, "already": len(files) - len(todo), "levels": [0] * L.NUM_LEVELS,
+            "tokens": 0}
+  writer = _Writer(args, out, image_size)
+  bar = tqdm.tqdm(total=len(todo), unit="img", desc="encode", dynamic_ncols=True, file=sys.stderr,
+                  mininterval=1.0 if sys.stderr.isatty() else 30.0)
+  try:
+    for chunk in _chunks(todo, max(1, args.chunk)):
+      ids, images = [], []
+      for image_id, path in chunk:
+        try:
+          images.append(load_image(path, image_size))
+          ids.append(image_id)
+        except BadImageError as e:
+          if args.on_bad_image == "raise":
+            raise
+          writer.failed(image_id, e.reason)
+          counts["failed"] += 1
+      if ids:
+        levels = level_of(ids, images)
+        latents = tok.encode(images, levels)
+        recons = tok.decode(latents) if writer.reconstructions else [None] * len(ids)
+        for image_id, latent, level, recon in zip(ids, latents.values, latents.levels, recons):
+          writer.encoded(image_id, latent, int(level), recon)
+          counts["levels"][int(level)] += 1
+          counts["tokens"] += int(latent.shape[0] * latent.shape[1])
+        counts["encoded"] += len(ids)
+      writer.flush()
+      bar.update(len(chunk))
+      bar.set_postfix(encoded=counts["encoded"], skipped=counts["failed"], refresh=False)
+  finally:
+    bar.close()
+    writer.close()
+  return counts
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  try:
-    from PIL import Image
+  from cat_jax.data.preprocess import BadImageError
 
-    from cat_jax.data.preprocess import from_model_range
+  try:
     from cat_jax.tokenizer import Tokenizer
 
+    files = list_inputs(args.input)
     tok = Tokenizer.from_checkpoint(args.checkpoint, use_ema=not args.no_ema, batch_size=args.batch_size)
     image_size = args.image_size or tok.image_size
     if not image_size:
       raise ValueError("the checkpoint's config has no data.image_size; pass --image_size")
-    ids, images = _load_inputs(args.input, image_size)
-    level_arr = _levels(args, tok, ids, images)
+    out = storage.as_path(os.path.expanduser(args.out) if storage.is_local(args.out) else args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = encode_folder(args, tok, out, files, image_size)
+  except BadImageError as e:
+    print(f"error: {e} (--on_bad_image raise; rerun to continue after fixing or removing it)", file=sys.stderr)
+    return 2
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  latents = tok.encode(images, level_arr)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  recons = None if args.no_reconstructions else tok.decode(latents)
-  writer = None
-  if args.format == "array_record":
-    from array_record.python.array_record_module import ArrayRecordWriter
-    writer = ArrayRecordWriter(str(out / "latents.array_record"), "group_size:1")
-  with open(out / "index.jsonl", "w", encoding="utf-8") as index:
-    for k, (image_id, latent, level) in enumerate(zip(ids, latents.values, latents.levels)):
-      level = int(level)
-      record = {"id": image_id, "level": level, "factor": L.FACTORS[level], "tokens": int(latent.shape[0] *
-                latent.shape[1]), "latent_shape": list(latent.shape), "image_size": image_size}
-      data = _npz_bytes(latent, level, image_size)
-      if writer is not None:
-        writer.write(data)
-        record["record"] = k
-      else:
-        path = out / "latents" / (image_id + ".npz")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        record["latent_file"] = str(path.relative_to(out))
-      if recons is not None:
-        path = out / "reconstructions" / (os.path.splitext(image_id)[0] + ".png")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(from_model_range(recons[k])).save(path)
-        record["reconstruction"] = str(path.relative_to(out))
-      index.write(json.dumps(record) + "\n")
-  if writer is not None:
-    writer.close()
-  counts = np.bincount(latents.levels, minlength=L.NUM_LEVELS)
-  print(f"encoded {len(ids)} images (8x/16x/32x: {counts[0]}/{counts[1]}/{counts[2]}, mean tokens "
-        f"{latents.num_tokens.mean():.1f}) from step {tok.step} into {out}")
+  n = counts["encoded"]
+  mix = "/".join(str(c) for c in counts["levels"])
+  print(f"encoded {n} images ({'/'.join(L.level_name(l) for l in range(L.NUM_LEVELS))}: {mix}, mean tokens "
+        f"{counts['tokens'] / max(n, 1):.1f}) from step {tok.step} into {out}"
+        + (f"; {counts['already']} already encoded" if counts["already"] else ""))
+  if counts["failed"]:
+    print(f"skipped {counts['failed']} bad or unreadable files; each is in {out}/index.jsonl with the reason "
+          "(rerun to retry them)", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from cat_jax import levels as L
+from cat_jax import storage
 
 logger = logging.getLogger("cat_jax.evaluate")
 
@@ -253,7 +255,7 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
   from cat_jax.metrics.baselines import area_bicubic
   from cat_jax.metrics.evaluator import ReconstructionEvaluator
 
-  out_dir = pathlib.Path(out_dir)
+  out_dir = storage.as_path(out_dir)  # local or an object store (gs://...)
   out_dir.mkdir(parents=True, exist_ok=True)
   score_manifests = dict(score_manifests or {})
   unknown = set(measures) - set(BUILTIN_MEASURES)
@@ -374,8 +376,9 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
     results["rows"][row.name] = entry
   _add_intervals_and_breakdown(results, evaluators, seen_ids, source, bootstrap, seed)
 
-  (out_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=False, default=_json_default))
-  (out_dir / "results.md").write_text(markdown_table(results))
+  storage.write_text(out_dir / "results.json", json.dumps(results, indent=2, sort_keys=False,
+                                                         default=_json_default))
+  storage.write_text(out_dir / "results.md", markdown_table(results))
   plot_rate_distortion(results, out_dir / "rate_distortion.png")
   _write_grids(grid, out_dir)
   return results
@@ -429,16 +432,14 @@ def _json_default(value):
   raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _write_grids(grid: list[list[np.ndarray]], out_dir: pathlib.Path, per_image: int = 8) -> None:
-  from PIL import Image
-
+def _write_grids(grid: list[list[np.ndarray]], out_dir, per_image: int = 8) -> None:
   from cat_jax.metric_writers import make_image_grid
 
   for old in out_dir.glob("reconstructions_*.png"):
     old.unlink()
   for s in range(0, len(grid[0]), per_image):
     rows = [np.stack(r[s:s + per_image]) for r in grid]
-    Image.fromarray(make_image_grid(rows)).save(out_dir / f"reconstructions_{s // per_image:03d}.png")
+    storage.write_png(out_dir / f"reconstructions_{s // per_image:03d}.png", make_image_grid(rows))
 
 
 # -- reports --------------------------------------------------------------------------------------------------------
@@ -536,8 +537,10 @@ def plot_rate_distortion(results: Mapping[str, Any], path: str | os.PathLike) ->
   fig.suptitle(f"{results['dataset']}: rate-distortion ({results['num_images']} images, "
                f"{results['image_size']}px)")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110)
   plt.close(fig)
+  storage.write_bytes(path, buf.getvalue())
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
@@ -592,9 +595,9 @@ def load_tokenizer(path: str, *, batch_size: int, step: int | None = None, use_e
   params.msgpack), as a Tokenizer."""
   from cat_jax.tokenizer import PRETRAINED, PRETRAINED_PARAMS, Tokenizer
 
-  if path in PRETRAINED or os.path.isfile(os.path.join(path, PRETRAINED_PARAMS)):
+  if path in PRETRAINED or (storage.as_path(path) / PRETRAINED_PARAMS).is_file():
     return Tokenizer.from_pretrained(path, batch_size=batch_size)
-  if not os.path.isdir(path):
+  if not storage.as_path(path).is_dir():
     raise FileNotFoundError(f"{path} is neither a training workdir nor a pretrained tokenizer directory")
   return Tokenizer.from_checkpoint(path, step=step, use_ema=use_ema, batch_size=batch_size, config=config)
 
@@ -625,6 +628,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   logging.getLogger("absl").setLevel(logging.ERROR)
   try:
+    from cat_jax.tokenizer import PRETRAINED
+
     config = load_config_file(args.config) if args.config else None
     tok = load_tokenizer(args.workdir, batch_size=args.batch_size, step=args.step, use_ema=not args.no_ema,
                          config=config)
@@ -648,15 +653,16 @@ def main(argv: Sequence[str] | None = None) -> int:
       from cat_jax.models.lpips import load_lpips
       lpips_fn = load_lpips(args.lpips_weights)
     image_size = args.image_size or int(config.data.image_size)
-    out = args.out or (f"eval_{args.workdir}" if not os.path.isdir(args.workdir) else
-                       os.path.join(args.workdir, "eval"))
+    out = args.out or (f"eval_{args.workdir}" if args.workdir in PRETRAINED else
+                       os.fspath(storage.as_path(args.workdir) / "eval"))
     results = run_evaluation(
         tok, source, out_dir=out, dataset=f"{dataset} ({split})", image_size=image_size, manifest=args.manifest,
         score_manifests=_parse_named(args.score_manifest), measures=measures, budget_tokens=args.budget_tokens,
         inception_fn=inception_fn, lpips_fn=lpips_fn, num_grid_images=args.num_grid_images, seed=args.seed,
         compare=_parse_compare(args.compare, tok.batch_size), baselines=not args.no_baselines,
         bootstrap=args.bootstrap,
-        extra={"workdir": os.path.abspath(args.workdir), "training": training_summary(config, tok.step),
+        extra={"workdir": os.path.abspath(args.workdir) if storage.is_local(args.workdir) else args.workdir,
+               "training": training_summary(config, tok.step),
                "command": "python -m cat_jax.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)})
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -1,108 +1,32 @@
 """Training observability: JSONL + TensorBoard metric writer, image grids, progress bar, step timer.
 
-TensorBoard event files are written without TensorFlow: each event is a hand-encoded `Event` protobuf
-(only the handful of fields we need) framed as a TFRecord with masked CRC32C checksums. Multi-host runs
-create every object with ``enabled=jax.process_index() == 0`` so that metrics are written once.
+TensorBoard event files are written by tensorboardX's ``SummaryWriter`` (no TensorFlow). The workdir may be any
+``etils.epath`` location: on an object store (``gs://``) ``metrics.jsonl`` is written in parts
+(``cat_jax.storage.AppendFile``) and event files are written locally and uploaded once each, at most every
+``object_store_flush_secs``, so nothing is ever rewritten in place. Multi-host runs create every object with
+``enabled=jax.process_index() == 0`` so that metrics are written once.
 """
 
 from __future__ import annotations
 
-import io
+import itertools
 import json
 import math
 import os
-import socket
-import struct
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tqdm
-from PIL import Image
 
-# ---------------------------------------------------------------- CRC32C (Castagnoli), table driven.
+from cat_jax import storage
 
-
-def _crc32c_table() -> list[int]:
-  table = []
-  for byte in range(256):
-    crc = byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    table.append(crc)
-  return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """CRC-32C of `data` (pure Python, ~15 MB/s: fine at logging intervals)."""
-  crc, table = 0xFFFFFFFF, _CRC_TABLE
-  for byte in data:
-    crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-  """The TFRecord checksum: CRC-32C rotated right by 15 bits plus a constant."""
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(data: bytes) -> bytes:
-  """Frames `data` as one TFRecord: length, crc(length), data, crc(data)."""
-  length = struct.pack("<Q", len(data))
-  return length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data))
-
-
-# ---------------------------------------------------------------- Minimal protobuf encoding.
-
-
-def _varint(value: int) -> bytes:
-  value &= (1 << 64) - 1  # Negative int64 values are encoded as their 64-bit two's complement.
-  out = bytearray()
-  while value > 0x7F:
-    out.append((value & 0x7F) | 0x80)
-    value >>= 7
-  out.append(value)
-  return bytes(out)
-
-
-def _int_field(number: int, value: int) -> bytes:
-  return _varint(number << 3) + _varint(value)
-
-
-def _bytes_field(number: int, payload: bytes) -> bytes:
-  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _event(step: int, *, summary_values: Sequence[bytes] = (), file_version: str | None = None) -> bytes:
-  """An `Event` proto: wall_time=1 (double), step=2, file_version=3, summary=5 (`Summary.value`=1)."""
-  event = _varint(1 << 3 | 1) + struct.pack("<d", time.time()) + _int_field(2, step)
-  if file_version is not None:
-    event += _bytes_field(3, file_version.encode())
-  if summary_values:
-    event += _bytes_field(5, b"".join(_bytes_field(1, value) for value in summary_values))
-  return event
-
-
-def _scalar_value(tag: str, value: float) -> bytes:
-  """`Summary.Value` with tag=1 and simple_value=2 (float32)."""
-  return _bytes_field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value)
-
-
-def _image_value(tag: str, image: np.ndarray) -> bytes:
-  """`Summary.Value` with tag=1 and image=4 (`Image`: height=1, width=2, colorspace=3, PNG bytes=4)."""
-  height, width, channels = image.shape
-  png = io.BytesIO()
-  Image.fromarray(image[..., 0] if channels == 1 else image).save(png, format="PNG")
-  proto = (_int_field(1, height) + _int_field(2, width) + _int_field(3, channels)
-           + _bytes_field(4, png.getvalue()))
-  return _bytes_field(1, tag.encode()) + _bytes_field(4, proto)
-
+_EVENT_FILES = itertools.count()  # Unique event-file names for writers opened within the same second.
+_EVENTS_FLUSH_SECS = 10
 
 # ---------------------------------------------------------------- Images.
 
@@ -159,26 +83,76 @@ def _json_number(value: Any) -> int | float | str:
   return value if math.isfinite(value) else str(value)  # "nan", "inf", "-inf": keeps the file valid JSON.
 
 
+class _EventFiles:
+  """A tensorboardX ``SummaryWriter`` over ``logdir``; on an object store, over a local staging folder whose
+  finished event files are uploaded (one object each) at ``flush(force=True)`` or every ``part_secs``."""
+
+  def __init__(self, logdir: str, *, part_secs: float):
+    self.local = storage.is_local(logdir)
+    self.logdir = logdir
+    self._dir = logdir if self.local else tempfile.mkdtemp(prefix="cat_jax_events_")
+    self._part_secs = part_secs
+    self._opened = time.monotonic()
+    self._writer = None
+
+  @property
+  def writer(self):
+    if self._writer is None:
+      from tensorboardX import SummaryWriter
+
+      # The writer's thread flushes every flush_secs; close() drains everything.
+      self._writer = SummaryWriter(self._dir, flush_secs=_EVENTS_FLUSH_SECS,
+                                   filename_suffix=f".{os.getpid()}.{next(_EVENT_FILES):06d}")
+      self._opened = time.monotonic()
+    return self._writer
+
+  def flush(self, *, force: bool = False) -> None:
+    if self._writer is None:
+      return
+    if self.local:
+      self._writer.flush()
+      return
+    if not force and time.monotonic() - self._opened < self._part_secs:
+      return
+    self._writer.close()
+    self._writer = None
+    for name in sorted(os.listdir(self._dir)):
+      local = os.path.join(self._dir, name)
+      with open(local, "rb") as f:
+        storage.write_bytes(storage.as_path(self.logdir) / name, f.read())
+      os.remove(local)
+
+  def close(self) -> None:
+    self.flush(force=True)
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+    if not self.local:
+      shutil.rmtree(self._dir, ignore_errors=True)
+
+
 class MetricWriter:
   """Writes scalars to ``workdir/metrics.jsonl`` and scalars and images to ``workdir/tensorboard/``.
 
-  Each `write_*` call flushes both files, so a run that dies keeps everything logged before. With
-  ``enabled=False`` (non-zero processes) every method does nothing and no file is created.
+  On a local workdir each ``write_*`` call flushes the JSONL log, and the event file is flushed by tensorboardX
+  every few seconds, so a run that dies keeps (nearly) everything logged before; on an object store
+  (``gs://...``) data reaches the store at most every ``object_store_flush_secs`` and at ``close``. With ``enabled=False`` (non-zero processes) every method does nothing and no file is created.
+  Read ``metrics.jsonl`` back with ``read_metrics(workdir)`` (it also reads the parts an object store holds).
   """
 
-  def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
+  def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, object_store_flush_secs: float = 60.0):
     self.enabled = enabled
     if not enabled:
       return
-    tb_dir = os.path.join(workdir, "tensorboard")
-    os.makedirs(tb_dir, exist_ok=True)
-    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-    self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # Append: resumed runs continue the log.
-    # A new event file per run (TensorBoard reads all files in the directory), named as TensorFlow does.
-    name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0"
-    self.event_path = os.path.join(tb_dir, name)
-    self._events = open(self.event_path, "wb")
-    self._events.write(tfrecord(_event(0, file_version="brain.Event:2")))
+    workdir = os.fspath(workdir)
+    self.jsonl_path = storage.as_path(workdir) / "metrics.jsonl"
+    # Appends: resumed runs continue the log.
+    self._jsonl = storage.AppendFile(self.jsonl_path, min_part_seconds=object_store_flush_secs)
+    # A new event file per run (TensorBoard reads all files in the directory).
+    self._events = _EventFiles(os.path.join(workdir, "tensorboard") if storage.is_local(workdir)
+                               else os.fspath(storage.as_path(workdir) / "tensorboard"),
+                               part_secs=object_store_flush_secs)
+    self._events.writer  # noqa: B018 (creates the event file now, as TensorFlow's writers do)
     self.flush()
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -189,16 +163,18 @@ class MetricWriter:
     record = {"step": step, "time": time.time()}
     record.update({key: _json_number(value) for key, value in scalars.items()})
     self._jsonl.write(json.dumps(record) + "\n")
-    values = [_scalar_value(key, float(np.asarray(value))) for key, value in scalars.items()]
-    self._events.write(tfrecord(_event(step, summary_values=values)))
+    walltime = time.time()
+    for key, value in scalars.items():
+      self._events.writer.add_scalar(key, float(np.asarray(value)), step, walltime=walltime)
     self.flush()
 
   def write_images(self, step: int, images: Mapping[str, Any]) -> None:
     """Logs ``{tag: image}``: HWC, or NHWC shown as one row; uint8, or float in [-1, 1]."""
     if not self.enabled:
       return
-    values = [_image_value(tag, _as_hwc(image)) for tag, image in images.items()]
-    self._events.write(tfrecord(_event(int(step), summary_values=values)))
+    walltime = time.time()
+    for tag, image in images.items():
+      self._events.writer.add_image(tag, _as_hwc(image), int(step), walltime=walltime, dataformats="HWC")
     self.flush()
 
   def flush(self) -> None:
@@ -207,7 +183,7 @@ class MetricWriter:
       self._events.flush()
 
   def close(self) -> None:
-    if self.enabled and not self._events.closed:
+    if self.enabled and not self._jsonl.closed:
       self._jsonl.close()
       self._events.close()
 
@@ -216,6 +192,11 @@ class MetricWriter:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of ``workdir/metrics.jsonl`` in writing order (every run, every object-store part)."""
+  return [json.loads(line) for line in storage.read_lines(storage.as_path(workdir) / "metrics.jsonl") if line]
 
 
 # ---------------------------------------------------------------- Progress and throughput.

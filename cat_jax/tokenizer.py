@@ -6,8 +6,9 @@
   latents = tok.encode(images, levels="auto", scorer=JpegScorer(), thresholds=(0.8, 2.0))
   images = tok.decode(latents)                                         # same order as the input
 
-Levels are indices (``cat_jax.levels``): 0 = 8x, 1 = 16x, 2 = 32x. ``Latents.values[i]`` is image i's own latent
-grid ``(H / f, W / f, C)`` (the posterior mean, or a sample with ``rng``), not the model's 8x canvas.
+Levels are indices (``cat_jax.levels``): 0 = 8x, 1 = 16x, 2 = 32x; every ``levels=`` argument also takes the factor
+spelling (8 / 16 / 32, '8x' / '16x' / '32x'). ``Latents.levels`` holds indices. ``Latents.values[i]`` is image i's
+own latent grid ``(H / f, W / f, C)`` (the posterior mean, or a sample with ``rng``), not the model's 8x canvas.
 
 Images of mixed levels (and sizes) are bucketed internally: each bucket runs in fixed-size batches (the last one
 padded), so every (level, image size) compiles once, and outputs come back in input order. Batches are split over
@@ -252,8 +253,9 @@ class Tokenizer:
   def assign_levels(self, images: ImagesLike, levels: Any = None, *, ids: Sequence[str] | None = None,
                     manifest: str | os.PathLike | Mapping[str, int] | None = None, scorer: Any = None,
                     thresholds: Sequence[float] | None = None) -> np.ndarray:
-    """Level index of every image: from an int, a per-image sequence, or ``"auto"`` (manifest or scorer).
+    """Level index of every image: from one level, a per-image sequence, or ``"auto"`` (manifest or scorer).
 
+    A level is an index 0 / 1 / 2 or a factor 8 / 16 / 32 / '8x' / '16x' / '32x' (``cat_jax.levels.parse_level``).
     ``levels=None`` means ``"auto"`` when a manifest or scorer is given. With a manifest, ``ids`` name the images
     (the manifest's ids). With a scorer (``.method`` and ``.score(item) -> {"score": ...}``, see
     ``cat_jax.complexity``), ``thresholds`` map scores to levels (default ``(3, 6)`` for the LLM methods; raw
@@ -265,18 +267,14 @@ class Tokenizer:
         raise ValueError("levels=None needs a manifest or a scorer for automatic levels; pass levels=<0|1|2> "
                          "(8x|16x|32x), a level per image, or levels='auto' with manifest= or scorer=")
       levels = "auto"
-    if isinstance(levels, str):
-      if levels != "auto":
-        raise ValueError(f"levels must be None, 'auto', a level index or a sequence of them, got {levels!r}")
+    if isinstance(levels, str) and levels.strip().lower() == "auto":
       return self._auto_levels(images, ids=ids, manifest=manifest, scorer=scorer, thresholds=thresholds)
-    if isinstance(levels, (int, np.integer)) and not isinstance(levels, bool):
-      return np.full(n, L.check_level(int(levels)), np.int32)
+    if isinstance(levels, (str, int, np.integer)):
+      return np.full(n, L.parse_level(levels), np.int32)
     arr = np.asarray(levels)
     if arr.shape != (n,):
       raise ValueError(f"expected one level per image ({n}), got shape {arr.shape}")
-    for lvl in arr.tolist():
-      L.check_level(lvl)
-    return arr.astype(np.int32)
+    return np.array([L.parse_level(lvl) for lvl in arr.tolist()], np.int32)
 
   def _auto_levels(self, images, *, ids, manifest, scorer, thresholds) -> np.ndarray:
     from cat_jax.complexity import levels as complexity_levels
@@ -358,7 +356,7 @@ class Tokenizer:
     images = np.asarray(images, np.float32)
     if images.shape[0] != self.batch_size:
       raise ValueError(f"reconstruct_batch needs exactly batch_size={self.batch_size} images, got {images.shape[0]}")
-    return self._reconstruct_fn(self.params, self._put(images), level=L.check_level(int(level)))
+    return self._reconstruct_fn(self.params, self._put(images), level=L.parse_level(level))
 
   # -- helpers -----------------------------------------------------------------------------------------------------
   def _put(self, batch: np.ndarray) -> jax.Array:

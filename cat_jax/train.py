@@ -49,6 +49,7 @@ class TrainState:
   ema_params: Any
   d_params: Any          # discriminator
   d_opt_state: Any
+  d_batch_stats: Any     # the discriminator's power-iteration vectors (disc.norm='spectral'); {} otherwise
   lecam_ema: jax.Array   # (2,): running means of real / fake discriminator logits (LeCam)
   all_finite: jax.Array  # False from the first step whose losses or gradients were not finite
 
@@ -72,25 +73,37 @@ def make_optimizers(config) -> tuple[optax.GradientTransformation, optax.Gradien
 
 
 def make_discriminator(config) -> PatchDiscriminator:
-  if config.disc.norm == "spectral":
-    raise ValueError("disc.norm='spectral' keeps power-iteration state the trainer does not carry yet; "
-                     "use 'group' or 'none'")
   return PatchDiscriminator(**config.disc)
+
+
+def apply_discriminator(disc: PatchDiscriminator, d_params, d_batch_stats, images, *, update_stats: bool = False):
+  """Patch logits and the discriminator's batch_stats, one power iteration further if ``update_stats``.
+
+  Only 'spectral' normalisation has batch_stats (``{}`` otherwise, returned unchanged). The trainer advances
+  them once per discriminator update, on the real batch, as PyTorch's spectral_norm does once per forward.
+  """
+  variables = {"params": d_params, **({"batch_stats": d_batch_stats} if d_batch_stats else {})}
+  if not (update_stats and d_batch_stats):
+    return disc.apply(variables, images), d_batch_stats
+  logits, updates = disc.apply(variables, images, update_stats=True, mutable=["batch_stats"])
+  return logits, updates["batch_stats"]
 
 
 def init_train_state(rng, *, model: NestedVAE, disc: PatchDiscriminator, g_tx, d_tx, image_size: int) -> TrainState:
   g_rng, d_rng = jax.random.split(rng)
   # Parameter shapes do not depend on the image size: init the VAE on a small image (every branch runs at init).
   params = model.init(g_rng, jnp.zeros((1, 2 * L.MAX_FACTOR, 2 * L.MAX_FACTOR, model.in_channels)), 0)["params"]
-  d_params = disc.init(d_rng, jnp.zeros((1, image_size, image_size, model.in_channels)))["params"]
+  d_variables = disc.init(d_rng, jnp.zeros((1, image_size, image_size, model.in_channels)))
+  d_params = d_variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=g_tx.init(params),
                     ema_params=jax.tree.map(jnp.copy, params), d_params=d_params, d_opt_state=d_tx.init(d_params),
+                    d_batch_stats=dict(d_variables.get("batch_stats", {})),
                     lecam_ema=jnp.zeros((2,), jnp.float32), all_finite=jnp.ones((), bool))
 
 
 # -- losses ---------------------------------------------------------------------------------------------------------
 def generator_loss_fn(params, d_params, images, level, rng, lpips_params, gan_scale, *, model: NestedVAE,
-                      disc: PatchDiscriminator, lpips_module, loss_cfg, use_gan: bool = True):
+                      disc: PatchDiscriminator, lpips_module, loss_cfg, use_gan: bool = True, d_batch_stats=None):
   """Total generator loss and its parts. ``gan_scale`` is 0 before the discriminator starts, 1 after;
   ``use_gan=False`` leaves the GAN terms out of the computation altogether."""
   posterior = model.apply({"params": params}, images, level, method=NestedVAE.encode)
@@ -111,7 +124,7 @@ def generator_loss_fn(params, d_params, images, level, rng, lpips_params, gan_sc
     return loss_cfg.recon_weight * rec + loss_cfg.lpips_weight * lp, (rec, lp)
 
   def gan_of(recon):
-    logits = disc.apply({"params": d_params}, recon)
+    logits, _ = apply_discriminator(disc, d_params, d_batch_stats, recon)
     return gan_losses.generator_loss(fake_logit=logits, loss_type=loss_cfg.gan_loss)
 
   head = params["dec_conv_out"]
@@ -139,16 +152,19 @@ def generator_loss_fn(params, d_params, images, level, rng, lpips_params, gan_sc
   return total, aux
 
 
-def discriminator_loss_fn(d_params, images, recon, lecam_ema, *, disc: PatchDiscriminator, loss_cfg):
-  apply = lambda x: disc.apply({"params": d_params}, x)
-  real, fake = apply(images), apply(jax.lax.stop_gradient(recon))
+def discriminator_loss_fn(d_params, images, recon, lecam_ema, *, disc: PatchDiscriminator, loss_cfg,
+                          d_batch_stats=None):
+  """The discriminator loss and ``(real logits, fake logits, updated batch_stats)``."""
+  real, d_batch_stats = apply_discriminator(disc, d_params, d_batch_stats, images, update_stats=True)
+  apply = lambda x: apply_discriminator(disc, d_params, d_batch_stats, x)[0]
+  fake = apply(jax.lax.stop_gradient(recon))
   loss = gan_losses.discriminator_loss(real_logit=real, fake_logit=fake, loss_type=loss_cfg.gan_loss)
   if loss_cfg.lecam_weight > 0:
     loss += loss_cfg.lecam_weight * gan_losses.lecam_regularizer(
         real_logit=real, fake_logit=fake, ema_real=lecam_ema[0], ema_fake=lecam_ema[1])
   if loss_cfg.r1_weight > 0:
     loss += 0.5 * loss_cfg.r1_weight * gan_losses.r1_penalty(apply, images)
-  return loss, (real, fake)
+  return loss, (real, fake, d_batch_stats)
 
 
 # -- the step -------------------------------------------------------------------------------------------------------
@@ -170,7 +186,7 @@ def train_step(state: TrainState, images, level, lpips_params, base_rng, *, mode
   gan_scale = gan_losses.gan_weight_schedule(state.step, start_step=loss_cfg.disc_start)
 
   g_fn = functools.partial(generator_loss_fn, model=model, disc=disc, lpips_module=lpips_module, loss_cfg=loss_cfg,
-                           use_gan=use_gan)
+                           use_gan=use_gan, d_batch_stats=state.d_batch_stats)
   (g_total, aux), grads = jax.value_and_grad(g_fn, has_aux=True)(
       state.params, state.d_params, images, level, rng, lpips_params, gan_scale)
   updates, opt_state = g_tx.update(grads, state.opt_state, state.params)
@@ -179,8 +195,8 @@ def train_step(state: TrainState, images, level, lpips_params, base_rng, *, mode
   ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
 
   if use_gan:
-    d_fn = functools.partial(discriminator_loss_fn, disc=disc, loss_cfg=loss_cfg)
-    (d_loss, (real, fake)), d_grads = jax.value_and_grad(d_fn, has_aux=True)(
+    d_fn = functools.partial(discriminator_loss_fn, disc=disc, loss_cfg=loss_cfg, d_batch_stats=state.d_batch_stats)
+    (d_loss, (real, fake, d_batch_stats)), d_grads = jax.value_and_grad(d_fn, has_aux=True)(
         state.d_params, images, aux["recon"], state.lecam_ema)
     d_updates, d_opt_state = d_tx.update(d_grads, state.d_opt_state, state.d_params)
     d_params = optax.apply_updates(state.d_params, d_updates)
@@ -188,12 +204,14 @@ def train_step(state: TrainState, images, level, lpips_params, base_rng, *, mode
     keep_if_inactive = lambda new, old: jnp.where(active, new, old)
     d_params = jax.tree.map(keep_if_inactive, d_params, state.d_params)
     d_opt_state = jax.tree.map(keep_if_inactive, d_opt_state, state.d_opt_state)
+    d_batch_stats = jax.tree.map(keep_if_inactive, d_batch_stats, state.d_batch_stats)
     lecam_ema = jnp.where(active, jnp.stack(gan_losses.lecam_ema_update(
         ema_real=state.lecam_ema[0], ema_fake=state.lecam_ema[1], real_logit=real, fake_logit=fake)),
                           state.lecam_ema)
     d_grad_norm = optax.tree.norm(d_grads)
   else:
-    d_params, d_opt_state, lecam_ema = state.d_params, state.d_opt_state, state.lecam_ema
+    d_params, d_opt_state, d_batch_stats, lecam_ema = (state.d_params, state.d_opt_state, state.d_batch_stats,
+                                                       state.lecam_ema)
     d_loss = real = fake = d_grad_norm = jnp.zeros((), jnp.float32)
 
   grad_norm = optax.tree.norm(grads)
@@ -201,7 +219,7 @@ def train_step(state: TrainState, images, level, lpips_params, base_rng, *, mode
   metrics = dict(aux["metrics"], d_loss=d_loss, logits_real=jnp.mean(real), logits_fake=jnp.mean(fake),
                  grad_norm=grad_norm, d_grad_norm=d_grad_norm, gan_scale=gan_scale, lr=g_schedule(state.step))
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params,
-                         d_params=d_params, d_opt_state=d_opt_state, lecam_ema=lecam_ema,
+                         d_params=d_params, d_opt_state=d_opt_state, d_batch_stats=d_batch_stats, lecam_ema=lecam_ema,
                          all_finite=state.all_finite & finite)
   return new_state, metrics
 
@@ -268,9 +286,8 @@ def evaluate_reconstruction(eval_fn, params, eval_batches, writer=None, step: in
     grid = make_image_grid(grid_rows)
     writer.write_images(step, {"reconstructions/original_8x_16x_32x": grid})
     if image_dir is not None and jax.process_index() == 0:  # also as PNG, to look at without TensorBoard
-      from PIL import Image
-      os.makedirs(image_dir, exist_ok=True)
-      Image.fromarray(grid).save(os.path.join(image_dir, f"reconstructions_step{step:07d}.png"))
+      from cat_jax import storage
+      storage.write_png(storage.as_path(image_dir) / f"reconstructions_step{step:07d}.png", grid)
   return out
 
 
@@ -331,6 +348,7 @@ def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains to ``config.num_steps`` (resuming from ``workdir`` if it has checkpoints); returns the final state."""
   from cat_jax.data import make_global_batch
+  from cat_jax import storage
   from cat_jax.metric_writers import MetricWriter, ProgressBar, StepTimer
 
   is_main = jax.process_index() == 0
@@ -403,7 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     eval_ds = _make_data(config, split=config.data.eval_split, train=False, process_batch=process_batch)
     batches = (_global(b) for _, b in zip(range(config.eval_batches), eval_ds))
     return evaluate_reconstruction(jit_eval, state.ema_params, batches, writer, step, level_arg=level_arg,
-                                   image_dir=None if workdir.startswith("gs://") else os.path.join(workdir, "images"))
+                                   image_dir=os.fspath(storage.as_path(workdir) / "images"))
 
   def _global(batch):
     return make_global_batch(batch, parallel.batch_sharding(mesh))

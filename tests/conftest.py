@@ -40,3 +40,13 @@ def chat_server():
   for server in servers:
     server.__exit__(None, None, None)
     assert not server.overflowed, "a client sent more requests than the test allows"
+
+
+@pytest.fixture
+def object_store():
+  """gs:// paths go to an in-memory object store (no append; ``.writes`` counts writes per object)."""
+  import fake_object_store
+
+  undo = fake_object_store.install()
+  yield fake_object_store.FakeObjectStore
+  undo()

@@ -1,110 +1,66 @@
-"""An in-memory object store behind ``etils.epath`` for ``gs://`` paths, with the limits of a real one.
+"""A gs:// object store in memory, with an object store's rules: no append, and every write counted."""
 
-Objects are read and written whole: opening for append raises (GCS cannot append without rewriting the object),
-"directories" exist only as name prefixes, and every completed write is counted per object, so a test can show
-that a writer adds new objects instead of rewriting old ones. Install with ``use_fake_object_store(monkeypatch)``.
-"""
-
-from __future__ import annotations
-
-import collections
-import fnmatch
-import io
-import posixpath
-
-from etils.epath import backend, gpath, stat_utils
+import fsspec
+from fsspec.implementations.memory import MemoryFileSystem
 
 
-class _ObjectWriter(io.BytesIO):
-  def __init__(self, store: "FakeObjectStore", path: str):
+class FakeObjectStore(MemoryFileSystem):
+  """fsspec filesystem for ``gs://`` / ``gcs://`` (what etils.epath uses without TensorFlow).
+
+  Opening for append raises, as on GCS; ``writes[path]`` counts how often each object was written, so a test can
+  check that no object is rewritten.
+  """
+
+  protocol = ("gs", "gcs")
+  root_marker = ""
+  store: dict = {}
+  pseudo_dirs: list = [""]
+  writes: dict = {}
+
+  @classmethod
+  def _strip_protocol(cls, path):
+    path = fsspec.utils.stringify_path(path)
+    for prefix in ("gs://", "gcs://"):
+      if path.startswith(prefix):
+        path = path[len(prefix):]
+    return path.rstrip("/")
+
+  def __init__(self, *args, **kwargs):  # gcsfs options (finalize_on_close, ...) do not apply
     super().__init__()
-    self._store, self._path = store, path
 
-  def close(self) -> None:
-    if not self.closed:
-      self._store.objects[self._path] = self.getvalue()
-      self._store.writes[self._path] += 1
-    super().close()
-
-
-class FakeObjectStore(backend.Backend):
-  """The subset of ``etils.epath.backend.Backend`` a ``gs://`` path uses, kept in a dict."""
-
-  def __init__(self):
-    self.objects: dict[str, bytes] = {}
-    self.writes: collections.Counter = collections.Counter()
-
-  def _children(self, path: str) -> list[str]:
-    prefix = path.rstrip("/") + "/"
-    return [k for k in self.objects if k.startswith(prefix)]
-
-  def open(self, path, mode):
+  def _open(self, path, mode="rb", **kwargs):
     if "a" in mode or "+" in mode:
-      raise io.UnsupportedOperation(f"{path}: an object store cannot append (mode {mode!r})")
+      raise NotImplementedError(f"an object store cannot open {path} with mode {mode!r}")
+    path = self._strip_protocol(path)
     if "w" in mode:
-      writer = _ObjectWriter(self, path)
-      return writer if "b" in mode else io.TextIOWrapper(writer, encoding="utf-8")
-    if path not in self.objects:
-      raise FileNotFoundError(path)
-    data = io.BytesIO(self.objects[path])
-    return data if "b" in mode else io.TextIOWrapper(data, encoding="utf-8")
+      self.writes[path] = self.writes.get(path, 0) + 1
+    return super()._open(path, mode, **kwargs)
 
-  def exists(self, path) -> bool:
-    return path in self.objects or bool(self._children(path))
-
-  def isdir(self, path) -> bool:
-    return bool(self._children(path))
-
-  def listdir(self, path) -> list[str]:
-    prefix = path.rstrip("/") + "/"
-    return sorted({k[len(prefix):].split("/", 1)[0] for k in self._children(path)})
-
-  def glob(self, path) -> list[str]:
-    return sorted(k for k in self.objects if fnmatch.fnmatchcase(k, path) and
-                  posixpath.dirname(k) == posixpath.dirname(path))
-
-  def walk(self, top, *, top_down=True, on_error=None):
-    raise NotImplementedError("walk")
-
-  def makedirs(self, path, *, exist_ok=False, mode=None) -> None:
-    pass  # an object store has no directories
-
-  def mkdir(self, path, *, exist_ok=False, mode=None) -> None:
-    pass
-
-  def rmtree(self, path) -> None:
-    children = self._children(path)
-    if not children:
-      raise FileNotFoundError(path)
-    for k in children:
-      del self.objects[k]
-
-  def remove(self, path) -> None:
-    if path not in self.objects:
-      raise FileNotFoundError(path)
-    del self.objects[path]
-
-  def rename(self, path, dst) -> None:
-    self.replace(path, dst)
-
-  def replace(self, path, dst) -> None:
-    self.copy(path, dst, overwrite=True)
-    self.remove(path)
-
-  def copy(self, path, dst, overwrite: bool) -> None:
-    if dst in self.objects and not overwrite:
-      raise FileExistsError(dst)
-    self.objects[dst] = self.objects[path]
-    self.writes[dst] += 1
-
-  def stat(self, path) -> stat_utils.StatResult:
-    return stat_utils.StatResult(is_directory=self.isdir(path), length=len(self.objects.get(path, b"")),
-                                 mtime=0, owner=None, group=None, mode=None)
+  @classmethod
+  def reset(cls):
+    cls.store.clear()
+    cls.pseudo_dirs[:] = [""]
+    cls.writes.clear()
 
 
-def use_fake_object_store(monkeypatch) -> FakeObjectStore:
-  """Routes every ``gs://`` epath operation to a new ``FakeObjectStore`` for the rest of the test."""
-  store = FakeObjectStore()
-  monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "gs", store)  # pylint: disable=protected-access
-  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False, raising=False)  # else tf's gfile is used
-  return store
+def install():
+  """Routes gs:// through FakeObjectStore for etils.epath; returns an undo function."""
+  from etils.epath import backend
+  from fsspec.registry import _registry
+
+  previous = {p: _registry.get(p) for p in FakeObjectStore.protocol}
+  for p in FakeObjectStore.protocol:
+    fsspec.register_implementation(p, FakeObjectStore, clobber=True)
+  backend.fsspec_backend._get_filesystem.cache_clear()
+  FakeObjectStore.reset()
+
+  def undo():
+    FakeObjectStore.reset()
+    for p, cls in previous.items():
+      if cls is None:
+        _registry.pop(p, None)
+      else:
+        _registry[p] = cls
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+  return undo

@@ -20,7 +20,6 @@ from cat_jax.complexity.scorers import (CaptionLLMScorer, JpegScorer, MseScorer,
 from cat_jax.data import load_levels
 from cat_jax.data.embedded import EmbeddedSource
 from fake_chat_server import Reply, dead_base_url
-from fake_object_store import use_fake_object_store
 
 GOOD_PERCEPTION = "FACES: no, none\nTEXT: yes, a few words\nDETAIL: medium, about five objects"
 HI = [{"role": "user", "content": "hi"}]
@@ -620,14 +619,14 @@ def test_dead_endpoint_stops_the_run_with_one_error(tmp_path):
 # --- manifests on an object store (gs://) -----------------------------------------------------------------
 
 
-def test_manifest_on_an_object_store_adds_objects_and_never_appends(monkeypatch):
-  store = use_fake_object_store(monkeypatch)
+def test_manifest_on_an_object_store_adds_objects_and_never_appends(object_store):
+  store = object_store
   path = "gs://bucket/scores/m.jsonl"
   with manifest_lib.ManifestWriter(path, header={"scorer": {"method": "jpeg"}}, flush_every=2,
                                    flush_seconds=float("inf")) as w:
     for k in range(5):
       w.write({"id": f"i{k}", "score": float(k), "level": None, "method": "jpeg"})
-  parts = sorted(k for k in store.objects if k.startswith("gs://bucket/scores/m.jsonl.parts/"))
+  parts = sorted(k for k in store.store if k.startswith("bucket/scores/m.jsonl.parts/"))
   assert len(parts) == 3  # header + 5 records, two lines per object
   assert all(store.writes[p] == 1 for p in parts)  # each object written once, none rewritten
   assert sorted(manifest_lib.read_manifest(path)) == [f"i{k}" for k in range(5)]
@@ -641,14 +640,14 @@ def test_manifest_on_an_object_store_adds_objects_and_never_appends(monkeypatch)
   assert manifest_lib.read_header(path) == {"scorer": {"method": "jpeg"}}  # written once, by the first run
 
 
-def test_runner_on_an_object_store(monkeypatch):
-  store = use_fake_object_store(monkeypatch)
+def test_runner_on_an_object_store(object_store):
+  store = object_store
   out = "gs://bucket/run/scores.jsonl"
   items = [{"id": f"i{k}", "value": None if k == 4 else float(k)} for k in range(9)]
   summary = score_source(items, CountingScorer(), out, workers=2, progress=False)
   assert (summary.scored, summary.failed) == (8, 1)
-  assert sorted(store.objects) == [out, out + ".thresholds.json"]  # parts merged and removed
-  assert store.writes[out] == 1 and store.writes[out + ".thresholds.json"] == 1
+  assert sorted(store.store) == [out[5:], out[5:] + ".thresholds.json"]  # parts merged and removed
+  assert store.writes[out[5:]] == 1 and store.writes[out[5:] + ".thresholds.json"] == 1
   levels = load_levels(out)
   assert levels == {f"i{k}": lvl for k, lvl in zip([0, 1, 2, 3, 5, 6, 7, 8], [2, 2, 2, 1, 1, 1, 0, 0])}
   # Resuming the finished run sends nothing and keeps the levels.

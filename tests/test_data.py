@@ -243,46 +243,63 @@ def train_iter(source, process_index, process_count, seed=0, **kwargs):
                              process_count=process_count, **kwargs)
 
 
-@pytest.mark.parametrize("process_count", [1, 2])
-def test_demo_pipeline_epochs_single_level_shards_and_restore(demo_source, process_count):
-  level_of = demo_source.builtin_levels()
-  per_process = []
-  for p in range(process_count):
-    it = train_iter(demo_source, p, process_count)
-    batches, restored = [], None
-    for step in range(STEPS):
-      if step == 17:
-        state = it.get_state()
-      batches.append(next(it))
-    restored_it = train_iter(demo_source, p, process_count)
-    restored_it.set_state(state)
-    for expected in batches[17:23]:
-      got = next(restored_it)
-      np.testing.assert_array_equal(got["id"], expected["id"])
-      np.testing.assert_array_equal(got["image"], expected["image"])
-      assert int(got["level"]) == int(expected["level"])
-    per_process.append(batches)
+def global_batches(source, process_count, steps, state=None, **kwargs):
+  """``steps`` global batches from ``process_count`` processes' iterators (each with BATCH // process_count
+  images): [(level, {id: image})], plus the iterators' states."""
+  its = [make_train_iterator(source, levels=kwargs.pop("levels", None), batch_size=BATCH // process_count,
+                             image_size=24, seed=kwargs.pop("seed", 0), process_index=p,
+                             process_count=process_count, **kwargs) for p in range(process_count)]
+  if state is not None:
+    for it in its:
+      it.set_state(state)
+  out = []
+  for _ in range(steps):
+    parts = [next(it) for it in its]
+    assert len({int(b["level"]) for b in parts}) == 1, "processes drew different levels"
+    ids = [i for b in parts for i in b["id"]]
+    out.append((int(parts[0]["level"]), ids, {i: x for b in parts for i, x in zip(b["id"], b["image"])}))
+  states = [it.get_state() for it in its]
+  assert all(s == states[0] for s in states), "every process must hold the same (global) position"
+  return out, states[0]
 
-  for batches in per_process:
-    for b in batches:
-      assert b["image"].shape == (BATCH, 24, 24, 3) and b["image"].dtype == np.float32
-      assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0
-      assert b["level"].dtype == np.int32 and b["level"].shape == ()
-      assert {level_of[i] for i in b["id"]} == {int(b["level"])}, "batch mixes levels"
-  # Every process draws the same level at every step (global batches stay single-level).
-  level_seqs = [[int(b["level"]) for b in batches] for batches in per_process]
-  assert all(seq == level_seqs[0] for seq in level_seqs)
-  # Shards are disjoint and together cover the dataset.
-  shards = [{i for b in batches for i in b["id"]} for batches in per_process]
-  assert set().union(*shards) == set(demo_source.ids())
-  assert sum(len(s) for s in shards) == NUM_IMAGES
+
+def _same_global_batches(a, b):
+  for (level_a, ids_a, images_a), (level_b, ids_b, images_b) in zip(a, b, strict=True):
+    assert level_a == level_b and sorted(ids_a) == sorted(ids_b)
+    for i in images_a:
+      np.testing.assert_array_equal(images_a[i], images_b[i])  # the same crop, whoever reads it
+
+
+def test_demo_pipeline_epochs_single_level_batches(demo_source):
+  level_of = demo_source.builtin_levels()
+  batches, _ = global_batches(demo_source, 1, STEPS)
+  for level, ids, images in batches:
+    assert len(ids) == BATCH and {level_of[i] for i in ids} == {level}, "batch mixes levels"
+    for x in images.values():
+      assert x.shape == (24, 24, 3) and x.dtype == np.float32 and -1.0 <= x.min() and x.max() <= 1.0
   # Levels drawn in proportion to their counts 15:10:15 = 3:2:3 (exact per 8-step round).
-  counts = Counter(level_seqs[0][:24])
+  counts = Counter(level for level, _, _ in batches[:24])
   assert (counts[0], counts[1], counts[2]) == (9, 6, 9)
-  # Within an epoch of a level's shard, no image repeats before all were seen.
-  ids0 = [i for b in per_process[0] if int(b["level"]) == 1 for i in b["id"]]
-  n1 = len([i for i in shards[0] if level_of[i] == 1])
-  assert len(set(ids0[:n1])) == n1
+  # Within an epoch of a level's stream, every image of the level appears once.
+  for level in range(3):
+    stream = [i for lvl, ids, _ in batches if lvl == level for i in ids]
+    n = sum(1 for v in level_of.values() if v == level)
+    assert len(stream) >= n and set(stream[:n]) == {i for i, v in level_of.items() if v == level}
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_global_order_is_the_same_for_any_process_count(demo_source, process_count):
+  reference, _ = global_batches(demo_source, 1, STEPS)
+  sharded, _ = global_batches(demo_source, process_count, STEPS)
+  _same_global_batches(reference, sharded)
+
+
+@pytest.mark.parametrize("saved_on, resumed_on", [(1, 1), (2, 1), (1, 2), (2, 4)])
+def test_restore_onto_another_process_count_continues_the_global_order(demo_source, saved_on, resumed_on):
+  reference, _ = global_batches(demo_source, 1, 23)
+  _, state = global_batches(demo_source, saved_on, 17)
+  resumed, _ = global_batches(demo_source, resumed_on, 6, state=state)
+  _same_global_batches(reference[17:], resumed)
 
 
 def test_seed_changes_order_and_same_seed_repeats(demo_source):

@@ -87,6 +87,17 @@ def test_without_weights_rfid_and_lpips_are_reported_as_skipped(workdir, tmp_pat
   assert "rFID skipped" in stdout and "LPIPS skipped" in stdout
 
 
+def test_outputs_go_to_an_object_store(workdir, object_store, capsys):
+  from cat_jax import storage
+
+  assert E.main(["--workdir", workdir, "--num_images", "4", "--measures", "none", "--out", "gs://bucket/eval",
+                 "--num_grid_images", "2"]) == 0
+  assert sorted(object_store.writes) == ["bucket/eval/rate_distortion.png", "bucket/eval/reconstructions_000.png",
+                                         "bucket/eval/results.json", "bucket/eval/results.md"]
+  results = json.loads(storage.as_path("gs://bucket/eval/results.json").read_text())
+  assert results["num_images"] == 4 and _finite(results["rows"]["fixed_16x"]["psnr"])
+
+
 def test_per_level_metrics_use_that_levels_reconstructions(workdir, tmp_path):
   """A decoder tampered at 32x only (it returns 0.9 x the input: near perfect) changes only the 32x numbers."""
   tok = Tokenizer.from_checkpoint(workdir)

@@ -1,38 +1,21 @@
-"""Metric writers: CRC32C, TFRecord framing read back by TensorBoard's own loader, JSONL, grids, timers."""
+"""Metric writers: events read back by TensorBoard's own loader, JSONL, object-store workdirs, grids, timers."""
 
 import io
 import json
 import os
-import struct
 
 import numpy as np
 import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_file_loader
-from tensorboard.compat.tensorflow_stub import pywrap_tensorflow as tb_stub
 from tensorboard.util import tensor_util
 
 from cat_jax import metric_writers as mw
+from cat_jax import storage
 
 
-def _read_records(path):
-  """Our own TFRecord reader: checks both checksums of every record."""
-  records = []
-  with open(path, "rb") as f:
-    data = f.read()
-  pos = 0
-  while pos < len(data):
-    header = data[pos:pos + 8]
-    (length,) = struct.unpack("<Q", header)
-    (header_crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
-    payload = data[pos + 12:pos + 12 + length]
-    (payload_crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
-    assert header_crc == mw.masked_crc32c(header)
-    assert payload_crc == mw.masked_crc32c(payload)
-    records.append(payload)
-    pos += 16 + length
-  assert pos == len(data)
-  return records
+def _event_files(directory):
+  return sorted(os.path.join(directory, name) for name in os.listdir(directory))
 
 
 def _tb_events(path):
@@ -46,52 +29,45 @@ def _tb_tensors(path):
           for e in event_file_loader.EventFileLoader(path).Load() for v in e.summary.value}
 
 
-def test_crc32c_known_vectors_and_tensorboard_agreement():
-  # RFC 3720 check value and its all-zero / all-ones test vectors.
-  assert mw.crc32c(b"123456789") == 0xE3069283
-  assert mw.crc32c(bytes(32)) == 0x8A9136AA
-  assert mw.crc32c(b"\xff" * 32) == 0x62A8AB43
-  rng = np.random.default_rng(0)
-  for n in (0, 1, 7, 1000):
-    data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-    assert mw.masked_crc32c(data) == tb_stub.masked_crc32c(data)
-
-
 def test_scalars_round_trip_through_tensorboard_and_jsonl(tmp_path):
   writer = mw.MetricWriter(tmp_path)
   writer.write_scalars(10, {"loss/total": 0.25, "loss/level_8x": np.float32(1.5), "lr": 3e-4, "count": 7})
   writer.write_scalars(20, {"loss/total": float("nan"), "grad_norm": float("inf"), "lr": -2.0})
   writer.close()
 
-  (event_file,) = os.listdir(tmp_path / "tensorboard")
-  assert event_file.startswith("events.out.tfevents.")
-  assert len(_read_records(writer.event_path)) == 3
-
-  events = _tb_events(writer.event_path)
+  (event_file,) = _event_files(tmp_path / "tensorboard")
+  assert os.path.basename(event_file).startswith("events.out.tfevents.")
+  events = _tb_events(event_file)
   assert events[0].file_version == "brain.Event:2"
   got = {(e.step, v.tag): v.simple_value for e in events[1:] for v in e.summary.value}
+  assert len(got) == 7
   assert got[(10, "loss/total")] == 0.25
   assert got[(10, "loss/level_8x")] == 1.5
   assert got[(10, "lr")] == pytest.approx(3e-4, rel=1e-7)
   assert got[(10, "count")] == 7.0
   assert np.isnan(got[(20, "loss/total")]) and got[(20, "grad_norm")] == np.inf and got[(20, "lr")] == -2.0
   assert all(e.wall_time > 1.6e9 for e in events)
-  plugin, value = _tb_tensors(writer.event_path)[(10, "loss/level_8x")]
+  plugin, value = _tb_tensors(event_file)[(10, "loss/level_8x")]
   assert plugin == "scalars" and value == 1.5
 
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [line["step"] for line in lines] == [10, 20]
   assert lines[0]["loss/level_8x"] == 1.5 and lines[0]["count"] == 7 and isinstance(lines[0]["count"], int)
   assert lines[1]["loss/total"] == "nan" and lines[1]["grad_norm"] == "inf" and lines[1]["lr"] == -2.0
+  assert mw.read_metrics(tmp_path) == lines
 
 
-def test_jsonl_appends_on_resume(tmp_path):
+def test_jsonl_appends_on_resume_and_each_run_has_its_event_file(tmp_path):
   with mw.MetricWriter(tmp_path) as writer:
     writer.write_scalars(1, {"a": 1.0})
   with mw.MetricWriter(tmp_path) as writer:
     writer.write_scalars(2, {"a": 2.0})
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [(line["step"], line["a"]) for line in lines] == [(1, 1.0), (2, 2.0)]
+  files = _event_files(tmp_path / "tensorboard")
+  assert len(files) == 2
+  steps = [[e.step for e in _tb_events(f)[1:]] for f in files]
+  assert steps == [[1], [2]]  # file names sort in writing order, as TensorBoard reads them
 
 
 def test_images_round_trip_through_tensorboard(tmp_path):
@@ -100,19 +76,45 @@ def test_images_round_trip_through_tensorboard(tmp_path):
   batch = rng.uniform(-1, 1, (3, 4, 6, 1)).astype(np.float32)
   with mw.MetricWriter(tmp_path) as writer:
     writer.write_images(30, {"recon/rgb": rgb, "recon/batch": batch})
-  (event,) = _tb_events(writer.event_path)[1:]
-  assert event.step == 30
-  images = {v.tag: v.image for v in event.summary.value}
+  (event_file,) = _event_files(tmp_path / "tensorboard")
+  events = _tb_events(event_file)[1:]
+  assert {e.step for e in events} == {30}
+  images = {v.tag: v.image for e in events for v in e.summary.value}
   assert (images["recon/rgb"].height, images["recon/rgb"].width, images["recon/rgb"].colorspace) == (5, 7, 3)
   np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(images["recon/rgb"].encoded_image_string))),
                                 rgb)
-  # A batch of 3 images 4x6 becomes one row with 2-pixel separators: 4 x (3*6 + 2*2).
+  # A batch of 3 images 4x6 becomes one row with 2-pixel separators: 4 x (3*6 + 2*2); grey is stored as RGB.
   gray = images["recon/batch"]
-  assert (gray.height, gray.width, gray.colorspace) == (4, 22, 1)
+  assert (gray.height, gray.width) == (4, 22)
   decoded = np.asarray(Image.open(io.BytesIO(gray.encoded_image_string)))
-  np.testing.assert_array_equal(decoded[:, 8:14], mw.to_uint8(batch[1, ..., 0]))
-  plugin, value = _tb_tensors(writer.event_path)[(30, "recon/rgb")]
+  for channel in range(decoded.shape[-1] if decoded.ndim == 3 else 1):
+    plane = decoded[..., channel] if decoded.ndim == 3 else decoded
+    np.testing.assert_array_equal(plane[:, 8:14], mw.to_uint8(batch[1, ..., 0]))
+  plugin, value = _tb_tensors(event_file)[(30, "recon/rgb")]
   assert plugin == "images" and list(value[:2]) == [b"7", b"5"]  # Width, height, PNG.
+
+
+def test_object_store_workdir_writes_parts_never_rewrites(object_store, tmp_path):
+  workdir = "gs://bucket/run"
+  with mw.MetricWriter(workdir, object_store_flush_secs=0) as writer:
+    writer.write_scalars(1, {"a": 1.0})
+    writer.write_images(1, {"grid": np.zeros((4, 4, 3), np.uint8)})
+    writer.write_scalars(2, {"a": 2.0})
+  with mw.MetricWriter(workdir, object_store_flush_secs=3600) as writer:  # a resumed run, buffered to close
+    writer.write_scalars(3, {"a": 3.0})
+    writer.write_scalars(4, {"a": 4.0})
+  assert [(r["step"], r["a"]) for r in mw.read_metrics(workdir)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+  assert object_store.writes and set(object_store.writes.values()) == {1}  # every object written once
+  jsonl_parts = [p for p in object_store.writes if "metrics.jsonl" in p]
+  assert len(jsonl_parts) == 2 + 1  # a part per scalar write in the first run; the second run's buffer at close
+  # Every uploaded event file is a complete file TensorBoard reads; together they hold every step in order.
+  events = sorted(p for p in object_store.writes if "/tensorboard/events.out.tfevents." in p)
+  steps = []
+  for k, path in enumerate(events):
+    local = tmp_path / f"events.out.tfevents.{k}"
+    local.write_bytes(storage.as_path("gs://" + path).read_bytes())
+    steps += [e.step for e in _tb_events(str(local))[1:]]
+  assert steps == [1, 1, 2, 3, 4]
 
 
 def test_disabled_writer_is_a_no_op(tmp_path):

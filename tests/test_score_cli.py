@@ -16,7 +16,6 @@ from cat_jax.complexity import manifest as manifest_lib
 from cat_jax.complexity import prompts
 from cat_jax.data import load_levels
 from fake_chat_server import Reply, dead_base_url
-from fake_object_store import use_fake_object_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = "sk-test-do-not-print-4242"
@@ -257,11 +256,11 @@ def test_missing_llm_extra_is_a_usage_error(tmp_path, capsys, monkeypatch):
   assert e.value.code == 2 and "pip install 'cat_jax[llm]'" in capsys.readouterr().err
 
 
-def test_jpeg_cli_writes_to_an_object_store(monkeypatch, capsys):
-  store = use_fake_object_store(monkeypatch)
+def test_jpeg_cli_writes_to_an_object_store(object_store, capsys):
+  store = object_store
   out = "gs://bucket/scores/embedded.jsonl"
   rc = score.main(["--method", "jpeg", "--split", "validation", "--limit", "8", "--out", out, "--no-progress"])
   assert rc == 0 and f"manifest: {out}" in capsys.readouterr().err
-  assert sorted(store.objects) == [out, out + ".thresholds.json"] and store.writes[out] == 1
+  assert sorted(store.store) == [out[5:], out[5:] + ".thresholds.json"] and store.writes[out[5:]] == 1
   levels = load_levels(out)
   assert len(levels) == 8 and levels["embedded/validation/000000"] == 2 and levels["embedded/validation/000007"] == 0

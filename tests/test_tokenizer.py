@@ -4,6 +4,7 @@ import importlib.util
 import io
 import json
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -112,6 +113,14 @@ def test_mixed_image_sizes_and_uint8(tok):
                              tok.encode(as_uint8.astype(np.float32) / 127.5 - 1, 0).values[0], atol=1e-6)
 
 
+def test_levels_in_either_spelling(tok):
+  x = _images(3)
+  for spelling in (1, 16, "1", "16", "16x", np.int32(1)):
+    np.testing.assert_array_equal(tok.assign_levels(x, spelling), [1, 1, 1])
+  np.testing.assert_array_equal(tok.assign_levels(x, ["8x", 32, 1]), [0, 2, 1])
+  np.testing.assert_array_equal(tok.encode(x, "32x").levels, tok.encode(x, 2).levels)
+
+
 def test_same_outputs_on_one_device(workdir, tok):
   one = Tokenizer.from_checkpoint(workdir, mesh=parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
   assert tok.mesh.size == 8 and one.mesh.size == 1
@@ -138,8 +147,10 @@ def test_auto_levels_from_manifest_and_scorer(tok, tmp_path):
 
 def test_clear_errors(workdir, tok, tmp_path):
   x = _images(2)
-  with pytest.raises(ValueError, match="level_for_factor"):
-    tok.encode(x, 8)
+  with pytest.raises(ValueError, match="a level must be"):
+    tok.encode(x, 5)
+  with pytest.raises(ValueError, match="a level must be"):
+    tok.encode(x, "12x")
   with pytest.raises(ValueError, match="manifest or a scorer"):
     tok.encode(x)
   with pytest.raises(ValueError, match="not in the manifest"):
@@ -211,7 +222,7 @@ def test_encode_cli_array_record_and_errors(workdir, tmp_path, capsys):
   capsys.readouterr()
   assert encode_cli.main(["--checkpoint", workdir, "--input", str(tmp_path / "in"), "--out", str(out),
                           "--level", "12"]) == 2
-  assert "8, 16, 32 or auto" in capsys.readouterr().err
+  assert "--level must be auto or a level" in capsys.readouterr().err
   assert encode_cli.main(["--checkpoint", str(tmp_path / "missing"), "--input", str(tmp_path / "in"),
                           "--out", str(out)]) == 2
   assert "does not exist" in capsys.readouterr().err
@@ -220,6 +231,81 @@ def test_encode_cli_array_record_and_errors(workdir, tmp_path, capsys):
   assert encode_cli.main(["--checkpoint", workdir, "--input", str(tmp_path / "in"), "--out", str(out),
                           "--level", "auto", "--manifest", str(bad)]) == 2
   assert "level" in capsys.readouterr().err
+
+
+def _huge_png_header(width=100_000, height=100_000):
+  """A valid 1x1 PNG whose header claims width x height pixels (nothing that large is ever decoded)."""
+  import struct
+  import zlib
+
+  buf = io.BytesIO()
+  Image.new("RGB", (1, 1)).save(buf, format="PNG")
+  data = bytearray(buf.getvalue())
+  data[16:24] = struct.pack(">II", width, height)
+  data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+  return bytes(data)
+
+
+def test_encode_cli_gets_through_a_real_folder_and_resumes(workdir, tmp_path, capsys):
+  folder = tmp_path / "in"
+  names = _write_folder(folder, n=4)
+  good = io.BytesIO()
+  Image.fromarray(generate(9, image_size=48, split="test")[0]).save(good, format="JPEG")
+  (folder / "broken.jpg").write_bytes(good.getvalue()[:300])  # truncated
+  Image.new("RGB", (16, 16)).save(folder / "tiny.png")
+  (folder / "huge.png").write_bytes(_huge_png_header())
+  (folder / "gone.png").symlink_to(tmp_path / "deleted.png")  # listed, unreadable
+  out = tmp_path / "out"
+  argv = ["--checkpoint", workdir, "--input", str(folder), "--out", str(out), "--level", "32x", "--chunk", "3"]
+
+  capsys.readouterr()
+  assert encode_cli.main(argv) == 1  # some files failed
+  captured = capsys.readouterr()
+  assert "encoded 4 images (8x/16x/32x: 0/0/4" in captured.out
+  assert "skipped 4 bad or unreadable files" in captured.err
+  assert re.search(r"8/8 \[.*(img/s|s/img)", captured.err)  # the progress bar: count, elapsed<ETA, rate
+  rows = encode_cli.read_index(out)
+  assert sorted(r for r in rows if "error" not in rows[r]) == names
+  assert all(rows[n]["factor"] == 32 and (out / rows[n]["latent_file"]).exists() for n in names)
+  errors = {i: r["error"] for i, r in rows.items() if "error" in r}
+  assert set(errors) == {"broken.jpg", "tiny.png", "huge.png", "gone.png"}
+  assert "smaller than min_size" in errors["tiny.png"] and "cannot read file" in errors["gone.png"]
+  assert "pixels" in errors["huge.png"]
+
+  # The same command again: nothing encoded twice, the bad files retried (and recorded) again.
+  lines_before = len((out / "index.jsonl").read_text().splitlines())
+  assert encode_cli.main(argv) == 1
+  stdout = capsys.readouterr().out
+  assert "encoded 0 images" in stdout and "4 already encoded" in stdout
+  new_lines = [json.loads(l) for l in (out / "index.jsonl").read_text().splitlines()[lines_before:]]
+  assert sorted(r["id"] for r in new_lines) == sorted(errors) and all("error" in r for r in new_lines)
+
+  # Fixed and new files are encoded on the next run, at the same level in the other spelling.
+  (folder / "broken.jpg").write_bytes(good.getvalue())
+  for bad in ("tiny.png", "huge.png", "gone.png"):
+    (folder / bad).unlink()
+  assert encode_cli.main(argv[:-4] + ["--level", "2"]) == 0
+  captured = capsys.readouterr()
+  assert "encoded 1 images (8x/16x/32x: 0/0/1" in captured.out and "4 already encoded" in captured.out
+  rows = encode_cli.read_index(out)
+  assert sorted(i for i, r in rows.items() if "error" not in r) == sorted(names + ["broken.jpg"])
+
+  # Strict mode stops at the first bad file, naming it.
+  Image.new("RGB", (16, 16)).save(folder / "tiny.png")
+  assert encode_cli.main(argv[:5] + [str(tmp_path / "strict"), "--on_bad_image", "raise"]) == 2
+  assert "tiny.png" in capsys.readouterr().err
+
+
+def test_encode_cli_to_an_object_store_resumes_without_rewrites(workdir, tmp_path, object_store, capsys):
+  names = _write_folder(tmp_path / "in", n=3)
+  argv = ["--checkpoint", workdir, "--input", str(tmp_path / "in"), "--out", "gs://bucket/lat", "--level", "1"]
+  assert encode_cli.main(argv) == 0
+  assert encode_cli.main(argv) == 0  # resumed: nothing left to encode
+  assert "encoded 0 images" in capsys.readouterr().out
+  rows = encode_cli.read_index("gs://bucket/lat")
+  assert sorted(rows) == names and all(r["factor"] == 16 for r in rows.values())
+  assert set(object_store.writes.values()) == {1}  # every object (latents, PNGs, index parts) written once
+  assert {f"bucket/lat/{r['latent_file']}" for r in rows.values()} <= set(object_store.writes)
 
 
 def test_save_and_load_pretrained_round_trip(tok, tmp_path):

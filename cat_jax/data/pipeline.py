@@ -1,28 +1,35 @@
 """grain pipelines: level-bucketed training batches and padded evaluation batches.
 
-Training (``make_train_dataset`` / ``make_train_iterator``), per process:
+Training (``make_train_dataset`` / ``make_train_iterator``) defines one *global* data order, the same for any
+number of processes:
 
-  for each level with images: this process's shard of that level's indices
+  for each level with images: a stream of all that level's indices
       -> ``MapDataset.source`` -> ``shuffle(seed)`` -> ``repeat()`` (reshuffled every epoch)
-      -> ``map_with_index`` (read, decode, random crop; bad images replaced, see below)
-      -> ``batch(batch_size, drop_remainder=True)``
-  -> ``MapDataset.select_from_datasets`` with a seeded level schedule
-  -> ``to_iter_dataset`` -> ``mp_prefetch`` (worker processes) -> bad-image report.
+  global batch k (B = global batch size = per-process batch size x process count):
+      level d = the seeded level schedule's k-th entry, the j-th batch of that level (j: how many earlier
+      batches had level d); its images are stream d's positions j*B ... j*B + B - 1, each read, decoded and
+      randomly cropped with a generator seeded by (seed, level, stream position)
+  -> an element-level ``MapDataset`` (element e = position e mod B of global batch e // B)
+  -> ``grain.experimental.ElasticIterator``: process p of P takes positions p, p + P, p + 2P, ... of every global
+     batch (P must divide B) and batches them -> ``mp_prefetch`` (worker processes) -> bad-image report.
 
-Every batch holds one level. The schedule depends only on the seed and the *global*
-per-level counts (or fixed weights), never on the process, so every process draws the same
-level at every step and the per-process batches assemble into one global batch
-(``make_global_batch``). Levels are drawn in rounds: a round holds each level as many times
-as its proportion, in a seeded random order; with 'proportional' weights the proportions
-are the level's image counts. Each process reads only its own shard of every level
-(``indices[process_index::process_count]``), so the shards partition the dataset.
+So the sequence of global batches (their level, images and crops) depends only on the dataset, its level
+assignment, the seed, the level weights and B, never on the process count or the worker count; within a
+global batch only the assignment of images to processes changes with P. The iterator's state is one number,
+the count of elements consumed globally, identical on every process: a checkpoint written by P processes
+restores onto P' processes (``cat_jax.checkpoint`` reads any process's saved state when its own file is
+missing), and the resumed run continues the same global sequence (keep B: another global batch size
+continues after the same number of images, on a different sequence).
 
-A bad image (corrupt, truncated, too small, too large) is replaced by the next image of the
-same level's shuffled stream, so batches keep their size; it is counted and logged by the
-main process (``on_bad_image='skip'``), or the pipeline raises ``BadImageError`` with its
-path (``'raise'``). Iteration is deterministic for a seed, and ``get_state()`` /
-``set_state()`` of the returned grain ``DatasetIterator`` resume the exact sequence
-(restore with the same ``num_workers``); orbax saves it with ``grain.checkpoint.CheckpointSave``.
+Every batch holds one level. The schedule depends only on the seed and the global per-level counts (or fixed
+weights). Levels are drawn in rounds: a round holds each level as many times as its proportion, in a seeded
+random order; with 'proportional' weights the proportions are the level's image counts. Within an epoch of a
+level's stream every image of that level appears once, whatever process reads it.
+
+A bad image (corrupt, truncated, too small, too large) is replaced by the next image of the same level's
+shuffled stream, so batches keep their size; it is counted and logged by the main process
+(``on_bad_image='skip'``), or the pipeline raises ``BadImageError`` with its path (``'raise'``); orbax saves
+the iterator with ``grain.checkpoint.CheckpointSave`` (or ``cat_jax.checkpoint``'s elastic handler).
 
 Evaluation (``make_eval_iterator``): no shuffle, no repeat, centre crop; batches grouped by
 level (level 0 first), in index order within a level. Every batch has a ``'mask'``; with
@@ -51,13 +58,14 @@ from cat_jax.data.level_map import resolve_levels
 from cat_jax.data.sources import source_ids
 from cat_jax.data.preprocess import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, BadImageError,
                                      BadImageReport, PreprocessConfig, preprocess)
-from cat_jax.levels import NUM_LEVELS, check_level
+from cat_jax.levels import NUM_LEVELS, parse_level
 
 logger = logging.getLogger(__name__)
 
 LevelWeights = None | str | int | Sequence[float]
 LEVEL_MODES = ("content", "all")
 _SKIPPED = "_skipped"  # Batch key carrying bad-image reasons from workers to the reporter.
+_NOTE_SEP = "\x00"  # Joins a training element's bad-image reasons into one string (batched as an array).
 _MAX_REPLACEMENT_TRIES = 64
 
 
@@ -81,27 +89,35 @@ def _read(source: Any, index: int) -> tuple[Any, str, str]:
   return record["image"], image_id, str(record.get("path", image_id))
 
 
-class _TrainLoad:
-  """map_with_index fn: stream position k, source index -> preprocessed element."""
+class _TrainElement:
+  """map fn: global element e -> the preprocessed image at position e mod B of global batch e // B."""
 
-  def __init__(self, source, config: PreprocessConfig, stream: grain.MapDataset, *, seed: int,
-               process_index: int, level: int, shard_size: int):
+  def __init__(self, source, config: PreprocessConfig, streams: Sequence[grain.MapDataset],
+               levels: Sequence[int], counts: Sequence[int], schedule: _LevelSchedule, *, global_batch: int,
+               seed: int):
+    # streams[d] holds level levels[d]; a bad image is replaced by the next ones of its stream, at most
+    # _MAX_REPLACEMENT_TRIES (or the level's image count) tries.
     self._source = source
     self._config = config
-    self._stream = stream  # The shuffled, repeated index stream, to find replacements.
+    self._streams = streams  # per active level: the shuffled, repeated index stream
+    self._levels = levels
+    self._schedule = schedule
+    self._global_batch = global_batch
     self._seed = seed
-    self._process_index = process_index
-    self._level = level
-    self._tries = min(shard_size, _MAX_REPLACEMENT_TRIES)
+    self._tries = [min(n, _MAX_REPLACEMENT_TRIES) for n in counts]
     self._bad: set[int] = set()  # Per worker: indices known bad, not decoded twice.
 
-  def __call__(self, k: int, index: int) -> dict[str, Any]:
+  def __call__(self, element: int) -> dict[str, Any]:
+    k, i = divmod(int(element), self._global_batch)
+    d, j = self._schedule[k]
+    level, stream = self._levels[d], self._streams[d]
+    pos = j * self._global_batch + i  # position in the level's stream
     skipped = []
-    for j in range(self._tries):
-      idx = int(index) if j == 0 else int(self._stream[k + j])
+    for t in range(self._tries[d]):
+      idx = int(stream[pos + t])
       if idx in self._bad:
         continue
-      rng = np.random.default_rng([self._seed, self._process_index, self._level, k, j])
+      rng = np.random.default_rng([self._seed, level, pos, t])
       try:
         data, image_id, path = _read(self._source, idx)
         image = preprocess(data, self._config, path=path, rng=rng)
@@ -111,25 +127,26 @@ class _TrainLoad:
         self._bad.add(idx)
         skipped.append(str(e))
         continue
-      return {"image": image, "id": image_id, _SKIPPED: skipped}
+      return {"image": image, "id": image_id, "level": np.int32(level), _SKIPPED: _NOTE_SEP.join(skipped)}
     raise BadImageError(
-        f"level {self._level} stream position {k}",
-        f"{self._tries} bad images in a row (last: {skipped[-1:]}); is the dataset readable?")
+        f"level {level} stream position {pos}",
+        f"{self._tries[d]} bad images in a row (last: {skipped[-1:]}); is the dataset readable?")
 
 
 class _Collate:
-  """batch_fn: elements of one level -> one batch dict."""
+  """Main-process map over the elastic iterator's default-stacked batches: one level scalar, no notes."""
 
-  def __init__(self, level: int):
-    self._level = level
+  def __init__(self, report: BadImageReport):
+    self.report = report
 
-  def __call__(self, elements: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "image": np.stack([e["image"] for e in elements]),
-        "level": np.int32(self._level),
-        "id": np.array([e["id"] for e in elements]),
-        _SKIPPED: [s for e in elements for s in e[_SKIPPED]],
-    }
+  def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+    levels = np.asarray(batch["level"])
+    if levels.min() != levels.max():
+      raise RuntimeError(f"a training batch mixes levels {sorted(set(levels.tolist()))}")
+    notes = [n for joined in np.asarray(batch[_SKIPPED]).tolist() for n in joined.split(_NOTE_SEP) if n]
+    if notes:
+      self.report.add(notes)
+    return {"image": batch["image"], "level": np.int32(levels[0]), "id": np.asarray(batch["id"])}
 
 
 class _LevelSchedule:
@@ -227,10 +244,10 @@ def make_train_dataset(source: Any, *, levels: Mapping[str, int] | int | str | N
     source: a source (``cat_jax.data.get_source``).
     levels: {id: level}, a score manifest path, one int level for all, or None for the
       source's built-in levels (embedded dataset). Ignored with ``level_mode='all'``.
-    batch_size: per-process batch size.
+    batch_size: per-process batch size (the global batch is ``batch_size * process_count``).
     image_size: output side (random crop after resizing the shorter side).
     seed: fixes shuffling, level order and crops.
-    process_index, process_count: this process's shard (default: jax's).
+    process_index, process_count: this process's part of every global batch (default: jax's).
     num_workers: grain worker processes (0: threads in this process).
     level_weights: None or 'proportional' (levels drawn in proportion to their image
       counts), three weights for levels 0/1/2 (fixed mix), or an int level: every image at
@@ -241,7 +258,8 @@ def make_train_dataset(source: Any, *, levels: Mapping[str, int] | int | str | N
       image (a level per batch, independent of content; ``level_weights`` 'proportional' means equal weights).
 
   Returns:
-    A grain ``IterDataset``; ``iter()`` gives a checkpointable ``DatasetIterator``.
+    A grain ``IterDataset``; ``iter()`` gives a checkpointable ``DatasetIterator`` whose state restores onto
+    any process count.
   """
   config = PreprocessConfig(image_size=image_size, min_size=min_size, max_pixels=max_pixels,
                             on_bad_image=on_bad_image)
@@ -249,7 +267,7 @@ def make_train_dataset(source: Any, *, levels: Mapping[str, int] | int | str | N
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   pi, pc = _process_index_and_count(process_index, process_count)
   if isinstance(level_weights, (int, np.integer)) and not isinstance(level_weights, bool):
-    levels, level_weights = check_level(int(level_weights)), None
+    levels, level_weights = parse_level(int(level_weights)), None
   if level_mode not in LEVEL_MODES:
     raise ValueError(f"level_mode must be one of {LEVEL_MODES}, got {level_mode!r}")
   if level_mode == "all":  # every image in every level's pool
@@ -259,22 +277,26 @@ def make_train_dataset(source: Any, *, levels: Mapping[str, int] | int | str | N
     level_of = resolve_levels(source, levels)
     weights = _proportions(level_of, level_weights)
   active = [l for l in range(NUM_LEVELS) if weights[l] > 0]
-  per_level = []
+  streams, counts = [], []
   for l in active:
     indices = np.arange(len(level_of)) if level_mode == "all" else np.flatnonzero(level_of == l)
-    shard = indices[pi::pc]
-    if len(shard) == 0:  # Fewer images at this level than processes: share one.
-      logger.warning("Level %d has %d images for %d processes; process %d reuses image %d.",
-                     l, len(indices), pc, pi, int(indices[pi % len(indices)]))
-      shard = indices[[pi % len(indices)]]
-    stream = grain.MapDataset.source([int(i) for i in shard]).shuffle(seed=seed * 7919 + l).repeat()
-    load = _TrainLoad(source, config, stream, seed=seed, process_index=pi, level=l,
-                      shard_size=len(shard))
-    per_level.append(stream.map_with_index(load).batch(batch_size, drop_remainder=True,
-                                                       batch_fn=_Collate(l)))
+    streams.append(grain.MapDataset.source([int(i) for i in indices]).shuffle(seed=seed * 7919 + l).repeat())
+    counts.append(len(indices))
   schedule = _LevelSchedule(_int_proportions([weights[l] for l in active]), seed)
-  mixed = grain.MapDataset.select_from_datasets(per_level, schedule)
-  return _finish(mixed, num_workers, read_threads, prefetch_batches, "training images")
+  global_batch = batch_size * pc
+  elements = grain.MapDataset.range(sys.maxsize).map(
+      _TrainElement(source, config, streams, active, counts, schedule, global_batch=global_batch, seed=seed))
+  multiprocessing = None
+  if num_workers > 0:
+    _ensure_absl_flags_parsed()
+    multiprocessing = grain.MultiprocessingOptions(num_workers=num_workers,
+                                                   per_worker_buffer_size=max(1, prefetch_batches))
+  elastic = grain.experimental.ElasticIterator(
+      elements, global_batch, grain.sharding.ShardOptions(shard_index=pi, shard_count=pc),
+      read_options=grain.ReadOptions(num_threads=max(1, read_threads),
+                                     prefetch_buffer_size=max(1, prefetch_batches)),
+      multiprocessing_options=multiprocessing)
+  return elastic.map(_Collate(BadImageReport("training images")))
 
 
 def _ensure_absl_flags_parsed() -> None:

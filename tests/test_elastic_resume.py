@@ -1,0 +1,144 @@
+"""Elastic resume: a data position saved by N jax.distributed processes continues on M (2 -> 1, 1 -> 2)."""
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from cat_jax.data import EmbeddedSource, make_train_iterator
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GLOBAL_BATCH, SAVED_AT, MORE = 4, 5, 4
+
+_CHILD = textwrap.dedent("""
+    import hashlib, json, sys
+    import jax, numpy as np
+    from cat_jax.distributed import maybe_initialize_distributed
+    maybe_initialize_distributed()
+    from cat_jax import checkpoint as ckpt
+    from cat_jax.data import EmbeddedSource, make_train_iterator
+
+    workdir, mode, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    it = make_train_iterator(EmbeddedSource("train", num_images=40, image_size=32), levels=None,
+                             batch_size={batch} // jax.process_count(), image_size=24, seed=0)
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+    model = {{"w": jax.make_array_from_process_local_data(replicated, np.arange(3, dtype=np.float32))}}
+    checkpointer = ckpt.Checkpointer(workdir, async_save=False)
+    if mode == "resume":
+      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), model)
+      model, _, it = checkpointer.restore(checkpointer.latest_step(), abstract, abstract, it)
+      assert np.asarray(model["w"]).tolist() == [0.0, 1.0, 2.0]
+    batches = []
+    for _ in range(steps):
+      b = next(it)
+      batches.append([int(b["level"]), [[i, hashlib.sha1(x.tobytes()).hexdigest()] for i, x in zip(b["id"], b["image"])]])
+    if mode == "save":
+      checkpointer.save(steps, model, model, it)
+      checkpointer.wait()
+    checkpointer.close()
+    print(json.dumps({{"index": jax.process_index(), "batches": batches}}), flush=True)
+    if jax.process_count() > 1:
+      jax.distributed.shutdown()
+""").format(batch=GLOBAL_BATCH)
+
+
+def _run(workdir, mode, steps, processes):
+  """Runs the child on ``processes`` jax.distributed CPU processes; returns the global batches in order."""
+  import portpicker
+
+  port = portpicker.pick_unused_port()
+  base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "TPU_", "CAT_", "OMPI_"))}
+  base.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  procs = []
+  for rank in range(processes):
+    env = dict(base)
+    if processes > 1:
+      env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
+                 JAX_PROCESS_ID=str(rank))
+    procs.append(subprocess.Popen([sys.executable, "-c", _CHILD, str(workdir), mode, str(steps)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  parts = []
+  for proc in procs:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    parts.append(json.loads(out.strip().splitlines()[-1]))
+  parts.sort(key=lambda r: r["index"])
+  out = []
+  for step in range(steps):
+    levels = {p["batches"][step][0] for p in parts}
+    assert len(levels) == 1, "processes drew different levels"
+    out.append((levels.pop(), sorted(tuple(x) for p in parts for x in p["batches"][step][1])))
+  return out
+
+
+def _reference(steps):
+  """One process, never interrupted: the global order every run must follow."""
+  it = make_train_iterator(EmbeddedSource("train", num_images=40, image_size=32), levels=None,
+                           batch_size=GLOBAL_BATCH, image_size=24, seed=0, process_index=0, process_count=1)
+  out = []
+  for _ in range(steps):
+    b = next(it)
+    out.append((int(b["level"]), sorted((i, hashlib.sha1(x.tobytes()).hexdigest())
+                                        for i, x in zip(b["id"], b["image"]))))
+  return out
+
+
+@pytest.mark.parametrize("saved_on, resumed_on", [(2, 1), (1, 2)])
+def test_resume_on_another_process_count_continues_the_data_order(tmp_path, saved_on, resumed_on):
+  before = _run(tmp_path, "save", SAVED_AT, saved_on)
+  assert sorted(p.name for p in (tmp_path / "checkpoints" / str(SAVED_AT) / "data_iter").glob("process_*")) == [
+      f"process_{i}-of-{saved_on}.json" for i in range(saved_on)]
+  after = _run(tmp_path, "resume", MORE, resumed_on)
+  assert before + after == _reference(SAVED_AT + MORE)
+
+
+def test_training_saved_by_two_processes_resumes_on_one(tmp_path):
+  """The whole trainer: a 2-process run's checkpoint (state, EMA, data position) continues on 1 process."""
+  import portpicker
+
+  train = [sys.executable, "-m", "cat_jax.train", "--config", str(ROOT / "configs/cat.py:runlocal"),
+           "--workdir", str(tmp_path), "--config.checkpoint_every=2", "--config.eval_every=1000",
+           "--config.log_every=1"]
+  base = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen(train + ["--config.num_steps=2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                                                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank)))
+           for rank in range(2)]
+  for proc in procs:
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+  resumed = subprocess.run(train + ["--config.num_steps=4"], capture_output=True, text=True, timeout=600,
+                           env=dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Resumed from step 2" in resumed.stderr
+  assert "Data position saved by 2 processes, restored onto 1" in resumed.stderr
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == 4
+  from cat_jax.metric_writers import read_metrics
+  assert [r["step"] for r in read_metrics(tmp_path) if "train/g_loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_position_from_another_pipeline_or_diverged_processes_is_a_clear_error(tmp_path):
+  from etils import epath
+
+  from cat_jax import checkpoint as ckpt
+
+  it = make_train_iterator(EmbeddedSource("train", num_images=40, image_size=32), levels=None, batch_size=4,
+                           image_size=24, seed=0, process_index=0, process_count=1)
+  handler = ckpt.ElasticDataIterHandler()
+  (tmp_path / "process_0-of-1.json").write_text(json.dumps({"next_index": 3}))  # an older per-process format
+  with pytest.raises(ValueError, match="not written by this data pipeline"):
+    handler.restore(epath.Path(tmp_path), item=it)
+  for name, position in (("process_0-of-2.json", 4), ("process_1-of-2.json", 8)):
+    (tmp_path / name).write_text(json.dumps({"global_next_index": position}))
+  (tmp_path / "process_0-of-1.json").unlink()
+  with pytest.raises(ValueError, match="different positions"):
+    handler.restore(epath.Path(tmp_path), item=it)
