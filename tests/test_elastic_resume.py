@@ -113,9 +113,9 @@ def test_training_saved_by_two_processes_resumes_on_one(tmp_path):
                                                 JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank)))
            for rank in range(2)]
   for proc in procs:
-    out = proc.communicate(timeout=600)[0]
+    out = proc.communicate(timeout=900)[0]
     assert proc.returncode == 0, out[-3000:]
-  resumed = subprocess.run(train + ["--config.num_steps=4"], capture_output=True, text=True, timeout=600,
+  resumed = subprocess.run(train + ["--config.num_steps=4"], capture_output=True, text=True, timeout=900,
                            env=dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Resumed from step 2" in resumed.stderr
