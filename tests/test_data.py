@@ -335,6 +335,11 @@ def test_all_levels_mode_draws_every_level_from_every_image(demo_source):
   assert Counter(int(next(weighted)["level"]) for _ in range(16)) == {0: 8, 1: 4, 2: 4}
   with pytest.raises(ValueError, match="level_mode"):
     train_iter(demo_source, 0, 1, level_mode="random")
+  # A fixed level (the CLI's --config.data.levels=16x on the demo config) wins over 'all': a fixed-rate baseline.
+  fixed = train_iter(demo_source, 0, 1, level_mode="all", levels="16x")
+  assert {int(next(fixed)["level"]) for _ in range(12)} == {1}
+  with pytest.raises(ValueError, match="level_mode='content'"):
+    train_iter(demo_source, 0, 1, level_mode="all", levels={i: 0 for i in demo_source.ids()})
 
 
 def test_heldout_source_is_fixed_and_not_in_the_embedded_dataset():

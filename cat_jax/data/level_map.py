@@ -44,7 +44,7 @@ def _check_level_value(value: Any, where: str) -> int:
     raise ValueError(f"{where}: {e}") from None
 
 
-def _is_level_spelling(text: str) -> bool:
+def is_level_spelling(text: str) -> bool:
   try:
     parse_level(text)
     return True
@@ -123,7 +123,7 @@ def resolve_levels(source: Any, levels: Mapping[str, int] | int | str | None) ->
       raise ValueError(f"{source!r} has no built-in levels; pass levels= a score manifest "
                        "path, an {id: level} mapping or one fixed level (0, 1 or 2)")
     levels = source.builtin_levels()
-  if isinstance(levels, str) and _is_level_spelling(levels):  # e.g. --config.data.levels=0 or =16x
+  if isinstance(levels, str) and is_level_spelling(levels):  # e.g. --config.data.levels=0 or =16x
     levels = parse_level(levels)
   if isinstance(levels, (int, np.integer)) and not isinstance(levels, bool):
     return np.full(len(ids), parse_level(int(levels)), np.int32)

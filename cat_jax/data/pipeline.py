@@ -54,7 +54,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from cat_jax.data.level_map import resolve_levels
+from cat_jax.data.level_map import is_level_spelling, resolve_levels
 from cat_jax.data.sources import source_ids
 from cat_jax.data.preprocess import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, BadImageError,
                                      BadImageReport, PreprocessConfig, preprocess)
@@ -243,7 +243,8 @@ def make_train_dataset(source: Any, *, levels: Mapping[str, int] | int | str | N
   Args:
     source: a source (``cat_jax.data.get_source``).
     levels: {id: level}, a score manifest path, one int level for all, or None for the
-      source's built-in levels (embedded dataset). Ignored with ``level_mode='all'``.
+      source's built-in levels (embedded dataset). One fixed level trains every image at it whatever
+      ``level_mode``; with ``level_mode='all'`` a manifest or mapping is refused (it would be ignored).
     batch_size: per-process batch size (the global batch is ``batch_size * process_count``).
     image_size: output side (random crop after resizing the shorter side).
     seed: fixes shuffling, level order and crops.
@@ -270,6 +271,13 @@ def make_train_dataset(source: Any, *, levels: Mapping[str, int] | int | str | N
     levels, level_weights = parse_level(int(level_weights)), None
   if level_mode not in LEVEL_MODES:
     raise ValueError(f"level_mode must be one of {LEVEL_MODES}, got {level_mode!r}")
+  if level_mode == "all" and levels is not None:
+    if isinstance(levels, str) and is_level_spelling(levels):
+      levels = parse_level(levels)
+    if not (isinstance(levels, (int, np.integer)) and not isinstance(levels, bool)):
+      raise ValueError("level_mode='all' trains every level on every image and would ignore the levels given "
+                       f"({levels!r}); set data.level_mode='content' to train each image at its manifest level")
+    level_mode = "content"  # one fixed level: every image at it
   if level_mode == "all":  # every image in every level's pool
     level_of = np.zeros(len(source_ids(source)), np.int32)
     weights = _proportions(np.arange(NUM_LEVELS), level_weights)  # one "image" per level: equal by default
