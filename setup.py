@@ -46,6 +46,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["cat_jax", "cat_jax.*"]),
+    # The shipped pretrained tokenizer (Tokenizer.from_pretrained("demo")): a few MB, no download.
+    package_data={"cat_jax": ["pretrained/README.md", "pretrained/*/config.json", "pretrained/*/params.msgpack"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
