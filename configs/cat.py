@@ -84,18 +84,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.level_mode = "all"
     c.static_level = True
     c.batch_size = 16
-    c.num_steps = 1_500
-    # An autoencoder fit, not a GAN: Adam's usual betas until the discriminator starts.
+    c.num_steps = 1_000
+    # An autoencoder fit: Adam's usual betas (docs/tokenizer_quality.md, runs 0 and A).
     c.optimizer.update(lr=1e-3, d_lr=1e-4, b1=0.9, b2=0.99, warmup_steps=100, weight_decay=0.0)
     c.ema_decay = 0.99
     # No LPIPS by default: its VGG16 weights cannot be downloaded here. With converted weights, add
     # --config.loss.lpips_weight=1.0 --config.lpips_path=PATH.
-    c.loss.update(lpips_weight=0.0, disc_start=1_000, gan_weight=0.1, kl_weight=1e-6)
+    # No GAN by default either: in the earlier demo its first few hundred steps added visible artefacts at this
+    # size (docs/tokenizer_quality.md); the demo shows the reconstruction fit. To see it: --config.loss.disc_start=500.
+    c.loss.update(lpips_weight=0.0, disc_start=10**9, gan_weight=0.1, kl_weight=1e-6)
     c.disc.update(base_channels=16, num_layers=2)
     c.log_every = 50
-    c.eval_every = 400
+    c.eval_every = 500
     c.eval_batches = 4
-    c.checkpoint_every = 200
+    c.checkpoint_every = 250
 
   if variant == "runlocal":
     # A few steps of everything (GAN included) on tiny images, for tests and smoke runs.

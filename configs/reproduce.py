@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
   c = base.get_config("demo")
   c.variant = f"reproduce_{variant}"
   c.batch_size = 8
-  c.num_steps = 800
+  c.num_steps = 400
   c.optimizer.update(lr=1e-3, warmup_steps=20)
   c.ema_decay = 0.98
   # The comparison is between level assignments and fixed rates, not GAN sharpness: no discriminator.
