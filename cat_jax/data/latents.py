@@ -18,6 +18,7 @@ import io
 import json
 import os
 import sys
+import threading
 from typing import Any
 
 import grain
@@ -28,6 +29,9 @@ from cat_jax import storage
 from cat_jax.data.pipeline import _LevelSchedule, _int_proportions, _process_index_and_count
 
 STATISTICS_FILE = "latent_stats.json"
+# np.load parses the npz header with ast.literal_eval, which CPython 3.11 does not make safe across threads (grain's
+# read threads): it failed the demo with "SystemError: AST constructor recursion depth mismatch". Reads are tiny.
+_NPZ_LOCK = threading.Lock()
 
 
 class LatentDataset:
@@ -65,12 +69,16 @@ class LatentDataset:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     row = self.rows[int(index)]
-    with np.load(io.BytesIO(self._bytes(row))) as npz:
+    data = self._bytes(row)
+    with _NPZ_LOCK, np.load(io.BytesIO(data)) as npz:
       latent = np.asarray(npz["latent"], np.float32)
     return {"latent": latent, "level": np.int32(row["level"]), "label": np.int32(row["label"]), "id": row["id"]}
 
   def __getstate__(self):  # grain may pickle the dataset: readers are reopened lazily
     return dict(self.__dict__, _readers={})
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
 
 
 @dataclasses.dataclass
