@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="skip (record in index.jsonl, exit status 1) or raise (stop at the first)")
   p.add_argument("--no_reconstructions", action="store_true")
   p.add_argument("--no_ema", action="store_true", help="raw parameters instead of the EMA")
+  p.add_argument("--labels", choices=("none", "subfolder"), default="none",
+                 help="subfolder: each image's class is its top-level folder (ImageNet layout), stored as 'label' "
+                 "(classes in sorted order in classes.json), for python -m cat_jax.train_dit")
   return p
 
 
@@ -171,10 +174,11 @@ class _LevelOf:
 
 
 # -- outputs --------------------------------------------------------------------------------------------------------
-def _npz_bytes(latent: np.ndarray, level: int, image_size: int) -> bytes:
+def _npz_bytes(latent: np.ndarray, level: int, image_size: int, label: int | None = None) -> bytes:
   buf = io.BytesIO()
+  extra = {} if label is None else {"label": np.int32(label)}
   np.savez(buf, latent=latent.astype(np.float32), level=np.int32(level), factor=np.int32(L.FACTORS[level]),
-           image_size=np.int32(image_size))
+           image_size=np.int32(image_size), **extra)
   return buf.getvalue()
 
 
@@ -213,13 +217,14 @@ class _Writer:
       self.count = 0
     self.index = storage.AppendFile(out / "index.jsonl")
 
-  def encoded(self, image_id: str, latent: np.ndarray, level: int, recon: np.ndarray | None) -> None:
+  def encoded(self, image_id: str, latent: np.ndarray, level: int, recon: np.ndarray | None,
+              label: int | None = None) -> None:
     from cat_jax.data.preprocess import from_model_range
 
     row = {"id": image_id, "level": level, "factor": L.FACTORS[level],
            "tokens": int(latent.shape[0] * latent.shape[1]), "latent_shape": list(latent.shape),
-           "image_size": self.image_size}
-    data = _npz_bytes(latent, level, self.image_size)
+           "image_size": self.image_size, **({} if label is None else {"label": int(label)})}
+    data = _npz_bytes(latent, level, self.image_size, label)
     if self.records is not None:
       self.records.write(data)
       row.update(record_file=self.record_file, record=self.count)
@@ -244,6 +249,52 @@ class _Writer:
       self.records.close()
 
 
+def _labels(args, out, files):
+  """id -> class index (None without --labels): the sorted top-level folder names, kept in classes.json."""
+  if getattr(args, "labels", "none") == "none":
+    return lambda image_id: None
+  flat = [i for i, _ in files if "/" not in i]
+  if flat:
+    raise ValueError(f"--labels subfolder needs every image inside a class folder; {len(flat)} are not, "
+                     f"e.g. {flat[:3]}")
+  saved = out / "classes.json"
+  classes = json.loads(saved.read_text()) if saved.exists() else sorted({i.split("/")[0] for i, _ in files})
+  storage.write_text(saved, json.dumps(classes) + "\n")
+  index = {name: k for k, name in enumerate(classes)}
+
+  def label_of(image_id):
+    name = image_id.split("/")[0]
+    if name not in index:
+      raise ValueError(f"{image_id}: class folder {name!r} is not in {saved} (classes of the first run)")
+    return index[name]
+
+  return label_of
+
+
+def encode_source(tok, source, out, *, levels, labels, image_size: int, chunk: int = 256) -> int:
+  """Encodes every image of a ``cat_jax.data`` source into ``out/latents.array_record`` + ``index.jsonl``, each
+  with its level (``levels[i]``) and class (``labels[i]``); the training set of ``python -m cat_jax.train_dit``.
+  Returns the number encoded. Unreadable images raise (a source, unlike a folder, is expected to be clean)."""
+  from cat_jax.data.preprocess import PreprocessConfig, preprocess
+
+  out = storage.as_path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  writer = _Writer(argparse.Namespace(no_reconstructions=True, format="array_record"), out, image_size)
+  config = PreprocessConfig(image_size=image_size, on_bad_image="raise")
+  try:
+    for start in range(0, len(source), chunk):
+      indices = range(start, min(start + chunk, len(source)))
+      records = [source[i] for i in indices]
+      images = [preprocess(r["image"], config, path=str(r["id"]), rng=None) for r in records]
+      latents = tok.encode(images, [int(levels[i]) for i in indices])
+      for i, r, latent, level in zip(indices, records, latents.values, latents.levels):
+        writer.encoded(str(r["id"]), latent, int(level), None, int(labels[i]))
+      writer.flush()
+  finally:
+    writer.close()
+  return len(source)
+
+
 # -- the command ----------------------------------------------------------------------------------------------------
 def encode_folder(args, tok, out, files, image_size: int) -> dict:
   """Encodes every file not yet encoded in ``out``; returns the run's counts."""
@@ -253,6 +304,7 @@ def encode_folder(args, tok, out, files, image_size: int) -> dict:
 
   done = {i for i, row in read_index(out).items() if "error" not in row}
   todo = [(i, p) for i, p in files if i not in done]
+  label_of = _labels(args, out, files)
   level_of = _LevelOf(args, tok, out, files, image_size)
   counts = {"encoded": 0, "failed": 0, "already": len(files) - len(todo), "levels": [0] * L.NUM_LEVELS,
             "tokens": 0}
@@ -276,7 +328,7 @@ def encode_folder(args, tok, out, files, image_size: int) -> dict:
         latents = tok.encode(images, levels)
         recons = tok.decode(latents) if writer.reconstructions else [None] * len(ids)
         for image_id, latent, level, recon in zip(ids, latents.values, latents.levels, recons):
-          writer.encoded(image_id, latent, int(level), recon)
+          writer.encoded(image_id, latent, int(level), recon, label_of(image_id))
           counts["levels"][int(level)] += 1
           counts["tokens"] += int(latent.shape[0] * latent.shape[1])
         counts["encoded"] += len(ids)

@@ -14,8 +14,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
-import sys
 from typing import Any
 
 import flax
@@ -25,8 +23,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from cat_jax import checkpoint as ckpt
 from cat_jax import levels as L
+from cat_jax import loop
 from cat_jax import parallel
 from cat_jax import warm_start
 from cat_jax.losses import gan as gan_losses
@@ -292,21 +290,6 @@ def evaluate_reconstruction(eval_fn, params, eval_batches, writer=None, step: in
 
 
 # -- the loop -------------------------------------------------------------------------------------------------------
-class _Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly at the next step boundary."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    logger.warning("SIGTERM received: saving a checkpoint and exiting at the next step.")
-    self.requested = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
-
-
 def _load_lpips_params(config):
   if config.loss.lpips_weight <= 0:
     return None, {}
@@ -335,29 +318,17 @@ def _make_data(config, *, split: str, train: bool, process_batch: int):
   return cat_data.make_eval_dataset(source, levels=0, **common)
 
 
-def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
-  """Averages fetched step metrics overall ('train/x') and per level ('train/level{l}/x')."""
-  out: dict[str, list[float]] = {}
-  for level, m in jax.device_get(pending):
-    for k, v in m.items():
-      out.setdefault(f"train/{k}", []).append(float(v))
-      out.setdefault(f"train/level{level}/{k}", []).append(float(v))
-  return {k: float(np.mean(v)) for k, v in out.items()}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains to ``config.num_steps`` (resuming from ``workdir`` if it has checkpoints); returns the final state."""
   from cat_jax.data import make_global_batch
   from cat_jax import storage
-  from cat_jax.metric_writers import MetricWriter, ProgressBar, StepTimer
+  from cat_jax.metric_writers import MetricWriter
 
   is_main = jax.process_index() == 0
   writer = MetricWriter(workdir, enabled=is_main)
 
   # Mesh and shapes.
-  mesh = parallel.make_mesh(config.mesh)
-  if config.batch_size % mesh.size:  # mesh.size is a multiple of the process count, so hosts split evenly too
-    raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of devices ({mesh.size})")
+  mesh = loop.make_mesh(config)
   process_batch = config.batch_size // jax.process_count()
   model, disc = build_model(config.model), make_discriminator(config)
   g_tx, d_tx, g_schedule = make_optimizers(config)
@@ -368,29 +339,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # Sharded init: shapes first, then a jitted init that materialises each shard where it lives.
   init_fn = functools.partial(init_train_state, model=model, disc=disc, g_tx=g_tx, d_tx=d_tx,
                               image_size=config.data.image_size)
-  abstract_state = jax.eval_shape(init_fn, init_rng)
-  state_shardings = parallel.param_shardings(abstract_state, mesh, min_size=config.fsdp_min_size)
-  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract_state, state_shardings)
+  abstract_state, state_shardings = loop.sharded_shapes(init_fn, init_rng, mesh, min_size=config.fsdp_min_size)
 
   # Restore (or init) state and data position.
   train_iter = _make_data(config, split=config.data.split, train=True, process_batch=process_batch)
-  checkpointer = ckpt.Checkpointer(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpointing)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    ckpt.check_compatible(ckpt.load_config(workdir), config)
-    saved_state, ema, train_iter = checkpointer.restore(latest, abstract_state.replace(ema_params=None),
-                                                        abstract_state.ema_params, train_iter)
-    state = saved_state.replace(ema_params=ema)
+  checkpoints = loop.Checkpoints(workdir, config)
+  state, train_iter, resumed = checkpoints.restore_or_init(config, abstract_state, state_shardings, init_fn,
+                                                           init_rng, train_iter)
+  if not resumed and config.get("init_from"):  # converted weights (e.g. an SD VAE); the discriminator stays fresh
+    state = warm_start.warm_start(state, config)
     if is_main:
-      logger.info("Resumed from step %d in %s", latest, workdir)
-  else:
-    state = jax.jit(init_fn, out_shardings=state_shardings)(init_rng)
-    if config.get("init_from"):  # converted weights (e.g. an SD VAE); the discriminator stays fresh
-      state = warm_start.warm_start(state, config)
-      if is_main:
-        logger.info("Initialised the nested VAE from %s", config.init_from)
-    ckpt.save_config(workdir, config)
+      logger.info("Initialised the nested VAE from %s", config.init_from)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   if is_main:
     logger.info("Nested VAE: %s parameters; mesh %s; global batch %d", f"{n_params:,}", dict(mesh.shape),
@@ -426,92 +385,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   def _global(batch):
     return make_global_batch(batch, parallel.batch_sharding(mesh))
 
-  def save(step, metrics=None, force=False):
-    if not bool(jax.device_get(state.all_finite)):
-      raise _non_finite(step, checkpointer)
-    if checkpointer.latest_step() != step:
-      checkpointer.save(step, state.replace(ema_params=None), state.ema_params, train_iter, metrics=metrics,
-                        force=force)
-
   # The loop.
-  preemption = _Preemption()
+  preemption = loop.Preemption()
   start = int(jax.device_get(state.step))
-  progress = ProgressBar(config.num_steps, start) if is_main else None
-  pending: list[tuple[int, dict]] = []
+  log = loop.TrainLog(writer, num_steps=config.num_steps, start=start, batch_size=config.batch_size,
+                      loss_key="train/g_loss", enabled=is_main)
   try:
     if start == 0:  # a baseline before any update: the first point of every eval curve and grid
       writer.write_scalars(0, run_eval(0))
-    timer = StepTimer(start)
+    log.reset(start)
     for step in range(start + 1, config.num_steps + 1):
       batch = _global(next(train_iter))
       level = batch["level"]
       state, metrics = jit_step(state, batch["image"], lpips_params, step_rng, gan_in_step(step, config),
                                 level_arg(level))
-      pending.append((level, metrics))
+      log.add(level, metrics)
 
       if step % config.log_every == 0 or step == config.num_steps:
-        if not bool(jax.device_get(state.all_finite)):
-          raise _non_finite(step, checkpointer)
-        scalars = _mean_metrics(pending)  # fetching the metrics waits for the steps, so the rates are real
-        rates = timer.rates(step, batch_size=config.batch_size)
-        scalars["train/images_per_s"], scalars["train/steps_per_s"] = rates["images_per_sec"], rates["steps_per_sec"]
-        writer.write_scalars(step, scalars)
-        if progress:
-          progress.update(step, loss=f"{scalars['train/g_loss']:.4f}")
-        pending = []
+        checkpoints.check_finite(state, step)
+        log.write(step)
       eval_metrics = None
       if step % config.eval_every == 0 or step == config.num_steps:
         eval_metrics = run_eval(step)
         writer.write_scalars(step, eval_metrics)
       if step % config.checkpoint_every == 0 or step == config.num_steps or eval_metrics:
-        save(step, eval_metrics)
-        timer.reset(step)  # evaluation and checkpoint time is not training throughput
-      if preemption.requested or checkpointer.manager.reached_preemption(step):
-        save(step, force=True)
-        checkpointer.wait()
-        logger.warning("Preempted: saved step %d; re-run the same command to resume.", step)
+        checkpoints.save(step, state, train_iter, eval_metrics)
+        log.reset(step)  # evaluation and checkpoint time is not training throughput
+      if checkpoints.preempted(step, state, train_iter, preemption):
         break
-    checkpointer.wait()
+    checkpoints.wait()
   finally:
     preemption.restore()
-    checkpointer.close()
+    checkpoints.close()
     writer.close()
-    if progress:
-      progress.close()
+    log.close()
   return state
-
-
-def _non_finite(step: int, checkpointer) -> FloatingPointError:
-  checkpointer.wait()
-  last = checkpointer.latest_step()
-  return FloatingPointError(
-      f"non-finite loss or gradient at or before step {step}; stopping without saving. The last good checkpoint is "
-      f"step {last} (None: no checkpoint yet). Lower optimizer.lr, check the data, or enable bf16-safe settings, "
-      "then re-run to resume from it.")
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-  from absl import app, flags
-  from ml_collections import config_flags
-
-  flags_ = flags.FLAGS
-  config_flags.DEFINE_config_file("config", None, "configs/cat.py[:variant]", lock_config=True)
-  flags.DEFINE_string("workdir", None, "where checkpoints, logs and config.json go (local path or gs://)")
-
-  def _main(_):
-    from cat_jax.distributed import maybe_initialize_distributed
-    maybe_initialize_distributed()
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and grain log every file they touch at INFO
-    logger.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
-    if flags_.config is None or flags_.workdir is None:
-      print("usage: python -m cat_jax.train --config configs/cat.py[:demo|runlocal] --workdir DIR", file=sys.stderr)
-      return 2
-    train_and_evaluate(flags_.config, flags_.workdir)
-    return 0
-
-  app.run(_main, argv=argv)
-  return 0
+  return loop.run_cli(train_and_evaluate, logger=logger, argv=argv, config_help="configs/cat.py[:variant]",
+                      usage="python -m cat_jax.train --config configs/cat.py[:demo|runlocal] --workdir DIR")
 
 
 if __name__ == "__main__":

@@ -247,11 +247,12 @@ class TfdsSource:
 
   Images stay encoded (``tfds.decode.SkipDecoding``). Ids are ``<name>/<split>/<index>``
   (stable for a given prepared dataset version), plus the dataset's own file name
-  feature as ``'file_name'`` when it has one. ``image_key`` picks the image feature.
+  feature as ``'file_name'`` when it has one. ``image_key`` picks the image feature; ``label_key`` (e.g. 'label')
+  adds the class index as ``'label'``.
   """
 
   def __init__(self, name: str, split: str = "train", *, data_dir: str | None = None,
-               image_key: str = "image", caption_key: str | None = None):
+               image_key: str = "image", caption_key: str | None = None, label_key: str | None = None):
     import tensorflow_datasets as tfds  # Imported lazily: slow, and only needed here.
 
     self.name = name
@@ -268,6 +269,9 @@ class TfdsSource:
                        f"{sorted(features.keys())}. Pass image_key=...")
     self._image_key = image_key
     self._caption_key = caption_key
+    if label_key is not None and label_key not in features:
+      raise ValueError(f"TFDS dataset {name!r} has no {label_key!r} feature; features: {sorted(features.keys())}")
+    self._label_key = label_key
     self._file_key = next((k for k in ("file_name", "image/filename") if k in features), None)
     try:
       self._ds = tfds.data_source(
@@ -293,6 +297,8 @@ class TfdsSource:
     if self._caption_key is not None:
       cap = ex[self._caption_key]
       record["caption"] = cap.decode() if isinstance(cap, bytes) else str(cap)
+    if self._label_key is not None:
+      record["label"] = int(ex[self._label_key])
     return record
 
   def __repr__(self) -> str:

@@ -1,0 +1,195 @@
+"""Pre-encoded latents (``python -m cat_jax.encode`` output) for the DiT: reading, statistics, a grain pipeline.
+
+``LatentDataset(dir)`` reads ``index.jsonl`` (one row per image: id, level, label, record file) and the records
+(array_record or npz). ``LatentStatistics`` are the per-level, per-channel mean and standard deviation of the
+training latents (the DiT trains on ``(z - mean) / std``, samples go back as ``z * std + mean``) and the class x level
+counts (what ``--level auto`` samples from), stored as JSON with the model.
+
+``make_latent_train_iterator`` is the image pipeline's order (``cat_jax.data.pipeline``) over latents: one global
+order of single-level batches for any process count (the same seeded level schedule), each process taking its
+positions of every global batch (``grain.experimental.ElasticIterator``), checkpointable and restorable onto another
+process count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import sys
+import threading
+from typing import Any
+
+import grain
+import numpy as np
+
+from cat_jax import levels as L
+from cat_jax import storage
+from cat_jax.data.pipeline import _LevelSchedule, _int_proportions, _process_index_and_count
+
+STATISTICS_FILE = "latent_stats.json"
+# np.load parses the npz header with ast.literal_eval, which CPython 3.11 does not make safe across threads (grain's
+# read threads): it failed the demo with "SystemError: AST constructor recursion depth mismatch". Reads are tiny.
+_NPZ_LOCK = threading.Lock()
+
+
+class LatentDataset:
+  """Random access to encoded latents: ``[i]`` -> {"latent" (h, w, C) float32, "level", "label", "id"}."""
+
+  def __init__(self, path: str | os.PathLike):
+    from cat_jax.encode import read_index
+
+    self.path = storage.as_path(os.fspath(path))
+    if not (self.path / "index.jsonl").exists():
+      raise FileNotFoundError(f"{self.path} has no index.jsonl: encode latents first with python -m cat_jax.encode "
+                              "--format array_record --labels subfolder (or let train_dit encode them)")
+    rows = [r for r in read_index(self.path).values() if "error" not in r]
+    if not rows:
+      raise ValueError(f"{self.path}/index.jsonl lists no encoded image")
+    unlabelled = [r["id"] for r in rows if "label" not in r]
+    if unlabelled:
+      raise ValueError(f"{len(unlabelled)} latents in {self.path} have no class label (e.g. {unlabelled[:3]}); "
+                       "encode with python -m cat_jax.encode --labels subfolder")
+    self.rows = rows
+    self.levels = np.array([int(r["level"]) for r in rows], np.int32)
+    self.labels = np.array([int(r["label"]) for r in rows], np.int32)
+    self._readers: dict[str, Any] = {}
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def _bytes(self, row: dict) -> bytes:
+    if "record_file" in row:
+      name = row["record_file"]
+      if name not in self._readers:
+        self._readers[name] = grain.sources.ArrayRecordDataSource([os.fspath(self.path / name)])
+      return self._readers[name][int(row["record"])]
+    return (self.path / row["latent_file"]).read_bytes()
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    row = self.rows[int(index)]
+    data = self._bytes(row)
+    with _NPZ_LOCK, np.load(io.BytesIO(data)) as npz:
+      latent = np.asarray(npz["latent"], np.float32)
+    return {"latent": latent, "level": np.int32(row["level"]), "label": np.int32(row["label"]), "id": row["id"]}
+
+  def __getstate__(self):  # grain may pickle the dataset: readers are reopened lazily
+    return dict(self.__dict__, _readers={})
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+
+
+@dataclasses.dataclass
+class LatentStatistics:
+  """Per-level channel means / stds of the training latents and the per-class level counts."""
+
+  mean: dict[int, list[float]]        # level -> (C,)
+  std: dict[int, list[float]]         # level -> (C,)
+  count: dict[int, int]               # level -> latents
+  class_level_counts: list[list[int]]  # [class][level]
+
+  @classmethod
+  def measure(cls, dataset: LatentDataset, num_classes: int) -> "LatentStatistics":
+    if dataset.labels.max() >= num_classes or dataset.labels.min() < 0:
+      raise ValueError(f"latent labels span [{dataset.labels.min()}, {dataset.labels.max()}] but the model has "
+                       f"num_classes={num_classes}")
+    sums: dict[int, list] = {}
+    for i in range(len(dataset)):
+      item = dataset[i]
+      z = item["latent"].reshape(-1, item["latent"].shape[-1]).astype(np.float64)
+      s = sums.setdefault(int(item["level"]), [0, 0.0, 0.0])
+      s[0] += z.shape[0]
+      s[1] = s[1] + z.sum(0)
+      s[2] = s[2] + np.square(z).sum(0)
+    mean, std, count = {}, {}, {}
+    for level, (n, total, squares) in sorted(sums.items()):
+      m = total / n
+      mean[level] = m.tolist()
+      std[level] = np.sqrt(np.maximum(squares / n - m * m, 1e-12)).tolist()
+      count[level] = int(np.sum(dataset.levels == level))
+    counts = np.zeros((num_classes, L.NUM_LEVELS), np.int64)
+    np.add.at(counts, (dataset.labels, dataset.levels), 1)
+    return cls(mean, std, count, counts.tolist())
+
+  def save(self, directory) -> None:
+    storage.write_text(storage.as_path(os.fspath(directory)) / STATISTICS_FILE,
+                       json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+
+  @classmethod
+  def load(cls, directory) -> "LatentStatistics":
+    path = storage.as_path(os.fspath(directory)) / STATISTICS_FILE
+    if not path.exists():
+      raise FileNotFoundError(f"no {STATISTICS_FILE} in {directory}: is it a python -m cat_jax.train_dit workdir?")
+    raw = json.loads(path.read_text())
+    as_levels = lambda d: {int(k): v for k, v in d.items()}
+    return cls(as_levels(raw["mean"]), as_levels(raw["std"]), as_levels(raw["count"]), raw["class_level_counts"])
+
+  def _check(self, level: int) -> None:
+    if level not in self.mean:
+      raise ValueError(f"no training latents at level {L.level_name(level)}: the model was trained on levels "
+                       f"{[L.level_name(l) for l in sorted(self.mean)]}")
+
+  def normalize(self, latents: np.ndarray, level: int) -> np.ndarray:
+    self._check(level)
+    return ((latents - np.asarray(self.mean[level], np.float32)) / np.asarray(self.std[level], np.float32)
+            ).astype(np.float32)
+
+  def denormalize(self, latents: np.ndarray, level: int) -> np.ndarray:
+    self._check(level)
+    return (np.asarray(latents, np.float32) * np.asarray(self.std[level], np.float32)
+            + np.asarray(self.mean[level], np.float32))
+
+  def level_distribution(self, label: int) -> np.ndarray:
+    """P(level | class) in the training set; raises for a class the training set never had."""
+    if not 0 <= label < len(self.class_level_counts):
+      raise ValueError(f"class {label} is out of range [0, {len(self.class_level_counts)})")
+    counts = np.asarray(self.class_level_counts[label], np.float64)
+    if counts.sum() == 0:
+      raise ValueError(f"class {label} has no training latents, so --level auto has no distribution for it; "
+                       "pass a level")
+    return counts / counts.sum()
+
+
+class _LatentElement:
+  """map fn: global element e -> the latent at position e mod B of global batch e // B (as the image pipeline)."""
+
+  def __init__(self, dataset: LatentDataset, streams, levels, schedule: _LevelSchedule, global_batch: int):
+    self._dataset, self._streams, self._levels = dataset, streams, levels
+    self._schedule, self._global_batch = schedule, global_batch
+
+  def __call__(self, element: int) -> dict[str, Any]:
+    k, i = divmod(int(element), self._global_batch)
+    d, j = self._schedule[k]
+    return self._dataset[int(self._streams[d][j * self._global_batch + i])]
+
+
+def _collate(batch: dict[str, Any]) -> dict[str, Any]:
+  levels = np.asarray(batch["level"])
+  if levels.min() != levels.max():
+    raise RuntimeError(f"a latent batch mixes levels {sorted(set(levels.tolist()))}")
+  return {"latent": batch["latent"], "label": batch["label"], "level": np.int32(levels[0]),
+          "id": np.asarray(batch["id"])}
+
+
+def make_latent_train_iterator(dataset: LatentDataset, *, batch_size: int, seed: int = 0,
+                               process_index: int | None = None, process_count: int | None = None,
+                               read_threads: int = 2) -> grain.DatasetIterator:
+  """Endless, level-bucketed, checkpointable batches {"latent" (B, h, w, C), "label" (B,), "level", "id"};
+  ``batch_size`` per process; levels drawn in proportion to their latent counts."""
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  pi, pc = _process_index_and_count(process_index, process_count)
+  counts = np.bincount(dataset.levels, minlength=L.NUM_LEVELS)
+  active = [l for l in range(L.NUM_LEVELS) if counts[l]]
+  streams = [grain.MapDataset.source([int(i) for i in np.flatnonzero(dataset.levels == l)])
+             .shuffle(seed=seed * 7919 + l).repeat() for l in active]
+  schedule = _LevelSchedule(_int_proportions([float(counts[l]) for l in active]), seed)
+  global_batch = batch_size * pc
+  elements = grain.MapDataset.range(sys.maxsize).map(
+      _LatentElement(dataset, streams, active, schedule, global_batch))
+  elastic = grain.experimental.ElasticIterator(
+      elements, global_batch, grain.sharding.ShardOptions(shard_index=pi, shard_count=pc),
+      read_options=grain.ReadOptions(num_threads=max(1, read_threads), prefetch_buffer_size=2))
+  return iter(elastic.map(_collate))

@@ -1,0 +1,1 @@
+"""Generation on CAT latents: the DiT (``dit``), rectified flow (``flow``) and sampling (``sampling``)."""
