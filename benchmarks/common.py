@@ -31,3 +31,34 @@ def torch_fid_inception():
   net.Mixed_7b = pt_inception.FIDInceptionE_1(1280)
   net.Mixed_7c = pt_inception.FIDInceptionE_2(2048)
   return net.eval()
+
+
+def interleaved(runs: dict[str, Callable[[int], object]], repeats: int, steps: int) -> dict[str, list[float]]:
+  """Seconds per step of each ``runs[name](steps)`` (which must block until done) in each of ``repeats`` rounds.
+
+  The runs take turns within a round, and the order rotates every round, so a machine whose speed drifts (other
+  jobs, clocks) slows every run alike and the per-round ratios stay comparable.
+  """
+  names = list(runs)
+  out: dict[str, list[float]] = {name: [] for name in names}
+  for r in range(repeats):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      start = time.perf_counter()
+      runs[name](steps)
+      out[name].append((time.perf_counter() - start) / steps)
+  return out
+
+
+def rate_summary(seconds: list[float], batch: int) -> dict[str, float]:
+  """Images/s from per-step seconds: the median and the spread (slowest and fastest round)."""
+  s = sorted(seconds)
+  median = s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
+  return {"images_per_s": batch / median, "images_per_s_min": batch / s[-1], "images_per_s_max": batch / s[0],
+          "step_ms": 1e3 * median, "rounds": len(s)}
+
+
+def ratio_summary(numerator: list[float], denominator: list[float]) -> dict[str, float]:
+  """Per-round ratios ``numerator[i] / denominator[i]``: the median and the spread (min, max)."""
+  r = sorted(a / b for a, b in zip(numerator, denominator))
+  median = r[len(r) // 2] if len(r) % 2 else 0.5 * (r[len(r) // 2 - 1] + r[len(r) // 2])
+  return {"median": median, "min": r[0], "max": r[-1]}

@@ -140,7 +140,10 @@ def generator_loss_fn(params, d_params, images, level, rng, lpips_params, gan_sc
       nll_grad = jax.grad(lambda h: nll_of(output_head(h, feats))[0])(head)["kernel"]
       gan_grad = jax.grad(lambda h: gan_of(output_head(h, feats)))(head)["kernel"]
       return gan_losses.adaptive_generator_weight(nll_grad=nll_grad, gan_grad=gan_grad)
-    weight = jax.lax.cond(gan_scale > 0, adaptive_weight, lambda: jnp.zeros((), jnp.float32))
+    # Computed, then zeroed before the GAN starts, rather than under lax.cond: XLA:CPU runs the convolutions in a
+    # conditional's branch slowly (a quarter of the CPU step; docs/performance.md). No work is wasted in the loop,
+    # which compiles use_gan=False until the discriminator starts.
+    weight = jnp.where(gan_scale > 0, adaptive_weight(), 0.0)
   else:
     weight = jnp.ones((), jnp.float32)
   gan_term = gan_scale * loss_cfg.gan_weight * weight * g_loss
@@ -166,6 +169,18 @@ def discriminator_loss_fn(d_params, images, recon, lecam_ema, *, disc: PatchDisc
 
 
 # -- the step -------------------------------------------------------------------------------------------------------
+def static_levels(config, backend: str | None = None) -> bool:
+  """Whether the loop compiles one step per level (static) instead of one with a traced level (``lax.switch``).
+
+  ``config.static_level`` if set; unset (None), static on CPU and traced elsewhere: XLA:CPU keeps the backward
+  convolutions inside a ``conditional`` in non-canonical dimension orders and runs them slowly, so a traced step
+  ran 13x slower there than a static one (docs/performance.md); GPUs and TPUs keep the switch, the design.
+  """
+  if config.get("static_level") is not None:
+    return bool(config.static_level)
+  return (backend or jax.default_backend()) == "cpu"
+
+
 def gan_in_step(step: int, config) -> bool:
   """Whether the update to ``step`` (1-based, as the loop counts) has the GAN on: the ``use_gan`` to pass."""
   return step - 1 >= config.loss.disc_start
@@ -360,21 +375,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   step_fn = functools.partial(train_step, model=model, disc=disc, lpips_module=lpips_module, g_tx=g_tx, d_tx=d_tx,
                               g_schedule=g_schedule, config=config)
   lpips_shardings = jax.tree.map(lambda _: rep, lpips_params)
-  # The level is a traced scalar (one compilation serves all levels through lax.switch) unless
-  # config.static_level: then each level compiles its own step. XLA:CPU runs the switch's backward pass an order
-  # of magnitude slower than the static branch, so the CPU configs (demo, runlocal) use static levels.
+  # The level is a traced scalar (one compilation serves all levels through lax.switch) or a static int (one
+  # cached executable per level, picked per batch): see static_levels().
+  static = static_levels(config)
+  if is_main:
+    logger.info("Levels: %s", "static (one executable per level)" if static else "traced (lax.switch)")
+
   def level_arg(level):
-    return int(level) if config.static_level else jnp.int32(level)
+    return int(level) if static else jnp.int32(level)
 
   # use_gan is static too: before loss.disc_start the step leaves the discriminator out (a second compilation).
-  rep_if_traced = () if config.static_level else (rep,)
+  rep_if_traced = () if static else (rep,)
   jit_step = jax.jit(lambda state, images, lpips_params, base_rng, use_gan, level: step_fn(
                          state, images, level, lpips_params, base_rng, use_gan=use_gan),
                      in_shardings=(state_shardings, parallel.batch_sharding(mesh), lpips_shardings, rep) + rep_if_traced,
                      out_shardings=(state_shardings, rep), donate_argnums=0,
-                     static_argnums=(4, 5) if config.static_level else (4,))
+                     static_argnums=(4, 5) if static else (4,))
   jit_eval = jax.jit(functools.partial(eval_step, model=model), out_shardings=(rep, parallel.batch_sharding(mesh)),
-                     static_argnums=(3,) if config.static_level else ())
+                     static_argnums=(3,) if static else ())
 
   def run_eval(step):
     eval_ds = _make_data(config, split=config.data.eval_split, train=False, process_batch=process_batch)

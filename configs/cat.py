@@ -58,8 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=1)
   c.fsdp_min_size = 2**18
   # False: the level is a traced scalar and lax.switch picks the branch (one compilation for all levels).
-  # True: one compilation per level; faster on CPU, where XLA runs the switch's backward pass slowly.
-  c.static_level = False
+  # True: one compilation per level, picked per batch. None (default): static on CPU, where XLA:CPU runs the
+  # switch's backward convolutions slowly (docs/performance.md), traced on GPUs and TPUs.
+  c.static_level = ml_collections.config_dict.placeholder(bool)
 
   c.log_every = 100
   c.eval_every = 10_000
@@ -82,7 +83,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Every level on every image: evaluation (and a newcomer) runs every level on every image, and the embedded
     # data needs no scores. The paper's mode is data.level_mode='content' (configs/reproduce.py trains both).
     c.data.level_mode = "all"
-    c.static_level = True
     c.batch_size = 16
     c.num_steps = 1_000
     # An autoencoder fit: Adam's usual betas (docs/tokenizer_quality.md, runs 0 and A).
@@ -105,7 +105,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    shortcuts=True, norm="rms", logvar_init=-10.0, dtype="float32", param_dtype="float32")
     c.data.update(source="embedded", split="train", eval_split="validation", image_size=32, num_workers=0,
                   source_kwargs={"num_images": 48, "image_size": 32}, min_size=32)
-    c.static_level = True
     c.batch_size = 8
     c.num_steps = 6
     c.optimizer.update(lr=1e-3, warmup_steps=2)

@@ -2,7 +2,9 @@
 
 Flax parameters are copied into benchmarks/torch_reference.py's modules; encoder, decoder and discriminator outputs
 must agree at every level, and one torch G + D step must report the same losses and gradient norms as
-``cat_jax.train.train_step`` on the same images and noise.
+``cat_jax.train.train_step`` on the same images and noise. Two model variants: the SD layout (GroupNorm, 1x1 skip
+convs) and the demo/paper one (DC-AE shortcuts, RMSNorm, the DCT patch code on the latent path). JAX runs with
+float32 matmuls and convolutions ('highest') so that both sides compute the same thing.
 """
 
 import functools
@@ -20,7 +22,16 @@ from cat_jax.models.discriminator import PatchDiscriminator
 from cat_jax.models.nested_vae import NestedVAE, crop_latent
 
 TINY = dict(ch=8, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=1, z_channels=4, head_attention=True)
+VARIANTS = {"sd": TINY, "shortcut_rms": dict(TINY, shortcuts=True, norm="rms", logvar_init=-10.0)}
 SIZE = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _highest_precision():
+  previous = jax.config.jax_default_matmul_precision
+  jax.config.update("jax_default_matmul_precision", "highest")
+  yield
+  jax.config.update("jax_default_matmul_precision", previous)
 
 
 def _nchw(x) -> torch.Tensor:
@@ -31,18 +42,25 @@ def _nhwc(t: torch.Tensor) -> np.ndarray:
   return t.detach().numpy().transpose(0, 2, 3, 1)
 
 
-@pytest.fixture(scope="module")
-def vae_pair():
-  model = NestedVAE(**TINY)
-  params = jax.jit(model.init, static_argnums=2)(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), 0)["params"]
-  # Non-trivial GroupNorm affine parameters, so a scale/bias mix-up cannot pass.
-  leaves, treedef = jax.tree.flatten_with_path(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(treedef, [
-      v + 0.1 * jax.random.normal(k, v.shape) if "GroupNorm_0" in jax.tree_util.keystr(p) else v
-      for (p, v), k in zip(leaves, keys)])
-  torch_model = tr.load_flax_params(tr.NestedVAE(**TINY), params).eval()
-  return model, params, torch_model
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def vae_pair(request):
+  config = VARIANTS[request.param]
+  model = NestedVAE(**config)
+  # Random values for every parameter (init's shapes, no init compile): non-trivial norm scales and biases, so a
+  # scale/bias mix-up cannot pass, and the shortcut variant's zero-initialised residual branches compute something.
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), 0)["params"]
+  rng = np.random.default_rng(1)
+
+  def fill(path, leaf):
+    name, shape = jax.tree_util.keystr(path[-1:]), leaf.shape
+    if "scale" in name:
+      return jnp.asarray(1.0 + 0.1 * rng.standard_normal(shape), jnp.float32)
+    fan_in = int(np.prod(shape[:-1])) if "kernel" in name else 10
+    return jnp.asarray(rng.standard_normal(shape) / np.sqrt(fan_in), jnp.float32)
+
+  params = jax.tree_util.tree_map_with_path(fill, shapes)
+  torch_model = tr.load_flax_params(tr.NestedVAE(**config), params).eval()
+  return model, params, torch_model, config
 
 
 def test_num_groups_rule_matches():
@@ -51,14 +69,31 @@ def test_num_groups_rule_matches():
     assert tr.num_groups(c) == _num_groups(c, 0)
 
 
+@pytest.mark.parametrize("c_in,c_out", [(8, 8), (16, 4), (4, 16), (8, 3), (3, 8)])
+def test_resize_channels_matches(c_in, c_out):
+  from cat_jax.models.nested_vae import resize_channels
+  x = jax.random.normal(jax.random.key(9), (2, 4, 4, c_in))
+  np.testing.assert_allclose(_nhwc(tr.resize_channels(_nchw(x), c_out)), resize_channels(x, c_out), atol=1e-6)
+
+
+@pytest.mark.parametrize("f", [8, 16, 32])
+def test_patch_code_matches(f):
+  from cat_jax.models import patch_code
+  x = jax.random.uniform(jax.random.key(10), (2, 64, 64, 3), minval=-1.0, maxval=1.0)
+  codes = patch_code.encode_patches(x, f, 16)
+  np.testing.assert_allclose(_nhwc(tr.encode_patches(_nchw(x), f, 16)), codes, atol=1e-5)
+  np.testing.assert_allclose(_nhwc(tr.decode_patches(_nchw(codes), f)), patch_code.decode_patches(codes, f),
+                             atol=1e-5)
+
+
 def test_every_torch_parameter_is_loaded(vae_pair):
-  _, params, torch_model = vae_pair
+  _, params, torch_model, _ = vae_pair
   assert sum(p.numel() for p in torch_model.parameters()) == sum(v.size for v in jax.tree.leaves(params))
 
 
 @pytest.mark.parametrize("level", [0, 1, 2])
 def test_forward_matches_flax(vae_pair, level):
-  model, params, torch_model = vae_pair
+  model, params, torch_model, _ = vae_pair
   x = jax.random.uniform(jax.random.key(2), (2, SIZE, SIZE, 3), minval=-1.0, maxval=1.0)
   posterior = model.apply({"params": params}, x, level, method=NestedVAE.encode)
   noise = jax.random.normal(jax.random.key(3), crop_latent(posterior.mean, level).shape)
@@ -92,10 +127,10 @@ def test_discriminator_matches_flax(norm):
 
 
 def test_train_step_matches_flax(vae_pair):
-  model, params, _ = vae_pair
+  model, params, _, model_config = vae_pair
   config = ml_collections.ConfigDict(dict(
-      model=TINY, disc=dict(base_channels=8, num_layers=1, norm="group"),
-      optimizer=dict(lr=1e-3, d_lr=1e-3, b1=0.5, b2=0.9, weight_decay=1e-4, warmup_steps=2, end_lr_factor=0.1,
+      model=model_config, disc=dict(base_channels=8, num_layers=1, norm="group"),
+      optimizer=dict(lr=1e-3, d_lr=1e-3, b1=0.5, b2=0.9, eps=1e-8, weight_decay=1e-4, warmup_steps=2, end_lr_factor=0.1,
                      grad_clip=1.0),
       loss=dict(recon="l1", recon_weight=1.0, lpips_weight=0.0, kl_weight=1e-2, gan_weight=0.5, gan_loss="hinge",
                 adaptive_gan_weight=True, disc_start=0, lecam_weight=0.0, r1_weight=0.0),
@@ -107,7 +142,7 @@ def test_train_step_matches_flax(vae_pair):
   d_params = disc.init(jax.random.key(6), jnp.zeros((1, size, size, 3)))["params"]
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=g_tx.init(params),
                            ema_params=params, d_params=d_params, d_opt_state=d_tx.init(d_params),
-                           lecam_ema=jnp.zeros((2,)), all_finite=jnp.ones((), bool))
+                           d_batch_stats={}, lecam_ema=jnp.zeros((2,)), all_finite=jnp.ones((), bool))
   images = jax.random.uniform(jax.random.key(7), (2, size, size, 3), minval=-1.0, maxval=1.0)
   base_rng = jax.random.key(8)
   step = functools.partial(train.train_step, model=model, disc=disc, lpips_module=None, g_tx=g_tx, d_tx=d_tx,

@@ -253,3 +253,15 @@ def test_missing_dataset_and_weights_give_instructions(tmp_path):
     T.train_and_evaluate(config, str(tmp_path / "w2"))
   with pytest.raises(ValueError, match="divisible"):
     T.train_and_evaluate(_runlocal(batch_size=6), str(tmp_path / "w3"))
+
+
+def test_static_levels_by_backend():
+  """Unset static_level: one executable per level on CPU, the traced lax.switch elsewhere; a set value wins."""
+  config = cat_config.get_config("runlocal")
+  assert config.static_level is None
+  static_levels = T.static_levels
+  assert static_levels(config, "cpu") and not static_levels(config, "gpu") and not static_levels(config, "tpu")
+  config.static_level = False
+  assert not static_levels(config, "cpu")
+  config.static_level = True
+  assert static_levels(config, "gpu")

@@ -1,0 +1,81 @@
+"""benchmarks/suite.py runs end to end on a CPU (a tiny config) and every part reports sane fields.
+
+No timings are asserted (a shared CI machine makes them meaningless); what is checked: each part's JSON line, the
+compile records (the persistent cache misses in a fresh cache directory, then hits when a later part compiles the
+same step again), per-level ratios with their spreads, parity figures of the LPIPS and FID comparisons, and the
+markdown table.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import suite  # noqa: E402
+
+
+def _ratio_ok(r):
+  return 0 < r["min"] <= r["median"] <= r["max"]
+
+
+def _rate_ok(r, rounds):
+  return r["rounds"] == rounds and 0 < r["images_per_s_min"] <= r["images_per_s"] <= r["images_per_s_max"]
+
+
+def test_suite_quick_cpu(tmp_path):
+  cache = tmp_path / "jax_cache"
+  cmd = [sys.executable, "benchmarks/suite.py", "--quick", "--cpu", "--markdown", "--config", "runlocal", "--size",
+         "32", "--batch", "2", "--levels", "0", "--repeats", "2", "--steps", "1", "--warmup", "1", "--torch-mode",
+         "eager", "--small-aux", "--cache-dir", str(cache), "--timeout", "900"]
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  env.pop("XLA_FLAGS", None)  # not conftest's 8 simulated devices
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)
+  lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  by_part = {line["part"]: line for line in lines}
+  assert list(by_part) == list(suite.PARTS), proc.stdout + proc.stderr[-3000:]
+  for part, line in by_part.items():
+    assert line["status"] == "ok", (part, line)
+  assert proc.returncode == 0
+
+  env_line = by_part["env"]
+  assert env_line["backend"] == "cpu" and env_line["jax"] == jax.__version__ and env_line["torch"]
+
+  train = by_part["train_jax"]
+  assert (train["config"], train["image_size"], train["batch"], train["gan"]) == ("runlocal", 32, 2, True)
+  assert set(train["compiles"]) == {"static_0", "traced"}
+  for record in train["compiles"].values():
+    assert record["lower_s"] > 0 and record["compile_s"] > 0 and record["flops"] > 0
+    assert record["cache_hit"] is False  # a fresh cache directory
+  level = train["levels"]["0"]
+  assert _rate_ok(level["static"], 2) and _rate_ok(level["traced"], 2)
+  assert _ratio_ok(level["traced_over_static"])
+  assert level["static"]["mfu"] is None  # no known peak for a CPU
+  assert any(cache.iterdir())  # compiled executables were written
+
+  vs_torch = by_part["train_torch"]
+  assert vs_torch["torch_mode"] == "eager"
+  assert vs_torch["jax_compiles"]["static_0"]["cache_hit"] is True  # train_jax compiled the same step
+  assert _rate_ok(vs_torch["levels"]["0"]["torch"], 2) and _ratio_ok(vs_torch["levels"]["0"]["jax_over_torch"])
+
+  lpips = by_part["lpips"]
+  assert lpips["mode"] == "distance+grad" and lpips["max_abs_diff"] < 1e-4 and _ratio_ok(lpips["flax_over_torch"])
+  fid = by_part["fid"]
+  assert fid["max_abs_feature_diff"] < 1e-3 and _ratio_ok(fid["ours_over_ref"])
+  inference = by_part["inference"]["levels"]["0"]
+  assert _rate_ok(inference["encode"], 2) and _rate_ok(inference["decode"], 2)
+
+  table = proc.stdout[proc.stdout.index("| part |"):]
+  for part in suite.PARTS[1:]:
+    assert f"| {part} |" in table
+  assert "traced_over_static" in table and "jax_over_torch" in table
+
+
+def test_markdown_reports_failed_parts():
+  table = suite.markdown([{"part": "env", "status": "timeout"}, {"part": "fid", "status": "error"}], "cmd")
+  assert "| env | status | timeout |" in table and "| fid | status | error |" in table
