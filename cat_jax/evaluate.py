@@ -48,6 +48,7 @@ import numpy as np
 
 from cat_jax import levels as L
 from cat_jax import storage
+from cat_jax.data.level_map import is_level_spelling
 
 logger = logging.getLogger("cat_jax.evaluate")
 
@@ -247,12 +248,13 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
   """Evaluates ``tok`` on ``source`` and writes every output file; returns the results dict.
 
   ``compare``: {row name: (another Tokenizer, level)}, e.g. separately trained fixed-rate models or a converted SD
-  VAE, each evaluated on the same images at one level. ``baselines``: add the no-learning area+bicubic rows.
+  VAE, each evaluated on the same images at one level. ``baselines``: add the no-learning rows (area+bicubic, and
+  the DCT patch code with the model's latent channels: ``cat_jax.metrics.baselines``).
   ``bootstrap``: resamples for the 95% intervals over images (0: none).
   """
   from cat_jax.complexity import levels as complexity_levels
   from cat_jax.data import load_levels, source_ids
-  from cat_jax.metrics.baselines import area_bicubic
+  from cat_jax.metrics.baselines import area_bicubic, dct_code
   from cat_jax.metrics.evaluator import ReconstructionEvaluator
 
   out_dir = storage.as_path(out_dir)  # local or an object store (gs://...)
@@ -272,6 +274,9 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
   if baselines:
     rows += [_Row(f"area_bicubic_{f}x", lvl, f"no learning: average-pool to the {f}x grid, bicubic upsampling "
                   "(3 numbers per latent position)", source="area_bicubic") for lvl, f in enumerate(L.FACTORS)]
+    rows += [_Row(f"dct_code_{f}x", lvl, f"no learning: the {tok.model.z_channels} lowest-frequency DCT coefficients "
+                  f"of each {f}x{f} patch in YCbCr (as many numbers per latent position as the model)",
+                  source="dct_code") for lvl, f in enumerate(L.FACTORS)]
   compare = dict(compare or {})
   for name, (_, lvl) in compare.items():
     rows.append(_Row(name, L.parse_level(lvl), f"{name} at {L.level_name(L.parse_level(lvl))}", source=name))
@@ -330,6 +335,8 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
     by_source = {"model": recons}
     if baselines:
       by_source["area_bicubic"] = np.stack([np.asarray(area_bicubic(originals, lvl)) for lvl in range(L.NUM_LEVELS)])
+      by_source["dct_code"] = np.stack([np.asarray(dct_code(originals, lvl, tok.model.z_channels))
+                                        for lvl in range(L.NUM_LEVELS)])
     for name, (other, lvl) in compare.items():
       recon = np.clip(np.asarray(other.reconstruct_batch(batch["image"], L.parse_level(lvl)))[valid], -1.0, 1.0)
       by_source[name] = np.broadcast_to(recon, (L.NUM_LEVELS,) + recon.shape)  # one level: the same at each
@@ -573,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="another tokenizer on the same images at one level, e.g. fixed16=/runs/fixed16@16x or "
                  "sd_vae=/weights/sdxl_vae@8x: a training workdir or a Tokenizer.save_pretrained / converted "
                  "directory (repeatable)")
-  p.add_argument("--no_baselines", action="store_true", help="leave out the no-learning area+bicubic rows")
+  p.add_argument("--no_baselines", action="store_true", help="leave out the no-learning rows (area+bicubic, DCT patch code)")
   p.add_argument("--bootstrap", type=int, default=1000, help="resamples for 95%% intervals over images (0: none)")
   p.add_argument("--num_grid_images", type=int, default=8)
   p.add_argument("--seed", type=int, default=0, help="seed of the random measure")
@@ -587,7 +594,12 @@ def training_summary(config, step) -> dict[str, Any]:
   mode = data.get("level_mode", "content") if hasattr(data, "get") else "content"
   explain = {"content": "content (the paper's: each image at its complexity level)",
              "all": "all (every level on every image, a level drawn per batch)"}
-  return {"level_mode": explain.get(mode, mode), "steps": step, "source": data.get("source") if data else None}
+  levels = data.get("levels") if data else None
+  if isinstance(levels, (str, int)) and is_level_spelling(str(levels)):
+    text = f"fixed {L.level_name(L.parse_level(levels))} (every image at one level)"
+  else:
+    text = explain.get(mode, mode) + (f", levels from {levels}" if levels and mode == "content" else "")
+  return {"level_mode": text, "steps": step, "source": data.get("source") if data else None}
 
 
 def load_tokenizer(path: str, *, batch_size: int, step: int | None = None, use_ema: bool = True, config=None):
@@ -597,6 +609,9 @@ def load_tokenizer(path: str, *, batch_size: int, step: int | None = None, use_e
 
   if path in PRETRAINED or (storage.as_path(path) / PRETRAINED_PARAMS).is_file():
     return Tokenizer.from_pretrained(path, batch_size=batch_size)
+  if not storage.as_path(path).exists():
+    raise FileNotFoundError(f"{path} does not exist (give a training workdir, a pretrained tokenizer directory or "
+                            f"one of the shipped names {list(PRETRAINED)})")
   if not storage.as_path(path).is_dir():
     raise FileNotFoundError(f"{path} is neither a training workdir nor a pretrained tokenizer directory")
   return Tokenizer.from_checkpoint(path, step=step, use_ema=use_ema, batch_size=batch_size, config=config)

@@ -55,8 +55,9 @@ def test_evaluate_writes_every_file_with_finite_numbers(workdir, weights, tmp_pa
   assert rc == 0
   results = json.loads((out / "results.json").read_text())
   rows = results["rows"]
-  assert list(rows) == ["fixed_8x", "fixed_16x", "fixed_32x", "adaptive", "budget:random", "budget:jpeg",
-                        "budget:mse", "budget:grade"]
+  assert list(rows) == ["fixed_8x", "fixed_16x", "fixed_32x", "area_bicubic_8x", "area_bicubic_16x",
+                        "area_bicubic_32x", "dct_code_8x", "dct_code_16x", "dct_code_32x", "adaptive",
+                        "budget:random", "budget:jpeg", "budget:mse", "budget:grade"]
   for name, row in rows.items():
     for key in ("rfid", "lpips", "psnr", "ssim", "mean_tokens", "images_per_s"):
       assert _finite(row[key]), (name, key, row.get(key))
@@ -120,6 +121,44 @@ def test_per_level_metrics_use_that_levels_reconstructions(workdir, tmp_path):
   for key in ("psnr/level0", "psnr/level1"):
     assert good["adaptive"]["per_level"][key] == bad["adaptive"]["per_level"][key]
   assert bad["adaptive"]["per_level"]["psnr/level2"] > good["adaptive"]["per_level"]["psnr/level2"] + 5.0
+
+
+def test_baseline_rows_intervals_per_kind_and_compared_tokenizers(workdir, tmp_path):
+  tok = Tokenizer.from_checkpoint(workdir)
+  source = E._Head(get_source("embedded", "validation", num_images=48, image_size=32), 16)
+  results = E.run_evaluation(tok, source, out_dir=tmp_path, dataset="embedded", image_size=32, measures=[],
+                             num_grid_images=2, compare={"same_at_16x": (tok, "16x")}, bootstrap=200)
+  rows = results["rows"]
+  # A compared tokenizer is evaluated on the same images: the same model at 16x is fixed 16x, paired difference 0.
+  assert rows["same_at_16x"]["psnr"] == pytest.approx(rows["fixed_16x"]["psnr"], abs=1e-4)
+  assert rows["same_at_16x"]["psnr_minus_fixed_16x"] == pytest.approx(0.0, abs=1e-4)
+  assert rows["adaptive"]["psnr_minus_fixed_16x"] == pytest.approx(
+      rows["adaptive"]["psnr"] - rows["fixed_16x"]["psnr"], abs=1e-4)
+  for name, row in rows.items():
+    lo, hi = row["psnr_ci95"]
+    assert lo <= row["psnr"] <= hi and hi - lo > 0.0, (name, lo, row["psnr"], hi)
+    assert row["num_images"] == 16
+    assert sum(results["kinds"].values()) == 16 and set(row["psnr_per_kind"]) == set(results["kinds"])
+  # Fewer numbers per position, lower PSNR: the no-learning rows fall from 8x to 32x.
+  for baseline in ("area_bicubic", "dct_code"):
+    assert rows[f"{baseline}_8x"]["psnr"] > rows[f"{baseline}_16x"]["psnr"] > rows[f"{baseline}_32x"]["psnr"]
+  md = (tmp_path / "results.md").read_text()
+  assert "95% bootstrap interval" in md and "| dct_code_16x |" in md and "| same_at_16x |" in md
+
+
+def test_an_untrained_shortcut_model_is_the_dct_code_row(tmp_path):
+  """With shortcuts, every residual branch starts at zero, so the untrained model is the DCT patch code exactly."""
+  from cat_jax.models.nested_vae import NestedVAE, init_params
+
+  model = NestedVAE(ch=8, ch_mult=(1, 1, 2, 2, 2, 2), num_res_blocks=1, z_channels=8, head_attention=False,
+                    shortcuts=True, norm="rms")
+  tok = Tokenizer(model, init_params(model, jax.random.key(0), image_size=32), batch_size=8)
+  source = E._Head(get_source("embedded", "validation", num_images=48, image_size=32), 8)
+  rows = E.run_evaluation(tok, source, out_dir=tmp_path, dataset="embedded", image_size=32, measures=[],
+                          num_grid_images=0, bootstrap=0)["rows"]
+  for f in (8, 16, 32):
+    assert rows[f"fixed_{f}x"]["psnr"] == pytest.approx(rows[f"dct_code_{f}x"]["psnr"], abs=1e-3), f
+    assert rows[f"fixed_{f}x"]["psnr"] != pytest.approx(rows[f"area_bicubic_{f}x"]["psnr"], abs=0.1), f
 
 
 def test_folder_data(workdir, tmp_path):
