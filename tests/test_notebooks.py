@@ -1,4 +1,4 @@
-"""The Colab demo notebook runs top to bottom on CPU (tiny tokenizer trained in the notebook, JPEG complexity)."""
+"""The Colab demo notebook runs top to bottom on CPU (the shipped pretrained tokenizer, JPEG complexity)."""
 
 import os
 import pathlib
@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_demo_notebook_executes(tmp_path):
   nb = nbformat.read(ROOT / "notebooks" / "cat_demo.ipynb", as_version=4)
-  env = {"CAT_DEMO_STEPS": "6", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+  env = {"CAT_TOKENIZER": "demo", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
          "PYTHONPATH": str(ROOT)}
   old = {k: os.environ.get(k) for k in env}
   os.environ.update(env)  # the kernel inherits this process's environment
@@ -26,6 +26,7 @@ def test_demo_notebook_executes(tmp_path):
       else:
         os.environ[k] = v
   outputs = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", []))
-  assert "auto level" in outputs and "tokens/image" in outputs
+  assert "auto level" in outputs and "tokens/image" in outputs and "area+bicubic" in outputs
+  assert "tokenizer 'demo'" in outputs  # the shipped pretrained tokenizer, loaded without a download
   images = [o for cell in nb.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
   assert images, "the side-by-side reconstructions were not displayed"
