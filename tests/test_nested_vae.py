@@ -1,5 +1,8 @@
 """The nested VAE: shapes, one parameter tree for all levels, lax.switch dispatch, gradients, KL, errors."""
 
+import importlib.util
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,6 +67,13 @@ def test_one_parameter_tree_for_all_levels(tiny):
   big = nv.NestedVAE()
   shapes = jax.eval_shape(lambda r: nv.init_params(big, r, 64), jax.random.key(0))
   assert nv.count_params(shapes) == 94_125_523
+  # configs/cat.py's paper-like model (shortcuts, RMSNorm: the README states both counts).
+  spec = importlib.util.spec_from_file_location("cat_config_nv", pathlib.Path(__file__).parents[1] / "configs/cat.py")
+  cfg = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cfg)
+  paper = nv.build_model(cfg.get_config().model)
+  shapes = jax.eval_shape(lambda r: nv.init_params(paper, r, 64), jax.random.key(0))
+  assert nv.count_params(shapes) == 93_773_011
 
 
 def test_jit_with_traced_level_compiles_once_and_matches_eager(tiny):
