@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -167,6 +167,41 @@ class TrainLog:
   def close(self) -> None:
     if self.progress:
       self.progress.close()
+
+
+def run_steps(state, *, start: int, num_steps: int, config: ml_collections.ConfigDict, train_iter,
+              train_step: Callable[[Any, int], tuple[Any, int, dict]], checkpoints: Checkpoints, log: TrainLog,
+              closing: Sequence[Any] = (), periodic: Callable[[Any, int], dict | None] | None = None):
+  """The train loop of cat_jax.train and cat_jax.train_dit, from step ``start + 1`` to ``num_steps``.
+
+  Each step: ``train_step(state, step) -> (state, level, metrics)``; metrics logged every ``config.log_every`` steps
+  (after a finiteness check of the state); ``periodic(state, step)`` (evaluation, sample grids) may return metrics,
+  which are saved with a checkpoint; a checkpoint every ``config.checkpoint_every`` steps and at the end; on
+  SIGTERM a checkpoint and a clean exit. ``checkpoints``, ``log`` and ``closing`` (writers) are closed at the end,
+  also after an error.
+  """
+  preemption = Preemption()
+  try:
+    for step in range(start + 1, num_steps + 1):
+      state, level, metrics = train_step(state, step)
+      log.add(level, metrics)
+      if step % config.log_every == 0 or step == num_steps:
+        checkpoints.check_finite(state, step)
+        log.write(step)
+      extra = periodic(state, step) if periodic else None
+      if step % config.checkpoint_every == 0 or step == num_steps or extra:
+        checkpoints.save(step, state, train_iter, extra)
+        log.reset(step)  # evaluation, sampling and checkpoint time is not training throughput
+      if checkpoints.preempted(step, state, train_iter, preemption):
+        break
+    checkpoints.wait()
+  finally:
+    preemption.restore()
+    checkpoints.close()
+    for thing in closing:
+      thing.close()
+    log.close()
+  return state
 
 
 def run_cli(train_and_evaluate: Callable[[ml_collections.ConfigDict, str], Any], *, logger: logging.Logger,

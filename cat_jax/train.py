@@ -394,7 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   jit_eval = jax.jit(functools.partial(eval_step, model=model), out_shardings=(rep, parallel.batch_sharding(mesh)),
                      static_argnums=(3,) if static else ())
 
-  def run_eval(step):
+  def run_eval(step, state=state):
     eval_ds = _make_data(config, split=config.data.eval_split, train=False, process_batch=process_batch)
     batches = (_global(b) for _, b in zip(range(config.eval_batches), eval_ds))
     return evaluate_reconstruction(jit_eval, state.ema_params, batches, writer, step, level_arg=level_arg,
@@ -404,39 +404,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return make_global_batch(batch, parallel.batch_sharding(mesh))
 
   # The loop.
-  preemption = loop.Preemption()
   start = int(jax.device_get(state.step))
   log = loop.TrainLog(writer, num_steps=config.num_steps, start=start, batch_size=config.batch_size,
                       loss_key="train/g_loss", enabled=is_main)
-  try:
-    if start == 0:  # a baseline before any update: the first point of every eval curve and grid
-      writer.write_scalars(0, run_eval(0))
-    log.reset(start)
-    for step in range(start + 1, config.num_steps + 1):
-      batch = _global(next(train_iter))
-      level = batch["level"]
-      state, metrics = jit_step(state, batch["image"], lpips_params, step_rng, gan_in_step(step, config),
-                                level_arg(level))
-      log.add(level, metrics)
+  if start == 0:  # a baseline before any update: the first point of every eval curve and grid
+    writer.write_scalars(0, run_eval(0))
+  log.reset(start)
 
-      if step % config.log_every == 0 or step == config.num_steps:
-        checkpoints.check_finite(state, step)
-        log.write(step)
-      eval_metrics = None
-      if step % config.eval_every == 0 or step == config.num_steps:
-        eval_metrics = run_eval(step)
-        writer.write_scalars(step, eval_metrics)
-      if step % config.checkpoint_every == 0 or step == config.num_steps or eval_metrics:
-        checkpoints.save(step, state, train_iter, eval_metrics)
-        log.reset(step)  # evaluation and checkpoint time is not training throughput
-      if checkpoints.preempted(step, state, train_iter, preemption):
-        break
-    checkpoints.wait()
-  finally:
-    preemption.restore()
-    checkpoints.close()
-    writer.close()
-    log.close()
+  def train_step(state, step):
+    batch = _global(next(train_iter))
+    state, metrics = jit_step(state, batch["image"], lpips_params, step_rng, gan_in_step(step, config),
+                              level_arg(batch["level"]))
+    return state, batch["level"], metrics
+
+  def periodic(state, step):
+    if step % config.eval_every == 0 or step == config.num_steps:
+      eval_metrics = run_eval(step, state)
+      writer.write_scalars(step, eval_metrics)
+      return eval_metrics
+    return None
+
+  state = loop.run_steps(state, start=start, num_steps=config.num_steps, config=config, train_iter=train_iter,
+                         train_step=train_step, periodic=periodic, checkpoints=checkpoints, log=log,
+                         closing=(writer,))
   return state
 
 

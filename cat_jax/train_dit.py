@@ -202,35 +202,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                      out_shardings=(state_shardings, rep), donate_argnums=0, static_argnums=4)
 
   # The loop.
-  preemption = loop.Preemption()
   start = int(jax.device_get(state.step))
   log = loop.TrainLog(writer, num_steps=config.num_steps, start=start, batch_size=config.batch_size,
                       loss_key="train/loss", enabled=is_main)
-  try:
-    for step in range(start + 1, config.num_steps + 1):
-      batch = next(train_iter)
-      level = int(batch["level"])
-      batch["latent"] = stats.normalize(batch["latent"], level)
-      batch = make_global_batch(batch, batch_sharding)
-      state, metrics = jit_step(state, batch["latent"], batch["label"], step_rng, level)
-      log.add(level, metrics)
 
-      if step % config.log_every == 0 or step == config.num_steps:
-        checkpoints.check_finite(state, step)
-        log.write(step)
-      if config.sample_every and step % config.sample_every == 0:
-        write_sample_grid(state, config, workdir, stats, writer, step)
-      if step % config.checkpoint_every == 0 or step == config.num_steps:
-        checkpoints.save(step, state, train_iter)
-        log.reset(step)  # sampling and checkpoint time is not training throughput
-      if checkpoints.preempted(step, state, train_iter, preemption):
-        break
-    checkpoints.wait()
-  finally:
-    preemption.restore()
-    checkpoints.close()
-    writer.close()
-    log.close()
+  def train_step(state, step):
+    batch = next(train_iter)
+    level = int(batch["level"])
+    batch["latent"] = stats.normalize(batch["latent"], level)
+    batch = make_global_batch(batch, batch_sharding)
+    state, metrics = jit_step(state, batch["latent"], batch["label"], step_rng, level)
+    return state, level, metrics
+
+  def periodic(state, step):
+    if config.sample_every and step % config.sample_every == 0:
+      write_sample_grid(state, config, workdir, stats, writer, step)
+    return None
+
+  state = loop.run_steps(state, start=start, num_steps=config.num_steps, config=config, train_iter=train_iter,
+                         train_step=train_step, periodic=periodic, checkpoints=checkpoints, log=log,
+                         closing=(writer,))
   return state
 
 
