@@ -18,6 +18,11 @@ Parts, in order (``--parts`` picks some):
   fid          FID-Inception features: Flax vs pytorch-fid (benchmarks/fid_bench.py).
   inference    encode (posterior mode) and decode images/s per level, static level.
 
+``--prewarm`` (for a lent accelerator's short lease) first compiles every train-step executable, the torch.compile
+port and the inference executables in parallel processes, one per executable, and reports their cold compile times
+(measured side by side, so each may be a little slower than alone); the timed parts then start from JAX's persistent
+cache and inductor's cache, and skip an executable whose prewarm failed instead of compiling it again.
+
 Every figure is a median over ``--repeats`` interleaved rounds of ``--steps`` steps, with its spread (slowest and
 fastest round; for ratios, the smallest and largest per-round ratio). No weights are downloaded: speed does not
 depend on their values. JAX's persistent compilation cache is on (``--cache-dir``; ``--no-cache`` turns it off), so
@@ -68,6 +73,9 @@ def settings(args) -> dict:
     s["lpips"] = False
   if args.small_aux:  # tiny LPIPS / FID / inference batches (the test)
     s.update(lpips_batch=1, lpips_size=32, fid_batch=1, fid_size=32, infer_batch=2)
+  s["executables"] = (args.executables.split(",") if args.executables else
+                      [f"static_{level}" for level in s["levels"]] + ["traced"])
+  s["compile_only"] = args.compile_only
   s["cache_dir"] = None if args.no_cache else str(args.cache_dir)
   s["peak_tflops"] = args.peak_tflops
   return s
@@ -104,7 +112,7 @@ def compile_timed(jitted, *args) -> tuple[object, dict]:
   start = time.perf_counter()
   compiled = lowered.compile()
   return compiled, {"lower_s": lower_s, "compile_s": time.perf_counter() - start, "cache_hit": _CACHE_HITS[0] > hits,
-                    "flops": xla_flops(compiled)}
+                    "flops": xla_flops(lowered)}
 
 
 # -- parts ----------------------------------------------------------------------------------------------------------
@@ -195,36 +203,42 @@ def part_train_jax(s) -> dict:
   from benchmarks.common import interleaved, rate_summary, ratio_summary
   t = JaxTrain(s)
   compiles, runs = {}, {}
-  traced_call = None
-  for level in s["levels"]:
-    call, compiles[f"static_{level}"] = t.compile(level, traced=False)
-    runs[f"static_{level}"] = t.runner(call, level)
-  traced_call, compiles["traced"] = t.compile(s["levels"][0], traced=True)
-  for level in s["levels"]:
-    runs[f"traced_{level}"] = t.runner(traced_call, level)
+  for name in s["executables"]:
+    traced = name == "traced"
+    level = s["levels"][0] if traced else int(name.split("_")[1])
+    call, compiles[name] = t.compile(level, traced=traced)
+    for lvl in (s["levels"] if traced else [level]):
+      runs[f"{'traced' if traced else 'static'}_{lvl}"] = t.runner(call, lvl)
+  head = {"config": s["config"], "image_size": t.size, "batch": t.batch, "dtype": s["dtype"],
+          "lpips": t.config.loss.lpips_weight > 0, "gan": True, "compiles": compiles}
+  if s["compile_only"]:
+    return head
   for run in runs.values():
     run(s["warmup"])
   seconds = interleaved(runs, s["repeats"], s["steps"])
   peak = _peak(s, s["dtype"])
   levels = {}
   for level in s["levels"]:
-    flops = compiles[f"static_{level}"]["flops"]
-    row = {"static": rate_summary(seconds[f"static_{level}"], t.batch),
-           "traced": rate_summary(seconds[f"traced_{level}"], t.batch),
-           "traced_over_static": ratio_summary(seconds[f"traced_{level}"], seconds[f"static_{level}"]),
-           "flops_per_step": flops}
+    row = {}
+    flops = compiles.get(f"static_{level}", {}).get("flops") or compiles.get("traced", {}).get("flops")
     for kind in ("static", "traced"):
+      if f"{kind}_{level}" not in seconds:
+        continue
+      row[kind] = rate_summary(seconds[f"{kind}_{level}"], t.batch)
       step_s = row[kind]["step_ms"] / 1e3
+      # The traced step's XLA FLOPs count all three branches: the static level's FLOPs are what one step does.
       row[kind]["tflops_per_s"] = flops / step_s / 1e12 if flops else None
       row[kind]["mfu"] = flops / step_s / peak if flops and peak else None
+    if "static" in row and "traced" in row:
+      row["traced_over_static"] = ratio_summary(seconds[f"traced_{level}"], seconds[f"static_{level}"])
+    row["flops_per_step"] = compiles.get(f"static_{level}", {}).get("flops")
     levels[str(level)] = row
-  static_compile = sum(compiles[f"static_{level}"]["compile_s"] for level in s["levels"])
-  return {"config": s["config"], "image_size": t.size, "batch": t.batch, "dtype": s["dtype"],
-          "lpips": t.config.loss.lpips_weight > 0, "gan": True, "repeats": s["repeats"], "steps": s["steps"],
-          "peak_flops": peak, "compiles": compiles, "levels": levels,
-          "traced_compile_over_static": compiles["traced"]["compile_s"] / max(
-              compiles[f"static_{s['levels'][0]}"]["compile_s"], 1e-9),
-          "static_compile_s_all_levels": static_compile}
+  statics = [c["compile_s"] for name, c in compiles.items() if name != "traced"]
+  out = dict(head, repeats=s["repeats"], steps=s["steps"], peak_flops=peak, levels=levels,
+             static_compile_s_all_levels=sum(statics) if statics else None)
+  if "traced" in compiles and statics and not any(c["cache_hit"] for c in compiles.values()):  # cold compiles only
+    out["traced_compile_over_static"] = compiles["traced"]["compile_s"] / max(statics[0], 1e-9)
+  return out
 
 
 def _flatten(tree, prefix=""):
@@ -256,7 +270,8 @@ def part_train_torch(s) -> dict:
 
   t = JaxTrain(s)
   compiles, jax_runs = {}, {}
-  for level in s["levels"]:
+  levels_run = [] if s["compile_only"] else [lvl for lvl in s["levels"] if f"static_{lvl}" in s["executables"]]
+  for level in levels_run:
     call, compiles[f"static_{level}"] = t.compile(level, traced=False)
     jax_runs[level] = t.runner(call, level)
   with tempfile.TemporaryDirectory() as tmp:
@@ -270,6 +285,9 @@ def part_train_torch(s) -> dict:
                               stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
       ready = json.loads(worker.stdout.readline())  # after torch.compile and warm-up at every level
+      if s["compile_only"]:
+        return {"config": s["config"], "image_size": t.size, "batch": t.batch, "dtype": s["dtype"],
+                "torch_mode": ready["torch_mode"], "torch_first_steps_s": ready["first_steps_s"]}
 
       def torch_run(level):
         def run(n):
@@ -279,7 +297,7 @@ def part_train_torch(s) -> dict:
         return run
 
       runs = {}
-      for level in s["levels"]:
+      for level in levels_run:
         jax_runs[level](s["warmup"])
         runs[f"jax_{level}"], runs[f"torch_{level}"] = jax_runs[level], torch_run(level)
       seconds = interleaved(runs, s["repeats"], s["steps"])
@@ -287,7 +305,7 @@ def part_train_torch(s) -> dict:
       worker.stdin.close()
       worker.wait(timeout=60)
   levels = {}
-  for level in s["levels"]:
+  for level in levels_run:
     levels[str(level)] = {"jax": rate_summary(seconds[f"jax_{level}"], t.batch),
                           "torch": rate_summary(seconds[f"torch_{level}"], t.batch),
                           "jax_over_torch": ratio_summary(seconds[f"torch_{level}"], seconds[f"jax_{level}"])}
@@ -400,6 +418,9 @@ def part_inference(s) -> dict:
         jax.block_until_ready(out)
       return run
     runs[f"encode_{level}"], runs[f"decode_{level}"] = make_run(enc_c, images), make_run(dec_c, z)
+  if s["compile_only"]:
+    return {"config": s["config"], "image_size": s["size"], "batch": s["infer_batch"], "dtype": s["dtype"],
+            "compiles": compiles}
   for run in runs.values():
     run(s["warmup"])
   seconds = interleaved(runs, s["repeats"], s["steps"])
@@ -451,16 +472,25 @@ def markdown(results: list[dict], command: str) -> str:
     if r.get("status") != "ok":
       lines.append(f"| {part} | status | {r.get('status')} |")
       continue
-    if part == "train_jax":
+    if part.startswith("prewarm/"):
+      for key, c in r.get("compiles", {}).items():
+        lines.append(f"| {part} | cold compile {key}: lower / compile s | {c['lower_s']:.1f} / {c['compile_s']:.1f} |")
+      if "torch_first_steps_s" in r:
+        lines.append(f"| {part} | torch.compile + warm-up s per level | "
+                     f"{', '.join(f'{k}: {v:.0f}' for k, v in r['torch_first_steps_s'].items())} |")
+    elif part == "train_jax":
       for key, c in r["compiles"].items():
         lines.append(f"| train_jax | compile {key}: lower / compile s (cache hit) | {c['lower_s']:.1f} / "
                      f"{c['compile_s']:.1f} ({'hit' if c['cache_hit'] else 'miss'}) |")
       for level, row in r["levels"].items():
-        lines.append(f"| train_jax | level {level} static images/s (MFU) | {_rate(row['static'])} "
-                     f"({_fmt(row['static']['mfu'] and 100 * row['static']['mfu'], '.1f')}%) |")
-        lines.append(f"| train_jax | level {level} traced images/s | {_rate(row['traced'])} |")
-        lines.append(f"| train_jax | level {level} traced_over_static (step time) | "
-                     f"{_spread(row['traced_over_static'])} |")
+        if "static" in row:
+          lines.append(f"| train_jax | level {level} static images/s (MFU) | {_rate(row['static'])} "
+                       f"({_fmt(row['static']['mfu'] and 100 * row['static']['mfu'], '.1f')}%) |")
+        if "traced" in row:
+          lines.append(f"| train_jax | level {level} traced images/s | {_rate(row['traced'])} |")
+        if "traced_over_static" in row:
+          lines.append(f"| train_jax | level {level} traced_over_static (step time) | "
+                       f"{_spread(row['traced_over_static'])} |")
     elif part == "train_torch":
       for level, row in r["levels"].items():
         lines.append(f"| train_torch | level {level} jax / torch ({r['torch_mode']}) images/s | "
@@ -476,7 +506,37 @@ def markdown(results: list[dict], command: str) -> str:
       for level, row in r["levels"].items():
         lines.append(f"| inference | level {level} encode / decode images/s | {_rate(row['encode'])} / "
                      f"{_rate(row['decode'])} |")
+  cold = {k: c["compile_s"] for r in results if r["part"].startswith("prewarm/train_jax/") and r.get("status") == "ok"
+          for k, c in r["compiles"].items()}
+  statics = [v for k, v in cold.items() if k != "traced"]
+  if "traced" in cold and statics:
+    lines.append(f"| prewarm | traced / static cold compile (static: mean of {len(statics)}) | "
+                 f"{cold['traced'] / (sum(statics) / len(statics)):.2f} |")
   return "\n".join(lines)
+
+
+def _start(args: list[str], env: dict) -> tuple[subprocess.Popen, float]:
+  # A session of its own, so that a timeout also ends the part's children (train_torch's torch worker).
+  proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=env, cwd=ROOT, start_new_session=True)
+  return proc, time.perf_counter()
+
+
+def _finish(name: str, proc: subprocess.Popen, start: float, wait_s: float, timeout: float) -> dict:
+  """The part's JSON line once it exits (or a timeout / error line), with its wall seconds."""
+  try:
+    stdout, stderr = proc.communicate(timeout=wait_s)
+    lines = [l for l in stdout.splitlines() if l.startswith("{") and '"part"' in l]
+    result = json.loads(lines[-1]) if lines else {"status": "error", "returncode": proc.returncode}
+    if result.get("status") != "ok":
+      result["stderr_tail"] = stderr[-1500:]
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    result = {"status": "timeout", "timeout_s": timeout}
+  result["part"] = name
+  result.setdefault("wall_s", time.perf_counter() - start)
+  return result
 
 
 def main(argv=None) -> int:
@@ -500,6 +560,11 @@ def main(argv=None) -> int:
   parser.add_argument("--peak_tflops", type=float, default=None, help="peak TFLOP/s of one device for MFU")
   parser.add_argument("--cache-dir", default=os.environ.get("JAX_COMPILATION_CACHE_DIR", DEFAULT_CACHE))
   parser.add_argument("--no-cache", action="store_true", help="JAX's persistent compilation cache off")
+  parser.add_argument("--prewarm", action="store_true",
+                      help="compile every executable in parallel processes first (see the module docstring)")
+  parser.add_argument("--compile-only", action="store_true", help="compile and report compile records, no timing")
+  parser.add_argument("--executables", default=None,
+                      help="train_jax's executables, e.g. static_0,traced (default: every level static, and traced)")
   parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: run one part in this process
   parser.add_argument("--torch-worker", default=None, help=argparse.SUPPRESS)  # internal: train_torch's torch side
   args = parser.parse_args(argv)
@@ -524,26 +589,33 @@ def main(argv=None) -> int:
   timeout = args.timeout or (240.0 if args.quick else 600.0)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")  # torch shares the accelerator in some parts
-  forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--markdown"]
-  results = []
-  for name in args.parts.split(","):
+  forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--markdown", "--prewarm")]
+  parts = args.parts.split(",")
+  for name in parts:
     if name not in PARTS:
       parser.error(f"unknown part {name!r}; parts: {', '.join(PARTS)}")
-    start = time.perf_counter()
-    # A session of its own, so that a timeout also ends the part's children (train_torch's torch worker).
-    proc = subprocess.Popen([sys.executable, __file__, *forwarded, "--part", name], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True)
-    try:
-      stdout, stderr = proc.communicate(timeout=timeout)
-      lines = [l for l in stdout.splitlines() if l.startswith("{") and '"part"' in l]
-      result = json.loads(lines[-1]) if lines else {"part": name, "status": "error", "returncode": proc.returncode}
-      if result.get("status") != "ok":
-        result["stderr_tail"] = stderr[-1500:]
-    except subprocess.TimeoutExpired:
-      os.killpg(proc.pid, signal.SIGKILL)
-      proc.communicate()
-      result = {"part": name, "status": "timeout", "timeout_s": timeout}
-    result.setdefault("wall_s", time.perf_counter() - start)
+  results = []
+  executables = s["executables"]
+  if args.prewarm:
+    jobs = [(f"prewarm/train_jax/{x}", ["--part", "train_jax", "--executables", x]) for x in executables
+            if "train_jax" in parts]
+    jobs += [(f"prewarm/{p}", ["--part", p]) for p in ("train_torch", "inference") if p in parts]
+    # Allocate on demand: several processes share the accelerator while they compile.
+    warm_env = dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    procs = [(name, _start([*forwarded, *extra, "--compile-only"], warm_env)) for name, extra in jobs]
+    deadline = time.monotonic() + timeout
+    for name, (proc, start) in procs:
+      result = _finish(name, proc, start, max(1.0, deadline - time.monotonic()), timeout)
+      results.append(result)
+      print(json.dumps(result), flush=True)
+      if name.startswith("prewarm/train_jax/") and result.get("status") != "ok":
+        executables = [x for x in executables if x != name.rsplit("/", 1)[1]]  # not compiled again below
+    if not executables:
+      parts = [p for p in parts if p != "train_jax"]
+  for name in parts:
+    extra = ["--executables", ",".join(executables)] if executables and name in ("train_jax", "train_torch") else []
+    proc, start = _start([*forwarded, *extra, "--part", name], env)
+    result = _finish(name, proc, start, timeout, timeout)
     results.append(result)
     print(json.dumps(result), flush=True)
   if args.markdown:

@@ -1,10 +1,20 @@
 """Shared pytest setup: CPU, 8 simulated devices, float32 highest-precision matmuls."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # 8 simulated CPU devices so sharding tests run on one machine.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+# One persistent compilation cache for the session, shared with the trainer subprocesses the tests start: many tests
+# and processes compile the same small steps, and XLA:CPU compiles are most of the suite's time. Fresh for every
+# session (removed at its end), so no test depends on an earlier run; tests that measure the cache use their own.
+_JIT_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _JIT_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cat_jax_tests_jit_cache_")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 
@@ -12,6 +22,22 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 import pytest  # noqa: E402
+
+
+# The files that train in subprocesses run first, so that with two workers (`-n 2 --dist loadfile`, README) no long
+# file starts last and runs alone.
+_LONG_FIRST = ("test_train.py", "test_dit.py", "test_benchmarks.py", "test_elastic_resume.py", "test_evaluate.py",
+               "test_nested_vae.py", "test_sd_vae.py", "test_quality.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(_LONG_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: same order within a file
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _JIT_CACHE:
+    shutil.rmtree(_JIT_CACHE, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -30,37 +30,49 @@ def _rate_ok(r, rounds):
 
 def test_suite_quick_cpu(tmp_path):
   cache = tmp_path / "jax_cache"
-  cmd = [sys.executable, "benchmarks/suite.py", "--quick", "--cpu", "--markdown", "--config", "runlocal", "--size",
-         "32", "--batch", "2", "--levels", "0", "--repeats", "2", "--steps", "1", "--warmup", "1", "--torch-mode",
-         "eager", "--small-aux", "--cache-dir", str(cache), "--timeout", "900"]
+  cmd = [sys.executable, "benchmarks/suite.py", "--quick", "--cpu", "--markdown", "--prewarm", "--config", "runlocal",
+         "--size", "32", "--batch", "2", "--levels", "0", "--repeats", "2", "--steps", "1", "--warmup", "1",
+         "--torch-mode", "eager", "--small-aux", "--cache-dir", str(cache), "--timeout", "900"]
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   env.pop("XLA_FLAGS", None)  # not conftest's 8 simulated devices
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)
   lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   by_part = {line["part"]: line for line in lines}
-  assert list(by_part) == list(suite.PARTS), proc.stdout + proc.stderr[-3000:]
+  prewarm = ["prewarm/train_jax/static_0", "prewarm/train_jax/traced", "prewarm/train_torch", "prewarm/inference"]
+  assert list(by_part) == prewarm + list(suite.PARTS), proc.stdout + proc.stderr[-3000:]
   for part, line in by_part.items():
     assert line["status"] == "ok", (part, line)
   assert proc.returncode == 0
 
+  # The prewarm compiles every executable cold (a fresh cache directory), side by side ...
+  for name in ("static_0", "traced"):
+    record = by_part[f"prewarm/train_jax/{name}"]["compiles"][name]
+    assert record["lower_s"] > 0 and record["compile_s"] > 0 and record["flops"] > 0
+    assert record["cache_hit"] is False
+  assert by_part["prewarm/train_torch"]["torch_first_steps_s"].keys() == {"0"}
+  assert set(by_part["prewarm/inference"]["compiles"]) == {"encode_0", "decode_0"}
+  assert any(cache.iterdir())  # compiled executables were written
+
   env_line = by_part["env"]
   assert env_line["backend"] == "cpu" and env_line["jax"] == jax.__version__ and env_line["torch"]
 
+  # ... and the timed parts load them from the persistent cache.
   train = by_part["train_jax"]
   assert (train["config"], train["image_size"], train["batch"], train["gan"]) == ("runlocal", 32, 2, True)
   assert set(train["compiles"]) == {"static_0", "traced"}
-  for record in train["compiles"].values():
-    assert record["lower_s"] > 0 and record["compile_s"] > 0 and record["flops"] > 0
-    assert record["cache_hit"] is False  # a fresh cache directory
+  for name, record in train["compiles"].items():
+    assert record["cache_hit"] is True
+    assert record["flops"] == by_part[f"prewarm/train_jax/{name}"]["compiles"][name]["flops"]
+  assert "traced_compile_over_static" not in train  # only from cold compiles
   level = train["levels"]["0"]
   assert _rate_ok(level["static"], 2) and _rate_ok(level["traced"], 2)
   assert _ratio_ok(level["traced_over_static"])
   assert level["static"]["mfu"] is None  # no known peak for a CPU
-  assert any(cache.iterdir())  # compiled executables were written
+  assert all(c["cache_hit"] for c in by_part["inference"]["compiles"].values())
 
   vs_torch = by_part["train_torch"]
   assert vs_torch["torch_mode"] == "eager"
-  assert vs_torch["jax_compiles"]["static_0"]["cache_hit"] is True  # train_jax compiled the same step
+  assert vs_torch["jax_compiles"]["static_0"]["cache_hit"] is True  # compiled in the prewarm
   assert _rate_ok(vs_torch["levels"]["0"]["torch"], 2) and _ratio_ok(vs_torch["levels"]["0"]["jax_over_torch"])
 
   lpips = by_part["lpips"]
@@ -74,6 +86,7 @@ def test_suite_quick_cpu(tmp_path):
   for part in suite.PARTS[1:]:
     assert f"| {part} |" in table
   assert "traced_over_static" in table and "jax_over_torch" in table
+  assert "| prewarm/train_jax/traced | cold compile traced" in table and "traced / static cold compile" in table
 
 
 def test_markdown_reports_failed_parts():

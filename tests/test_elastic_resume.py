@@ -99,7 +99,8 @@ def test_resume_on_another_process_count_continues_the_data_order(tmp_path, save
 
 
 def test_training_saved_by_two_processes_resumes_on_one(tmp_path):
-  """The whole trainer: a 2-process run's checkpoint (state, EMA, data position) continues on 1 process."""
+  """The whole trainer on 2 jax.distributed processes (metrics written once, by process 0), then its checkpoint
+  (state, EMA, data position) continues on 1 process."""
   import portpicker
 
   train = [sys.executable, "-m", "cat_jax.train", "--config", str(ROOT / "configs/cat.py:runlocal"),
@@ -115,6 +116,8 @@ def test_training_saved_by_two_processes_resumes_on_one(tmp_path):
   for proc in procs:
     out = proc.communicate(timeout=900)[0]
     assert proc.returncode == 0, out[-3000:]
+  from cat_jax import checkpoint as ckpt
+  assert ckpt.load_config(tmp_path).batch_size == 8  # the global batch, saved once
   resumed = subprocess.run(train + ["--config.num_steps=4"], capture_output=True, text=True, timeout=900,
                            env=dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
   assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -191,26 +191,6 @@ def test_non_finite_loss_stops_with_clear_message_keeping_last_good_checkpoint(t
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(saved["params"]))
 
 
-def test_two_processes_with_jax_distributed(tmp_path):
-  import portpicker
-  port = portpicker.pick_unused_port()
-  args = ["--config.num_steps=4", "--config.checkpoint_every=4", "--config.eval_every=4", "--config.log_every=2"]
-  procs = []
-  for pid in range(2):
-    env = _env(devices=1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen(_train_cmd(tmp_path, *args), env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
-  outs = [p.communicate(timeout=900)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
-  assert _steps(tmp_path) == [4]
-  metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert [m["step"] for m in metrics if "train/g_loss" in m] == [2, 4]  # written once, by process 0
-  config = ckpt.load_config(tmp_path)
-  assert config.batch_size == 8
-
-
 def test_runlocal_end_to_end_in_process(tmp_path):
   config = _runlocal(**{"mesh.data": 4, "mesh.fsdp": 2, "fsdp_min_size": 64})
   state = T.train_and_evaluate(config, str(tmp_path))
