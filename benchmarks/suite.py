@@ -112,7 +112,7 @@ def compile_timed(jitted, *args) -> tuple[object, dict]:
   start = time.perf_counter()
   compiled = lowered.compile()
   return compiled, {"lower_s": lower_s, "compile_s": time.perf_counter() - start, "cache_hit": _CACHE_HITS[0] > hits,
-                    "flops": xla_flops(lowered)}
+                    "flops": xla_flops(lowered, lambda: jitted.trace(*args).lower(lowering_platforms=("cpu",)))}
 
 
 # -- parts ----------------------------------------------------------------------------------------------------------
