@@ -411,7 +411,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer.write_scalars(0, run_eval(0))
   log.reset(start)
 
-  def train_step(state, step):
+  def one_step(state, step):
     batch = _global(next(train_iter))
     state, metrics = jit_step(state, batch["image"], lpips_params, step_rng, gan_in_step(step, config),
                               level_arg(batch["level"]))
@@ -425,7 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return None
 
   state = loop.run_steps(state, start=start, num_steps=config.num_steps, config=config, train_iter=train_iter,
-                         train_step=train_step, periodic=periodic, checkpoints=checkpoints, log=log,
+                         train_step=one_step, periodic=periodic, checkpoints=checkpoints, log=log,
                          closing=(writer,))
   return state
 

@@ -206,7 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   log = loop.TrainLog(writer, num_steps=config.num_steps, start=start, batch_size=config.batch_size,
                       loss_key="train/loss", enabled=is_main)
 
-  def train_step(state, step):
+  def one_step(state, step):
     batch = next(train_iter)
     level = int(batch["level"])
     batch["latent"] = stats.normalize(batch["latent"], level)
@@ -220,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return None
 
   state = loop.run_steps(state, start=start, num_steps=config.num_steps, config=config, train_iter=train_iter,
-                         train_step=train_step, periodic=periodic, checkpoints=checkpoints, log=log,
+                         train_step=one_step, periodic=periodic, checkpoints=checkpoints, log=log,
                          closing=(writer,))
   return state
 
