@@ -24,8 +24,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import pytest  # noqa: E402
 
 
-# The files that train in subprocesses run first, so that with two workers (`-n 2 --dist loadfile`, README) no long
-# file starts last and runs alone.
+# The files that train in subprocesses run first, so that with two workers no long file starts last and runs alone.
+# README's command keeps this order with `--no-loadscope-reorder` (xdist otherwise starts the files with the most
+# tests first: test_train.py, 9 slow tests, started last and ran alone for 15 minutes).
 _LONG_FIRST = ("test_train.py", "test_dit.py", "test_benchmarks.py", "test_elastic_resume.py", "test_evaluate.py",
                "test_nested_vae.py", "test_sd_vae.py", "test_quality.py")
 
