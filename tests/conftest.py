@@ -1,6 +1,8 @@
 """Shared pytest setup: CPU, 8 simulated devices, float32 highest-precision matmuls."""
 
+import fcntl
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -15,6 +17,11 @@ _JIT_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _JIT_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cat_jax_tests_jit_cache_")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Results several test files read (a trained runlocal checkpoint), made once per session: pytest-xdist's workers
+# inherit this variable from the controller, so they share the directory too (see ``runlocal_workdir``).
+_SHARED = None
+if "CAT_JAX_TEST_SHARED_DIR" not in os.environ:
+  _SHARED = os.environ["CAT_JAX_TEST_SHARED_DIR"] = tempfile.mkdtemp(prefix="cat_jax_tests_shared_")
 
 import jax  # noqa: E402
 
@@ -37,8 +44,48 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-  if _JIT_CACHE:
-    shutil.rmtree(_JIT_CACHE, ignore_errors=True)
+  for path in (_JIT_CACHE, _SHARED):
+    if path:
+      shutil.rmtree(path, ignore_errors=True)
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(file: str, variant: str | None = None):
+  """``configs/<file>``'s ``get_config(variant)`` (configs/ is not a package)."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(f"configs_{pathlib.Path(file).stem}", ROOT / "configs" / file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def runlocal_workdir_config():
+  """configs/cat.py:runlocal on a 4x2 (data, fsdp) mesh that shards the larger kernels: the shared checkpoint
+  below, and what test_train.py checks end to end."""
+  config = load_config("cat.py", "runlocal")
+  config.update_from_flattened_dict({"mesh.data": 4, "mesh.fsdp": 2, "fsdp_min_size": 64})
+  return config
+
+
+@pytest.fixture(scope="session")
+def runlocal_workdir():
+  """A workdir of ``runlocal_workdir_config()`` trained to the end (6 steps, checkpoints 3 and 6), made once per
+  session and shared by every xdist worker (a file lock: the first to ask trains, the others wait for it). Read
+  it only: a test that writes into a run copies it first."""
+  root = pathlib.Path(os.environ["CAT_JAX_TEST_SHARED_DIR"])
+  workdir, done = root / "runlocal", root / "runlocal.done"
+  with open(root / "runlocal.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not done.exists():
+      from cat_jax.train import train_and_evaluate
+
+      shutil.rmtree(workdir, ignore_errors=True)  # a half-written run from a worker that failed
+      train_and_evaluate(runlocal_workdir_config(), str(workdir))
+      done.touch()
+  return str(workdir)
 
 
 @pytest.hookimpl(hookwrapper=True)

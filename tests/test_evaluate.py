@@ -18,14 +18,14 @@ from cat_jax.data import get_source
 from cat_jax.data.embedded import generate
 from cat_jax.models.inception import InceptionV3
 from cat_jax.tokenizer import Tokenizer
-from test_tokenizer import ROOT, runlocal_checkpoint
+from test_tokenizer import ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(pretrained|weight enum).*:UserWarning")
 
 
 @pytest.fixture(scope="session")
-def workdir(tmp_path_factory):
-  return runlocal_checkpoint(tmp_path_factory)
+def workdir(runlocal_workdir):
+  return runlocal_workdir  # conftest.py: configs/cat.py:runlocal trained once per session
 
 
 @pytest.fixture(scope="module")

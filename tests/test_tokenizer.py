@@ -21,7 +21,6 @@ from cat_jax.data.embedded import generate
 from cat_jax.tokenizer import Latents, Tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-_RUNLOCAL: dict = {}
 
 
 def load_cat_config(variant):
@@ -31,21 +30,9 @@ def load_cat_config(variant):
   return module.get_config(variant)
 
 
-def runlocal_checkpoint(tmp_path_factory) -> str:
-  """Trains configs/cat.py:runlocal once per session (shared with test_evaluate.py)."""
-  if "workdir" not in _RUNLOCAL:
-    from cat_jax.train import train_and_evaluate
-    workdir = tmp_path_factory.mktemp("runlocal")
-    config = load_cat_config("runlocal")
-    config.data.min_size = min(config.data.min_size, config.data.image_size)  # tiny drawn images are not "bad"
-    train_and_evaluate(config, str(workdir))
-    _RUNLOCAL["workdir"] = str(workdir)
-  return _RUNLOCAL["workdir"]
-
-
 @pytest.fixture(scope="session")
-def workdir(tmp_path_factory):
-  return runlocal_checkpoint(tmp_path_factory)
+def workdir(runlocal_workdir):
+  return runlocal_workdir  # conftest.py: configs/cat.py:runlocal trained once per session
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from cat_jax import checkpoint as ckpt
 from cat_jax import parallel
 from cat_jax import train as T
 from cat_jax.models.nested_vae import build_model
+from conftest import runlocal_workdir_config
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("cat_config", ROOT / "configs" / "cat.py")
 cat_config = importlib.util.module_from_spec(_spec)
@@ -126,25 +128,31 @@ def _restore_final(workdir):
     return step, c.restore(path / "train_state"), c.restore(path / "ema_params")
 
 
-RESUME_ARGS = ["--config.num_steps=24", "--config.checkpoint_every=4", "--config.log_every=1000",
-               "--config.eval_every=1000", "--config.keep_checkpoints=2"]
+# Every trainer run below has the same steps to compile: the same num_steps (the learning-rate schedule's horizon
+# is compiled in), the GAN on from the first step (one executable per level, not two), the same 2 devices; so
+# the first run compiles and the others load the executables from the session's compilation cache (conftest.py).
+RUN_ARGS = ["--config.num_steps=24", "--config.loss.disc_start=0", "--config.log_every=1000",
+            "--config.eval_every=1000", "--config.keep_checkpoints=2"]
 
 
 def test_exact_resume_after_sigkill(tmp_path):
+  args = [*RUN_ARGS, "--config.checkpoint_every=8"]
   straight, killed = tmp_path / "straight", tmp_path / "killed"
-  subprocess.run(_train_cmd(straight, *RESUME_ARGS), env=_env(), check=True, capture_output=True, timeout=900)
+  subprocess.run(_train_cmd(straight, *args), env=_env(), check=True, capture_output=True, timeout=900)
 
-  proc = subprocess.Popen(_train_cmd(killed, *RESUME_ARGS), env=_env(), stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(_train_cmd(killed, *args), env=_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.time() + 900
-  while time.time() < deadline and not any(s >= 8 for s in _steps(killed)):
+  while time.time() < deadline and not _steps(killed):
     time.sleep(0.02)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   at_kill = _steps(killed)
+  # The kill comes before the end: orbax starts a save only after the previous one is finished, so when step 8
+  # appears the run is at most at step 23.
   assert at_kill and max(at_kill) < 24, f"the run must be killed mid-way, had checkpoints {at_kill}"
 
-  subprocess.run(_train_cmd(killed, *RESUME_ARGS), env=_env(), check=True, capture_output=True, timeout=900)
+  subprocess.run(_train_cmd(killed, *args), env=_env(), check=True, capture_output=True, timeout=900)
   step_a, state_a, ema_a = _restore_final(straight)
   step_b, state_b, ema_b = _restore_final(killed)
   assert step_a == step_b == 24
@@ -157,32 +165,34 @@ def test_exact_resume_after_sigkill(tmp_path):
   assert all(json.loads(line)["step"] <= 24 for line in lines)
 
 
-def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
-  args = ["--config.num_steps=400", "--config.checkpoint_every=5", "--config.eval_every=100000",
-          "--config.log_every=100000"]
-  proc = subprocess.Popen(_train_cmd(tmp_path, *args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  proc = subprocess.Popen(_train_cmd(tmp_path, *RUN_ARGS, "--config.checkpoint_every=4"), env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 900
   while time.time() < deadline and not _steps(tmp_path):
-    time.sleep(0.05)
+    time.sleep(0.02)
+  # Step 4's checkpoint is there, so the run is at most at step 11 (a save waits for the one before it): the
+  # signal comes well before the end, however loaded the machine.
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out
   assert "Preempted" in out
   steps = _steps(tmp_path)
-  assert steps and max(steps) < 400
+  assert steps and max(steps) < 24
   saved = max(steps)
   _, state, _ = _restore_final(tmp_path)
   assert int(state["step"]) == saved  # the checkpoint holds the step it was taken at
 
 
 def test_non_finite_loss_stops_with_clear_message_keeping_last_good_checkpoint(tmp_path):
-  args = ["--config.num_steps=30", "--config.checkpoint_every=1", "--config.log_every=1",
+  # One level: a learning rate of 1e30 is compiled into the step, so this run cannot reuse the others' executables.
+  args = ["--config.num_steps=30", "--config.checkpoint_every=1", "--config.log_every=1", "--config.data.levels=0",
           "--config.eval_every=1000", "--config.optimizer.lr=1e30", "--config.optimizer.warmup_steps=0",
           "--config.optimizer.grad_clip=1e30"]
   proc = subprocess.run(_train_cmd(tmp_path, *args), env=_env(), capture_output=True, text=True, timeout=900)
   assert proc.returncode != 0
   assert "non-finite loss or gradient" in proc.stderr
+  assert _steps(tmp_path), "no checkpoint was kept before the loss went non-finite"
   for step in _steps(tmp_path):
     path = tmp_path / "checkpoints" / str(step)
     with ocp.StandardCheckpointer() as c:
@@ -191,35 +201,43 @@ def test_non_finite_loss_stops_with_clear_message_keeping_last_good_checkpoint(t
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(saved["params"]))
 
 
-def test_runlocal_end_to_end_in_process(tmp_path):
-  config = _runlocal(**{"mesh.data": 4, "mesh.fsdp": 2, "fsdp_min_size": 64})
-  state = T.train_and_evaluate(config, str(tmp_path))
-  assert int(state.step) == config.num_steps
-  assert _steps(tmp_path) == [3, 6]
-  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+def test_runlocal_end_to_end_in_process(runlocal_workdir, tmp_path):
+  """configs/cat.py:runlocal on a 4x2 FSDP mesh, trained once per session by conftest.py's ``runlocal_workdir``
+  (test_tokenizer.py and test_evaluate.py read it too)."""
+  workdir = pathlib.Path(runlocal_workdir)
+  config = runlocal_workdir_config()
+  assert _steps(workdir) == [3, 6]
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   train_rows = [r for r in rows if "train/g_loss" in r]
+  assert [r["step"] for r in train_rows] == [2, 4, 6]
   assert any(k.startswith("train/level") for k in train_rows[0])
   assert all(np.isfinite(r["train/g_loss"]) for r in train_rows)
+  assert [r["train/gan_scale"] for r in train_rows] == [0.0, 0.5, 1.0]  # the GAN from the 4th update (disc_start=3)
   eval_rows = [r for r in rows if "eval/loss" in r]
+  assert [r["step"] for r in eval_rows] == [0, 3, 6]
   assert {f"eval/level{lvl}/psnr" for lvl in range(3)} <= set(eval_rows[-1])
-  assert list((tmp_path / "tensorboard").iterdir())
+  assert list((workdir / "tensorboard").iterdir())
+  # Re-running a finished run restores and stops at once (on a copy: the run is shared).
+  shutil.copytree(workdir, tmp_path / "again")
+  again = T.train_and_evaluate(config, str(tmp_path / "again"))
+  step, saved_state, saved_ema = _restore_final(workdir)
+  assert int(again.step) == step == config.num_steps
+  for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(saved_state["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Inference restores the EMA (default) or the raw parameters alone, placed as asked.
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state.params)
-  for use_ema, expected in ((True, state.ema_params), (False, state.params)):
-    params, step = ckpt.restore_inference_params(str(tmp_path), abstract, use_ema=use_ema)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), again.params)
+  for use_ema, expected in ((True, saved_ema), (False, saved_state["params"])):
+    params, step = ckpt.restore_inference_params(str(workdir), abstract, use_ema=use_ema)
     assert step == config.num_steps
+    assert jax.tree.leaves(params)[0].sharding == jax.tree.leaves(abstract)[0].sharding
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # Re-running a finished run restores and stops at once, with the same parameters.
-  again = T.train_and_evaluate(config, str(tmp_path))
-  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(again.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_incompatible_config_is_a_clear_error(tmp_path):
-  T.train_and_evaluate(_runlocal(num_steps=1, checkpoint_every=1), str(tmp_path))
+def test_incompatible_config_is_a_clear_error(runlocal_workdir, tmp_path):
+  shutil.copytree(runlocal_workdir, tmp_path / "run")
   with pytest.raises(ValueError, match=r"model.ch: checkpoint has 8, config has 16"):
-    T.train_and_evaluate(_runlocal(num_steps=2, **{"model.ch": 16}), str(tmp_path))
+    T.train_and_evaluate(_runlocal(num_steps=2, **{"model.ch": 16}), str(tmp_path / "run"))
 
 
 def test_missing_dataset_and_weights_give_instructions(tmp_path):
