@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cat_jax import parallel
+from conftest import xla_flags
 from cat_jax import train_dit as T
 from cat_jax.data.latents import LatentDataset, LatentStatistics, make_latent_train_iterator
 from cat_jax.generation import flow
@@ -254,7 +255,7 @@ def test_latent_pipeline_is_level_bucketed_labelled_and_process_split(encoded):
 def _env():
   import os
   return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-              XLA_FLAGS="--xla_force_host_platform_device_count=2")
+              XLA_FLAGS=xla_flags(2))
 
 
 def _steps(workdir):

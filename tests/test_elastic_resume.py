@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 from cat_jax.data import EmbeddedSource, make_train_iterator
+from conftest import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GLOBAL_BATCH, SAVED_AT, MORE = 4, 5, 4
@@ -54,7 +55,7 @@ def _run(workdir, mode, steps, processes):
 
   port = portpicker.pick_unused_port()
   base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "TPU_", "CAT_", "OMPI_"))}
-  base.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  base.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
   procs = []
   for rank in range(processes):
     env = dict(base)
@@ -105,11 +106,11 @@ def test_training_saved_by_two_processes_resumes_on_one(tmp_path):
 
   train = [sys.executable, "-m", "cat_jax.train", "--config", str(ROOT / "configs/cat.py:runlocal"),
            "--workdir", str(tmp_path), "--config.checkpoint_every=2", "--config.eval_every=1000",
-           "--config.log_every=1"]
+           "--config.log_every=1", "--config.loss.disc_start=0"]  # the GAN from step 1: half the steps to compile
   base = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   port = portpicker.pick_unused_port()
   procs = [subprocess.Popen(train + ["--config.num_steps=2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                            text=True, env=dict(base, XLA_FLAGS=xla_flags(1),
                                                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                                                 JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank)))
            for rank in range(2)]
@@ -119,7 +120,7 @@ def test_training_saved_by_two_processes_resumes_on_one(tmp_path):
   from cat_jax import checkpoint as ckpt
   assert ckpt.load_config(tmp_path).batch_size == 8  # the global batch, saved once
   resumed = subprocess.run(train + ["--config.num_steps=4"], capture_output=True, text=True, timeout=900,
-                           env=dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+                           env=dict(base, XLA_FLAGS=xla_flags(2)))
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Resumed from step 2" in resumed.stderr
   assert "Data position saved by 2 processes, restored onto 1" in resumed.stderr

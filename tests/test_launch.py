@@ -15,6 +15,7 @@ import jax
 import pytest
 
 from cat_jax import distributed
+from conftest import xla_flags
 from cat_jax.distributed import distributed_init_kwargs, maybe_initialize_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +203,7 @@ def test_two_real_processes_from_slurm_variables(tmp_path):
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "TPU_", "CAT_", "OMPI_"))}
-  base.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  base.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2),
               JAX_COORDINATOR_PORT=str(port))
   base.pop("CUDA_VISIBLE_DEVICES", None)
   procs = []

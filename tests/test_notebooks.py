@@ -6,12 +6,14 @@ import pathlib
 import nbclient
 import nbformat
 
+from conftest import xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_demo_notebook_executes(tmp_path):
   nb = nbformat.read(ROOT / "notebooks" / "cat_demo.ipynb", as_version=4)
-  env = {"CAT_TOKENIZER": "demo", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+  env = {"CAT_TOKENIZER": "demo", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1),
          "PYTHONPATH": str(ROOT)}
   old = {k: os.environ.get(k) for k in env}
   os.environ.update(env)  # the kernel inherits this process's environment

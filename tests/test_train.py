@@ -21,7 +21,7 @@ from cat_jax import checkpoint as ckpt
 from cat_jax import parallel
 from cat_jax import train as T
 from cat_jax.models.nested_vae import build_model
-from conftest import runlocal_workdir_config
+from conftest import runlocal_workdir_config, xla_flags
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("cat_config", ROOT / "configs" / "cat.py")
 cat_config = importlib.util.module_from_spec(_spec)
@@ -106,7 +106,7 @@ def test_discriminator_only_steps_after_disc_start_and_gan_weight_is_adaptive():
 
 def _env(devices=2, **extra):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=xla_flags(devices))
   env.update(extra)
   return env
 
