@@ -169,19 +169,24 @@ class TrainLog:
       self.progress.close()
 
 
-def run_steps(state, *, start: int, num_steps: int, config: ml_collections.ConfigDict, train_iter,
+def run_steps(state, *, start: int, config: ml_collections.ConfigDict, train_iter,
               train_step: Callable[[Any, int], tuple[Any, int, dict]], checkpoints: Checkpoints, log: TrainLog,
-              closing: Sequence[Any] = (), periodic: Callable[[Any, int], dict | None] | None = None):
-  """The train loop of cat_jax.train and cat_jax.train_dit, from step ``start + 1`` to ``num_steps``.
+              closing: Sequence[Any] = (), periodic: Callable[[Any, int], dict | None] | None = None,
+              before: Callable[[Any], None] | None = None):
+  """The train loop of cat_jax.train and cat_jax.train_dit, from step ``start + 1`` to ``config.num_steps``.
 
-  Each step: ``train_step(state, step) -> (state, level, metrics)``; metrics logged every ``config.log_every`` steps
-  (after a finiteness check of the state); ``periodic(state, step)`` (evaluation, sample grids) may return metrics,
-  which are saved with a checkpoint; a checkpoint every ``config.checkpoint_every`` steps and at the end; on
-  SIGTERM a checkpoint and a clean exit. ``checkpoints``, ``log`` and ``closing`` (writers) are closed at the end,
-  also after an error.
+  ``before(state)`` runs first (the tokenizer's step-0 evaluation). Each step: ``train_step(state, step) -> (state,
+  level, metrics)``; metrics logged every ``config.log_every`` steps (after a finiteness check of the state);
+  ``periodic(state, step)`` (evaluation, sample grids) may return metrics, which are saved with a checkpoint; a
+  checkpoint every ``config.checkpoint_every`` steps and at the end; on SIGTERM a checkpoint and a clean exit.
+  ``checkpoints``, ``log`` and ``closing`` (writers) are closed at the end, also after an error (``before``'s too).
   """
+  num_steps = config.num_steps
   preemption = Preemption()
   try:
+    if before:
+      before(state)
+      log.reset(start)  # its time is not training throughput
     for step in range(start + 1, num_steps + 1):
       state, level, metrics = train_step(state, step)
       log.add(level, metrics)

@@ -407,9 +407,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   start = int(jax.device_get(state.step))
   log = loop.TrainLog(writer, num_steps=config.num_steps, start=start, batch_size=config.batch_size,
                       loss_key="train/g_loss", enabled=is_main)
-  if start == 0:  # a baseline before any update: the first point of every eval curve and grid
-    writer.write_scalars(0, run_eval(0))
-  log.reset(start)
 
   def one_step(state, step):
     batch = _global(next(train_iter))
@@ -424,9 +421,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       return eval_metrics
     return None
 
-  state = loop.run_steps(state, start=start, num_steps=config.num_steps, config=config, train_iter=train_iter,
-                         train_step=one_step, periodic=periodic, checkpoints=checkpoints, log=log,
-                         closing=(writer,))
+  def baseline(state):  # before any update: the first point of every eval curve and grid
+    writer.write_scalars(0, run_eval(0, state))
+
+  state = loop.run_steps(state, start=start, config=config, train_iter=train_iter, train_step=one_step,
+                         periodic=periodic, before=baseline if start == 0 else None, checkpoints=checkpoints,
+                         log=log, closing=(writer,))
   return state
 
 

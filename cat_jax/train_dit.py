@@ -219,9 +219,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       write_sample_grid(state, config, workdir, stats, writer, step)
     return None
 
-  state = loop.run_steps(state, start=start, num_steps=config.num_steps, config=config, train_iter=train_iter,
-                         train_step=one_step, periodic=periodic, checkpoints=checkpoints, log=log,
-                         closing=(writer,))
+  state = loop.run_steps(state, start=start, config=config, train_iter=train_iter, train_step=one_step,
+                         periodic=periodic, checkpoints=checkpoints, log=log, closing=(writer,))
   return state
 
 
