@@ -415,7 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return state, batch["level"], metrics
 
   def periodic(state, step):
-    if step % config.eval_every == 0 or step == config.num_steps:
+    if config.eval_every and (step % config.eval_every == 0 or step == config.num_steps):
       eval_metrics = run_eval(step, state)
       writer.write_scalars(step, eval_metrics)
       return eval_metrics
@@ -425,7 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer.write_scalars(0, run_eval(0, state))
 
   state = loop.run_steps(state, start=start, config=config, train_iter=train_iter, train_step=one_step,
-                         periodic=periodic, before=baseline if start == 0 else None, checkpoints=checkpoints,
+                         periodic=periodic, before=baseline if start == 0 and config.eval_every else None, checkpoints=checkpoints,
                          log=log, closing=(writer,))
   return state
 

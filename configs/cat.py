@@ -63,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.static_level = ml_collections.config_dict.placeholder(bool)
 
   c.log_every = 100
-  c.eval_every = 10_000
+  c.eval_every = 10_000  # and at the start and the end; 0: never
   c.eval_batches = 20
   c.checkpoint_every = 2_000
   c.keep_checkpoints = 3

@@ -61,20 +61,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.async_checkpointing = True
 
   if variant == "demo":
-    # The embedded dataset's 8 kinds as classes, 64x64 images, the demo tokenizer's 16 channels: 8x8 / 4x4 / 2x2
-    # latents. Patch size 1 so the 32x grid still has 4 tokens.
+    # The embedded dataset's 8 kinds as classes, 64x64 images, latents of the trained demo tokenizer shipped in the
+    # package (Tokenizer.from_pretrained("demo"), 16 channels): 8x8 / 4x4 / 2x2. Patch size 1 so the 32x grid still
+    # has 4 tokens.
     c.model.update(size="mini", patch_size=1, num_classes=8, dtype="float32")
-    c.tokenizer.model = _cat_config("demo").model.to_dict()
+    c.tokenizer.path = "demo"
     c.data.update(source="embedded", image_size=64)
     c.data.source_kwargs = {"num_images": 2000, "image_size": 64}
     c.batch_size = 64
-    c.num_steps = 4_000
+    c.num_steps = 2_000
     c.optimizer.update(lr=5e-4, warmup_steps=200)
     c.ema_decay = 0.999
     c.sample.update(num_steps=32, cfg_scale=2.0)
     c.log_every = 100
-    c.sample_every = 1_000
-    c.checkpoint_every = 1_000
+    c.sample_every = 500
+    c.checkpoint_every = 500
 
   if variant == "runlocal":
     c.model.update(size="tiny", patch_size=2, num_classes=8, in_channels=4, dtype="float32")

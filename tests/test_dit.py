@@ -342,3 +342,12 @@ def test_generation_fid_matches_the_frechet_distance_of_its_features(tmp_path):
                           for s in range(0, 40, 16)])
   assert result["gfid"] == pytest.approx(fid_from_statistics(FidStatistics.from_features(feats), reference),
                                          rel=1e-9)
+
+
+def test_demo_config_trains_on_the_shipped_demo_tokenizer():
+  from cat_jax.tokenizer import Tokenizer
+
+  config = dit_config.get_config("demo")
+  tok = Tokenizer.from_pretrained(config.tokenizer.path)
+  assert tok.model.z_channels == config.model.in_channels
+  assert tok.image_size == config.data.image_size == config.data.source_kwargs["image_size"]

@@ -168,7 +168,7 @@ def test_tiny_model_overfits_at_every_level():
     return optax.apply_updates(p, updates), s, loss
 
   initial = [float(jax.jit(loss_fn, static_argnums=1)(params, lvl)) for lvl in range(3)]
-  for i in range(300):
+  for i in range(150):  # the loss falls 10-12x by then at every level (20x after 300 steps)
     params, opt_state, _ = step(params, opt_state, i % 3)
   final = [float(jax.jit(loss_fn, static_argnums=1)(params, lvl)) for lvl in range(3)]
   for lvl in range(3):

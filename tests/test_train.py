@@ -132,7 +132,7 @@ def _restore_final(workdir):
 # is compiled in), the GAN on from the first step (one executable per level, not two), the same 2 devices; so
 # the first run compiles and the others load the executables from the session's compilation cache (conftest.py).
 RUN_ARGS = ["--config.num_steps=24", "--config.loss.disc_start=0", "--config.log_every=1000",
-            "--config.eval_every=1000", "--config.keep_checkpoints=2"]
+            "--config.eval_every=0", "--config.keep_checkpoints=2"]  # eval_every=0: no evaluation at all
 
 
 def test_exact_resume_after_sigkill(tmp_path):
@@ -161,8 +161,10 @@ def test_exact_resume_after_sigkill(tmp_path):
   for a, b in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bitwise
   # The resumed run appended to the same metrics log.
-  lines = (killed / "metrics.jsonl").read_text().splitlines()
-  assert all(json.loads(line)["step"] <= 24 for line in lines)
+  rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+  assert rows and all(r["step"] <= 24 for r in rows)
+  assert not any(k.startswith("eval/") for r in rows for k in r)  # eval_every=0
+  assert not (killed / "images").exists()
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
@@ -187,7 +189,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 def test_non_finite_loss_stops_with_clear_message_keeping_last_good_checkpoint(tmp_path):
   # One level: a learning rate of 1e30 is compiled into the step, so this run cannot reuse the others' executables.
   args = ["--config.num_steps=30", "--config.checkpoint_every=1", "--config.log_every=1", "--config.data.levels=0",
-          "--config.eval_every=1000", "--config.optimizer.lr=1e30", "--config.optimizer.warmup_steps=0",
+          "--config.eval_every=0", "--config.optimizer.lr=1e30", "--config.optimizer.warmup_steps=0",
           "--config.optimizer.grad_clip=1e30"]
   proc = subprocess.run(_train_cmd(tmp_path, *args), env=_env(), capture_output=True, text=True, timeout=900)
   assert proc.returncode != 0
