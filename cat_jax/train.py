@@ -425,8 +425,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer.write_scalars(0, run_eval(0, state))
 
   state = loop.run_steps(state, start=start, config=config, train_iter=train_iter, train_step=one_step,
-                         periodic=periodic, before=baseline if start == 0 and config.eval_every else None, checkpoints=checkpoints,
-                         log=log, closing=(writer,))
+                         periodic=periodic, before=baseline if start == 0 and config.eval_every else None,
+                         checkpoints=checkpoints, log=log, closing=(writer,))
   return state
 
 

@@ -1,6 +1,5 @@
 """Tokenizer API and `python -m cat_jax.encode` on a runlocal checkpoint trained once per session."""
 
-import importlib.util
 import io
 import json
 import pathlib
@@ -19,15 +18,13 @@ from cat_jax.complexity import JpegScorer, levels_for_scores
 from cat_jax.complexity.scorers import jpeg_bpp
 from cat_jax.data.embedded import generate
 from cat_jax.tokenizer import Latents, Tokenizer
+from conftest import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_cat_config(variant):
-  spec = importlib.util.spec_from_file_location("cat_config_tok", ROOT / "configs" / "cat.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return load_config("cat.py", variant)
 
 
 @pytest.fixture(scope="session")
