@@ -366,8 +366,9 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
     results["skipped"]["rfid"] = SKIPPED_RFID
   if lpips_fn is None:
     results["skipped"]["lpips"] = SKIPPED_LPIPS
+  fid_roots: dict = {}  # every row measures the same originals: one square root of their covariance
   for row in rows:
-    metrics = evaluators[row.name].result()
+    metrics = evaluators[row.name].result(fid_roots)
     counts = np.bincount(row.levels(seen_ids), minlength=L.NUM_LEVELS)
     entry = {"mean_tokens": metrics["tokens_per_image/all"], "psnr": metrics["psnr/all"],
              "ssim": metrics["ssim/all"], "num_images": metrics["num_images/all"],

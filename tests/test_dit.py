@@ -1,7 +1,6 @@
 """The class-conditional DiT on CAT latents: model, rectified flow, sampler, sharded step, resume, CLIs."""
 
 import functools
-import importlib.util
 import json
 import pathlib
 import signal
@@ -17,21 +16,17 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cat_jax import parallel
-from conftest import xla_flags
+from conftest import ROOT, load_config, xla_flags
 from cat_jax import train_dit as T
 from cat_jax.data.latents import LatentDataset, LatentStatistics, make_latent_train_iterator
 from cat_jax.generation import flow
 from cat_jax.generation.dit import build_dit, init_dit, patchify, unpatchify
 from cat_jax.generation.sampling import Generator
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("dit_config", ROOT / "configs" / "dit.py")
-dit_config = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dit_config)
 
 
 def _runlocal(**overrides):
-  config = dit_config.get_config("runlocal")
+  config = load_config("dit.py", "runlocal")
   config.update_from_flattened_dict(overrides)
   return config
 
@@ -347,7 +342,7 @@ def test_generation_fid_matches_the_frechet_distance_of_its_features(tmp_path):
 def test_demo_config_trains_on_the_shipped_demo_tokenizer():
   from cat_jax.tokenizer import Tokenizer
 
-  config = dit_config.get_config("demo")
+  config = load_config("dit.py", "demo")
   tok = Tokenizer.from_pretrained(config.tokenizer.path)
   assert tok.model.z_channels == config.model.in_channels
   assert tok.image_size == config.data.image_size == config.data.source_kwargs["image_size"]

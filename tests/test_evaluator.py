@@ -169,3 +169,16 @@ def test_single_level_overall_equals_that_level(data):
   result = _run(data[:1]).result()
   _assert_matches(result, _expected(data[:1]))
   assert result["rfid/all"] == result["rfid/level0"] > 0
+
+
+def test_evaluators_of_the_same_originals_share_one_covariance_root(data):
+  """Rows of one evaluation (same originals, same order, different reconstructions and level splits): the overall
+  real statistics are bit-identical, so a shared ``fid_roots`` holds one root for "all" and results do not change."""
+  other_levels = [(x, y * 0.5, np.zeros(x.shape[0], int)) for x, y, _ in data]  # all at level 0, other recons
+  first, second = _run(data), _run(other_levels)
+  roots = {}
+  shared = [first.result(roots), second.result(roots)]
+  assert shared == [_run(data).result(), _run(other_levels).result()]
+  assert shared[1]["rfid/all"] != pytest.approx(shared[0]["rfid/all"], rel=1e-3)
+  # first: levels 0, 1, 2 and all; second: level 0 (= all, reused) -- its real set is first's "all" set.
+  assert len(roots) == 4

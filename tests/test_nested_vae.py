@@ -1,8 +1,6 @@
 """The nested VAE: shapes, one parameter tree for all levels, lax.switch dispatch, gradients, KL, errors."""
 
 import functools
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +10,7 @@ import pytest
 
 from cat_jax import levels as L
 from cat_jax.models import nested_vae as nv
+from conftest import load_config
 
 TINY = dict(ch=8, ch_mult=(1, 1, 2, 2, 2, 2), num_res_blocks=1, z_channels=4)
 SHARED_PREFIXES = ("enc_conv_in", "enc_stages_", "enc_down_", "enc_mid", "enc_norm_out", "enc_conv_out",
@@ -69,10 +68,7 @@ def test_one_parameter_tree_for_all_levels(tiny):
   shapes = jax.eval_shape(lambda r: nv.init_params(big, r, 64), jax.random.key(0))
   assert nv.count_params(shapes) == 94_125_523
   # configs/cat.py's paper-like model (shortcuts, RMSNorm: the README states both counts).
-  spec = importlib.util.spec_from_file_location("cat_config_nv", pathlib.Path(__file__).parents[1] / "configs/cat.py")
-  cfg = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(cfg)
-  paper = nv.build_model(cfg.get_config().model)
+  paper = nv.build_model(load_config("cat.py").model)
   shapes = jax.eval_shape(lambda r: nv.init_params(paper, r, 64), jax.random.key(0))
   assert nv.count_params(shapes) == 93_773_011
 

@@ -1,9 +1,7 @@
 """Stable Diffusion VAEs: converter parity with diffusers (folders and original single files), clear errors on bad
 layouts, Tokenizer.from_pretrained on converted weights, and warm-started training."""
 
-import importlib.util
 import json
-import pathlib
 import re
 
 import jax
@@ -22,11 +20,8 @@ from cat_jax.convert import __main__ as convert_main
 from cat_jax.convert import common
 from cat_jax.convert import sd_vae
 from cat_jax.models.nested_vae import NestedVAE, build_model
+from conftest import load_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("cat_config", ROOT / "configs" / "cat.py")
-cat_config = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cat_config)
 
 TOL = 1e-4  # max abs, float32 with highest matmul precision (conftest)
 
@@ -234,7 +229,7 @@ def small(tmp_path_factory):
 
 
 def _warm_config(converted, config, **overrides):
-  c = cat_config.get_config("runlocal")
+  c = load_config("cat.py", "runlocal")
   c.model = config["model"]
   c.init_from = str(converted)
   c.update_from_flattened_dict(overrides)
@@ -307,6 +302,6 @@ def test_config_variants_are_the_converted_full_size_models(variant, latent_chan
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=latent_channels)
   arch = sd_vae.infer_architecture(vae.state_dict(), "diffusers")
-  config = cat_config.get_config(variant)
+  config = load_config("cat.py", variant)
   warm_start.check_model_matches(sd_vae.model_config(arch, norm_groups=32), config.model)
   assert config.freeze_pretrained_steps > 0 and config.init_from is None

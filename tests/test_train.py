@@ -1,7 +1,6 @@
 """Training: the sharded step, the GAN schedule, exact resume after SIGKILL, SIGTERM, NaN, multi-process, errors."""
 
 import functools
-import importlib.util
 import json
 import os
 import pathlib
@@ -21,15 +20,11 @@ from cat_jax import checkpoint as ckpt
 from cat_jax import parallel
 from cat_jax import train as T
 from cat_jax.models.nested_vae import build_model
-from conftest import runlocal_workdir_config, xla_flags
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("cat_config", ROOT / "configs" / "cat.py")
-cat_config = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cat_config)
+from conftest import ROOT, load_config, runlocal_workdir_config, xla_flags
 
 
 def _runlocal(**overrides):
-  config = cat_config.get_config("runlocal")
+  config = load_config("cat.py", "runlocal")
   config.update_from_flattened_dict(overrides)
   return config
 
@@ -257,7 +252,7 @@ def test_missing_dataset_and_weights_give_instructions(tmp_path):
 
 def test_static_levels_by_backend():
   """Unset static_level: one executable per level on CPU, the traced lax.switch elsewhere; a set value wins."""
-  config = cat_config.get_config("runlocal")
+  config = load_config("cat.py", "runlocal")
   assert config.static_level is None
   static_levels = T.static_levels
   assert static_levels(config, "cpu") and not static_levels(config, "gpu") and not static_levels(config, "tpu")

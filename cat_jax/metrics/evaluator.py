@@ -89,9 +89,11 @@ class ReconstructionEvaluator:
   def reset(self) -> None:
     self._sums = _Sums.zeros()
     self.per_image: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
-    # Per level: FID statistics of the originals and of the reconstructions, created on first use.
-    self._real: list[fid_lib.FidStatistics | None] = [None] * levels.NUM_LEVELS
-    self._fake: list[fid_lib.FidStatistics | None] = [None] * levels.NUM_LEVELS
+    # FID statistics of the originals and of the reconstructions, created on first use: one per level, then one of
+    # every image (slot NUM_LEVELS) accumulated batch by batch, not merged from the levels, so that evaluators fed the
+    # same originals in the same order hold bit-identical real statistics and can share their square root.
+    self._real: list[fid_lib.FidStatistics | None] = [None] * (levels.NUM_LEVELS + 1)
+    self._fake: list[fid_lib.FidStatistics | None] = [None] * (levels.NUM_LEVELS + 1)
 
   def update(self, originals: Any, reconstructions: Any, level: int | Any,
              num_tokens: int | Any | None = None) -> None:
@@ -142,12 +144,12 @@ class ReconstructionEvaluator:
       np.add.at(s.tokens, per_image_level, tokens)
       np.add.at(s.images_with_tokens, per_image_level, 1)
     if feats_real is not None:
-      for lv in np.unique(per_image_level):
-        mask = per_image_level == lv
+      slots = [(int(lv), per_image_level == lv) for lv in np.unique(per_image_level)]
+      for slot, mask in slots + [(levels.NUM_LEVELS, slice(None))]:
         for stats, feats in ((self._real, feats_real), (self._fake, feats_fake)):
-          if stats[lv] is None:
-            stats[lv] = fid_lib.FidStatistics.zeros(feats.shape[-1])
-          stats[lv].update(feats[mask])
+          if stats[slot] is None:
+            stats[slot] = fid_lib.FidStatistics.zeros(feats.shape[-1])
+          stats[slot].update(feats[mask])
 
   @staticmethod
   def _per_image(value: Any, batch: int, what: str) -> np.ndarray:
@@ -179,15 +181,20 @@ class ReconstructionEvaluator:
     # Every process must send the same arrays: gather each level that any process has seen, with
     # zeros where this one has not.
     dim = int(np.max(np.asarray(allgather(np.asarray([local_dim], np.int32)))))
-    for lv in range(levels.NUM_LEVELS):
-      if self._sums.num_images[lv] == 0:
+    seen = list(self._sums.num_images > 0) + [self._sums.num_images.sum() > 0]
+    for lv in range(levels.NUM_LEVELS + 1):
+      if not seen[lv]:
         continue
       for stats in (self._real, self._fake):
         local = stats[lv] if stats[lv] is not None else fid_lib.FidStatistics.zeros(dim)
         stats[lv] = fid_lib.allgather_statistics(local, allgather)
 
-  def result(self) -> dict[str, float]:
-    """The metrics so far as ``{'psnr/level0': ..., 'psnr/all': ..., ...}`` (Python floats)."""
+  def result(self, fid_roots: dict | None = None) -> dict[str, float]:
+    """The metrics so far as ``{'psnr/level0': ..., 'psnr/all': ..., ...}`` (Python floats).
+
+    ``fid_roots``: a dict shared by evaluators of the same originals (``fid.fid_from_statistics``'s cache of the real
+    covariance's square root); each rFID then costs one eigendecomposition instead of two.
+    """
     s = self._sums
     out: dict[str, float] = {}
     groups = [(f"level{lv}", [lv]) for lv in range(levels.NUM_LEVELS) if s.num_images[lv] > 0]
@@ -207,15 +214,7 @@ class ReconstructionEvaluator:
         if name == "all" and len(lvs) == 1:  # the same statistics: skip a second eigendecomposition
           out[f"rfid/{name}"] = out[f"rfid/level{lvs[0]}"]
           continue
-        real = _merge_all(self._real[lv] for lv in lvs)
-        fake = _merge_all(self._fake[lv] for lv in lvs)
-        out[f"rfid/{name}"] = fid_lib.fid_from_statistics(real, fake)
+        slot = levels.NUM_LEVELS if name == "all" else lvs[0]
+        out[f"rfid/{name}"] = fid_lib.fid_from_statistics(self._real[slot], self._fake[slot], fid_roots)
     return out
 
-
-def _merge_all(stats) -> fid_lib.FidStatistics:
-  stats = [s for s in stats if s is not None]
-  merged = stats[0]
-  for s in stats[1:]:
-    merged = merged.merge(s)
-  return merged

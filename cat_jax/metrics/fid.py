@@ -13,6 +13,7 @@ covariances of small image sets, where pytorch-fid falls back to adding ``eps`` 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any, Callable
 
 import jax
@@ -78,16 +79,28 @@ def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
   return (eigvecs * np.sqrt(np.clip(eigvals, 0.0, None))) @ eigvecs.T
 
 
-def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-  """tr(sqrtm(sigma1 @ sigma2)) for symmetric PSD matrices, in float64."""
-  root1 = _sqrt_psd(np.asarray(sigma1, np.float64))
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, roots: dict | None = None) -> float:
+  """tr(sqrtm(sigma1 @ sigma2)) for symmetric PSD matrices, in float64.
+
+  ``roots``: a dict the caller keeps across calls that share ``sigma1`` (the real images' covariance when several
+  models or rows are compared against the same set); sigma1's square root is cached there by a digest of its bytes.
+  """
+  sigma1 = np.ascontiguousarray(sigma1, np.float64)
+  if roots is None:
+    root1 = _sqrt_psd(sigma1)
+  else:
+    key = hashlib.sha256(sigma1.tobytes()).hexdigest()
+    if key not in roots:
+      roots[key] = _sqrt_psd(sigma1)
+    root1 = roots[key]
   inner = root1 @ np.asarray(sigma2, np.float64) @ root1
   eigvals = np.linalg.eigvalsh((inner + inner.T) / 2)
   return float(np.sqrt(np.clip(eigvals, 0.0, None)).sum())
 
 
-def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
-  """||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrt(sigma1 sigma2)), in float64."""
+def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, roots: dict | None = None) -> float:
+  """||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrt(sigma1 sigma2)), in float64 (``roots``: see
+  ``trace_sqrt_product``)."""
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
   sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
   sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -96,12 +109,13 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
                      f"{mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}")
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2)
-               - 2.0 * trace_sqrt_product(sigma1, sigma2))
+               - 2.0 * trace_sqrt_product(sigma1, sigma2, roots))
 
 
-def fid_from_statistics(a: FidStatistics, b: FidStatistics) -> float:
-  """FID between the feature sets summarised by ``a`` and ``b``."""
-  return frechet_distance(*a.mean_and_covariance(), *b.mean_and_covariance())
+def fid_from_statistics(a: FidStatistics, b: FidStatistics, roots: dict | None = None) -> float:
+  """FID between the feature sets summarised by ``a`` (the reference: its covariance root is cached in ``roots``,
+  a dict kept by the caller, when given) and ``b``."""
+  return frechet_distance(*a.mean_and_covariance(), *b.mean_and_covariance(), roots)
 
 
 def default_allgather() -> Callable[[np.ndarray], np.ndarray]:
