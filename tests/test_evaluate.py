@@ -6,7 +6,6 @@ import math
 import jax
 import jax.numpy as jnp
 import lpips
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,7 +15,7 @@ from cat_jax.convert import common
 from cat_jax.convert import lpips as convert_lpips
 from cat_jax.data import get_source
 from cat_jax.data.embedded import generate
-from cat_jax.models.inception import InceptionV3
+from cat_jax.models import inception as inception_lib
 from cat_jax.tokenizer import Tokenizer
 from test_tokenizer import ROOT
 
@@ -30,29 +29,51 @@ def workdir(runlocal_workdir):
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-  """Converted LPIPS weights of a random torch LPIPS-VGG, and random FID-Inception weights (real ones cannot be
-  downloaded here): they exercise the rFID / LPIPS code paths with finite numbers."""
+  """Converted LPIPS weights of a random torch LPIPS-VGG (real ones cannot be downloaded here), and a path for
+  --inception_weights that ``cheap_inception`` below serves."""
   tmp = tmp_path_factory.mktemp("weights")
   torch.manual_seed(0)
   net = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
   state = net.state_dict()
   common.save_params(tmp / "lpips.msgpack", convert_lpips.convert_torch_lpips(state, state))
-  variables = jax.jit(InceptionV3(resize_input=False).init)(jax.random.key(0), jnp.zeros((1, 80, 80, 3)))
-  common.save_params(tmp / "inception.msgpack", variables)
   return str(tmp / "inception.msgpack"), str(tmp / "lpips.msgpack")
+
+
+@pytest.fixture
+def cheap_inception(monkeypatch):
+  """Stands in for ``load_inception``: 12 cheap image statistics per image instead of the Inception network's 2048
+  features. The network and its loader are tested against pytorch-fid in test_fid.py; here the rFID bookkeeping of
+  every row is what is checked, and 2048-d features made this one test cost ~10 Inception passes at 299x299 and ~25
+  eigendecompositions of 2048x2048 covariances (the slowest test of the suite on a busy machine)."""
+  loaded = []
+
+  def load(path):
+    loaded.append(str(path))
+    def features(images):
+      x = jnp.asarray(images, jnp.float32)
+      h, w = x.shape[1] // 2, x.shape[2] // 2
+      quads = [x[:, :h, :w], x[:, :h, w:], x[:, h:, :w], x[:, h:, w:]]
+      edges = jnp.abs(jnp.diff(x, axis=1)).mean(axis=(1, 2))
+      return jnp.concatenate([q.mean(axis=(1, 2, 3))[:, None] for q in quads] + [x.std(axis=(1, 2)), edges,
+                             x.mean(axis=(1, 2))[:, :2]], axis=-1)
+    return features
+
+  monkeypatch.setattr(inception_lib, "load_inception", load)
+  return loaded
 
 
 def _finite(x):
   return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def test_evaluate_writes_every_file_with_finite_numbers(workdir, weights, tmp_path, capsys):
+def test_evaluate_writes_every_file_with_finite_numbers(workdir, weights, cheap_inception, tmp_path, capsys):
   inception, lpips_path = weights
   out = tmp_path / "eval"
   rc = E.main(["--workdir", workdir, "--num_images", "8", "--measures", "random,jpeg,mse,grade",
                "--inception_weights", inception, "--lpips_weights", lpips_path, "--out", str(out),
                "--num_grid_images", "4"])
   assert rc == 0
+  assert cheap_inception == [inception]
   results = json.loads((out / "results.json").read_text())
   rows = results["rows"]
   assert list(rows) == ["fixed_8x", "fixed_16x", "fixed_32x", "area_bicubic_8x", "area_bicubic_16x",
