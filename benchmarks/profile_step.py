@@ -84,7 +84,8 @@ def main() -> None:
 
   ns = argparse.Namespace(cpu=args.cpu, quick=True, config=args.config, size=args.size, batch=args.batch, dtype=None,
                           repeats=None, steps=None, warmup=None, torch_mode=None, levels=None, no_lpips=False,
-                          small_aux=False, no_cache=True, cache_dir=None, peak_tflops=None)
+                          small_aux=False, no_cache=True, cache_dir=None, peak_tflops=None, executables=None,
+                          compile_only=False)
   s = suite.settings(ns)
   suite._count_cache_hits()
   t = suite.JaxTrain(s)
