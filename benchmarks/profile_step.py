@@ -63,7 +63,7 @@ def op_self_times(trace_dir: str) -> collections.Counter:
   return grouped
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--cpu", action="store_true", help="demo config at 64², float32 (as suite.py --cpu)")
   parser.add_argument("--config", default=None)
@@ -75,18 +75,29 @@ def main() -> None:
   parser.add_argument("--no-adaptive-weight", action="store_true", help="the GAN weight fixed at 1")
   parser.add_argument("--top", type=int, default=15)
   parser.add_argument("--dump-hlo", default=None, help="write each variant's optimised HLO into this folder")
-  args = parser.parse_args()
-  if args.cpu:
-    os.environ["JAX_PLATFORMS"] = "cpu"
+  return parser.parse_args(argv)
 
-  import jax
+
+def suite_settings(args: argparse.Namespace) -> dict:
+  """benchmarks/suite.py's settings for this run (its train_jax part's model, data and step), compile cache off."""
   from benchmarks import suite
 
   ns = argparse.Namespace(cpu=args.cpu, quick=True, config=args.config, size=args.size, batch=args.batch, dtype=None,
                           repeats=None, steps=None, warmup=None, torch_mode=None, levels=None, no_lpips=False,
                           small_aux=False, no_cache=True, cache_dir=None, peak_tflops=None, executables=None,
                           compile_only=False)
-  s = suite.settings(ns)
+  return suite.settings(ns)
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  if args.cpu:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+  import jax
+  from benchmarks import suite
+
+  s = suite_settings(args)
   suite._count_cache_hits()
   t = suite.JaxTrain(s)
   if args.no_adaptive_weight:

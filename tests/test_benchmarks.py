@@ -108,3 +108,13 @@ def test_flops_fall_back_to_the_cpu_lowering_where_a_backend_has_no_count():
   assert counted > 8 * 8 * 4 * 3  # at least one multiply-add per output and input channel
   assert xla_flops(NoCount(), lambda: f.trace(x, w).lower(lowering_platforms=("cpu",))) == counted
   assert xla_flops(NoCount()) is None
+
+
+def test_profile_step_builds_the_suites_settings():
+  """benchmarks/profile_step.py reuses suite.settings (it broke once when the suite grew new options)."""
+  from benchmarks import profile_step
+
+  s = profile_step.suite_settings(profile_step.parse_args(["--cpu"]))
+  assert (s["config"], s["size"], s["batch"], s["dtype"], s["cache_dir"]) == ("demo", 64, 16, "float32", None)
+  s = profile_step.suite_settings(profile_step.parse_args(["--config", "runlocal", "--size", "32", "--batch", "2"]))
+  assert (s["config"], s["size"], s["batch"]) == ("runlocal", 32, 2)
