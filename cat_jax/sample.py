@@ -113,8 +113,9 @@ def jpeg_bpp_by_class(images, labels) -> dict[int, float]:
   return {int(y): float(bpp[labels == y].mean()) for y in np.unique(labels)}
 
 
-def real_jpeg_bpp_by_class(config, classes: Sequence[int], *, per_class: int) -> dict[int, float]:
-  """The same measure on the run's real images (centre crops at its image size), ``per_class`` of each class."""
+def real_images_by_class(config, classes: Sequence[int], *, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+  """The run's first ``per_class`` real images of each class (centre crops at its image size, in [-1, 1]) and their
+  labels."""
   from cat_jax import data as cat_data
   from cat_jax.train_dit import _source_labels
 
@@ -123,7 +124,12 @@ def real_jpeg_bpp_by_class(config, classes: Sequence[int], *, per_class: int) ->
   preprocess_config = cat_data.PreprocessConfig(image_size=int(config.data.image_size), on_bad_image="raise")
   picked = [i for y in classes for i in np.flatnonzero(labels == y)[:per_class]]
   images = [cat_data.preprocess(source[int(i)]["image"], preprocess_config, path=str(i), rng=None) for i in picked]
-  return jpeg_bpp_by_class(np.stack(images), labels[picked])
+  return np.stack(images), labels[picked]
+
+
+def real_jpeg_bpp_by_class(config, classes: Sequence[int], *, per_class: int) -> dict[int, float]:
+  """The same measure on the run's real images (``real_images_by_class``)."""
+  return jpeg_bpp_by_class(*real_images_by_class(config, classes, per_class=per_class))
 
 
 def _cached_reference(args, inception_fn, config):

@@ -8,16 +8,14 @@ they cannot hold more detail than the tokenizer's own reconstructions of real im
 """
 
 import argparse
-import json
 
 import numpy as np
 
 from cat_jax import checkpoint as ckpt
-from cat_jax import data as cat_data
 from cat_jax import levels as L
+from cat_jax.data.latents import LatentStatistics
 from cat_jax.generation.sampling import load_tokenizer
-from cat_jax.sample import jpeg_bpp_by_class
-from cat_jax.train_dit import _source_labels
+from cat_jax.sample import jpeg_bpp_by_class, real_images_by_class
 
 
 def main(argv=None):
@@ -27,23 +25,15 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   config = ckpt.load_config(args.workdir)
-  source = cat_data.get_source(config.data.source, config.data.split, **config.data.source_kwargs)
-  labels = _source_labels(source, len(source))
-  index = [json.loads(line) for line in open(f"{args.workdir}/latents/index.jsonl")]
-  level_of_class = {}
-  for y in np.unique(labels):
-    levels = [r["level"] for r in index if r.get("label") == int(y)]
-    level_of_class[int(y)] = int(np.bincount(levels, minlength=L.NUM_LEVELS).argmax())
-  prep = cat_data.PreprocessConfig(image_size=int(config.data.image_size), on_bad_image="raise")
+  counts = LatentStatistics.load(args.workdir).class_level_counts  # [class][level] in the training latents
+  level_of_class = {y: int(np.argmax(c)) for y, c in enumerate(counts) if sum(c)}
   tok = load_tokenizer(config, args.workdir, batch_size=args.per_class)
 
-  real, through = {}, {}
-  for y, level in sorted(level_of_class.items()):
-    picked = np.flatnonzero(labels == y)[:args.per_class]
-    images = np.stack([cat_data.preprocess(source[int(i)]["image"], prep, path=str(i), rng=None) for i in picked])
-    recon = np.clip(np.asarray(tok.reconstruct_batch(images, level)), -1.0, 1.0)
-    real.update(jpeg_bpp_by_class(images, np.full(len(picked), y)))
-    through.update(jpeg_bpp_by_class(recon, np.full(len(picked), y)))
+  images, labels = real_images_by_class(config, sorted(level_of_class), per_class=args.per_class)
+  recon = np.empty_like(images)
+  for y, level in level_of_class.items():
+    recon[labels == y] = np.clip(np.asarray(tok.reconstruct_batch(images[labels == y], level)), -1.0, 1.0)
+  real, through = jpeg_bpp_by_class(images, labels), jpeg_bpp_by_class(recon, labels)
   rank = lambda d: np.argsort(np.argsort([d[y] for y in sorted(d)]))
   print("class | level | JPEG bpp real | JPEG bpp real through the tokenizer")
   for y in sorted(real):
