@@ -288,7 +288,7 @@ def test_exact_resume_after_sigkill(tmp_path, encoded):
   assert int(restored[0][0]["step"]) == 16
 
 
-def test_runlocal_end_to_end_then_sample_cli(tmp_path):
+def test_runlocal_end_to_end_then_sample_cli(tmp_path, capsys):
   from cat_jax import sample
 
   config = _runlocal()
@@ -305,11 +305,17 @@ def test_runlocal_end_to_end_then_sample_cli(tmp_path):
 
   out = tmp_path / "grid.png"
   assert sample.main(["--workdir", str(tmp_path), "--classes", "0,5,7", "--per_class", "3", "--level", "auto",
-                      "--out", str(out), "--report"]) == 0
+                      "--out", str(out), "--report", "--jpeg_report"]) == 0
   from PIL import Image
   assert Image.open(out).size == (3 * 64 + 2 * 2, 3 * 64 + 2 * 2)
   report = json.loads(out.with_suffix(".json").read_text())
   assert report["levels"] == [2] * 3 + [0] * 6  # flat -> 32x; chart, dense_text -> 8x (their only level)
+  # The JPEG-bpp report (issue 14's complexity check): a row per class, real flat images far simpler than charts.
+  printed = capsys.readouterr().out.splitlines()
+  rows = {int(r.split(" | ")[0]): [float(v) for v in r.split(" | ")[1:3]] for r in printed if r[:1].isdigit()}
+  assert sorted(rows) == [0, 5, 7] and all(v > 0 for r in rows.values() for v in r)
+  assert rows[0][1] < 0.5 * rows[5][1]  # real bpp: flat vs chart
+  assert any(r.startswith("Spearman rank correlation, generated vs real: ") for r in printed)
   assert sample.main(["--workdir", str(tmp_path), "--classes", "0,8", "--out", str(out)]) == 2
   assert sample.main(["--workdir", str(tmp_path), "--fid_samples", "10", "--out", str(out)]) == 2
 
