@@ -67,6 +67,15 @@ def parse_level(value) -> int:
                    f"{', '.join(f'{f}x' for f in FACTORS)}, got {value!r}")
 
 
+def parse_levels(value) -> tuple[int, ...]:
+  """Several levels in any spelling (``parse_level``): a list, or a comma-separated string such as '8x,32x' or
+  '0,2'; None or '' means every level. Sorted, without repeats."""
+  if value is None or (isinstance(value, str) and not value.strip()):
+    return tuple(range(NUM_LEVELS))
+  items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+  return tuple(sorted({parse_level(v) for v in items}))
+
+
 def level_name(level: int) -> str:
   """'8x' / '16x' / '32x': how a level is printed."""
   return f"{factor_for_level(level)}x"

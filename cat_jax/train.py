@@ -264,20 +264,21 @@ def eval_step(params, images, mask, level, *, model):
 
 
 def evaluate_reconstruction(eval_fn, params, eval_batches, writer=None, step: int = 0,
-                            level_arg=jnp.int32, image_dir: str | None = None) -> dict[str, float]:
-  """L1 and PSNR of reconstructions, and the area+bicubic baseline's PSNR, at every level on the same images;
-  'eval/loss' is the mean L1.
+                            level_arg=jnp.int32, image_dir: str | None = None,
+                            levels: tuple[int, ...] = tuple(range(L.NUM_LEVELS))) -> dict[str, float]:
+  """L1 and PSNR of reconstructions, and the area+bicubic baseline's PSNR, at ``levels`` (default: every level) on
+  the same images; 'eval/loss' is the mean L1 over those levels.
 
   ``eval_fn(params, images, mask, level) -> (sums, recon)`` is a jitted ``eval_step``; works with global arrays
   spanning several processes (only replicated sums are fetched; the image grid is all-gathered once).
   """
   from jax.experimental import multihost_utils
 
-  totals = {lvl: {} for lvl in range(L.NUM_LEVELS)}
+  totals = {lvl: {} for lvl in levels}
   grid_rows = None
   for batch in eval_batches:
     rows = []
-    for level in range(L.NUM_LEVELS):
+    for level in levels:
       sums, recon = eval_fn(params, batch["image"], batch["mask"], level_arg(level))
       for k, v in jax.device_get(sums).items():
         totals[level][k] = totals[level].get(k, 0.0) + float(v)
@@ -287,17 +288,17 @@ def evaluate_reconstruction(eval_fn, params, eval_batches, writer=None, step: in
       gathered = multihost_utils.process_allgather([batch["image"], batch["mask"]] + rows, tiled=True)
       keep = np.asarray(gathered[1], bool)
       grid_rows = [np.asarray(a)[keep][:8] for a in [gathered[0]] + gathered[2:]]
-  if not totals[0].get("count"):
+  if not totals[levels[0]].get("count"):
     return {}
   out = {}
   for level, t in totals.items():
     for k in sorted(set(t) - {"count"}):
       out[f"eval/level{level}/{k}"] = t[k] / t["count"]
-  out["eval/loss"] = float(np.mean([out[f"eval/level{lvl}/l1"] for lvl in range(L.NUM_LEVELS)]))
+  out["eval/loss"] = float(np.mean([out[f"eval/level{lvl}/l1"] for lvl in levels]))
   if writer is not None and grid_rows and len(grid_rows[0]):
     from cat_jax.metric_writers import make_image_grid
     grid = make_image_grid(grid_rows)
-    writer.write_images(step, {"reconstructions/original_8x_16x_32x": grid})
+    writer.write_images(step, {"reconstructions/original_" + "_".join(L.level_name(lvl) for lvl in levels): grid})
     if image_dir is not None and jax.process_index() == 0:  # also as PNG, to look at without TensorBoard
       from cat_jax import storage
       storage.write_png(storage.as_path(image_dir) / f"reconstructions_step{step:07d}.png", grid)
@@ -340,6 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   from cat_jax.metric_writers import MetricWriter
 
   is_main = jax.process_index() == 0
+  eval_levels = L.parse_levels(config.data.get("eval_levels"))  # a bad spelling fails here, before any compile
   writer = MetricWriter(workdir, enabled=is_main)
 
   # Mesh and shapes.
@@ -398,7 +400,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     eval_ds = _make_data(config, split=config.data.eval_split, train=False, process_batch=process_batch)
     batches = (_global(b) for _, b in zip(range(config.eval_batches), eval_ds))
     return evaluate_reconstruction(jit_eval, state.ema_params, batches, writer, step, level_arg=level_arg,
-                                   image_dir=os.fspath(storage.as_path(workdir) / "images"))
+                                   image_dir=os.fspath(storage.as_path(workdir) / "images"), levels=eval_levels)
 
   def _global(batch):
     return make_global_batch(batch, parallel.batch_sharding(mesh))

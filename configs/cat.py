@@ -35,8 +35,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # trains on every image, a level drawn per batch (`level_weights`, equal by default), independent of content:
   # each path sees the whole distribution (what evaluating every level on every image asks for) and no scores
   # are needed to train; a third of the steps then run the costliest (8x) path whatever the data.
+  # `eval_levels`: the levels the in-training evaluation reconstructs, e.g. '8x' or '16x,32x' (None: every level).
   c.data = dict(source="tfds:imagenet2012", split="train", eval_split="validation", source_kwargs={},
-                levels=ml_collections.config_dict.placeholder(str), level_mode="content", eval_levels=None,
+                levels=ml_collections.config_dict.placeholder(str), level_mode="content",
+                eval_levels=ml_collections.config_dict.placeholder(str),
                 level_weights="proportional", image_size=256, num_workers=8, on_bad_image="skip", min_size=64)
 
   c.batch_size = 256  # global, across all devices and hosts

@@ -231,6 +231,36 @@ def test_runlocal_end_to_end_in_process(runlocal_workdir, tmp_path):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_eval_levels_evaluate_only_those_levels_in_any_spelling():
+  from cat_jax import levels as L
+
+  assert L.parse_levels(None) == L.parse_levels("") == (0, 1, 2)
+  assert L.parse_levels("32x, 8x") == L.parse_levels("2,0") == L.parse_levels([32, "0"]) == (0, 2)
+  assert L.parse_levels(16) == L.parse_levels("16x") == (1,)
+  with pytest.raises(ValueError, match="a level must be"):
+    L.parse_levels("8x,64x")
+
+  calls = []
+
+  def eval_fn(params, images, mask, level):  # a stand-in model: level l darkens by l / 4
+    calls.append(int(level))
+    recon = images - level / 4
+    return {"l1": jnp.sum(jnp.abs(recon - images).mean((1, 2, 3)) * mask), "count": jnp.sum(mask)}, recon
+
+  class Writer:
+    def write_images(self, step, images):
+      self.images = images
+
+  writer, batch = Writer(), {"image": jnp.zeros((2, 8, 8, 3)), "mask": jnp.array([True, False])}
+  out = T.evaluate_reconstruction(eval_fn, None, [batch, batch], writer=writer, levels=L.parse_levels("32x,8x"))
+  assert calls == [0, 2, 0, 2]
+  assert out == {"eval/level0/l1": 0.0, "eval/level2/l1": 0.5, "eval/loss": 0.25}
+  (name, grid), = writer.images.items()
+  assert name == "reconstructions/original_8x_32x" and grid.shape[0] == 3 * 8 + 2 * 2  # one image, 3 rows
+  with pytest.raises(ValueError, match="a level must be"):  # from the config, before anything is compiled
+    T.train_and_evaluate(_runlocal(**{"data.eval_levels": "4x"}), "/nonexistent/never/written")
+
+
 def test_incompatible_config_is_a_clear_error(runlocal_workdir, tmp_path):
   shutil.copytree(runlocal_workdir, tmp_path / "run")
   with pytest.raises(ValueError, match=r"model.ch: checkpoint has 8, config has 16"):
