@@ -21,6 +21,7 @@ from typing import Any
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
@@ -110,6 +111,22 @@ class DataIterRestore(ocp.args.CheckpointArgs):
   item: Any
 
 
+def _pytree_handler() -> ocp.PyTreeCheckpointHandler:
+  """Orbax's pytree handler (the same files as StandardCheckpointHandler), without replica-parallel saving on CPU.
+
+  Replica-parallel saving splits each replicated array between its data-parallel copies so that devices copy to the
+  host in parallel; CPU devices already live in host memory, and there it only compiled one small slice program
+  per array and shape (several seconds of a short CPU run's first save). Other backends keep orbax's default.
+  """
+  array_handler = ocp.type_handlers.ArrayHandler(
+      use_replica_parallel=False if jax.default_backend() == "cpu" else None)
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (jax.Array, array_handler), (np.ndarray, ocp.type_handlers.NumpyHandler()),
+      (int, ocp.type_handlers.ScalarHandler()), (float, ocp.type_handlers.ScalarHandler()),
+      (np.number, ocp.type_handlers.ScalarHandler()), (str, ocp.type_handlers.StringHandler()))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, save_concurrent_gb=96, restore_concurrent_gb=96)
+
+
 class Checkpointer:
   """Keeps the latest ``keep`` checkpoints plus the best one by eval metric (lower is better)."""
 
@@ -124,8 +141,7 @@ class Checkpointer:
                                            create=True, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(
         checkpoint_dir(workdir), options=options,
-        item_handlers={"train_state": ocp.StandardCheckpointHandler(),
-                       "ema_params": ocp.StandardCheckpointHandler(),
+        item_handlers={"train_state": _pytree_handler(), "ema_params": _pytree_handler(),
                        "data_iter": ElasticDataIterHandler()})
 
   def latest_step(self) -> int | None:
@@ -133,17 +149,18 @@ class Checkpointer:
 
   def save(self, step: int, train_state: Any, ema_params: Any, data_iter: Any, *,
            metrics: dict[str, float] | None = None, force: bool = False) -> bool:
-    args = ocp.args.Composite(train_state=ocp.args.StandardSave(train_state),
-                              ema_params=ocp.args.StandardSave(ema_params),
+    args = ocp.args.Composite(train_state=ocp.args.PyTreeSave(train_state),
+                              ema_params=ocp.args.PyTreeSave(ema_params),
                               data_iter=DataIterSave(data_iter))
     metrics = {self.best_metric: metrics[self.best_metric]} if metrics and self.best_metric in metrics else None
     return self.manager.save(step, args=args, metrics=metrics, force=force)
 
   def restore(self, step: int, abstract_train_state: Any, abstract_ema: Any, data_iter: Any):
     """Restores into the given abstract trees (their shardings decide placement, any device count)."""
+    restore = lambda abstract: ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
     out = self.manager.restore(step, args=ocp.args.Composite(
-        train_state=ocp.args.StandardRestore(abstract_train_state),
-        ema_params=ocp.args.StandardRestore(abstract_ema),
+        train_state=restore(abstract_train_state), ema_params=restore(abstract_ema),
         data_iter=DataIterRestore(data_iter)))
     return out["train_state"], out["ema_params"], out["data_iter"]
 
