@@ -173,7 +173,8 @@ def test_an_untrained_shortcut_model_is_the_dct_code_row(tmp_path):
 
   model = NestedVAE(ch=8, ch_mult=(1, 1, 2, 2, 2, 2), num_res_blocks=1, z_channels=8, head_attention=False,
                     shortcuts=True, norm="rms")
-  tok = Tokenizer(model, init_params(model, jax.random.key(0), image_size=32), batch_size=8)
+  params = jax.jit(lambda rng: init_params(model, rng, image_size=32))(jax.random.key(0))  # faster than eager
+  tok = Tokenizer(model, params, batch_size=8)
   source = E._Head(get_source("embedded", "validation", num_images=48, image_size=32), 8)
   rows = E.run_evaluation(tok, source, out_dir=tmp_path, dataset="embedded", image_size=32, measures=[],
                           num_grid_images=0, bootstrap=0)["rows"]
