@@ -1,4 +1,4 @@
-"""Trainer state beyond parameters: the spectral-norm discriminator's power iteration, carried and checkpointed."""
+"""Trainer state beyond parameters (the spectral-norm discriminator's power iteration), and how checkpoints save it."""
 
 import functools
 
@@ -53,3 +53,29 @@ def test_spectral_discriminator_state_is_stepped_checkpointed_and_resumed(tmp_pa
   resumed, _ = step(restored, _batch(4, 32, seed=2), 0, {}, rng)
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_cpu_save_of_replicated_arrays_compiles_nothing(tmp_path):
+  """Arrays replicated over two data-parallel CPU devices go to the host as they are: orbax's replica-parallel
+  saving compiled a slice program per array shape there (seconds of every short CPU run's first save)."""
+  mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  # Shapes no other test uses, so that nothing is already compiled for them in this process.
+  tree = {f"w{i}": jax.device_put(np.arange(2 * 37 * (i + 1), dtype=np.float32).reshape(2, -1), replicated)
+          for i in range(3)}
+  events = []
+  listener = lambda event, duration, **kwargs: events.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    checkpointer = ckpt.Checkpointer(str(tmp_path), async_save=False)
+    checkpointer.save(1, tree, tree, iter(grain.MapDataset.range(4).to_iter_dataset()))
+    checkpointer.wait()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not [e for e in events if e.startswith("/jax/core/compile")], events
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), tree)
+  restored, _, _ = checkpointer.restore(1, abstract, abstract, iter(grain.MapDataset.range(4).to_iter_dataset()))
+  checkpointer.close()
+  for name, a in tree.items():
+    np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(a))
+    assert restored[name].sharding == replicated
