@@ -113,6 +113,15 @@ def jpeg_bpp_by_class(images, labels) -> dict[int, float]:
   return {int(y): float(bpp[labels == y].mean()) for y in np.unique(labels)}
 
 
+def class_rank_correlation(a: dict[int, float], b: dict[int, float]) -> float:
+  """Spearman rank correlation of two per-class measures over their common classes (1.0 for a single class)."""
+  classes = sorted(set(a) & set(b))
+  if len(classes) < 2:
+    return 1.0
+  rank = lambda d: np.argsort(np.argsort([d[y] for y in classes]))
+  return float(np.corrcoef(rank(a), rank(b))[0, 1])
+
+
 def real_images_by_class(config, classes: Sequence[int], *, per_class: int) -> tuple[np.ndarray, np.ndarray]:
   """The run's first ``per_class`` real images of each class (centre crops at its image size, in [-1, 1]) and their
   labels."""
@@ -183,9 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       for y in classes:
         mix = np.bincount(levels[labels == y], minlength=L.NUM_LEVELS)
         print(f"{y} | {generated[y]:.3f} | {real[y]:.3f} | {'/'.join(str(int(c)) for c in mix)}")
-      rank = lambda d: np.argsort(np.argsort([d[y] for y in classes]))
-      agree = float(np.corrcoef(rank(generated), rank(real))[0, 1]) if len(classes) > 1 else 1.0
-      print(f"Spearman rank correlation, generated vs real: {agree:.3f}")
+      print(f"Spearman rank correlation, generated vs real: {class_rank_correlation(generated, real):.3f}")
     if args.fid_samples is not None:
       from cat_jax import checkpoint as ckpt
       from cat_jax.models.inception import load_inception

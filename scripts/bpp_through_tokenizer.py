@@ -15,7 +15,7 @@ from cat_jax import checkpoint as ckpt
 from cat_jax import levels as L
 from cat_jax.data.latents import LatentStatistics
 from cat_jax.generation.sampling import load_tokenizer
-from cat_jax.sample import jpeg_bpp_by_class, real_images_by_class
+from cat_jax.sample import class_rank_correlation, jpeg_bpp_by_class, real_images_by_class
 
 
 def main(argv=None):
@@ -34,12 +34,10 @@ def main(argv=None):
   for y, level in level_of_class.items():
     recon[labels == y] = np.clip(np.asarray(tok.reconstruct_batch(images[labels == y], level)), -1.0, 1.0)
   real, through = jpeg_bpp_by_class(images, labels), jpeg_bpp_by_class(recon, labels)
-  rank = lambda d: np.argsort(np.argsort([d[y] for y in sorted(d)]))
   print("class | level | JPEG bpp real | JPEG bpp real through the tokenizer")
   for y in sorted(real):
     print(f"{y} | {L.level_name(level_of_class[y])} | {real[y]:.3f} | {through[y]:.3f}")
-  print(f"Spearman rank correlation, through the tokenizer vs real: "
-        f"{float(np.corrcoef(rank(through), rank(real))[0, 1]):.3f}")
+  print(f"Spearman rank correlation, through the tokenizer vs real: {class_rank_correlation(through, real):.3f}")
 
 
 if __name__ == "__main__":

@@ -320,6 +320,15 @@ def test_runlocal_end_to_end_then_sample_cli(tmp_path, capsys):
   assert sample.main(["--workdir", str(tmp_path), "--fid_samples", "10", "--out", str(out)]) == 2
 
 
+def test_class_rank_correlation_is_spearman_over_common_classes():
+  from cat_jax.sample import class_rank_correlation
+
+  a = {0: 1.0, 1: 3.0, 2: 2.0, 5: 0.5}
+  assert class_rank_correlation(a, {0: 0.1, 1: 9.0, 2: 8.0, 5: 0.2, 7: 4.0}) == pytest.approx(0.8)  # one swap of four
+  assert class_rank_correlation(a, {y: -v for y, v in a.items()}) == pytest.approx(-1.0)
+  assert class_rank_correlation({3: 1.0}, {3: 2.0}) == 1.0
+
+
 def test_generation_fid_matches_the_frechet_distance_of_its_features(tmp_path):
   from cat_jax.metrics.fid import FidStatistics, fid_from_statistics
   from cat_jax.sample import generation_fid
