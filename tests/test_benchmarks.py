@@ -18,6 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import suite  # noqa: E402
+from conftest import compile_flags  # noqa: E402
 
 
 def _ratio_ok(r):
@@ -34,8 +35,9 @@ def test_suite_quick_cpu(tmp_path):
          "--size", "32", "--batch", "2", "--levels", "0", "--repeats", "2", "--steps", "1", "--warmup", "1",
          "--torch-mode", "eager", "--small-aux", "--cache-dir", str(cache), "--timeout", "900"]
   env = dict(os.environ, PYTHONPATH=str(ROOT))
-  # Not conftest's 8 simulated devices; LLVM at -O0 as in every test (conftest.xla_flags): no timing is asserted.
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+  # Not conftest's 8 simulated devices; its faster compiles as in every test (conftest.compile_flags): no timing is
+  # asserted.
+  env["XLA_FLAGS"] = compile_flags()
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)
   lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   by_part = {line["part"]: line for line in lines}
