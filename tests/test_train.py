@@ -163,7 +163,9 @@ def test_exact_resume_after_sigkill(tmp_path):
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
-  proc = subprocess.Popen(_train_cmd(tmp_path, *RUN_ARGS, "--config.checkpoint_every=4"), env=_env(),
+  # One level (8x): the same executable as the SIGKILL test's 8x step, one step to trace instead of three.
+  args = [*RUN_ARGS, "--config.checkpoint_every=4", "--config.data.levels=8x"]
+  proc = subprocess.Popen(_train_cmd(tmp_path, *args), env=_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 900
   while time.time() < deadline and not _steps(tmp_path):
