@@ -6,7 +6,8 @@
 Compiles ``cat_jax.train.train_step`` (as benchmarks/suite.py's train_jax part) for each variant, prints lower and
 compile seconds, the optimised HLO's size (instructions, convolutions, conditionals), then runs ``--steps`` steps
 under ``jax.profiler`` and prints each variant's busiest XLA ops by self time (time inside an op minus the ops it
-contains, e.g. a ``conditional`` minus its branch's ops), grouped by op name with the trailing numbers dropped.
+contains, e.g. a ``conditional`` minus its branch's ops), grouped by op name with the trailing numbers dropped, and
+again by the model layer each op computes (the optimised HLO's metadata: ``fwd``/``bwd`` and the Flax module path).
 Self times are summed over all threads, so on a multi-core machine they can exceed the wall time.
 One JSON line per variant at the end.
 """
@@ -37,7 +38,7 @@ def hlo_stats(text: str) -> dict[str, int]:
 
 
 def op_self_times(trace_dir: str) -> collections.Counter:
-  """Self time (ns) per op-name group from a jax.profiler trace of XLA:CPU or GPU host threads."""
+  """Self time (ns) per XLA op (HLO instruction name) from a jax.profiler trace of XLA:CPU or GPU host threads."""
   from jax._src.lib import _profile_data
   paths = sorted(pathlib.Path(trace_dir).rglob("*.xplane.pb"))
   totals: collections.Counter = collections.Counter()
@@ -55,11 +56,44 @@ def op_self_times(trace_dir: str) -> collections.Counter:
         if stack:  # time inside a child is not its parent's own
           totals[stack[-1][1]] -= duration
         stack.append((start + duration, name))
+  for name in list(totals):
+    if name.startswith(("end: ", "ThreadpoolListener", "ThunkExecutor", "$", "Pjit", "CommonPjRt")):
+      del totals[name]
+  return totals
+
+
+def by_op_kind(totals: collections.Counter) -> collections.Counter:
+  """Self times grouped by op name, trailing numbers dropped (``add_divide_fusion.12`` -> ``add_divide_fusion``)."""
   grouped: collections.Counter = collections.Counter()
   for name, ns in totals.items():
-    if name.startswith(("end: ", "ThreadpoolListener", "ThunkExecutor", "$", "Pjit", "CommonPjRt")):
-      continue
     grouped[re.sub(r"(\.\d+)+(\.clone)?(\.\d+)*$", "", name)] += ns
+  return grouped
+
+
+def instruction_sources(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> the JAX source of its metadata (``op_name``, e.g.
+  ``jit(step)/transpose(jvp(NestedVAE))/enc_stages_0_0/norm1/mul``): where an XLA op in a profile came from."""
+  return {m.group(1): m.group(2) for m in
+          re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?op_name="([^"]*)"', hlo_text, re.M)}
+
+
+def source_key(op_name: str | None) -> str:
+  """A model layer and pass for an ``op_name``: ``bwd enc_stages_#_#/norm#``; wrappers (``jit(..)``, ``jvp(..)``),
+  method scopes (``NestedVAE._dispatch``) and the primitive dropped, numbers as ``#``. Ops outside any module
+  (losses, optimiser, EMA) are ``(no module)``."""
+  if not op_name:
+    return "(no source)"
+  direction = "bwd" if "transpose(" in op_name else "fwd"
+  parts = [p for p in op_name.split("/")[:-1] if "(" not in p and "." not in p]  # the last part is the primitive
+  return f"{direction} {re.sub(r'[0-9]+', '#', '/'.join(parts)) if parts else '(no module)'}"
+
+
+def by_source(totals: collections.Counter, hlo_text: str) -> collections.Counter:
+  """Self times grouped by ``source_key`` of each op's HLO metadata (the layer of the model it computes)."""
+  sources = instruction_sources(hlo_text)
+  grouped: collections.Counter = collections.Counter()
+  for name, ns in totals.items():
+    grouped[source_key(sources.get(name))] += ns
   return grouped
 
 
@@ -114,8 +148,9 @@ def main(argv=None) -> None:
       jax.profiler.start_trace(trace_dir)
       run(args.steps)
       jax.profiler.stop_trace()
-      ops = op_self_times(trace_dir)
+      raw = op_self_times(trace_dir)
     text = t.last_compiled.as_text()
+    ops, layers = by_op_kind(raw), by_source(raw, text)
     if args.dump_hlo:
       pathlib.Path(args.dump_hlo).mkdir(parents=True, exist_ok=True)
       (pathlib.Path(args.dump_hlo) / f"{variant}_level{args.level}.hlo.txt").write_text(text)
@@ -123,12 +158,15 @@ def main(argv=None) -> None:
     row = {"variant": variant, "level": args.level, "config": s["config"], "adaptive_weight":
            not args.no_adaptive_weight, "step_s": step_s, **info, "hlo": hlo_stats(text),
            "op_self_ms_per_step": {k: v / 1e6 / args.steps for k, v in ops.most_common(args.top)},
+           "source_self_ms_per_step": {k: v / 1e6 / args.steps for k, v in layers.most_common(args.top)},
            "profiled_ms_per_step": total / 1e6 / args.steps}
     results.append(row)
     print(f"\n== {variant} (level {args.level}): lower {info['lower_s']:.1f} s, compile {info['compile_s']:.1f} s, "
           f"step {1e3 * step_s:.0f} ms, HLO {row['hlo']}")
-    for name, ns_ in ops.most_common(args.top):
-      print(f"  {ns_ / 1e6 / args.steps:9.1f} ms/step  {100 * ns_ / total:5.1f}%  {name}")
+    for title, counter in (("by XLA op", ops), ("by model layer (HLO metadata)", layers)):
+      print(f"  {title}:")
+      for name, ns_ in counter.most_common(args.top):
+        print(f"  {ns_ / 1e6 / args.steps:9.1f} ms/step  {100 * ns_ / total:5.1f}%  {name}")
   for row in results:
     print(json.dumps(row))
 

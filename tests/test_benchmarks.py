@@ -120,3 +120,35 @@ def test_profile_step_builds_the_suites_settings():
   assert (s["config"], s["size"], s["batch"], s["dtype"], s["cache_dir"]) == ("demo", 64, 16, "float32", None)
   s = profile_step.suite_settings(profile_step.parse_args(["--config", "runlocal", "--size", "32", "--batch", "2"]))
   assert (s["config"], s["size"], s["batch"]) == ("runlocal", 32, 2)
+
+
+def test_profile_step_names_the_layer_each_xla_op_computes():
+  """profile_step's by-layer view: an XLA op's time goes to the Flax module and pass its HLO metadata names."""
+  import collections
+
+  import flax.linen as nn
+  from benchmarks import profile_step
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.RMSNorm(name="norm1")(nn.Dense(4, name="fc")(x))
+
+  net = Net()
+  x = jax.numpy.ones((2, 3))
+  params = net.init(jax.random.key(0), x)
+  loss = lambda p: jax.numpy.sum(net.apply(p, x) ** 2)
+  text = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  sources = profile_step.instruction_sources(text)
+  assert any(s.startswith("jit(<lambda>)/transpose(jvp(Net))/") for s in sources.values()), sources
+  # Every instruction given one nanosecond: each key counts the instructions from that layer and pass.
+  layers = profile_step.by_source(collections.Counter({name: 1 for name in sources}), text)
+  assert {"fwd fc", "fwd norm#", "bwd norm#"} <= set(layers), layers
+  assert sum(layers.values()) == len(sources)
+
+  key = profile_step.source_key
+  assert key("jit(step)/transpose(jvp(NestedVAE))/enc_stages_0_1/norm2/mul") == "bwd enc_stages_#_#/norm#"
+  assert key("jit(step)/jvp(NestedVAE)/NestedVAE._dispatch/dec_conv_out/conv_general_dilated") == "fwd dec_conv_out"
+  assert key("jit(step)/mul") == "fwd (no module)" and key(None) == "(no source)"
+  assert profile_step.by_op_kind(collections.Counter({"add_fusion.1": 2, "add_fusion.12.clone": 3})) == {
+      "add_fusion": 5}
