@@ -91,6 +91,28 @@ def test_jit_with_traced_level_compiles_once_and_matches_eager(tiny):
   assert float(jnp.abs(r0 - r2).max()) > 1e-3
 
 
+def test_stages_every_level_shares_run_once_outside_the_switch(tiny):
+  model, params = tiny
+  x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+
+  def convolutions(level):
+    """(all, at full resolution, case ops) in the lowered forward pass; ``level`` an int or a traced scalar."""
+    if isinstance(level, int):
+      lowered = jax.jit(lambda p, x: model.apply({"params": p}, x, level)).lower(params, x)
+    else:
+      lowered = jax.jit(lambda p, x, lvl: model.apply({"params": p}, x, lvl)).lower(params, x, level)
+    lines = [ln for ln in lowered.as_text().splitlines() if "stablehlo.convolution" in ln]
+    return len(lines), sum("-> tensor<2x64x64x" in ln for ln in lines), lowered.as_text().count("stablehlo.case")
+
+  static = [convolutions(level) for level in range(L.NUM_LEVELS)]
+  traced = convolutions(jax.ShapeDtypeStruct((), jnp.int32))
+  assert all(case == 0 for *_, case in static) and traced[2] == 2  # one switch in the encoder, one in the decoder
+  # The full-resolution convolutions (most of the compute) are in the program once, as in one static level, not
+  # once per branch; the branches hold only what differs between levels.
+  assert static[0][1] > 0 and traced[1] == static[0][1] == static[2][1]
+  assert traced[0] <= sum(total for total, *_ in static) - 2 * static[0][1]
+
+
 def test_gradients_reach_shared_head_and_trunk(tiny):
   model, params = tiny
   x = _images(2, 32, seed=2)  # the smallest size every level takes: the traced switch's backward is slow on CPU

@@ -22,6 +22,11 @@ serves all three levels, and every branch of a switch must return the same shape
 N(0, 1) (mean 0, log-variance 0), which adds exactly zero KL and is ignored by the decoder. Use
 ``crop_latent`` / ``pad_latent`` to move between the canvas and the level's own grid.
 
+Only what differs between levels is inside the switch: every level runs the encoder's stages 0-3 (to the 8x
+exit) and the decoder's stages 3-0 (from the 8x entry), at the same shapes, so those run outside it, once. A
+traced-level step then holds one copy of the full-resolution stages instead of three (compile time), and XLA:CPU,
+which runs convolutions inside a ``conditional`` slowly, runs the expensive ones outside it (docs/performance.md).
+
 Why batches are single-level: under ``vmap`` a per-example switch index turns into a ``select`` that executes every
 branch for every example (3x the compute). Batches are bucketed by level so the index is a scalar.
 """
@@ -353,16 +358,26 @@ class NestedVAE(nn.Module):
       raise ValueError(f"expected a floating-point latent, got dtype {z.dtype}")
 
   # -- static-shape branches ---------------------------------------------------------------------------------------
-  def _encode_level(self, x, level: int):
-    stage = self._stage_of(level)
+  def _encode_trunk(self, x):
+    """The encoder stages every level runs (conv_in, stages 0 .. the 8x exit's), outside the level switch."""
     h = self.enc_conv_in(x.astype(self.dtype))
     if self.shortcuts:  # colour channels repeated across the first stage's width
       h = h + resize_channels(x.astype(self.dtype), h.shape[-1])
-    for s in range(stage + 1):
+    first_exit = self._stage_of(0)
+    for s in range(first_exit + 1):
       for block in self.enc_stages[s]:
         h = block(h)
-      if s < stage:
+      if s < first_exit:
         h = self.enc_down[s](h)
+    return h
+
+  def _encode_level(self, x, h, level: int):
+    """From the shared trunk's output ``h`` (H/8): the level's further stages, exit and the shared head."""
+    stage = self._stage_of(level)
+    for s in range(self._stage_of(0), stage):
+      h = self.enc_down[s](h)
+      for block in self.enc_stages[s + 1]:
+        h = block(h)
     h = self._skip(self.enc_exit[level], h)
     h = self.enc_mid(h)
     moments = self.quant_conv(self.enc_conv_out(nn.swish(self.enc_norm_out(h)))).astype(jnp.float32)
@@ -373,15 +388,25 @@ class NestedVAE(nn.Module):
     return pad_latent(mean, level), pad_latent(logvar, level)
 
   def _decode_level(self, canvas, level: int):
+    """The level's head and stages down to the H/8 grid, and the patch code's image (shortcuts; else 0)."""
     z = crop_latent(canvas, level).astype(self.dtype)
     h = self.dec_conv_in(self.post_quant_conv(z))
     if self.shortcuts:  # and the head's input starts as repeated latent channels
       h = h + resize_channels(z, h.shape[-1])
     h = self._skip(self.dec_entry[level], self.dec_mid(h))
-    for s in reversed(range(self._stage_of(level) + 1)):
+    for s in reversed(range(self._stage_of(0) + 1, self._stage_of(level) + 1)):
+      for block in self.dec_stages[s]:
+        h = block(h)
+      h = self.dec_up[s - 1](h)
+    base = (patch_code.decode_patches(z, L.factor_for_level(level)) if self.shortcuts
+            else jnp.zeros((), jnp.float32))
+    return h, base
+
+  def _decode_trunk(self, h, base):
+    """The decoder stages every level runs (the 8x entry's stage .. stage 0), outside the level switch."""
+    for s in reversed(range(self._stage_of(0) + 1)):
       if s == 0 and self.shortcuts:  # at full resolution the trunk also sees the patch code's image (deblocking)
-        base = patch_code.decode_patches(z, L.factor_for_level(level)).astype(h.dtype)
-        h = h + resize_channels(base, h.shape[-1])
+        h = h + resize_channels(base.astype(h.dtype), h.shape[-1])
       for block in self.dec_stages[s]:
         h = block(h)
       if s > 0:
@@ -392,8 +417,8 @@ class NestedVAE(nn.Module):
   def encode(self, x: jax.Array, level) -> DiagonalGaussian:
     """Posterior q(z | x) at ``level`` (int or traced int32 scalar), on the (B, H/8, W/8, C) latent canvas."""
     self._check_image(x)
-    branches = [lambda mdl, x, lvl=lvl: mdl._encode_level(x, lvl) for lvl in range(L.NUM_LEVELS)]
-    mean, logvar = self._dispatch(level, branches, x)
+    branches = [lambda mdl, x, h, lvl=lvl: mdl._encode_level(x, h, lvl) for lvl in range(L.NUM_LEVELS)]
+    mean, logvar = self._dispatch(level, branches, x, self._encode_trunk(x))
     return DiagonalGaussian(mean=mean, logvar=logvar)
 
   def decode(self, z: jax.Array, level) -> jax.Array:
@@ -413,7 +438,7 @@ class NestedVAE(nn.Module):
     """The decoder trunk's output, shape (B, H, W, ch): what ``output_head`` (shared by all levels) maps to RGB."""
     self._check_canvas(z)
     branches = [lambda mdl, z, lvl=lvl: mdl._decode_level(z, lvl) for lvl in range(L.NUM_LEVELS)]
-    return self._dispatch(level, branches, z)
+    return self._decode_trunk(*self._dispatch(level, branches, z))
 
   def output_head(self, features: jax.Array) -> jax.Array:
     """Norm, swish and the decoder's last layer ``dec_conv_out`` (the GAN's adaptive weight looks at its
