@@ -1,6 +1,7 @@
 """The nested VAE: shapes, one parameter tree for all levels, lax.switch dispatch, gradients, KL, errors."""
 
-import functools
+import collections
+import re
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +114,44 @@ def test_stages_every_level_shares_run_once_outside_the_switch(tiny):
   assert traced[0] <= sum(total for total, *_ in static) - 2 * static[0][1]
 
 
+@pytest.mark.parametrize("kernel,padding", [(3, "SAME"), (1, "SAME"), (2, "SAME"), (3, "VALID"),
+                                            (3, ((0, 1), (1, 2))), (4, ((1, 2), (3, 0)))])
+def test_convolution_gradients_in_canonical_order_equal_lax(kernel, padding):
+  rng = np.random.RandomState(kernel)
+  x = jnp.asarray(rng.randn(2, 7, 6, 5), jnp.float32)
+  w = jnp.asarray(rng.randn(kernel, kernel, 5, 4), jnp.float32)
+  g = jnp.asarray(rng.randn(*jax.eval_shape(lambda: nv.conv_general_dilated(
+      x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))).shape), jnp.float32)
+
+  def grads(conv):
+    out, vjp = jax.vjp(lambda x, w: conv(x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")), x, w)
+    return (out, *vjp(g))
+
+  ours, ref = grads(nv.conv_general_dilated), grads(jax.lax.conv_general_dilated)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # On CPU the custom gradient is the one used; a strided convolution keeps lax's.
+  jaxpr = lambda strides: str(jax.make_jaxpr(jax.grad(lambda x: nv.conv_general_dilated(
+      x, w, strides, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")).sum()))(x))
+  assert "custom_vjp" in jaxpr((1, 1)) and "custom_vjp" not in jaxpr((2, 2))
+
+
+def test_gradient_convolutions_inside_the_switch_are_not_in_the_slow_orders():
+  """XLA:CPU brings convolutions to its fast dimension order itself only outside a ``conditional``; inside the level
+  switch lax's gradient convolutions kept the orders of weight gradients (``f01b_i01o->01bf``) and input gradients
+  (``b01f_01oi->b01f``), which it ran ~13x slower. Only the strided Downsample convolutions keep lax's gradient."""
+  model = nv.NestedVAE(**TINY)
+  params = jax.eval_shape(lambda r: nv.init_params(model, r, image_size=32), jax.random.key(0))
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  loss = lambda p, x, level: jnp.mean(jnp.abs(model.apply({"params": p}, x, level)[0] - x))
+  hlo = jax.jit(jax.grad(loss)).lower(params, x, jax.ShapeDtypeStruct((), jnp.int32)).compile().as_text()
+  assert "conditional(" in hlo
+  labels = collections.Counter(re.findall(r"dim_labels=(\S+?),", hlo))
+  strided = len(re.findall(r"convolution\(.*window=\{[^}]*stride=2", hlo))
+  assert sum(labels.values()) > 100 and strided > 0
+  assert labels["f01b_i01o->01bf"] + labels["b01f_01oi->b01f"] <= strided, labels
+
+
 def test_gradients_reach_shared_head_and_trunk(tiny):
   model, params = tiny
   x = _images(2, 32, seed=2)  # the smallest size every level takes: the traced switch's backward is slow on CPU
@@ -177,9 +216,7 @@ def test_tiny_model_overfits_at_every_level():
     recon, post = model.apply({"params": p}, x, level)
     return jnp.mean(jnp.abs(recon - x)) + 1e-6 * jnp.mean(post.kl())
 
-  # A static level (one executable per level, as training on CPU does): XLA:CPU runs a traced switch's backward
-  # pass 15x slower (docs/performance.md); the traced switch has its own tests above.
-  @functools.partial(jax.jit, static_argnums=2)
+  @jax.jit  # the level traced: one executable, the lax.switch picks the branch
   def step(p, s, level):
     loss, g = jax.value_and_grad(loss_fn)(p, level)
     updates, s = opt.update(g, s, p)
@@ -187,7 +224,7 @@ def test_tiny_model_overfits_at_every_level():
 
   initial = [float(jax.jit(loss_fn, static_argnums=1)(params, lvl)) for lvl in range(3)]
   for i in range(150):  # the loss falls 10-12x by then at every level (20x after 300 steps)
-    params, opt_state, _ = step(params, opt_state, i % 3)
+    params, opt_state, _ = step(params, opt_state, jnp.int32(i % 3))
   final = [float(jax.jit(loss_fn, static_argnums=1)(params, lvl)) for lvl in range(3)]
   for lvl in range(3):
     assert final[lvl] < initial[lvl] / 6, (lvl, initial, final)

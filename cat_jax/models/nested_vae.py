@@ -24,8 +24,10 @@ N(0, 1) (mean 0, log-variance 0), which adds exactly zero KL and is ignored by t
 
 Only what differs between levels is inside the switch: every level runs the encoder's stages 0-3 (to the 8x
 exit) and the decoder's stages 3-0 (from the 8x entry), at the same shapes, so those run outside it, once. A
-traced-level step then holds one copy of the full-resolution stages instead of three (compile time), and XLA:CPU,
-which runs convolutions inside a ``conditional`` slowly, runs the expensive ones outside it (docs/performance.md).
+traced-level step then holds one copy of the full-resolution stages instead of three (compile time). On CPU the
+convolutions' gradients are computed in XLA:CPU's fast dimension order (``conv_general_dilated``), which it does
+not pick itself inside a ``conditional``; with both, a traced-level train step runs within ~10% of a static-level
+one on CPU (docs/performance.md).
 
 Why batches are single-level: under ``vmap`` a per-example switch index turns into a ``select`` that executes every
 branch for every example (3x the compute). Batches are bucketed by level so the index is a scalar.
@@ -33,6 +35,7 @@ branch for every example (3x the compute). Batches are bucketed by level so the 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -41,11 +44,69 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax import lax
+
 from cat_jax import levels as L
 from cat_jax.models import patch_code
 
 Dtype = Any
 NORMS = ("group", "rms", "none")
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+  """``lax.conv_general_dilated``, except that on CPU a stride-1 NHWC convolution's gradients are computed as two
+  convolutions in XLA:CPU's canonical dimension order.
+
+  XLA:CPU brings convolutions to that order itself, but not inside the branches of a ``conditional`` (our level
+  switch), where lax's gradient convolutions (kernel-major weight gradients, transposed-kernel input gradients)
+  then run ~13x slower (docs/performance.md). The values are the same; other backends get lax's own gradient.
+  """
+  plain = lambda: lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                           dimension_numbers, feature_group_count, precision=precision, **kwargs)
+  if jax.default_backend() != "cpu" or kwargs or feature_group_count != 1 or lhs.ndim != 4:
+    return plain()
+  if set(window_strides) != {1} or set(lhs_dilation or (1,)) != {1} or set(rhs_dilation or (1,)) != {1}:
+    return plain()
+  if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != lax.conv_dimension_numbers(
+      lhs.shape, rhs.shape, _NHWC):
+    return plain()
+  kernel = rhs.shape[:2]
+  pads = (lax.padtype_to_pads(lhs.shape[1:3], kernel, (1, 1), padding) if isinstance(padding, str) else padding)
+  pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+  if not all(0 <= p < k for (lo, hi), k in zip(pads, kernel) for p in (lo, hi)):
+    return plain()
+  return _conv_canonical_grad(lhs, rhs, pads, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_canonical_grad(x, w, pads, precision):
+  return lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=_NHWC, precision=precision)
+
+
+def _conv_canonical_grad_fwd(x, w, pads, precision):
+  return _conv_canonical_grad(x, w, pads, precision), (x, w)
+
+
+def _conv_canonical_grad_bwd(pads, precision, residuals, g):
+  x, w = residuals
+  kernel = w.shape[:2]
+  # Input gradient: the output gradient convolved with the flipped kernel, inputs and outputs swapped.
+  dx_pads = tuple((k - 1 - lo, k - 1 - hi) for (lo, hi), k in zip(pads, kernel))
+  w_flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+  dx = lax.conv_general_dilated(g, w_flipped, (1, 1), dx_pads, dimension_numbers=_NHWC, precision=precision)
+  # Kernel gradient: channels as the batch, the batch as the features, the output gradient as the kernel.
+  dw = lax.conv_general_dilated(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), pads,
+                                dimension_numbers=_NHWC, precision=precision).transpose(1, 2, 0, 3)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_conv_canonical_grad.defvjp(_conv_canonical_grad_fwd, _conv_canonical_grad_bwd)
+# Every convolution of the nested VAE.
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
 @flax.struct.dataclass
@@ -156,7 +217,7 @@ class _Block(nn.Module):
     """A conv; ``residual=True`` marks the last layer of a residual branch, zero-initialised with shortcuts."""
     if residual and self.shortcuts:
       kw["kernel_init"] = nn.initializers.zeros
-    return nn.Conv(channels, (kernel, kernel), padding=kw.pop("padding", "SAME"), dtype=self.dtype,
+    return Conv(channels, (kernel, kernel), padding=kw.pop("padding", "SAME"), dtype=self.dtype,
                    param_dtype=self.param_dtype, name=name, **kw)
 
 
@@ -275,10 +336,10 @@ class NestedVAE(nn.Module):
     # With shortcuts, every layer that adds to a shortcut starts at zero, so the untrained model is exactly its
     # shortcut path (average-pool down, nearest up: close to the area+bicubic baseline) and learns the residual.
     beside_shortcut = dict(kw, kernel_init=nn.initializers.zeros) if self.shortcuts else kw
-    conv1x1 = lambda c, name: nn.Conv(c, (1, 1), name=name, **beside_shortcut)
+    conv1x1 = lambda c, name: Conv(c, (1, 1), name=name, **beside_shortcut)
 
     # Encoder trunk.
-    self.enc_conv_in = nn.Conv(self.ch, (3, 3), padding="SAME", **beside_shortcut)
+    self.enc_conv_in = Conv(self.ch, (3, 3), padding="SAME", **beside_shortcut)
     self.enc_stages = [[ResnetBlock(out_channels=widths[s], **block_kw) for _ in range(self.num_res_blocks)]
                        for s in range(num_stages)]
     self.enc_down = [Downsample(**block_kw) for _ in range(num_stages - 1)]
@@ -286,15 +347,15 @@ class NestedVAE(nn.Module):
     self.enc_exit = [conv1x1(head_width, f"enc_exit_{lvl}") for lvl in range(L.NUM_LEVELS)]
     self.enc_mid = MidBlock(channels=head_width, attention=self.head_attention, **block_kw)
     self.enc_norm_out = Normalize(self.norm, self.norm_groups, **kw)
-    self.enc_conv_out = nn.Conv(2 * self.z_channels, (3, 3), padding="SAME", **kw)
+    self.enc_conv_out = Conv(2 * self.z_channels, (3, 3), padding="SAME", **kw)
     z = self.z_channels
     logvar_bias = lambda key, shape, dtype: jnp.concatenate(  # [mean half, log-variance half]
         [jnp.zeros((z,), dtype), jnp.full((z,), self.logvar_init, dtype)])
-    self.quant_conv = nn.Conv(2 * z, (1, 1), bias_init=logvar_bias, name="quant_conv", **beside_shortcut)
+    self.quant_conv = Conv(2 * z, (1, 1), bias_init=logvar_bias, name="quant_conv", **beside_shortcut)
 
     # Shared decoder head.
-    self.post_quant_conv = nn.Conv(self.z_channels, (1, 1), name="post_quant_conv", **kw)
-    self.dec_conv_in = nn.Conv(head_width, (3, 3), padding="SAME", **beside_shortcut)
+    self.post_quant_conv = Conv(self.z_channels, (1, 1), name="post_quant_conv", **kw)
+    self.dec_conv_in = Conv(head_width, (3, 3), padding="SAME", **beside_shortcut)
     self.dec_mid = MidBlock(channels=head_width, attention=self.head_attention, **block_kw)
     # Channel-matched entries: project to what the entry stage receives when coming from above.
     self.dec_entry = [conv1x1(self._dec_stage_input_width(self._stage_of(lvl)), f"dec_entry_{lvl}")
@@ -303,7 +364,7 @@ class NestedVAE(nn.Module):
                        for s in range(num_stages)]
     self.dec_up = [Upsample(**block_kw) for _ in range(num_stages - 1)]  # dec_up[s - 1]: H/2^s -> H/2^(s-1)
     self.dec_norm_out = Normalize(self.norm, self.norm_groups, **kw)
-    self.dec_conv_out = nn.Conv(self.in_channels, (3, 3), padding="SAME", **beside_shortcut)
+    self.dec_conv_out = Conv(self.in_channels, (3, 3), padding="SAME", **beside_shortcut)
 
   # -- helpers -----------------------------------------------------------------------------------------------------
   @staticmethod
