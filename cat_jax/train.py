@@ -169,18 +169,6 @@ def discriminator_loss_fn(d_params, images, recon, lecam_ema, *, disc: PatchDisc
 
 
 # -- the step -------------------------------------------------------------------------------------------------------
-def static_levels(config, backend: str | None = None) -> bool:
-  """Whether the loop compiles one step per level (static) instead of one with a traced level (``lax.switch``).
-
-  ``config.static_level`` if set; unset (None), static on CPU and traced elsewhere: XLA:CPU keeps the backward
-  convolutions inside a ``conditional`` in non-canonical dimension orders and runs them slowly, so a traced step
-  ran 13x slower there than a static one (docs/performance.md); GPUs and TPUs keep the switch, the design.
-  """
-  if config.get("static_level") is not None:
-    return bool(config.static_level)
-  return (backend or jax.default_backend()) == "cpu"
-
-
 def gan_in_step(step: int, config) -> bool:
   """Whether the update to ``step`` (1-based, as the loop counts) has the GAN on: the ``use_gan`` to pass."""
   return step - 1 >= config.loss.disc_start
@@ -377,9 +365,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   step_fn = functools.partial(train_step, model=model, disc=disc, lpips_module=lpips_module, g_tx=g_tx, d_tx=d_tx,
                               g_schedule=g_schedule, config=config)
   lpips_shardings = jax.tree.map(lambda _: rep, lpips_params)
-  # The level is a traced scalar (one compilation serves all levels through lax.switch) or a static int (one
-  # cached executable per level, picked per batch): see static_levels().
-  static = static_levels(config)
+  # The level is a traced scalar (one compilation serves all levels through lax.switch) or, with
+  # config.static_level, a static int (one cached executable per level, picked per batch).
+  static = bool(config.get("static_level", False))
   if is_main:
     logger.info("Levels: %s", "static (one executable per level)" if static else "traced (lax.switch)")
 

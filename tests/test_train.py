@@ -124,8 +124,9 @@ def _restore_final(workdir):
 
 
 # Every trainer run below has the same steps to compile: the same num_steps (the learning-rate schedule's horizon
-# is compiled in), the GAN on from the first step (one executable per level, not two), the same 2 devices; so
-# the first run compiles and the others load the executables from the session's compilation cache (conftest.py).
+# is compiled in), the GAN on from the first step (one executable, not two), the same 2 devices, the traced level
+# (one executable for every level); so the first run compiles and the others load it from the session's
+# compilation cache (conftest.py).
 RUN_ARGS = ["--config.num_steps=24", "--config.loss.disc_start=0", "--config.log_every=1000",
             "--config.eval_every=0", "--config.keep_checkpoints=2"]  # eval_every=0: no evaluation at all
 
@@ -163,7 +164,7 @@ def test_exact_resume_after_sigkill(tmp_path):
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
-  # One level (8x): the same executable as the SIGKILL test's 8x step, one step to trace instead of three.
+  # One level (8x): the level is traced, so the same executable as the SIGKILL test's.
   args = [*RUN_ARGS, "--config.checkpoint_every=4", "--config.data.levels=8x"]
   proc = subprocess.Popen(_train_cmd(tmp_path, *args), env=_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -176,6 +177,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out
   assert "Preempted" in out
+  assert "Levels: traced (lax.switch)" in out  # the default on every backend, CPU included
   steps = _steps(tmp_path)
   assert steps and max(steps) < 24
   saved = max(steps)
@@ -184,13 +186,15 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 
 def test_non_finite_loss_stops_with_clear_message_keeping_last_good_checkpoint(tmp_path):
-  # One level: a learning rate of 1e30 is compiled into the step, so this run cannot reuse the others' executables.
+  # One level: a learning rate of 1e30 is compiled into the step, so this run cannot reuse the others' executables;
+  # it also runs the loop's static-level path (one executable per level).
   args = ["--config.num_steps=30", "--config.checkpoint_every=1", "--config.log_every=1", "--config.data.levels=0",
           "--config.eval_every=0", "--config.optimizer.lr=1e30", "--config.optimizer.warmup_steps=0",
-          "--config.optimizer.grad_clip=1e30"]
+          "--config.optimizer.grad_clip=1e30", "--config.static_level=True"]
   proc = subprocess.run(_train_cmd(tmp_path, *args), env=_env(), capture_output=True, text=True, timeout=900)
   assert proc.returncode != 0
   assert "non-finite loss or gradient" in proc.stderr
+  assert "Levels: static (one executable per level)" in proc.stderr
   assert _steps(tmp_path), "no checkpoint was kept before the loss went non-finite"
   for step in _steps(tmp_path):
     path = tmp_path / "checkpoints" / str(step)
@@ -280,15 +284,3 @@ def test_missing_dataset_and_weights_give_instructions(tmp_path):
     T.train_and_evaluate(config, str(tmp_path / "w2"))
   with pytest.raises(ValueError, match="divisible"):
     T.train_and_evaluate(_runlocal(batch_size=6), str(tmp_path / "w3"))
-
-
-def test_static_levels_by_backend():
-  """Unset static_level: one executable per level on CPU, the traced lax.switch elsewhere; a set value wins."""
-  config = load_config("cat.py", "runlocal")
-  assert config.static_level is None
-  static_levels = T.static_levels
-  assert static_levels(config, "cpu") and not static_levels(config, "gpu") and not static_levels(config, "tpu")
-  config.static_level = False
-  assert not static_levels(config, "cpu")
-  config.static_level = True
-  assert static_levels(config, "gpu")
