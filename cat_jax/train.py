@@ -127,28 +127,35 @@ def generator_loss_fn(params, d_params, images, level, rng, lpips_params, gan_sc
 
   head = params["dec_conv_out"]
   recon = output_head(head, features)
-  nll, (rec, lp) = nll_of(recon)
-  g_loss = gan_of(recon) if use_gan else jnp.zeros((), jnp.float32)
   kl = jnp.mean(posterior.kl())
-
   if not use_gan:
-    weight = jnp.zeros((), jnp.float32)
-  elif loss_cfg.adaptive_gan_weight:
-    # taming's weight: ||d nll / d W_last|| / ||d gan / d W_last|| at the decoder's last layer, no gradient.
-    def adaptive_weight():
-      feats = jax.lax.stop_gradient(features)
-      nll_grad = jax.grad(lambda h: nll_of(output_head(h, feats))[0])(head)["kernel"]
-      gan_grad = jax.grad(lambda h: gan_of(output_head(h, feats)))(head)["kernel"]
-      return gan_losses.adaptive_generator_weight(nll_grad=nll_grad, gan_grad=gan_grad)
-    # Computed, then zeroed before the GAN starts, rather than under lax.cond: XLA:CPU runs the convolutions in a
-    # conditional's branch slowly (a quarter of the CPU step; docs/performance.md). No work is wasted in the loop,
-    # which compiles use_gan=False until the discriminator starts.
-    weight = jnp.where(gan_scale > 0, adaptive_weight(), 0.0)
+    nll, (rec, lp) = nll_of(recon)
+    g_loss = weight = jnp.zeros((), jnp.float32)
+    total = nll + loss_cfg.kl_weight * kl
   else:
-    weight = jnp.ones((), jnp.float32)
-  gan_term = gan_scale * loss_cfg.gan_weight * weight * g_loss
-  total = nll + loss_cfg.kl_weight * kl + gan_term
-  aux = {"recon": recon, "metrics": {"g_loss": total, "recon_loss": rec, "lpips": lp, "kl": kl,
+    # The losses' gradients w.r.t. the reconstruction, each taken once: the adaptive weight needs them separately
+    # (through the last layer), the parameters' gradient needs their weighted sum. Differentiating the adaptive
+    # weight's losses apart from the total ran the discriminator's and LPIPS's backward passes twice.
+    nll, nll_vjp, (rec, lp) = jax.vjp(nll_of, recon, has_aux=True)
+    g_loss, gan_vjp = jax.vjp(gan_of, recon)
+    (d_nll,), (d_gan,) = nll_vjp(jnp.ones_like(nll)), gan_vjp(jnp.ones_like(g_loss))
+    if loss_cfg.adaptive_gan_weight:
+      # taming's weight: ||d nll / d W_last|| / ||d gan / d W_last|| at the decoder's last layer, no gradient.
+      _, head_vjp = jax.vjp(lambda h: output_head(h, jax.lax.stop_gradient(features)), head)
+      weight = gan_losses.adaptive_generator_weight(nll_grad=head_vjp(d_nll)[0]["kernel"],
+                                                    gan_grad=head_vjp(d_gan)[0]["kernel"])
+      # Zeroed before the GAN starts rather than skipped under lax.cond: XLA:CPU runs a conditional's convolutions
+      # slowly (docs/performance.md). No work is wasted in the loop, which compiles use_gan=False until then.
+      weight = jnp.where(gan_scale > 0, weight, 0.0)
+    else:
+      weight = jnp.ones((), jnp.float32)
+    gan_coef = gan_scale * loss_cfg.gan_weight * weight
+    # A surrogate with the same gradient w.r.t. the parameters: <d(nll + gan term)/d recon, recon>; the value
+    # reported is the real loss.
+    surrogate = jnp.sum(jax.lax.stop_gradient(d_nll + gan_coef * d_gan) * recon)
+    value = nll + loss_cfg.kl_weight * kl + gan_coef * g_loss
+    total = surrogate + loss_cfg.kl_weight * kl + jax.lax.stop_gradient(value - surrogate - loss_cfg.kl_weight * kl)
+  aux = {"recon": recon, "metrics": {"g_loss": value if use_gan else total, "recon_loss": rec, "lpips": lp, "kl": kl,
                                      "gan_g_loss": g_loss, "gan_adaptive_weight": weight}}
   return total, aux
 

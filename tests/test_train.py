@@ -10,16 +10,19 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
 from cat_jax import checkpoint as ckpt
 from cat_jax import parallel
 from cat_jax import train as T
-from cat_jax.models.nested_vae import build_model
+from cat_jax.losses import gan as gan_losses
+from cat_jax.models.nested_vae import NestedVAE, build_model
 from conftest import ROOT, load_config, runlocal_workdir_config, xla_flags
 
 
@@ -121,6 +124,59 @@ def _restore_final(workdir):
   path = pathlib.Path(workdir) / "checkpoints" / str(step)
   with ocp.StandardCheckpointer() as c:
     return step, c.restore(path / "train_state"), c.restore(path / "ema_params")
+
+
+class _TinyPerceptual(nn.Module):
+  """Stands in for LPIPS (a per-image distance between learned features) without the VGG weights."""
+
+  @nn.compact
+  def __call__(self, x, y):
+    conv = nn.Conv(4, (3, 3), name="features")
+    return jnp.mean(jnp.square(nn.swish(conv(x)) - nn.swish(conv(y))), axis=(1, 2, 3))
+
+
+def test_generator_gradient_equals_the_direct_formulation():
+  """generator_loss_fn differentiates the losses once w.r.t. the reconstruction and reuses that for the adaptive
+  weight; its parameter gradient and metrics equal the direct formulation's (taming's weight from separate
+  gradients at the last layer, then the gradient of the weighted sum)."""
+  config = _runlocal(**{"loss.disc_start": 0, "loss.lpips_weight": 0.5, "loss.kl_weight": 1e-2})
+  cfg = config.loss
+  model, disc = build_model(config.model), T.make_discriminator(config)
+  init_fn, _ = _step_setup(config)
+  state = jax.jit(init_fn)(jax.random.key(0))
+  perceptual = _TinyPerceptual()
+  x, level, rng = _batch(2, 32, seed=3), 1, jax.random.key(4)
+  p_params = perceptual.init(jax.random.key(5), x, x)["params"]
+
+  def direct(params):
+    posterior = model.apply({"params": params}, x, level, method=NestedVAE.encode)
+    z = posterior.sample(rng)
+    decode = lambda head: model.apply({"params": dict(params, dec_conv_out=head)}, z, level, method=NestedVAE.decode)
+    nll = lambda r: T.reconstruction_loss(x, r, cfg.recon) + cfg.lpips_weight * jnp.mean(perceptual.apply(
+        {"params": p_params}, x, r))
+    gan = lambda r: gan_losses.generator_loss(
+        fake_logit=T.apply_discriminator(disc, state.d_params, state.d_batch_stats, r)[0], loss_type=cfg.gan_loss)
+    head = jax.lax.stop_gradient(params["dec_conv_out"])
+    weight = gan_losses.adaptive_generator_weight(nll_grad=jax.grad(lambda h: nll(decode(h)))(head)["kernel"],
+                                                  gan_grad=jax.grad(lambda h: gan(decode(h)))(head)["kernel"])
+    recon = decode(params["dec_conv_out"])
+    total = nll(recon) + cfg.kl_weight * jnp.mean(posterior.kl()) + cfg.gan_weight * weight * gan(recon)
+    return total, weight
+
+  ours = functools.partial(T.generator_loss_fn, model=model, disc=disc, lpips_module=perceptual, loss_cfg=cfg,
+                           d_batch_stats=state.d_batch_stats)
+  (total, aux), grads = jax.jit(jax.value_and_grad(ours, has_aux=True))(
+      state.params, state.d_params, x, level, rng, p_params, jnp.float32(1.0))
+  (want_total, want_weight), want_grads = jax.jit(jax.value_and_grad(direct, has_aux=True))(state.params)
+  assert float(aux["metrics"]["gan_g_loss"]) != 0 and float(aux["metrics"]["lpips"]) > 0
+  np.testing.assert_allclose(float(aux["metrics"]["gan_adaptive_weight"]), float(want_weight), rtol=1e-5)
+  np.testing.assert_allclose(float(aux["metrics"]["g_loss"]), float(want_total), rtol=1e-5)
+  np.testing.assert_allclose(float(total), float(want_total), rtol=1e-5)
+  flat, want_flat = jax.tree.leaves(grads), jax.tree.leaves(want_grads)
+  assert len(flat) == len(want_flat) > 50
+  for got, want in zip(flat, want_flat):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7 * float(optax.tree.norm(want_grads)))
+
 
 
 # Every trainer run below has the same steps to compile: the same num_steps (the learning-rate schedule's horizon
