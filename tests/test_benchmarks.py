@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -152,3 +153,20 @@ def test_profile_step_names_the_layer_each_xla_op_computes():
   assert key("jit(step)/mul") == "fwd (no module)" and key(None) == "(no source)"
   assert profile_step.by_op_kind(collections.Counter({"add_fusion.1": 2, "add_fusion.12.clone": 3})) == {
       "add_fusion": 5}
+
+
+def test_ops_bench_compares_the_same_math_per_layer(capsys):
+  """benchmarks/ops_bench.py: JAX runs the model's own layers, torch the same math in NCHW; every op's outputs and
+  gradients agree, and each line carries the interleaved rates and ratio."""
+  from benchmarks import ops_bench
+
+  results = ops_bench.main(["--batch", "2", "--size", "8", "--channels", "4", "--repeats", "2", "--steps", "1",
+                            "--torch-mode", "eager"])
+  assert [r["op"] for r in results] == list(ops_bench.OPS)
+  for r in results:
+    assert r["max_abs_diff"] < 1e-4, r
+    assert r["backward"] == (r["op"] != "conv3x3_fwd")
+    assert _rate_ok(r["jax"], 2) and _rate_ok(r["torch"], 2) and _ratio_ok(r["jax_over_torch"])
+  assert "jax_over_torch" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    ops_bench.main(["--ops", "rmsnorm,layernorm"])
