@@ -4,8 +4,8 @@
 
 Each op is timed forward + backward (gradients w.r.t. every input, as in training) except ``conv3x3_fwd``: the
 RMSNorm and SiLU of the model's blocks, a 3x3 convolution, and the model's ResnetBlock (norm, SiLU, conv, norm,
-SiLU, conv, residual). JAX runs the model's own code (``Normalize``, ``conv_general_dilated``); torch the same math
-in NCHW, as benchmarks/torch_reference.py. Defaults: the demo config's full-resolution stage (batch 16, 64², 16
+SiLU, conv, residual). JAX runs the model's own modules (``Normalize``, ``Conv``, ``ResnetBlock``), torch their
+ports in benchmarks/torch_reference.py (NCHW), with the same random parameters. Defaults: the demo config's full-resolution stage (batch 16, 64², 16
 channels). The two take turns (``--repeats`` rounds of ``--steps`` steps); one JSON line per op with
 ``jax_over_torch`` (torch's step time / JAX's: above 1 is JAX faster), median and spread over rounds, and the
 largest difference between the two sides' outputs and gradients.
@@ -26,98 +26,75 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks import torch_reference as tr  # noqa: E402
 from benchmarks.common import interleaved, rate_summary, ratio_summary  # noqa: E402
 from cat_jax.models import nested_vae as nv  # noqa: E402
 
 OPS = ("rmsnorm", "silu", "conv3x3_fwd", "conv3x3", "resblock")
-EPS = 1e-6  # nested_vae.Normalize's
 
 
-def _jax_ops():
-  norm = lambda x, s: nv.Normalize("rms").apply({"params": {"RMSNorm_0": {"scale": s}}}, x)
-  conv = lambda x, w: nv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-  def resblock(x, s1, w1, s2, w2):
-    h = conv(jax.nn.swish(norm(x, s1)), w1)
-    return x + conv(jax.nn.swish(norm(h, s2)), w2)
-
-  return {"rmsnorm": norm, "silu": jax.nn.swish, "conv3x3_fwd": conv, "conv3x3": conv, "resblock": resblock}
-
-
-def _torch_ops():
-  def norm(x, s):
-    return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + EPS) * s[None, :, None, None]
-
-  conv = lambda x, w: F.conv2d(x, w, padding=1)
-
-  def resblock(x, s1, w1, s2, w2):
-    h = conv(F.silu(norm(x, s1)), w1)
-    return x + conv(F.silu(norm(h, s2)), w2)
-
-  return {"rmsnorm": norm, "silu": F.silu, "conv3x3_fwd": conv, "conv3x3": conv, "resblock": resblock}
+def _layers(op: str, channels: int):
+  """The op as (Flax module, its PyTorch port), or (None, None) for SiLU, which has no parameters."""
+  c = channels
+  return {"rmsnorm": lambda: (nv.Normalize("rms"), tr.Normalize(c, "rms")),
+          "silu": lambda: (None, None),
+          "conv3x3_fwd": lambda: (nv.Conv(c, (3, 3), padding="SAME"), torch.nn.Conv2d(c, c, 3, padding=1)),
+          "conv3x3": lambda: (nv.Conv(c, (3, 3), padding="SAME"), torch.nn.Conv2d(c, c, 3, padding=1)),
+          "resblock": lambda: (nv.ResnetBlock(out_channels=c, norm="rms", shortcuts=True),
+                               tr.ResnetBlock(c, c, norm="rms", shortcuts=True))}[op]()
 
 
-def _inputs(op: str, batch: int, size: int, channels: int, seed: int = 0) -> list[tuple[np.ndarray, str]]:
-  """(array, layout) pairs: NHWC activations ("act"), HWIO kernels ("kernel"), per-channel scales ("vec")."""
-  rng = np.random.RandomState(seed)
-  x = (rng.randn(batch, size, size, channels).astype(np.float32), "act")
-  scale = lambda: ((1 + 0.1 * rng.randn(channels)).astype(np.float32), "vec")
-  kernel = lambda: ((rng.randn(3, 3, channels, channels) / np.sqrt(9 * channels)).astype(np.float32), "kernel")
-  return {"rmsnorm": lambda: [x, scale()], "silu": lambda: [x], "conv3x3_fwd": lambda: [x, kernel()],
-          "conv3x3": lambda: [x, kernel()], "resblock": lambda: [x, scale(), kernel(), scale(), kernel()]}[op]()
-
-
-_TO_TORCH = {"act": (0, 3, 1, 2), "kernel": (3, 2, 0, 1)}  # NHWC -> NCHW, HWIO -> OIHW
-_FROM_TORCH = {"act": (0, 2, 3, 1), "kernel": (2, 3, 1, 0)}
-
-
-def _to_torch(a: np.ndarray, layout: str) -> torch.Tensor:
-  return torch.from_numpy(np.ascontiguousarray(a.transpose(_TO_TORCH[layout]) if layout in _TO_TORCH else a))
-
-
-def _from_torch(t: torch.Tensor, layout: str) -> np.ndarray:
-  a = t.detach().numpy()
-  return a.transpose(_FROM_TORCH[layout]) if layout in _FROM_TORCH else a
+def _nchw(a) -> torch.Tensor:
+  return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2)))
 
 
 def measure(op: str, batch: int = 16, size: int = 64, channels: int = 16, repeats: int = 7, steps: int = 5,
             torch_mode: str = "compile") -> dict:
   backward = op != "conv3x3_fwd"
-  inputs = _inputs(op, batch, size, channels)
-  args, layouts = [a for a, _ in inputs], [layout for _, layout in inputs]
-  cotangent = np.random.RandomState(1).randn(batch, size, size, channels).astype(np.float32)
-
-  jax_fn = _jax_ops()[op]
-  if backward:
-    loss = lambda *a: jnp.sum(jax_fn(*a) * cotangent)
-    jax_step = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args)))))
+  rng = np.random.RandomState(0)
+  x = rng.randn(batch, size, size, channels).astype(np.float32)
+  cotangent = rng.randn(batch, size, size, channels).astype(np.float32)
+  flax_module, torch_module = _layers(op, channels)
+  if flax_module is None:
+    params, jax_apply, torch_fn = {}, lambda p, x: jax.nn.swish(x), F.silu
   else:
-    jax_step = jax.jit(jax_fn)
-  j_args = [jnp.asarray(a) for a in args]
+    # Random values everywhere: the residual branch's last conv starts at zero, which would leave it untested.
+    params = jax.tree.map(lambda p: p + 0.1 * rng.randn(*p.shape).astype(np.float32),
+                          flax_module.init(jax.random.key(0), x)["params"])
+    jax_apply = lambda p, x: flax_module.apply({"params": p}, x)
+    torch_fn = tr.load_flax_params(torch_module, params)
+
+  if backward:
+    jax_step = jax.jit(jax.value_and_grad(lambda x, p: jnp.sum(jax_apply(p, x) * cotangent), argnums=(0, 1)))
+  else:
+    jax_step = jax.jit(jax_apply)
+  j_args = (jnp.asarray(x), params) if backward else (params, jnp.asarray(x))
   j_out = jax.block_until_ready(jax_step(*j_args))
 
-  torch_fn = _torch_ops()[op]
-  if torch_mode == "compile":
-    torch_fn = torch.compile(torch_fn)
-  t_args = [_to_torch(a, layout).requires_grad_(backward) for a, layout in inputs]
-  t_cot = _to_torch(cotangent, "act")
+  t_x, t_cot = _nchw(x).requires_grad_(backward), _nchw(cotangent)
+  t_params = dict(torch_module.named_parameters()) if torch_module is not None else {}
+  step_fn = torch.compile(torch_fn) if torch_mode == "compile" else torch_fn
 
   def torch_step():
-    for a in t_args:
-      a.grad = None
     if not backward:
       with torch.no_grad():
-        return torch_fn(*t_args)
-    value = (torch_fn(*t_args) * t_cot).sum()
+        return step_fn(t_x)
+    t_x.grad = None
+    for t in t_params.values():
+      t.grad = None
+    value = (step_fn(t_x) * t_cot).sum()
     value.backward()
-    return value, [a.grad for a in t_args]
+    return value
 
   t_out = torch_step()
-  if backward:  # the loss, then each input's gradient
-    pairs = [(j_out[0], t_out[0], "scalar")] + list(zip(j_out[1], t_out[1], layouts))
+  # The largest difference between the two sides: output (forward only) or loss, input and parameter gradients.
+  if backward:
+    value, (dx, dparams) = j_out
+    pairs = [(value, t_out), (_nchw(dx), t_x.grad)]
+    pairs += [(a, t_params[name].grad) for name, a in tr.torch_state(dparams).items()]
   else:
-    pairs = [(j_out, t_out, "act")]
-  max_diff = max(float(np.max(np.abs(np.asarray(j) - _from_torch(t, layout)))) for j, t, layout in pairs)
+    pairs = [(_nchw(j_out), t_out)]
+  max_diff = max(float(np.max(np.abs(np.asarray(j) - t.detach().numpy()))) for j, t in pairs)
 
   def run_jax(n):
     for _ in range(n):

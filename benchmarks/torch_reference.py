@@ -372,10 +372,14 @@ def _torch_value(path: tuple[str, ...], value) -> torch.Tensor:
   return torch.from_numpy(np.array(a, np.float32, order="C"))  # a writable copy
 
 
+def torch_state(params: Mapping, *, prefix: str = "") -> dict[str, torch.Tensor]:
+  """A Flax parameter tree (or a gradient of one) as the PyTorch port's state dict: names and layouts."""
+  return {prefix + _torch_key(path): _torch_value(path, v) for path, v in _flatten(params).items()}
+
+
 def load_flax_params(module: nn.Module, params: Mapping, *, prefix: str = "") -> nn.Module:
   """Copies a Flax parameter tree into ``module`` (NestedVAE or PatchDiscriminator); every tensor must match."""
-  state = {prefix + _torch_key(path): _torch_value(path, v) for path, v in _flatten(params).items()}
-  module.load_state_dict(state, strict=True)
+  module.load_state_dict(torch_state(params, prefix=prefix), strict=True)
   return module
 
 
