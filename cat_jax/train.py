@@ -131,7 +131,7 @@ def generator_loss_fn(params, d_params, images, level, rng, lpips_params, gan_sc
   if not use_gan:
     nll, (rec, lp) = nll_of(recon)
     g_loss = weight = jnp.zeros((), jnp.float32)
-    total = nll + loss_cfg.kl_weight * kl
+    value = total = nll + loss_cfg.kl_weight * kl
   else:
     # The losses' gradients w.r.t. the reconstruction, each taken once: the adaptive weight needs them separately
     # (through the last layer), the parameters' gradient needs their weighted sum. Differentiating the adaptive
@@ -154,8 +154,8 @@ def generator_loss_fn(params, d_params, images, level, rng, lpips_params, gan_sc
     # reported is the real loss.
     surrogate = jnp.sum(jax.lax.stop_gradient(d_nll + gan_coef * d_gan) * recon)
     value = nll + loss_cfg.kl_weight * kl + gan_coef * g_loss
-    total = surrogate + loss_cfg.kl_weight * kl + jax.lax.stop_gradient(value - surrogate - loss_cfg.kl_weight * kl)
-  aux = {"recon": recon, "metrics": {"g_loss": value if use_gan else total, "recon_loss": rec, "lpips": lp, "kl": kl,
+    total = loss_cfg.kl_weight * kl + surrogate + jax.lax.stop_gradient(nll + gan_coef * g_loss - surrogate)
+  aux = {"recon": recon, "metrics": {"g_loss": value, "recon_loss": rec, "lpips": lp, "kl": kl,
                                      "gan_g_loss": g_loss, "gan_adaptive_weight": weight}}
   return total, aux
 

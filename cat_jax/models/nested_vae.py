@@ -43,7 +43,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
 from jax import lax
 
 from cat_jax import levels as L
@@ -218,7 +217,7 @@ class _Block(nn.Module):
     if residual and self.shortcuts:
       kw["kernel_init"] = nn.initializers.zeros
     return Conv(channels, (kernel, kernel), padding=kw.pop("padding", "SAME"), dtype=self.dtype,
-                   param_dtype=self.param_dtype, name=name, **kw)
+                param_dtype=self.param_dtype, name=name, **kw)
 
 
 class ResnetBlock(_Block):
