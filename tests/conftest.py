@@ -17,6 +17,8 @@ def compile_flags() -> str:
   the runlocal train step (13.3 -> 5.5 s) and took 19% of the CPU time out of test_evaluate.py + test_gan.py, at
   ~10% slower steps. The same HLO either way (no fast-math at any level); the benchmarks time XLA's default
   pipeline (test_benchmarks.py checks only that they run)."""
+  if "CAT_JAX_TEST_COMPILE_FLAGS" in os.environ:  # another XLA:CPU configuration ('' for XLA's defaults)
+    return os.environ["CAT_JAX_TEST_COMPILE_FLAGS"]
   return ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
           "--xla_cpu_parallel_codegen_split_count=1")
 
@@ -24,10 +26,13 @@ def compile_flags() -> str:
 def xla_flags(devices: int) -> str:
   """XLA_FLAGS for this process and the processes tests start: ``devices`` simulated CPU devices (sharding tests
   on one machine) and ``compile_flags()``."""
-  return f"--xla_force_host_platform_device_count={devices} {compile_flags()}"
+  return f"--xla_force_host_platform_device_count={devices} {compile_flags()}".strip()
 
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
+# The simulated devices of the test process: 8 (CAT_JAX_TEST_DEVICES to try another count; the tests that shard
+# need at least 8 and use the first 8).
+DEVICES = int(os.environ.get("CAT_JAX_TEST_DEVICES", "8"))
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(DEVICES)).strip()
 
 # One persistent compilation cache for the session, shared with the trainer subprocesses the tests start: many tests
 # and processes compile the same small steps, and XLA:CPU compiles are most of the suite's time. Fresh for every
@@ -43,6 +48,7 @@ if "CAT_JAX_TEST_SHARED_DIR" not in os.environ:
   _SHARED = os.environ["CAT_JAX_TEST_SHARED_DIR"] = tempfile.mkdtemp(prefix="cat_jax_tests_shared_")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -71,6 +77,22 @@ def pytest_sessionfinish(session, exitstatus):
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def matmul_chain_tolerance(x, *matrices):
+  """Elementwise bound on the float32 rounding error of ``x @ m1 @ m2 ...``, whatever the summation order (which
+  differs between CPUs' vector widths and XLA:CPU's dot emitters).
+
+  A product with contraction length n is off by at most n u (|a| @ |b|) (Higham's bound, u = eps / 2, first order),
+  and an error in ``a`` carries through ``|b|``; so a chain is off by at most (n1 + n2 + ...) eps (|x| @ |m1| @ ...),
+  a factor 2 to spare. The operands' own rounding to float32 is counted as one more term per product.
+  """
+  bound = np.abs(np.asarray(x, np.float64))
+  lengths = 0
+  for m in matrices:
+    m = np.asarray(m, np.float64)
+    bound, lengths = bound @ np.abs(m), lengths + m.shape[0] + 1
+  return lengths * np.finfo(np.float32).eps * bound
+
+
 def load_config(file: str, variant: str | None = None):
   """``configs/<file>``'s ``get_config(variant)`` (configs/ is not a package)."""
   import importlib.util
@@ -85,7 +107,8 @@ def runlocal_workdir_config():
   """configs/cat.py:runlocal on a 4x2 (data, fsdp) mesh that shards the larger kernels: the shared checkpoint
   below, and what test_train.py checks end to end."""
   config = load_config("cat.py", "runlocal")
-  config.update_from_flattened_dict({"mesh.data": 4, "mesh.fsdp": 2, "fsdp_min_size": 64})
+  # data=-1: 4 on the suite's 8 devices, and the same config runs on any even device count.
+  config.update_from_flattened_dict({"mesh.data": -1, "mesh.fsdp": 2, "fsdp_min_size": 64})
   return config
 
 

@@ -186,7 +186,7 @@ def test_sampling_is_deterministic_for_a_seed_and_levels_follow_the_class():
 
 # -- the trainer ----------------------------------------------------------------------------------------------------
 def test_sharded_train_step_on_8_devices_equals_single_device():
-  assert jax.device_count() == 8
+  assert jax.device_count() >= 8
   config = _runlocal(**{"optimizer.warmup_steps": 1})
   model, tx = build_dit(config.model), T.make_optimizer(config)
   state = jax.jit(functools.partial(T.init_train_state, model=model, tx=tx))(jax.random.key(0))
@@ -199,7 +199,7 @@ def test_sharded_train_step_on_8_devices_equals_single_device():
   out1, metrics1 = jax.jit(step_fn, static_argnums=4)(jax.device_put(state, single), latents, labels, rng, 1)
   out1, metrics1 = jax.jit(step_fn, static_argnums=4)(out1, latents, labels, rng, 1)  # two steps: Adam's state too
 
-  mesh = parallel.make_mesh({"data": 4, "fsdp": 2})
+  mesh = parallel.make_mesh({"data": 4, "fsdp": 2}, devices=jax.devices()[:8])
   shardings = parallel.param_shardings(state, mesh, min_size=256)
   assert any(s.spec != jax.P() for s in jax.tree.leaves(shardings)), "the test must shard some parameters"
   rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)

@@ -107,7 +107,7 @@ def test_levels_in_either_spelling(tok):
 
 def test_same_outputs_on_one_device(workdir, tok):
   one = Tokenizer.from_checkpoint(workdir, mesh=parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
-  assert tok.mesh.size == 8 and one.mesh.size == 1
+  assert tok.mesh.size == jax.device_count() > 1 and one.mesh.size == 1
   x = _images(3)
   np.testing.assert_allclose(one.reconstruct(x, 1), tok.reconstruct(x, 1), atol=1e-5)
 

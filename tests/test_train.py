@@ -47,7 +47,7 @@ def _batch(n, size, seed=0):
 
 
 def test_sharded_step_on_4x2_mesh_equals_single_device():
-  assert jax.device_count() == 8
+  assert jax.device_count() >= 8
   # Adam's first update is about lr * sign(g) whatever |g|: a gradient element that is rounding noise (~1e-9)
   # would move by a full step in a direction set by the reduction order. A larger eps makes tiny gradients take
   # tiny steps, so the comparison below sees real differences only.
@@ -65,7 +65,7 @@ def test_sharded_step_on_4x2_mesh_equals_single_device():
   state1 = jax.device_put(state, single)
   out1, metrics1 = jax.jit(step_at_level_1)(state1, jax.device_put(images, single), rng)
 
-  mesh = parallel.make_mesh({"data": 4, "fsdp": 2})
+  mesh = parallel.make_mesh({"data": 4, "fsdp": 2}, devices=jax.devices()[:8])
   shardings = parallel.param_shardings(state, mesh, min_size=64)
   sharded_specs = [s.spec for s in jax.tree.leaves(shardings) if s.spec != jax.P()]
   assert sharded_specs, "the test must shard some parameters over fsdp"
