@@ -28,14 +28,14 @@ from cat_jax import loop
 from cat_jax import parallel
 from cat_jax import warm_start
 from cat_jax.losses import gan as gan_losses
-from cat_jax.losses.reconstruction import reconstruction_loss
+from cat_jax.losses.reconstruction import log_mse_loss, reconstruction_loss
 from cat_jax.metrics import image_quality
 from cat_jax.metrics.baselines import area_bicubic
 from cat_jax.models.discriminator import PatchDiscriminator
 from cat_jax.models.nested_vae import NestedVAE, build_model
 
 logger = logging.getLogger("cat_jax.train")
-OUTPUT_HEAD_PARAMS = ("dec_norm_out", "dec_conv_out")
+OUTPUT_HEAD_PARAMS = ("dec_norm_out", "dec_conv_out", "dec_gate")
 
 
 # -- state and optimisers -------------------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def generator_loss_fn(params, d_params, images, level, rng, lpips_params, gan_sc
   base = model.apply({"params": params}, z, level, method=NestedVAE.decode_base)  # 0 without shortcuts
 
   def output_head(head_params, feats):  # the last layer's kernel is what the adaptive weight differentiates
-    head_tree = {k: params[k] for k in OUTPUT_HEAD_PARAMS if k in params}  # no norm params with norm='none'
+    head_tree = {k: params[k] for k in OUTPUT_HEAD_PARAMS if k in params}  # norm='none': no norm; maybe no gate
     out = model.apply({"params": dict(head_tree, dec_conv_out=head_params)}, feats, method=NestedVAE.output_head)
     return out + base
 
@@ -119,7 +119,10 @@ def generator_loss_fn(params, d_params, images, level, rng, lpips_params, gan_sc
     lp = jnp.zeros(())
     if loss_cfg.lpips_weight > 0:
       lp = jnp.mean(lpips_module.apply({"params": jax.lax.stop_gradient(lpips_params)}, images, recon))
-    return loss_cfg.recon_weight * rec + loss_cfg.lpips_weight * lp, (rec, lp)
+    nll = loss_cfg.recon_weight * rec + loss_cfg.lpips_weight * lp
+    if loss_cfg.get("log_mse_weight", 0.0) > 0:  # keeps images the code already reproduces exact (see the config)
+      nll += loss_cfg.log_mse_weight * log_mse_loss(images, recon)
+    return nll, (rec, lp)
 
   def gan_of(recon):
     logits, _ = apply_discriminator(disc, d_params, d_batch_stats, recon)

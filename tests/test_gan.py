@@ -100,6 +100,13 @@ def test_reconstruction_losses_by_hand():
   np.testing.assert_allclose(reconstruction.l2_loss(x, y), (0.25 + 1.0 + 0.0625) / 4, rtol=1e-6)
   np.testing.assert_allclose(reconstruction.reconstruction_loss(x, y, kind="l1"), 1.75 / 4, rtol=1e-6)
   np.testing.assert_allclose(reconstruction.reconstruction_loss(x, y, kind="l2"), 1.3125 / 4, rtol=1e-6)
+  # log_mse: per image (axis 0) the log of its MSE plus the floor at the 50 dB cap (4e-5 on [-1, 1]), then the mean.
+  floor = reconstruction.LOG_MSE_FLOOR
+  assert floor == pytest.approx(4 * 10 ** -5)
+  want = (np.log((0.25 + 1.0) / 2 + floor) + np.log(0.0625 / 2 + floor)) / 2
+  np.testing.assert_allclose(reconstruction.reconstruction_loss(x, y, kind="log_mse"), want, rtol=1e-6)
+  # An exact image sits at log(floor), and -10 log10(MSE_0..1) = PSNR: the loss is minus the capped mean PSNR, scaled.
+  np.testing.assert_allclose(reconstruction.log_mse_loss(y, y), np.log(floor), rtol=1e-6)
   assert reconstruction.l1_loss(x.astype(jnp.bfloat16), y.astype(jnp.bfloat16)).dtype == jnp.float32
   with pytest.raises(ValueError, match="l2"):
     reconstruction.reconstruction_loss(x, y, kind="huber")

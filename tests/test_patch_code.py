@@ -74,9 +74,10 @@ def test_flat_images_and_smooth_content_survive_and_the_code_beats_area_bicubic(
     pc.code_matrices(8, 2)
 
 
-def test_untrained_shortcut_model_is_exactly_the_patch_code():
+@pytest.mark.parametrize("residual_gate", [False, True])
+def test_untrained_shortcut_model_is_exactly_the_patch_code(residual_gate):
   model = nv.NestedVAE(ch=8, ch_mult=(1, 1, 2, 2, 2, 2), num_res_blocks=1, z_channels=8, shortcuts=True,
-                       norm="rms", head_attention=True)
+                       norm="rms", head_attention=True, residual_gate=residual_gate)
   params = jax.jit(lambda rng: nv.init_params(model, rng, 64))(jax.random.key(0))  # faster than eager
   x = _images(2, 64, seed=2)
   for level, f in enumerate((8, 16, 32)):
@@ -88,3 +89,26 @@ def test_untrained_shortcut_model_is_exactly_the_patch_code():
     np.testing.assert_array_less(np.abs(recon - pc.decode_patches(code, f)), 2 * _tolerance(x, f, 8) + 1e-7)
   with pytest.raises(ValueError, match="z_channels >= 3"):
     nv.init_params(nv.NestedVAE(ch=8, ch_mult=(1, 1, 2, 2, 2, 2), z_channels=2, shortcuts=True), jax.random.key(0), 64)
+
+
+def test_a_closed_residual_gate_gives_the_code_whatever_the_residual_branches_hold():
+  model = nv.NestedVAE(ch=8, ch_mult=(1, 1, 2, 2, 2, 2), num_res_blocks=1, z_channels=8, shortcuts=True,
+                       norm="rms", head_attention=False, residual_gate=True)
+  params = jax.jit(lambda rng: nv.init_params(model, rng, 32))(jax.random.key(0))
+  # Every parameter nudged, so the residual branches are far from zero ...
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  nudged = jax.tree.unflatten(treedef, [p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  x = _images(2, 32, seed=3)
+  code = pc.decode_patches(pc.encode_patches(x, 8, 8), 8)
+  open_recon, _ = model.apply({"params": nudged}, x, 0)
+  assert float(jnp.abs(open_recon - code).max()) > 0.05
+  # ... then both gates closed (a very negative bias): the latent mean is the code and so is the image.
+  closed = dict(nudged, enc_gate={"kernel": jnp.zeros_like(nudged["enc_gate"]["kernel"]), "bias": jnp.full((1,), -60.)},
+                dec_gate={"kernel": jnp.zeros_like(nudged["dec_gate"]["kernel"]), "bias": jnp.full((1,), -60.)})
+  recon, posterior = model.apply({"params": closed}, x, 0)
+  np.testing.assert_array_less(np.abs(posterior.mean - pc.encode_patches(x, 8, 8)),
+                               2 * _tolerance(x, 8, 8, decode=False) + 1e-7)
+  np.testing.assert_array_less(np.abs(recon - code), 2 * _tolerance(x, 8, 8) + 1e-7)
+  with pytest.raises(ValueError, match="needs shortcuts=True"):
+    nv.init_params(nv.NestedVAE(ch=8, ch_mult=(1, 1, 2, 2, 2, 2), residual_gate=True), jax.random.key(0), 32)

@@ -302,6 +302,10 @@ class NestedVAE(nn.Module):
     logvar_range: the posterior log-variance is clipped to this range.
     logvar_init: the posterior log-variance at initialisation (the SD VAE's 0 is a posterior std of 1, noise
       as large as the latents: a short run then spends its first thousands of steps shrinking it).
+    residual_gate: with shortcuts, the learned residuals on the patch code (the latent mean's and the decoded
+      image's) are each multiplied by a per-position gate ``2 sigmoid(a)``, ``a`` a 1x1 conv of the features
+      the residual is computed from, 1 at init. After an RMSNorm the residual cannot be small by itself; the gate
+      lets the network leave the code untouched where it is already exact (flat and smooth regions).
   """
 
   ch: int = 128
@@ -315,6 +319,7 @@ class NestedVAE(nn.Module):
   norm: str = "group"
   norm_groups: int = 0
   shortcuts: bool = False
+  residual_gate: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -325,6 +330,8 @@ class NestedVAE(nn.Module):
                        f"got {tuple(self.ch_mult)}")
     if self.norm not in NORMS:
       raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+    if self.residual_gate and not self.shortcuts:
+      raise ValueError("residual_gate gates the residuals on the patch code: it needs shortcuts=True")
     if self.shortcuts and (self.z_channels < 3 or self.in_channels != 3):
       raise ValueError(f"shortcuts carry a colour patch code in the latent: they need RGB inputs and z_channels >= 3, "
                        f"got in_channels={self.in_channels}, z_channels={self.z_channels}")
@@ -351,6 +358,8 @@ class NestedVAE(nn.Module):
     logvar_bias = lambda key, shape, dtype: jnp.concatenate(  # [mean half, log-variance half]
         [jnp.zeros((z,), dtype), jnp.full((z,), self.logvar_init, dtype)])
     self.quant_conv = Conv(2 * z, (1, 1), bias_init=logvar_bias, name="quant_conv", **beside_shortcut)
+    gate = lambda name: Conv(1, (1, 1), name=name, **dict(kw, kernel_init=nn.initializers.zeros))
+    self.enc_gate = gate("enc_gate") if self.residual_gate else None
 
     # Shared decoder head.
     self.post_quant_conv = Conv(self.z_channels, (1, 1), name="post_quant_conv", **kw)
@@ -364,6 +373,7 @@ class NestedVAE(nn.Module):
     self.dec_up = [Upsample(**block_kw) for _ in range(num_stages - 1)]  # dec_up[s - 1]: H/2^s -> H/2^(s-1)
     self.dec_norm_out = Normalize(self.norm, self.norm_groups, **kw)
     self.dec_conv_out = Conv(self.in_channels, (3, 3), padding="SAME", **beside_shortcut)
+    self.dec_gate = gate("dec_gate") if self.residual_gate else None
 
   # -- helpers -----------------------------------------------------------------------------------------------------
   @staticmethod
@@ -440,8 +450,11 @@ class NestedVAE(nn.Module):
         h = block(h)
     h = self._skip(self.enc_exit[level], h)
     h = self.enc_mid(h)
-    moments = self.quant_conv(self.enc_conv_out(nn.swish(self.enc_norm_out(h)))).astype(jnp.float32)
+    h = nn.swish(self.enc_norm_out(h))
+    moments = self.quant_conv(self.enc_conv_out(h)).astype(jnp.float32)
     mean, logvar = jnp.split(moments, 2, axis=-1)
+    if self.residual_gate:
+      mean = mean * _gate(self.enc_gate(h))
     if self.shortcuts:  # the latent mean starts as a linear patch code of the image (see patch_code)
       mean = mean + patch_code.encode_patches(x, L.factor_for_level(level), self.z_channels)
     logvar = jnp.clip(logvar, *self.logvar_range)
@@ -502,14 +515,21 @@ class NestedVAE(nn.Module):
 
   def output_head(self, features: jax.Array) -> jax.Array:
     """Norm, swish and the decoder's last layer ``dec_conv_out`` (the GAN's adaptive weight looks at its
-    gradients). ``decode`` adds ``decode_base`` to it."""
-    return self.dec_conv_out(nn.swish(self.dec_norm_out(features))).astype(jnp.float32)
+    gradients), times the residual gate if any. ``decode`` adds ``decode_base`` to it."""
+    h = nn.swish(self.dec_norm_out(features))
+    out = self.dec_conv_out(h).astype(jnp.float32)
+    return out * _gate(self.dec_gate(h)) if self.residual_gate else out
 
   def __call__(self, x: jax.Array, level, rng: jax.Array | None = None):
     """Returns ``(reconstruction, posterior)``; samples z with ``rng``, else uses the posterior mode."""
     posterior = self.encode(x, level)
     z = posterior.mode() if rng is None else posterior.sample(rng)
     return self.decode(z, level), posterior
+
+
+def _gate(logits: jax.Array) -> jax.Array:
+  """``2 sigmoid(logits)`` in float32: 1 where the logits are 0 (at init), 0 where they are very negative."""
+  return 2.0 * jax.nn.sigmoid(logits.astype(jnp.float32))
 
 
 def _is_static_int(level) -> bool:
