@@ -48,9 +48,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      end_lr_factor=0.1, grad_clip=1.0)
   c.ema_decay = 0.9999
 
-  # Losses: recon (L1/L2) + LPIPS + KL + adversarial (hinge) with taming's adaptive weight.
-  c.loss = dict(recon="l1", recon_weight=1.0, lpips_weight=1.0, kl_weight=1e-6, gan_weight=0.5,
-                gan_loss="hinge", adaptive_gan_weight=True, disc_start=50_000, lecam_weight=0.0, r1_weight=0.0)
+  # Losses: recon (L1/L2) + LPIPS + KL + adversarial (hinge) with taming's adaptive weight. log_mse_weight: adds the
+  # per-image log MSE (the capped PSNR evaluation reports), which keeps images the DCT code already reproduces exact
+  # (docs/tokenizer_quality.md, "Learning past the code").
+  c.loss = dict(recon="l1", recon_weight=1.0, log_mse_weight=0.0, lpips_weight=1.0, kl_weight=1e-6,
+                gan_weight=0.5, gan_loss="hinge", adaptive_gan_weight=True, disc_start=50_000, lecam_weight=0.0,
+                r1_weight=0.0)
   # Converted LPIPS weights (python -m cat_jax.convert lpips --out PATH); None: the default weights path.
   c.lpips_path = ml_collections.config_dict.placeholder(str)
   c.disc = dict(base_channels=64, num_layers=3, norm="group")
@@ -79,7 +82,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant == "demo":
     # The embedded graded-complexity dataset on a CPU, 64x64 images, about 15 minutes on 2 cores.
     c.model = dict(ch=16, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=1, z_channels=16, head_attention=False,
-                   shortcuts=True, norm="rms", logvar_init=-10.0, dtype="float32", param_dtype="float32")
+                   shortcuts=True, residual_gate=False, norm="rms", logvar_init=-10.0, dtype="float32",
+                   param_dtype="float32")
     c.data.update(source="embedded", split="train", eval_split="validation", image_size=64, num_workers=0,
                   source_kwargs={"num_images": 2000, "image_size": 64}, min_size=64)
     # Every level on every image: evaluation (and a newcomer) runs every level on every image, and the embedded
