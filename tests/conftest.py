@@ -94,20 +94,24 @@ def matmul_chain_tolerance(x, *matrices):
 
 
 def load_config(file: str, variant: str | None = None):
-  """``configs/<file>``'s ``get_config(variant)`` (configs/ is not a package)."""
+  """``configs/<file>``'s ``get_config(variant)`` (configs/ is not a package). A runlocal variant's global batch
+  grows with CAT_JAX_TEST_DEVICES beyond 8, as the trainer needs it to split over every device."""
   import importlib.util
 
   spec = importlib.util.spec_from_file_location(f"configs_{pathlib.Path(file).stem}", ROOT / "configs" / file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(variant)
+  config = module.get_config(variant)
+  if variant == "runlocal":
+    config.batch_size *= max(1, DEVICES // 8)
+  return config
 
 
 def runlocal_workdir_config():
   """configs/cat.py:runlocal on a 4x2 (data, fsdp) mesh that shards the larger kernels: the shared checkpoint
   below, and what test_train.py checks end to end."""
   config = load_config("cat.py", "runlocal")
-  # data=-1: 4 on the suite's 8 devices, and the same config runs on any even device count.
+  # data=-1: 4 on the suite's 8 devices, all the others with CAT_JAX_TEST_DEVICES.
   config.update_from_flattened_dict({"mesh.data": -1, "mesh.fsdp": 2, "fsdp_min_size": 64})
   return config
 
