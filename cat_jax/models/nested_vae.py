@@ -527,9 +527,14 @@ class NestedVAE(nn.Module):
     return self.decode(z, level), posterior
 
 
+# The gate's logits are its 1x1 conv times this: at the shared learning rate an unscaled gate barely moved in a
+# 1,000-step demo (mean 0.95-1.03 on every kind of image), a learning-rate multiplier for the gate alone.
+GATE_GAIN = 8.0
+
+
 def _gate(logits: jax.Array) -> jax.Array:
-  """``2 sigmoid(logits)`` in float32: 1 where the logits are 0 (at init), 0 where they are very negative."""
-  return 2.0 * jax.nn.sigmoid(logits.astype(jnp.float32))
+  """``2 sigmoid(GATE_GAIN logits)`` in float32: 1 where the logits are 0 (at init), 0 where very negative."""
+  return 2.0 * jax.nn.sigmoid(GATE_GAIN * logits.astype(jnp.float32))
 
 
 def _is_static_int(level) -> bool:
