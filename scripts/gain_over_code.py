@@ -54,9 +54,14 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   from cat_jax.evaluate import load_tokenizer
 
-  data = {name: load_images(name, args.image_size) for name in ("val", "photos")}
+  tokenizers = {}
   for path in args.tokenizers:
-    tok = load_tokenizer(path, batch_size=16)
+    try:
+      tokenizers[path] = load_tokenizer(path, batch_size=16)
+    except (FileNotFoundError, ValueError) as e:
+      p.error(f"{path}: {str(e).splitlines()[0]}")
+  data = {name: load_images(name, args.image_size) for name in ("val", "photos")}
+  for path, tok in tokenizers.items():
     result = {"tokenizer": path}
     for name, (images, kinds) in data.items():
       for level, factor in enumerate((8, 16, 32)):
