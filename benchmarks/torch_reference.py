@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FACTORS = (8, 16, 32)  # level 0/1/2, as cat_jax.levels
+GATE_GAIN = 8.0  # as cat_jax.models.nested_vae.GATE_GAIN
 NUM_STAGES = 6  # H, H/2, ..., H/32
 
 
@@ -194,17 +195,22 @@ class MidBlock(nn.Module):
     return self.res_1(x)
 
 
+def _gate(logits: torch.Tensor) -> torch.Tensor:
+  return 2.0 * torch.sigmoid(GATE_GAIN * logits.float())
+
+
 class NestedVAE(nn.Module):
   """The nested KL-VAE; NCHW images in [-1, 1]; ``level`` is a Python int (0 = 8x, 1 = 16x, 2 = 32x).
 
-  ``norm``, ``norm_groups`` and ``shortcuts`` (DC-AE shortcuts + the DCT patch code) as the Flax model;
-  ``logvar_init`` only sets an initial bias, so it is accepted and ignored (weights come from ``load_flax_params``).
+  ``norm``, ``norm_groups``, ``shortcuts`` (DC-AE shortcuts + the DCT patch code) and ``residual_gate`` as the Flax
+  model; ``logvar_init`` only sets an initial bias, so it is accepted and ignored (weights come from
+  ``load_flax_params``).
   """
 
   def __init__(self, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4, 4), num_res_blocks: int = 2,
                z_channels: int = 16, in_channels: int = 3, head_attention: bool = True,
                logvar_range: tuple[float, float] = (-30.0, 20.0), norm: str = "group", norm_groups: int = 0,
-               shortcuts: bool = False, **unused: Any):
+               shortcuts: bool = False, residual_gate: bool = False, **unused: Any):
     super().__init__()
     unused = {k: v for k, v in unused.items() if k not in ("dtype", "param_dtype", "logvar_init")}
     if unused:
@@ -212,7 +218,7 @@ class NestedVAE(nn.Module):
     if len(ch_mult) != NUM_STAGES:
       raise ValueError(f"ch_mult needs {NUM_STAGES} entries, got {tuple(ch_mult)}")
     self.logvar_range = tuple(logvar_range)
-    self.shortcuts, self.z_channels = shortcuts, z_channels
+    self.shortcuts, self.z_channels, self.residual_gate = shortcuts, z_channels, residual_gate
     block = dict(norm=norm, groups=norm_groups, shortcuts=shortcuts)
     widths = [ch * m for m in ch_mult]
     head = widths[-1]
@@ -230,6 +236,7 @@ class NestedVAE(nn.Module):
     self.enc_norm_out = Normalize(head, norm, norm_groups)
     self.enc_conv_out = nn.Conv2d(head, 2 * z_channels, 3, padding=1)
     self.quant_conv = nn.Conv2d(2 * z_channels, 2 * z_channels, 1)
+    self.enc_gate = nn.Conv2d(head, 1, 1) if residual_gate else None
 
     self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 1)
     self.dec_conv_in = nn.Conv2d(z_channels, head, 3, padding=1)
@@ -243,6 +250,7 @@ class NestedVAE(nn.Module):
     self.dec_up = nn.ModuleList(Upsample(widths[s], shortcuts) for s in range(1, NUM_STAGES))  # dec_up[s - 1]
     self.dec_norm_out = Normalize(widths[0], norm, norm_groups)
     self.dec_conv_out = nn.Conv2d(widths[0], in_channels, 3, padding=1)
+    self.dec_gate = nn.Conv2d(widths[0], 1, 1) if residual_gate else None
 
   def _skip(self, projection: nn.Module, h: torch.Tensor) -> torch.Tensor:
     y = projection(h)
@@ -260,8 +268,10 @@ class NestedVAE(nn.Module):
       if s < stage:
         h = self.enc_down[s](h)
     h = self.enc_mid(self._skip(self.enc_exit[level], h))
-    h = self.enc_conv_out(F.silu(self.enc_norm_out(h)))
-    mean, logvar = self.quant_conv(h).float().chunk(2, dim=1)
+    h = F.silu(self.enc_norm_out(h))
+    mean, logvar = self.quant_conv(self.enc_conv_out(h)).float().chunk(2, dim=1)
+    if self.residual_gate:
+      mean = mean * _gate(self.enc_gate(h))
     if self.shortcuts:
       mean = mean + encode_patches(x, FACTORS[level], self.z_channels)
     return mean, logvar.clamp(*self.logvar_range)
@@ -286,7 +296,9 @@ class NestedVAE(nn.Module):
     return decode_patches(z, FACTORS[level]) if self.shortcuts else 0.0
 
   def output_head(self, features: torch.Tensor) -> torch.Tensor:
-    return self.dec_conv_out(F.silu(self.dec_norm_out(features))).float()
+    h = F.silu(self.dec_norm_out(features))
+    out = self.dec_conv_out(h).float()
+    return out * _gate(self.dec_gate(h)) if self.residual_gate else out
 
   def decode(self, z: torch.Tensor, level: int) -> torch.Tensor:
     return self.output_head(self.decode_features(z, level)) + self.decode_base(z, level)
@@ -406,13 +418,15 @@ class TorchTrainStep:
 
   def __init__(self, vae: NestedVAE, disc: PatchDiscriminator, *, lr: float = 1e-4, d_lr: float = 1e-4,
                b1: float = 0.5, b2: float = 0.9, weight_decay: float = 1e-4, grad_clip: float = 1.0,
-               ema_decay: float = 0.9999, recon: str = "l1", recon_weight: float = 1.0, kl_weight: float = 1e-6,
+               ema_decay: float = 0.9999, recon: str = "l1", recon_weight: float = 1.0, log_mse_weight: float = 0.0,
+               kl_weight: float = 1e-6,
                gan_weight: float = 0.5, perceptual: nn.Module | None = None, perceptual_weight: float = 0.0,
                compile: bool = True, autocast_dtype: torch.dtype | None = None):
     if recon not in ("l1", "l2"):
       raise ValueError(f"recon must be 'l1' or 'l2', got {recon!r}")
     self.vae, self.disc = vae, disc
     self.recon, self.recon_weight, self.kl_weight, self.gan_weight = recon, recon_weight, kl_weight, gan_weight
+    self.log_mse_weight = log_mse_weight
     self.grad_clip, self.ema_decay = grad_clip, ema_decay
     self.autocast_dtype = autocast_dtype
     device = next(vae.parameters()).device
@@ -431,12 +445,16 @@ class TorchTrainStep:
       perceptual.requires_grad_(False)
       self.perceptual_fn = torch.compile(perceptual) if compile else perceptual
 
-  def _nll(self, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+  def _nll(self, images: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss before KL and GAN, the reconstruction term alone)."""
     diff = recon.float() - images.float()
     rec = diff.abs().mean() if self.recon == "l1" else diff.square().mean()
+    nll = self.recon_weight * rec
+    if self.log_mse_weight > 0:  # cat_jax.losses.reconstruction.log_mse_loss: per image log(MSE + the 50 dB floor)
+      nll = nll + self.log_mse_weight * torch.log(diff.square().flatten(1).mean(1) + 4e-5).mean()
     if self.perceptual_weight > 0:  # e.g. lpips.LPIPS: NCHW in [-1, 1] -> (B, 1, 1, 1)
-      return self.recon_weight * rec + self.perceptual_weight * self.perceptual_fn(images, recon).float().mean()
-    return self.recon_weight * rec
+      nll = nll + self.perceptual_weight * self.perceptual_fn(images, recon).float().mean()
+    return nll, rec
 
   def __call__(self, images: torch.Tensor, level: int, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """``images`` NCHW in [-1, 1]; returns the step's losses and gradient norms as (unsynchronised) tensors."""
@@ -453,7 +471,7 @@ class TorchTrainStep:
     with autocast:
       features, base, mean, logvar = self.trunk(images, level, noise)
       recon = self.vae.output_head(features) + base
-      nll = self._nll(images, recon)
+      nll, rec = self._nll(images, recon)
       g_loss = -self.disc_fn(recon).float().mean()
     kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
     weight = _adaptive_weight(nll, g_loss, self.vae.dec_conv_out.weight)
@@ -477,6 +495,6 @@ class TorchTrainStep:
     d_grad_norm = torch.nn.utils.clip_grad_norm_(self.d_params, self.grad_clip)
     self.d_opt.step()
     self.step_count += 1
-    return {"g_loss": total.detach(), "nll": nll.detach(), "kl": kl.detach(),
+    return {"g_loss": total.detach(), "nll": nll.detach(), "recon_loss": rec.detach(), "kl": kl.detach(),
             "gan_g_loss": g_loss.detach(), "gan_adaptive_weight": weight, "d_loss": d_loss.detach(),
             "grad_norm": grad_norm, "d_grad_norm": d_grad_norm}

@@ -23,7 +23,8 @@ from cat_jax.models.nested_vae import NestedVAE, crop_latent
 from conftest import matmul_chain_tolerance
 
 TINY = dict(ch=8, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=1, z_channels=4, head_attention=True)
-VARIANTS = {"sd": TINY, "shortcut_rms": dict(TINY, shortcuts=True, norm="rms", logvar_init=-10.0)}
+VARIANTS = {"sd": TINY, "shortcut_rms": dict(TINY, shortcuts=True, norm="rms", logvar_init=-10.0),
+            "gated": dict(TINY, shortcuts=True, norm="rms", residual_gate=True)}
 SIZE = 64
 
 
@@ -137,8 +138,8 @@ def test_train_step_matches_flax(vae_pair):
       model=model_config, disc=dict(base_channels=8, num_layers=1, norm="group"),
       optimizer=dict(lr=1e-3, d_lr=1e-3, b1=0.5, b2=0.9, eps=1e-8, weight_decay=1e-4, warmup_steps=2, end_lr_factor=0.1,
                      grad_clip=1.0),
-      loss=dict(recon="l1", recon_weight=1.0, lpips_weight=0.0, kl_weight=1e-2, gan_weight=0.5, gan_loss="hinge",
-                adaptive_gan_weight=True, disc_start=0, lecam_weight=0.0, r1_weight=0.0),
+      loss=dict(recon="l1", recon_weight=1.0, log_mse_weight=1e-2, lpips_weight=0.0, kl_weight=1e-2, gan_weight=0.5,
+                gan_loss="hinge", adaptive_gan_weight=True, disc_start=0, lecam_weight=0.0, r1_weight=0.0),
       num_steps=10, ema_decay=0.99))
   level, size = 0, 32
   disc = train.make_discriminator(config)
@@ -160,10 +161,11 @@ def test_train_step_matches_flax(vae_pair):
   vae = tr.load_flax_params(tr.NestedVAE(**config.model), state.params)
   torch_disc = tr.load_flax_discriminator(tr.PatchDiscriminator(**config.disc), state.d_params)
   torch_step = tr.TorchTrainStep(vae, torch_disc, kl_weight=config.loss.kl_weight,
-                                 gan_weight=config.loss.gan_weight, compile=False)
+                                 log_mse_weight=config.loss.log_mse_weight, gan_weight=config.loss.gan_weight,
+                                 compile=False)
   got = torch_step(_nchw(images), level, noise=_nchw(noise))
   assert float(metrics["gan_adaptive_weight"]) > 0  # the GAN branch really ran
-  np.testing.assert_allclose(float(got["nll"]), float(metrics["recon_loss"]), rtol=1e-4)  # no LPIPS here
+  np.testing.assert_allclose(float(got["recon_loss"]), float(metrics["recon_loss"]), rtol=1e-4)  # g_loss: + log MSE
   for key in ("kl", "gan_g_loss", "gan_adaptive_weight", "g_loss", "d_loss", "grad_norm",
               "d_grad_norm"):
     np.testing.assert_allclose(float(got[key]), float(metrics[key]), rtol=1e-4, err_msg=key)
