@@ -345,7 +345,8 @@ def torch_worker(spec_json: str) -> None:
   def make(compile_):
     return tr.TorchTrainStep(vae, disc, lr=o.lr, d_lr=o.d_lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                              grad_clip=o.grad_clip, ema_decay=s["ema_decay"], recon=lc.recon,
-                             recon_weight=lc.recon_weight, log_mse_weight=lc.log_mse_weight, kl_weight=lc.kl_weight, gan_weight=lc.gan_weight,
+                             recon_weight=lc.recon_weight, log_mse_weight=lc.log_mse_weight,
+                             kl_weight=lc.kl_weight, gan_weight=lc.gan_weight,
                              perceptual=perceptual, perceptual_weight=lc.lpips_weight, compile=compile_,
                              autocast_dtype=torch.bfloat16 if s["dtype"] == "bfloat16" else None)
 

@@ -419,8 +419,8 @@ class TorchTrainStep:
   def __init__(self, vae: NestedVAE, disc: PatchDiscriminator, *, lr: float = 1e-4, d_lr: float = 1e-4,
                b1: float = 0.5, b2: float = 0.9, weight_decay: float = 1e-4, grad_clip: float = 1.0,
                ema_decay: float = 0.9999, recon: str = "l1", recon_weight: float = 1.0, log_mse_weight: float = 0.0,
-               kl_weight: float = 1e-6,
-               gan_weight: float = 0.5, perceptual: nn.Module | None = None, perceptual_weight: float = 0.0,
+               kl_weight: float = 1e-6, gan_weight: float = 0.5, perceptual: nn.Module | None = None,
+               perceptual_weight: float = 0.0,
                compile: bool = True, autocast_dtype: torch.dtype | None = None):
     if recon not in ("l1", "l2"):
       raise ValueError(f"recon must be 'l1' or 'l2', got {recon!r}")

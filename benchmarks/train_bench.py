@@ -211,8 +211,8 @@ def main() -> None:
   def make_torch_step(compile_: bool) -> tr.TorchTrainStep:
     return tr.TorchTrainStep(
         vae, torch_disc, lr=o.lr, d_lr=o.d_lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
-        grad_clip=o.grad_clip, ema_decay=config.ema_decay, recon=lc.recon, recon_weight=lc.recon_weight, log_mse_weight=lc.log_mse_weight,
-        kl_weight=lc.kl_weight, gan_weight=lc.gan_weight, perceptual=torch_lpips,
+        grad_clip=o.grad_clip, ema_decay=config.ema_decay, recon=lc.recon, recon_weight=lc.recon_weight,
+        log_mse_weight=lc.log_mse_weight, kl_weight=lc.kl_weight, gan_weight=lc.gan_weight, perceptual=torch_lpips,
         perceptual_weight=lc.lpips_weight, compile=compile_,
         autocast_dtype=torch.bfloat16 if args.dtype == "bfloat16" else None)
 
