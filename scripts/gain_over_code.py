@@ -32,7 +32,7 @@ def per_image_psnr(tok, images: np.ndarray, level: int) -> tuple[np.ndarray, np.
 
 
 def load_images(name: str, image_size: int) -> tuple[np.ndarray, list[str]]:
-  """The images in [-1, 1] and their kinds (the embedded generator's, or 'photo' for the held-out set)."""
+  """The images in [-1, 1] and their kinds (the embedded generator's, or 'held-out photo')."""
   from cat_jax.data import get_source
   from cat_jax.data.preprocess import PreprocessConfig, preprocess
   if name == "val":

@@ -93,6 +93,19 @@ def matmul_chain_tolerance(x, *matrices):
   return lengths * np.finfo(np.float32).eps * bound
 
 
+def patch_code_tolerance(x, f: int, channels: int, decode: bool = True):
+  """What float32 rounding allows ``patch_code.encode_patches`` (then ``decode_patches``) of images ``x`` to be
+  off, per element: an f*f*3-term sum per coefficient (3,072 at 32x), then a ``channels``-term sum per pixel."""
+  import jax.numpy as jnp
+  from cat_jax.models import patch_code as pc
+
+  encode, decode_m = pc.code_matrices(f, channels)
+  patches = np.asarray(pc.to_patches(jnp.asarray(x), f))
+  if not decode:
+    return matmul_chain_tolerance(patches, encode)
+  return np.asarray(pc.from_patches(jnp.asarray(matmul_chain_tolerance(patches, encode, decode_m), jnp.float32), f))
+
+
 def load_config(file: str, variant: str | None = None):
   """``configs/<file>``'s ``get_config(variant)`` (configs/ is not a package). A runlocal variant's global batch
   grows with CAT_JAX_TEST_DEVICES beyond 8, as the trainer needs it to split over every device."""

@@ -7,23 +7,13 @@ import pytest
 from scipy.fft import dctn
 
 from cat_jax.metrics.baselines import area_bicubic
-from conftest import matmul_chain_tolerance
 from cat_jax.models import nested_vae as nv
 from cat_jax.models import patch_code as pc
+from conftest import patch_code_tolerance
 
 
 def _images(n=3, size=32, seed=0):
   return jnp.asarray(np.random.RandomState(seed).uniform(-1, 1, (n, size, size, 3)), jnp.float32)
-
-
-def _tolerance(x, f, channels, decode=True):
-  """What float32 rounding allows ``encode_patches`` (then ``decode_patches``) of ``x`` to be off, per element: an
-  f*f*3-term sum per coefficient (3,072 at 32x), then a ``channels``-term sum per pixel (conftest)."""
-  encode, decode_m = pc.code_matrices(f, channels)
-  patches = np.asarray(pc.to_patches(x, f))
-  if not decode:
-    return matmul_chain_tolerance(patches, encode)
-  return np.asarray(pc.from_patches(jnp.asarray(matmul_chain_tolerance(patches, encode, decode_m), jnp.float32), f))
 
 
 @pytest.mark.parametrize("f, channels", [(8, 16), (16, 8), (32, 4), (8, 3)])
@@ -37,13 +27,13 @@ def test_code_is_orthogonal_projection_with_block_means_as_dc(f, channels):
   ycbcr = jnp.einsum("bhwc,kc->bhwk", x, pc._YCBCR)
   block_mean = ycbcr.reshape(3, 2, f, 2, f, 3).mean(axis=(2, 4))
   # Both sides are float32 sums over the f x f x 3 patch: each within the rounding bound, so twice it apart.
-  tol = 2 * _tolerance(x, f, channels, decode=False)
+  tol = 2 * patch_code_tolerance(x, f, channels, decode=False)
   for k, channel in enumerate((0, luma, luma + chroma)):
     np.testing.assert_array_less(np.abs(z[..., channel] - block_mean[..., k]), tol[..., channel] + 1e-7)
   # Decoding a code and encoding the result gives the code back (a projection): decoding is a `channels`-term sum,
   # re-encoding an f*f*3-term one, on values the first bound already covers.
   x_back = pc.decode_patches(z, f)
-  tol = _tolerance(x, f, channels, decode=False) + _tolerance(x_back, f, channels, decode=False)
+  tol = patch_code_tolerance(x, f, channels, decode=False) + patch_code_tolerance(x_back, f, channels, decode=False)
   np.testing.assert_array_less(np.abs(pc.encode_patches(x_back, f, channels) - z), tol + 1e-7)
 
 
@@ -61,7 +51,7 @@ def test_flat_images_and_smooth_content_survive_and_the_code_beats_area_bicubic(
   flat = jnp.broadcast_to(jnp.asarray([0.3, -0.5, 0.8]), (1, 64, 64, 3))
   # Exact up to float32 rounding of a 3,072-term sum: the bound is under 2e-3 on the [-1, 1] range (above 60 dB);
   # the error seen is ~2e-5.
-  tol = _tolerance(flat, 32, 8)
+  tol = patch_code_tolerance(flat, 32, 8)
   assert tol.max() < 2e-3
   np.testing.assert_array_less(np.abs(pc.decode_patches(pc.encode_patches(flat, 32, 8), 32) - flat), tol)
   yy, xx = np.mgrid[0:64, 0:64] / 63.0
@@ -85,8 +75,8 @@ def test_untrained_shortcut_model_is_exactly_the_patch_code(residual_gate):
     code = pc.encode_patches(x, f, 8)
     # The same sums, maybe in another order inside the compiled model: each side within the rounding bound.
     np.testing.assert_array_less(np.abs(nv.crop_latent(posterior.mode(), level) - code),
-                                 2 * _tolerance(x, f, 8, decode=False) + 1e-7)
-    np.testing.assert_array_less(np.abs(recon - pc.decode_patches(code, f)), 2 * _tolerance(x, f, 8) + 1e-7)
+                                 2 * patch_code_tolerance(x, f, 8, decode=False) + 1e-7)
+    np.testing.assert_array_less(np.abs(recon - pc.decode_patches(code, f)), 2 * patch_code_tolerance(x, f, 8) + 1e-7)
   with pytest.raises(ValueError, match="z_channels >= 3"):
     nv.init_params(nv.NestedVAE(ch=8, ch_mult=(1, 1, 2, 2, 2, 2), z_channels=2, shortcuts=True), jax.random.key(0), 64)
 
@@ -108,7 +98,7 @@ def test_a_closed_residual_gate_gives_the_code_whatever_the_residual_branches_ho
                 dec_gate={"kernel": jnp.zeros_like(nudged["dec_gate"]["kernel"]), "bias": jnp.full((1,), -60.)})
   recon, posterior = model.apply({"params": closed}, x, 0)
   np.testing.assert_array_less(np.abs(posterior.mean - pc.encode_patches(x, 8, 8)),
-                               2 * _tolerance(x, 8, 8, decode=False) + 1e-7)
-  np.testing.assert_array_less(np.abs(recon - code), 2 * _tolerance(x, 8, 8) + 1e-7)
+                               2 * patch_code_tolerance(x, 8, 8, decode=False) + 1e-7)
+  np.testing.assert_array_less(np.abs(recon - code), 2 * patch_code_tolerance(x, 8, 8) + 1e-7)
   with pytest.raises(ValueError, match="needs shortcuts=True"):
     nv.init_params(nv.NestedVAE(ch=8, ch_mult=(1, 1, 2, 2, 2, 2), residual_gate=True), jax.random.key(0), 32)
