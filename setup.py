@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow (numpy + protobuf, no new dependencies)
     "matplotlib>=3.8",  # evaluate's rate-distortion plot
+    "safetensors>=0.4",  # weight folders (cat_jax.weights), read with numpy: no torch needed
 ]
 
 PARITY = [
@@ -25,7 +26,6 @@ PARITY = [
     "pytorch-fid>=0.3.0",
     "scikit-image>=0.22",
     "diffusers>=0.30",  # the SD VAE converter's parity tests (AutoencoderKL, its single-file key mapping)
-    "safetensors>=0.4",  # the SD VAE converter's only runtime need (python -m cat_jax.convert sd_vae)
 ]
 
 LLM = ["openai>=1.40"]  # the caption + LLM score's OpenAI-compatible client
@@ -47,7 +47,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["cat_jax", "cat_jax.*"]),
     # The shipped pretrained tokenizer (Tokenizer.from_pretrained("demo")): a few MB, no download.
-    package_data={"cat_jax": ["pretrained/README.md", "pretrained/*/config.json", "pretrained/*/params.msgpack"]},
+    package_data={"cat_jax": ["pretrained/README.md", "pretrained/*/config.json", "pretrained/*/model.safetensors"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -5,9 +5,9 @@
 Each op is timed forward + backward (gradients w.r.t. every input, as in training) except ``conv3x3_fwd``: the
 RMSNorm and SiLU of the model's blocks, a 3x3 convolution, and the model's ResnetBlock (norm, SiLU, conv, norm,
 SiLU, conv, residual). JAX runs the model's own modules (``Normalize``, ``Conv``, ``ResnetBlock``), torch their
-ports in benchmarks/torch_reference.py (NCHW), with the same random parameters. Defaults: the demo config's full-resolution stage (batch 16, 64², 16
-channels). The two take turns (``--repeats`` rounds of ``--steps`` steps); one JSON line per op with
-``jax_over_torch`` (torch's step time / JAX's: above 1 is JAX faster), median and spread over rounds, and the
+ports in cat_jax/convert/modeling_cat.py (NCHW), with the same random parameters. Defaults: the demo config's
+full-resolution stage (batch 16, 64², 16 channels). The two take turns (``--repeats`` rounds of ``--steps``
+steps); one JSON line per op with ``jax_over_torch`` (torch's step time / JAX's: above 1 is JAX faster), median and spread over rounds, and the
 largest difference between the two sides' outputs and gradients.
 """
 
@@ -28,6 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import torch_reference as tr  # noqa: E402
 from benchmarks.common import interleaved, rate_summary, ratio_summary  # noqa: E402
+from cat_jax.convert import modeling_cat as port  # noqa: E402
 from cat_jax.models import nested_vae as nv  # noqa: E402
 
 OPS = ("rmsnorm", "silu", "conv3x3_fwd", "conv3x3", "resblock")
@@ -36,12 +37,12 @@ OPS = ("rmsnorm", "silu", "conv3x3_fwd", "conv3x3", "resblock")
 def _layers(op: str, channels: int):
   """The op as (Flax module, its PyTorch port), or (None, None) for SiLU, which has no parameters."""
   c = channels
-  return {"rmsnorm": lambda: (nv.Normalize("rms"), tr.Normalize(c, "rms")),
+  return {"rmsnorm": lambda: (nv.Normalize("rms"), port.Normalize(c, "rms")),
           "silu": lambda: (None, None),
           "conv3x3_fwd": lambda: (nv.Conv(c, (3, 3), padding="SAME"), torch.nn.Conv2d(c, c, 3, padding=1)),
           "conv3x3": lambda: (nv.Conv(c, (3, 3), padding="SAME"), torch.nn.Conv2d(c, c, 3, padding=1)),
           "resblock": lambda: (nv.ResnetBlock(out_channels=c, norm="rms", shortcuts=True),
-                               tr.ResnetBlock(c, c, norm="rms", shortcuts=True))}[op]()
+                               port.ResnetBlock(c, c, norm="rms", shortcuts=True))}[op]()
 
 
 def _nchw(a) -> torch.Tensor:

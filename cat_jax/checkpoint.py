@@ -174,28 +174,50 @@ class Checkpointer:
     self.manager.close()
 
 
+def _manager(workdir: str) -> tuple[ocp.CheckpointManager, epath.Path]:
+  directory = checkpoint_dir(workdir)
+  if not directory.exists():
+    raise FileNotFoundError(f"no checkpoints under {directory}")
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_handlers={"train_state": ocp.StandardCheckpointHandler(),
+                                              "ema_params": ocp.StandardCheckpointHandler()}), directory
+
+
+def _resolve_step(manager: ocp.CheckpointManager, directory: epath.Path, step: int | None) -> int:
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no finished checkpoint under {directory}")
+  if step not in manager.all_steps():
+    raise FileNotFoundError(f"no checkpoint of step {step} under {directory} (steps: {list(manager.all_steps())})")
+  return step
+
+
+def restore_train_state_parts(workdir: str, abstract_parts: dict[str, Any], *, step: int | None = None
+                              ) -> tuple[dict[str, Any], int]:
+  """Named subtrees of the saved train state (e.g. ``{"params": ..., "d_params": ...}``), nothing else read (no
+  optimiser state), placed as the abstract trees say. Returns ``(parts, step)``."""
+  manager, directory = _manager(workdir)
+  step = _resolve_step(manager, directory, step)
+  manager.close()
+  with ocp.PyTreeCheckpointer() as reader:
+    parts = reader.restore(directory / str(step) / "train_state", args=ocp.args.PyTreeRestore(
+        item=abstract_parts, restore_args={k: ocp.checkpoint_utils.construct_restore_args(v)
+                                           for k, v in abstract_parts.items()}, partial_restore=True))
+  return {k: parts[k] for k in abstract_parts}, step
+
+
 def restore_inference_params(workdir: str, abstract_params: Any, *, step: int | None = None,
                              use_ema: bool = True) -> tuple[Any, int]:
   """Generator parameters (EMA by default) from a workdir, placed as ``abstract_params`` says.
 
   Returns ``(params, step)``. Raises FileNotFoundError when the workdir has no checkpoint.
   """
-  directory = checkpoint_dir(workdir)
-  if not directory.exists():
-    raise FileNotFoundError(f"no checkpoints under {directory}")
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_handlers={"train_state": ocp.StandardCheckpointHandler(),
-                                                 "ema_params": ocp.StandardCheckpointHandler()})
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no finished checkpoint under {directory}")
-  if use_ema:
-    params = manager.restore(step, args=ocp.args.Composite(
-        ema_params=ocp.args.StandardRestore(abstract_params)))["ema_params"]
-  else:  # only the 'params' subtree of the train state, straight into the requested placement
-    with ocp.PyTreeCheckpointer() as reader:
-      params = reader.restore(directory / str(step) / "train_state", args=ocp.args.PyTreeRestore(
-          item={"params": abstract_params}, restore_args={"params": ocp.checkpoint_utils.construct_restore_args(
-              abstract_params)}, partial_restore=True))["params"]
+  if not use_ema:  # only the 'params' subtree of the train state, straight into the requested placement
+    parts, step = restore_train_state_parts(workdir, {"params": abstract_params}, step=step)
+    return parts["params"], step
+  manager, directory = _manager(workdir)
+  step = _resolve_step(manager, directory, step)
+  params = manager.restore(step, args=ocp.args.Composite(
+      ema_params=ocp.args.StandardRestore(abstract_params)))["ema_params"]
   manager.close()
   return params, step

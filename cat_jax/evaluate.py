@@ -603,22 +603,9 @@ def training_summary(config, step) -> dict[str, Any]:
   return {"level_mode": text, "steps": step, "source": data.get("source") if data else None}
 
 
-def load_tokenizer(path: str, *, batch_size: int, step: int | None = None, use_ema: bool = True, config=None):
-  """A training workdir (its checkpoint) or a ``save_pretrained`` / converted directory (its config.json and
-  params.msgpack), as a Tokenizer."""
-  from cat_jax.tokenizer import PRETRAINED, PRETRAINED_PARAMS, Tokenizer
-
-  if path in PRETRAINED or (storage.as_path(path) / PRETRAINED_PARAMS).is_file():
-    return Tokenizer.from_pretrained(path, batch_size=batch_size)
-  if not storage.as_path(path).exists():
-    raise FileNotFoundError(f"{path} does not exist (give a training workdir, a pretrained tokenizer directory or "
-                            f"one of the shipped names {list(PRETRAINED)})")
-  if not storage.as_path(path).is_dir():
-    raise FileNotFoundError(f"{path} is neither a training workdir nor a pretrained tokenizer directory")
-  return Tokenizer.from_checkpoint(path, step=step, use_ema=use_ema, batch_size=batch_size, config=config)
-
-
 def _parse_compare(items: Sequence[str], batch_size: int) -> dict[str, tuple[Any, int]]:
+  from cat_jax.tokenizer import load_tokenizer
+
   out = {}
   for item in items:
     name, sep, rest = item.partition("=")
@@ -644,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   logging.getLogger("absl").setLevel(logging.ERROR)
   try:
-    from cat_jax.tokenizer import PRETRAINED
+    from cat_jax.tokenizer import PRETRAINED, load_tokenizer
 
     config = load_config_file(args.config) if args.config else None
     tok = load_tokenizer(args.workdir, batch_size=args.batch_size, step=args.step, use_ema=not args.no_ema,

@@ -37,7 +37,6 @@ ImagesLike = Any  # (N, H, W, 3) array, or a sequence of (H, W, 3) arrays; float
 
 PRETRAINED_DIR = pathlib.Path(__file__).parent / "pretrained"
 PRETRAINED = ("demo",)  # shipped in the package (see cat_jax/pretrained/README.md)
-PRETRAINED_CONFIG, PRETRAINED_PARAMS = "config.json", "params.msgpack"
 _MODEL_FIELDS = tuple(f for f in NestedVAE.__dataclass_fields__ if f not in ("parent", "name", "dtype",
                                                                              "param_dtype"))
 
@@ -183,48 +182,50 @@ class Tokenizer:
   @classmethod
   def from_pretrained(cls, name_or_path: str | os.PathLike = "demo", *, batch_size: int | None = None,
                       mesh: jax.sharding.Mesh | None = None) -> "Tokenizer":
-    """Loads exported weights: ``"demo"`` (the small tokenizer shipped in the package) or a directory written by
-    ``save_pretrained`` (``config.json`` + ``params.msgpack``). Nothing is downloaded.
+    """Loads a weight folder (``cat_jax.weights``): ``"demo"`` (the small tokenizer shipped in the package) or a
+    directory written by ``save_pretrained`` or a converter (``config.json`` + ``model.safetensors``, or a legacy
+    ``params.msgpack``). Nothing is downloaded.
 
     Raises:
       FileNotFoundError: no such name or directory, or one without both files.
+      ValueError: the weights do not match the model ``config.json`` describes.
     """
     import ml_collections
 
-    from cat_jax.convert.common import load_params
+    from cat_jax import weights
 
     path = pathlib.Path(os.fspath(name_or_path)).expanduser()
     if isinstance(name_or_path, str) and name_or_path in PRETRAINED:
       path = PRETRAINED_DIR / name_or_path
-    missing = [f for f in (PRETRAINED_CONFIG, PRETRAINED_PARAMS) if not (path / f).is_file()]
-    if missing:
+    if not weights.is_folder(path):
       raise FileNotFoundError(
           f"{name_or_path!r} is neither a shipped tokenizer {sorted(PRETRAINED)} nor a directory holding "
-          f"{PRETRAINED_CONFIG} and {PRETRAINED_PARAMS} (missing: {missing}); write one with "
-          "Tokenizer.from_checkpoint(workdir).save_pretrained(dir)")
-    config = ml_collections.ConfigDict(json.loads((path / PRETRAINED_CONFIG).read_text()))
+          f"{weights.CONFIG} and {weights.MODEL}; write one with Tokenizer.from_checkpoint(workdir)"
+          ".save_pretrained(dir)")
+    config = ml_collections.ConfigDict(weights.read_config(path))
     model = build_model(config.model)
-    params = load_params(path / PRETRAINED_PARAMS)
-    expected = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 64, 64, model.in_channels)), 0)["params"],
-                              jax.random.key(0))
-    if jax.tree.structure(expected) != jax.tree.structure(params) or any(
-        a.shape != np.shape(b) for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(params))):
-      raise ValueError(f"{path / PRETRAINED_PARAMS} does not match the model its {PRETRAINED_CONFIG} describes")
+    params = weights.read_params(path)
+    check_params_match(model, params, f"{path}")
     return cls(model, jax.tree.map(jnp.asarray, params), batch_size=batch_size, mesh=mesh,
                step=config.get("step"), config=config)
 
-  def save_pretrained(self, path: str | os.PathLike) -> None:
-    """Writes ``config.json`` (the run's config, with the step) and ``params.msgpack`` for ``from_pretrained``."""
-    from cat_jax.convert.common import save_params
-
-    path = pathlib.Path(os.fspath(path)).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+  def export_config(self) -> dict[str, Any]:
+    """The run's config as a dict, with the model's actual fields and the step (what ``config.json`` holds)."""
     config = self.config.to_dict() if hasattr(self.config, "to_dict") else dict(self.config or {})
     config["model"] = {k: getattr(self.model, k) for k in _MODEL_FIELDS}
     config["model"].update(dtype=jnp.dtype(self.model.dtype).name, param_dtype=jnp.dtype(self.model.param_dtype).name)
     config["step"] = self.step
-    save_params(path / PRETRAINED_PARAMS, jax.device_get(self.params))
-    (path / PRETRAINED_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=list))
+    return config
+
+  def save_pretrained(self, path: str | os.PathLike) -> None:
+    """Writes ``config.json`` and ``model.safetensors`` (these parameters) for ``from_pretrained``.
+
+    For a release that fine-tunes with its GAN state (raw generator + discriminator), use
+    ``python -m cat_jax.convert release --src WORKDIR --out DIR``.
+    """
+    from cat_jax import weights
+
+    weights.write_folder(path, self.export_config(), jax.device_get(self.params))
 
   def with_params(self, params: Any) -> "Tokenizer":
     """The same tokenizer with other parameters (e.g. raw vs EMA)."""
@@ -378,6 +379,42 @@ class Tokenizer:
     """How many programs each entry point has compiled (one per level and image size when bucketing works)."""
     return {"encode": self._encode_fn._cache_size(), "decode": self._decode_fn._cache_size(),
             "reconstruct": self._reconstruct_fn._cache_size()}
+
+
+def check_params_match(model: NestedVAE, params: Any, where: str) -> None:
+  """Raises ValueError naming the first parameter that ``model`` lacks, misses or shapes differently."""
+  from cat_jax import weights
+
+  x = jnp.zeros((1, 2 * L.MAX_FACTOR, 2 * L.MAX_FACTOR, model.in_channels))
+  abstract = jax.eval_shape(lambda r: model.init(r, x, 0)["params"], jax.random.key(0))
+  expected = {weights.path_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  got = weights.flatten(params)
+  problems = [f"{k}: missing" for k in expected if k not in got] + [f"{k}: not in the model" for k in got
+                                                                    if k not in expected]
+  problems += [f"{k}: shape {np.shape(got[k])}, the model's {v.shape}" for k, v in expected.items()
+               if k in got and np.shape(got[k]) != v.shape]
+  if problems:
+    raise ValueError(f"the weights in {where} do not match the model its config.json describes "
+                     f"({len(problems)} problems, e.g. {'; '.join(problems[:3])})")
+
+
+def load_tokenizer(spec: str | os.PathLike, *, batch_size: int | None = None, step: int | None = None,
+                   use_ema: bool = True, config: Any = None) -> Tokenizer:
+  """A tokenizer by name, as every command line takes it: a shipped name (``demo``), a weight folder
+  (``save_pretrained``, ``convert sd_vae``, ``convert release``) or a training workdir (its checkpoint; ``step``,
+  ``use_ema`` and ``config`` apply to workdirs only)."""
+  from cat_jax import storage, weights
+
+  spec = os.fspath(spec)
+  if spec in PRETRAINED or weights.is_folder(spec):
+    return Tokenizer.from_pretrained(spec, batch_size=batch_size)
+  path = storage.as_path(spec)
+  if not path.exists():
+    raise FileNotFoundError(f"{spec} does not exist (give a training workdir, a tokenizer folder or one of the "
+                            f"shipped names {list(PRETRAINED)})")
+  if not path.is_dir():
+    raise FileNotFoundError(f"{spec} is neither a training workdir nor a tokenizer folder")
+  return Tokenizer.from_checkpoint(spec, step=step, use_ema=use_ema, batch_size=batch_size, config=config)
 
 
 def _encode(params, images, rng, *, level: int, sample: bool, model: NestedVAE):

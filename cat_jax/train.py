@@ -361,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   checkpoints = loop.Checkpoints(workdir, config)
   state, train_iter, resumed = checkpoints.restore_or_init(config, abstract_state, state_shardings, init_fn,
                                                            init_rng, train_iter)
-  if not resumed and config.get("init_from"):  # converted weights (e.g. an SD VAE); the discriminator stays fresh
+  if not resumed and config.get("init_from"):  # a weight folder (cat_jax.warm_start says what it restores)
     state = warm_start.warm_start(state, config)
     if is_main:
       logger.info("Initialised the nested VAE from %s", config.init_from)

@@ -1,14 +1,18 @@
-"""Training from converted weights: ``--config.init_from=DIR`` (a ``Tokenizer.from_pretrained`` directory, e.g. a
-Stable Diffusion VAE converted by ``python -m cat_jax.convert sd_vae``) and ``--config.freeze_pretrained_steps=N``.
+"""Training from a weight folder: ``--config.init_from=DIR`` (``cat_jax.weights``: a ``save_pretrained`` folder, a
+release written by ``python -m cat_jax.convert release``, or a Stable Diffusion VAE converted by ``python -m
+cat_jax.convert sd_vae``) and ``--config.freeze_pretrained_steps=N``.
 
-The run starts with DIR's parameters (EMA included); the discriminator and the optimiser states start fresh. With
+What a fresh run restores from DIR: the EMA generator (``model.safetensors``) as the EMA parameters, and as the
+trained parameters the raw generator (``generator.safetensors``) when the folder has it, else the EMA one; the
+discriminator's parameters and spectral-norm vectors (``discriminator.safetensors``) when the folder has them (the
+run's ``config.disc`` must then be the folder's), else a fresh discriminator. Optimiser states and the step start
+fresh. A resumed run (a checkpoint in its workdir) ignores ``init_from``. With
 ``freeze_pretrained_steps`` the modules DIR's ``config.json`` lists under ``sd_vae.pretrained`` / ``sd_vae.identity``
 (the whole 8x path) get no updates for the first N steps (-1: never; only the new 16x/32x stages train).
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any, NamedTuple
 
@@ -17,20 +21,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cat_jax import weights
 from cat_jax.models.nested_vae import build_model
 
-CONFIG, PARAMS = "config.json", "params.msgpack"
 _NOT_STRUCTURAL = ("dtype", "param_dtype")  # the run may compute in bf16 from float32 weights
 
 
 def read_init_config(path: str) -> dict[str, Any]:
   """``config.json`` of an ``init_from`` directory."""
-  p = pathlib.Path(path).expanduser()
-  if not (p / CONFIG).is_file() or not (p / PARAMS).is_file():
-    raise FileNotFoundError(f"init_from={path!r} must be a directory with {CONFIG} and {PARAMS}: convert a "
-                            "Stable Diffusion VAE with `python -m cat_jax.convert sd_vae --src PATH --out DIR` or "
-                            "export a tokenizer with Tokenizer.save_pretrained(DIR)")
-  return json.loads((p / CONFIG).read_text())
+  if not weights.is_folder(path):
+    raise FileNotFoundError(f"init_from={path!r} must be a directory with {weights.CONFIG} and {weights.MODEL}: "
+                            "export a training run with `python -m cat_jax.convert release --src WORKDIR --out DIR`, "
+                            "a tokenizer with Tokenizer.save_pretrained(DIR), or convert a Stable Diffusion VAE with "
+                            "`python -m cat_jax.convert sd_vae --src PATH --out DIR`")
+  return weights.read_config(path)
 
 
 def check_model_matches(init_model: dict[str, Any], run_model) -> None:
@@ -102,24 +106,41 @@ def maybe_freeze(tx: optax.GradientTransformation, config) -> optax.GradientTran
 
 
 def load_params(init_from: str, run_model) -> Any:
-  """``init_from``'s parameters (numpy), after checking that they are the run's model."""
-  from cat_jax.convert.common import load_params as read_params
-
+  """``init_from``'s EMA generator parameters (numpy), after checking that they are the run's model."""
   check_model_matches(read_init_config(init_from)["model"], run_model)
-  return read_params(pathlib.Path(init_from).expanduser() / PARAMS)
+  return weights.read_params(init_from)
 
 
-def place(params, like) -> Any:
-  """``params`` as global arrays with the shapes, dtypes and shardings of ``like`` (each process its own shards)."""
-  if jax.tree.structure(params) != jax.tree.structure(like) or any(
-      np.shape(p) != l.shape for p, l in zip(jax.tree.leaves(params), jax.tree.leaves(like))):
-    raise ValueError(f"the init_from {PARAMS} does not match the model its {CONFIG} describes")
-  return jax.tree.map(lambda p, l: jax.make_array_from_callback(
-      l.shape, l.sharding, lambda index: np.asarray(p, l.dtype)[index]), params, like)
+def place(params, like, what: str = "generator") -> Any:
+  """``params`` (nested dicts) as global arrays with the tree, shapes, dtypes and shardings of ``like`` (each process
+  its own shards)."""
+  flat = weights.flatten(params)
+  want = {weights.path_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(like)[0]}
+  if flat.keys() != want.keys() or any(flat[k].shape != want[k].shape for k in want):
+    raise ValueError(f"the init_from {what} weights do not match the model its {weights.CONFIG} describes")
+  return jax.tree_util.tree_map_with_path(lambda path, l: jax.make_array_from_callback(
+      l.shape, l.sharding, lambda index: np.asarray(flat[weights.path_key(path)], l.dtype)[index]), like)
 
 
 def warm_start(state, config):
-  """``state`` with its generator and EMA parameters replaced by ``config.init_from``'s (a fresh run only)."""
-  params = load_params(config.init_from, config.model)
+  """``state`` with what ``config.init_from`` holds (a fresh run only; the module docstring says what)."""
+  folder = pathlib.Path(config.init_from).expanduser()
+  ema = load_params(config.init_from, config.model)
+  raw = weights.read_params(folder, weights.GENERATOR) if (folder / weights.GENERATOR).is_file() else ema
   # Two buffers, not one: the train step donates the state.
-  return state.replace(params=place(params, state.params), ema_params=place(params, state.ema_params))
+  state = state.replace(params=place(raw, state.params), ema_params=place(ema, state.ema_params))
+  if not (folder / weights.DISCRIMINATOR).is_file():
+    return state
+  saved_disc = dict(read_init_config(config.init_from).get("disc") or {})
+  run_disc = dict(config.disc)
+  diffs = [f"disc.{k}: init_from has {saved_disc.get(k)!r}, config has {run_disc.get(k)!r}"
+           for k in sorted(set(saved_disc) | set(run_disc)) if saved_disc.get(k) != run_disc.get(k)]
+  if diffs:
+    raise ValueError("config.disc does not match the discriminator in init_from:\n  " + "\n  ".join(diffs) +
+                     f"\nSet these fields, or remove {folder / weights.DISCRIMINATOR} to start the discriminator "
+                     "fresh.")
+  disc = weights.read_params(folder, weights.DISCRIMINATOR)
+  stats = disc.get("batch_stats", {})
+  return state.replace(d_params=place(disc["params"], state.d_params, "discriminator"),
+                       d_batch_stats=place(stats, state.d_batch_stats, "discriminator") if stats else
+                       state.d_batch_stats)

@@ -74,8 +74,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpointing = True
 
-  # Warm start (docs/sd_vae.md): a Tokenizer.from_pretrained directory, e.g. from `python -m cat_jax.convert sd_vae`;
-  # its converted 8x path gets no updates for the first freeze_pretrained_steps steps (-1: never).
+  # Warm start from a weight folder (cat_jax/warm_start.py): a fresh run takes its EMA generator, its raw generator
+  # and its discriminator (GAN state) when the folder has them (`python -m cat_jax.convert release` writes all
+  # three; save_pretrained and `convert sd_vae` the EMA generator only); optimiser states start fresh.
+  # freeze_pretrained_steps: a converted SD VAE's 8x path gets no updates for that many steps (-1: never).
   c.init_from = ml_collections.config_dict.placeholder(str)
   c.freeze_pretrained_steps = 0
 

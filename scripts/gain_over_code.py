@@ -52,7 +52,7 @@ def main(argv=None) -> int:
   p.add_argument("--smooth-db", "--smooth_db", type=float, default=40.0,
                  help="images the code reproduces at this PSNR or better count as smooth")
   args = p.parse_args(argv)
-  from cat_jax.evaluate import load_tokenizer
+  from cat_jax.tokenizer import load_tokenizer
 
   tokenizers = {}
   for path in args.tokenizers:

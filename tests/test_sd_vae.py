@@ -15,7 +15,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from cat_jax import Tokenizer
 from cat_jax import train as T
-from cat_jax import warm_start
+from cat_jax import warm_start, weights
 from cat_jax.convert import __main__ as convert_main
 from cat_jax.convert import common
 from cat_jax.convert import sd_vae
@@ -238,7 +238,7 @@ def _warm_config(converted, config, **overrides):
 
 def test_freeze_holds_the_pretrained_modules_for_n_updates_only(small):
   _, converted, config = small
-  params = jax.tree.map(jnp.asarray, common.load_params(converted / "params.msgpack"))
+  params = jax.tree.map(jnp.asarray, weights.read_params(converted))
   grads = jax.tree.map(jnp.ones_like, params)
   g_tx, _, _ = T.make_optimizers(_warm_config(converted, config, freeze_pretrained_steps=2))
   opt_state = g_tx.init(params)
@@ -272,7 +272,7 @@ def test_warm_start_reproduces_the_source_at_8x_and_trains_only_the_new_stages(s
   c.data = dict(c.data.to_dict(), level_weights=1, eval_levels="8x")
   state = T.train_and_evaluate(c, str(tmp_path))
   assert int(state.step) == 2
-  loaded = common.load_params(converted / "params.msgpack")
+  loaded = weights.read_params(converted)
   pretrained = set(config["sd_vae"]["pretrained"]) | set(config["sd_vae"]["identity"])
   for name in loaded:
     same = all(np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree.leaves(state.params[name]),

@@ -293,16 +293,31 @@ def test_encode_cli_to_an_object_store_resumes_without_rewrites(workdir, tmp_pat
 
 
 def test_save_and_load_pretrained_round_trip(tok, tmp_path):
+  from cat_jax import weights
+  from cat_jax.convert.common import save_params
+
   tok.save_pretrained(tmp_path / "exported")
-  assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["config.json", "params.msgpack"]
+  assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["config.json", "model.safetensors"]
   loaded = Tokenizer.from_pretrained(tmp_path / "exported")
   assert loaded.model == tok.model and loaded.image_size == tok.image_size and loaded.step == tok.step
   x = _images(3)
   np.testing.assert_array_equal(loaded.reconstruct(x, 1), tok.reconstruct(x, 1))
+  # A folder written before safetensors (params.msgpack) loads to the same tokenizer.
+  legacy = tmp_path / "legacy"
+  legacy.mkdir()
+  (legacy / "config.json").write_text((tmp_path / "exported" / "config.json").read_text())
+  save_params(legacy / "params.msgpack", jax.device_get(tok.params))
+  np.testing.assert_array_equal(Tokenizer.from_pretrained(legacy).reconstruct(x, 1), tok.reconstruct(x, 1))
   with pytest.raises(FileNotFoundError, match="neither a shipped tokenizer"):
     Tokenizer.from_pretrained(tmp_path / "nowhere")
-  (tmp_path / "exported" / "params.msgpack").unlink()
-  with pytest.raises(FileNotFoundError, match="params.msgpack"):
+  # Weights of another model: the first mismatching parameter is named.
+  params = weights.read_params(tmp_path / "exported")
+  params["dec_conv_out"]["bias"] = np.zeros(4, np.float32)
+  weights.write_folder(tmp_path / "bad", weights.read_config(tmp_path / "exported"), params)
+  with pytest.raises(ValueError, match=r"dec_conv_out/bias: shape \(4,\), the model's \(3,\)"):
+    Tokenizer.from_pretrained(tmp_path / "bad")
+  (tmp_path / "exported" / "model.safetensors").unlink()
+  with pytest.raises(FileNotFoundError, match="model.safetensors"):
     Tokenizer.from_pretrained(tmp_path / "exported")
 
 

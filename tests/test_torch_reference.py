@@ -1,8 +1,9 @@
 """The PyTorch baseline of benchmarks/train_bench.py is the same network and the same train step as ours.
 
-Flax parameters are copied into benchmarks/torch_reference.py's modules; encoder, decoder and discriminator outputs
-must agree at every level, and one torch G + D step must report the same losses and gradient norms as
-``cat_jax.train.train_step`` on the same images and noise. Two model variants: the SD layout (GroupNorm, 1x1 skip
+Flax parameters are copied into the PyTorch port (cat_jax/convert/modeling_cat.py, the discriminator's in
+benchmarks/torch_reference.py); encoder, decoder and discriminator outputs must agree at every level, and one torch
+G + D step must report the same losses and gradient norms as ``cat_jax.train.train_step`` on the same images and
+noise. Two model variants: the SD layout (GroupNorm, 1x1 skip
 convs) and the demo/paper one (DC-AE shortcuts, RMSNorm, the DCT patch code on the latent path). JAX runs with
 float32 matmuls and convolutions ('highest') so that both sides compute the same thing.
 """
@@ -18,6 +19,7 @@ import torch
 
 from benchmarks import torch_reference as tr
 from cat_jax import train
+from cat_jax.convert import modeling_cat as port
 from cat_jax.models.discriminator import PatchDiscriminator
 from cat_jax.models.nested_vae import NestedVAE, crop_latent
 from conftest import matmul_chain_tolerance, patch_code_tolerance
@@ -68,14 +70,14 @@ def vae_pair(request):
 def test_num_groups_rule_matches():
   from cat_jax.models.nested_vae import _num_groups
   for c in (3, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512):
-    assert tr.num_groups(c) == _num_groups(c, 0)
+    assert port.num_groups(c) == _num_groups(c, 0)
 
 
 @pytest.mark.parametrize("c_in,c_out", [(8, 8), (16, 4), (4, 16), (8, 3), (3, 8)])
 def test_resize_channels_matches(c_in, c_out):
   from cat_jax.models.nested_vae import resize_channels
   x = jax.random.normal(jax.random.key(9), (2, 4, 4, c_in))
-  np.testing.assert_allclose(_nhwc(tr.resize_channels(_nchw(x), c_out)), resize_channels(x, c_out), atol=1e-6)
+  np.testing.assert_allclose(_nhwc(port.resize_channels(_nchw(x), c_out)), resize_channels(x, c_out), atol=1e-6)
 
 
 @pytest.mark.parametrize("f", [8, 16, 32])
@@ -85,11 +87,11 @@ def test_patch_code_matches(f):
   codes = patch_code.encode_patches(x, f, 16)
   # Two float32 sums of f*f*3 terms in different orders: each within the rounding bound, so twice it apart.
   tol = 2 * patch_code_tolerance(x, f, 16, decode=False) + 1e-7
-  np.testing.assert_array_less(np.abs(_nhwc(tr.encode_patches(_nchw(x), f, 16)) - codes), tol)
+  np.testing.assert_array_less(np.abs(_nhwc(port.encode_patches(_nchw(x), f, 16)) - codes), tol)
   _, decode = patch_code.code_matrices(f, 16)
   tol = 2 * patch_code.from_patches(matmul_chain_tolerance(codes, decode), f) + 1e-7
-  np.testing.assert_array_less(np.abs(_nhwc(tr.decode_patches(_nchw(codes), f)) - patch_code.decode_patches(codes, f)),
-                               tol)
+  got = _nhwc(port.decode_patches(_nchw(codes), f))
+  np.testing.assert_array_less(np.abs(got - patch_code.decode_patches(codes, f)), tol)
 
 
 def test_every_torch_parameter_is_loaded(vae_pair):
@@ -110,8 +112,8 @@ def test_forward_matches_flax(vae_pair, level):
       level, method=NestedVAE.decode)
 
   with torch.no_grad():
-    mean, logvar = torch_model.encode(_nchw(x), level)
-    recon_t = torch_model.decode(mean + torch.exp(0.5 * logvar) * _nchw(noise), level)
+    mean, logvar = torch_model.encode_moments(_nchw(x), level)
+    recon_t = torch_model.decode_level(mean + torch.exp(0.5 * logvar) * _nchw(noise), level)
   np.testing.assert_allclose(_nhwc(mean), crop_latent(posterior.mean, level), atol=1e-4, rtol=0)
   np.testing.assert_allclose(_nhwc(logvar), crop_latent(posterior.logvar, level), atol=1e-4, rtol=0)
   assert recon.shape == (2, SIZE, SIZE, 3)

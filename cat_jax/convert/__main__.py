@@ -1,5 +1,13 @@
-"""`python -m cat_jax.convert {lpips,inception} --out PATH [--torch-weights FILE]`,
-`python -m cat_jax.convert sd_vae --src PATH --out DIR [--preset sd|sdxl|sd3|flux]` (see docs/sd_vae.md)."""
+"""Weights in and out of cat_jax.
+
+  python -m cat_jax.convert lpips|inception --out PATH [--torch-weights FILE]   public torch weights -> Flax
+  python -m cat_jax.convert sd_vae --src PATH --out DIR [--preset sd|sdxl|sd3|flux]   (docs/sd_vae.md)
+  python -m cat_jax.convert to_torch --src TOKENIZER --out DIR   a standalone PyTorch tokenizer (docs/pytorch.md)
+  python -m cat_jax.convert release --src WORKDIR --out DIR      EMA + raw generator + discriminator, for
+                                                                  --config.init_from=DIR fine-tuning
+
+TOKENIZER: a shipped name (demo), a tokenizer folder (config.json + model.safetensors) or a training workdir.
+"""
 
 from __future__ import annotations
 
@@ -7,39 +15,58 @@ import argparse
 import importlib
 import sys
 
-# name -> module with `convert_cli(torch_weights: str | None, out: str, **options) -> None`
+# name -> module with `convert_cli(src: str | None, out: str, **options) -> None`
 CONVERTERS = {
     "lpips": "cat_jax.convert.lpips",
     "inception": "cat_jax.convert.inception",
     "sd_vae": "cat_jax.convert.sd_vae",
+    "to_torch": "cat_jax.convert.to_torch",
+    "release": "cat_jax.convert.release",
 }
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m cat_jax.convert", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m cat_jax.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("which", choices=sorted(CONVERTERS))
   parser.add_argument("--out", required=True,
-                      help="where to write the Flax msgpack file (sd_vae: a directory for Tokenizer.from_pretrained)")
-  parser.add_argument("--torch-weights", "--src", dest="torch_weights", default=None,
-                      help="path of the public torch checkpoint (default: torch hub cache); sd_vae: a diffusers "
-                           "AutoencoderKL folder or an original .safetensors/.ckpt file")
+                      help="lpips/inception: the Flax msgpack file to write; sd_vae/release: a tokenizer folder; "
+                           "to_torch: the PyTorch folder")
+  parser.add_argument("--torch-weights", "--torch_weights", "--src", dest="src", default=None,
+                      help="lpips/inception: the public torch checkpoint (default: torch hub cache); sd_vae: a "
+                           "diffusers AutoencoderKL folder or an original .safetensors/.ckpt file; to_torch: a "
+                           "tokenizer (demo, a folder, a workdir); release: a training workdir")
+  parser.add_argument("--step", type=int, default=None,
+                      help="to_torch/release from a workdir: which checkpoint step (default: the latest)")
   sd = parser.add_argument_group("sd_vae only")
   sd.add_argument("--preset", default=None, help="latent scaling of a known VAE: sd, sdxl, sd3 or flux")
-  sd.add_argument("--scaling-factor", type=float, default=None, help="latent scale (overrides preset and config)")
-  sd.add_argument("--shift-factor", type=float, default=None, help="latent shift (overrides preset and config)")
+  sd.add_argument("--scaling-factor", "--scaling_factor", type=float, default=None,
+                  help="latent scale (overrides preset and config)")
+  sd.add_argument("--shift-factor", "--shift_factor", type=float, default=None,
+                  help="latent shift (overrides preset and config)")
   sd.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised 16x/32x stages")
+  return parser
+
+
+def main(argv=None) -> int:
+  parser = build_parser()
   args = parser.parse_args(argv)
   options = {}
   if args.which == "sd_vae":
     options = dict(preset=args.preset, scaling_factor=args.scaling_factor, shift_factor=args.shift_factor,
                    seed=args.seed)
+  elif args.which in ("to_torch", "release"):
+    options = dict(step=args.step)
+  elif args.step is not None:
+    parser.error(f"--step applies to to_torch and release, not {args.which}")
   module = importlib.import_module(CONVERTERS[args.which])
   try:
-    module.convert_cli(args.torch_weights, args.out, **options)
+    module.convert_cli(args.src, args.out, **options)
   except (FileNotFoundError, ImportError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
-  print(f"wrote {args.out}")
+  if args.which not in ("to_torch", "release"):
+    print(f"wrote {args.out}")
   return 0
 
 

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from cat_jax.convert import common
+from cat_jax import weights
 
 NUM_SOURCE_STAGES = 4  # an 8x VAE: three stride-2 downsamplers
 DEFAULT_NORM_GROUPS = 32  # ldm's Normalize, and diffusers' default
@@ -398,11 +398,8 @@ def convert(src: str | pathlib.Path, *, preset: str | None = None, scaling_facto
 
 
 def save(out: str | pathlib.Path, params, config: Mapping[str, Any]) -> None:
-  """Writes ``out/config.json`` and ``out/params.msgpack`` (the ``Tokenizer.from_pretrained`` format)."""
-  out = pathlib.Path(out).expanduser()
-  out.mkdir(parents=True, exist_ok=True)
-  common.save_params(out / "params.msgpack", params)
-  (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=list))
+  """Writes ``out/config.json`` and ``out/model.safetensors`` (the ``Tokenizer.from_pretrained`` format)."""
+  weights.write_folder(out, config, params)
 
 
 def convert_cli(src: str | None, out: str, *, preset: str | None = None, scaling_factor: float | None = None,

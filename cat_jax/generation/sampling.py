@@ -32,7 +32,7 @@ TOKENIZER_DIR = "tokenizer"  # <workdir>/tokenizer: the untrained tokenizer a ru
 
 def load_tokenizer(config, workdir: str, *, batch_size: int = 64):
   """The tokenizer a DiT run's latents come from: ``config.tokenizer.path`` or ``<workdir>/tokenizer``."""
-  from cat_jax.evaluate import load_tokenizer as load
+  from cat_jax.tokenizer import load_tokenizer as load
 
   path = config.tokenizer.get("path") or os.fspath(storage.as_path(workdir) / TOKENIZER_DIR)
   return load(path, batch_size=batch_size)
