@@ -190,3 +190,17 @@ def test_to_torch_cli_one_line_errors(tmp_path, capsys):
   to_torch.export(Tokenizer.from_pretrained("demo"), tmp_path / "pt")
   with pytest.raises(ValueError, match="for PyTorch"):
     Tokenizer.from_pretrained(tmp_path / "pt")
+
+
+def test_to_torch_from_a_training_workdir(runlocal_workdir, tmp_path, capsys):
+  assert convert_main.main(["to_torch", "--src", runlocal_workdir, "--step", "3", "--out", str(tmp_path / "pt")]) == 0
+  assert "step 3" in capsys.readouterr().out
+  config = json.loads((tmp_path / "pt" / "config.json").read_text())
+  assert config["step"] == 3 and config["source"] == runlocal_workdir and config["model"]["shortcuts"] is True
+  tok = Tokenizer.from_checkpoint(runlocal_workdir, step=3)
+  want = to_torch.torch_state_dict(jax.device_get(tok.params))
+  from safetensors.numpy import load_file
+  got = load_file(str(tmp_path / "pt" / "model.safetensors"))
+  assert sorted(got) == sorted(want)
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
