@@ -136,36 +136,29 @@ class JaxTrain:
 
   def __init__(self, s):
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from benchmarks.train_bench import load_config
     from cat_jax import train
-    from cat_jax.models.nested_vae import build_model
 
     config = load_config(s["config"])
     config.batch_size = s["batch"]
     config.loss.disc_start = 0
     if not s["lpips"]:
       config.loss.lpips_weight = 0.0
-    config.model.dtype = s["dtype"]
+    config.model.dtype = s["dtype"]  # as --config.model.dtype; the discriminator computes in config.disc.dtype
     self.config, self.batch, self.size = config, s["batch"], s["size"]
-    self.model = build_model(config.model)
-    self.disc = train.make_discriminator(config).clone(dtype=jnp.bfloat16 if s["dtype"] == "bfloat16" else jnp.float32)
-    g_tx, d_tx, g_schedule = train.make_optimizers(config)
     self.lpips_module = self.lpips_params = None
     self.torch_lpips = None
     if config.loss.lpips_weight > 0:
       import torch
       from benchmarks.train_bench import _make_lpips
       self.torch_lpips, self.lpips_module, self.lpips_params = _make_lpips(torch.device("cpu"))
+    parts = train.make_train_step(config, lpips_module=self.lpips_module, image_size=s["size"])
+    self.model, self.disc, self.step_fn = parts.model, parts.disc, parts.step
     init_rng, self.step_rng = jax.random.split(jax.random.key(config.seed))
-    self.state = jax.jit(functools.partial(train.init_train_state, model=self.model, disc=self.disc, g_tx=g_tx,
-                                           d_tx=d_tx, image_size=s["size"]))(init_rng)
+    self.state = jax.jit(parts.init)(init_rng)
     images = np.random.default_rng(0).uniform(-1, 1, (s["batch"], s["size"], s["size"], 3)).astype(np.float32)
     self.images_np, self.images = images, jax.device_put(images)
-    self.step_fn = functools.partial(train.train_step, model=self.model, disc=self.disc,
-                                     lpips_module=self.lpips_module, g_tx=g_tx, d_tx=d_tx, g_schedule=g_schedule,
-                                     config=config)
 
   def compile(self, level, traced: bool):
     """(a ``run(n)`` that does n steps and blocks, compile info)."""
@@ -348,7 +341,8 @@ def torch_worker(spec_json: str) -> None:
                              recon_weight=lc.recon_weight, log_mse_weight=lc.log_mse_weight,
                              kl_weight=lc.kl_weight, gan_weight=lc.gan_weight,
                              perceptual=perceptual, perceptual_weight=lc.lpips_weight, compile=compile_,
-                             autocast_dtype=torch.bfloat16 if s["dtype"] == "bfloat16" else None)
+                             autocast_dtype=torch.bfloat16 if s["dtype"] == "bfloat16" else None,
+                             disc_float32=s["disc"].get("dtype", "float32") == "float32")
 
   step = make(mode == "compile")
   first = {}

@@ -13,6 +13,7 @@ costs the same).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any, Mapping
@@ -95,7 +96,8 @@ class TorchTrainStep:
   The VAE trunk (up to the decoder's last conv) and the discriminator are ``torch.compile``d separately when
   ``compile`` is set: the adaptive weight differentiates w.r.t. the last conv only, which must stay outside the
   trunk's compiled graph (a compiled graph is one autograd node; reaching a weight inside it would run its whole
-  backward). ``autocast_dtype`` (e.g. torch.bfloat16) runs both networks under autocast.
+  backward). ``autocast_dtype`` (e.g. torch.bfloat16) runs the VAE under autocast, and the discriminator too unless
+  ``disc_float32`` (as ``config.disc.dtype='float32'``, the default, in the JAX step).
   """
 
   def __init__(self, vae: NestedVAE, disc: PatchDiscriminator, *, lr: float = 1e-4, d_lr: float = 1e-4,
@@ -103,7 +105,7 @@ class TorchTrainStep:
                ema_decay: float = 0.9999, recon: str = "l1", recon_weight: float = 1.0, log_mse_weight: float = 0.0,
                kl_weight: float = 1e-6, gan_weight: float = 0.5, perceptual: nn.Module | None = None,
                perceptual_weight: float = 0.0,
-               compile: bool = True, autocast_dtype: torch.dtype | None = None):
+               compile: bool = True, autocast_dtype: torch.dtype | None = None, disc_float32: bool = False):
     if recon not in ("l1", "l2"):
       raise ValueError(f"recon must be 'l1' or 'l2', got {recon!r}")
     self.vae, self.disc = vae, disc
@@ -111,6 +113,7 @@ class TorchTrainStep:
     self.log_mse_weight = log_mse_weight
     self.grad_clip, self.ema_decay = grad_clip, ema_decay
     self.autocast_dtype = autocast_dtype
+    self.disc_float32 = disc_float32
     device = next(vae.parameters()).device
     self.device_type = device.type
     fused = device.type == "cuda"
@@ -143,6 +146,8 @@ class TorchTrainStep:
     """``images`` NCHW in [-1, 1]; returns the step's losses and gradient norms as (unsynchronised) tensors."""
     autocast = torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.float32,
                               enabled=self.autocast_dtype is not None)
+    d_autocast = (torch.autocast(self.device_type, enabled=False) if self.disc_float32 else
+                  contextlib.nullcontext())  # inside `autocast`: float32 or the VAE's autocast
     if noise is None:
       f = FACTORS[level]
       z_channels = self.vae.post_quant_conv.in_channels
@@ -155,7 +160,8 @@ class TorchTrainStep:
       features, base, mean, logvar = self.trunk(images, level, noise)
       recon = self.vae.output_head(features) + base
       nll, rec = self._nll(images, recon)
-      g_loss = -self.disc_fn(recon).float().mean()
+      with d_autocast:
+        g_loss = -self.disc_fn(recon.float() if self.disc_float32 else recon).float().mean()
     kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
     weight = _adaptive_weight(nll, g_loss, self.vae.dec_conv_out.weight)
     total = nll + self.kl_weight * kl + self.gan_weight * weight * g_loss
@@ -169,9 +175,9 @@ class TorchTrainStep:
 
     # Discriminator.
     self.disc.requires_grad_(True)
-    with autocast:
+    with autocast, d_autocast:
       real = self.disc_fn(images).float()
-      fake = self.disc_fn(recon.detach()).float()
+      fake = self.disc_fn(recon.detach().float() if self.disc_float32 else recon.detach()).float()
     d_loss = 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
     self.d_opt.zero_grad(set_to_none=True)
     d_loss.backward()

@@ -28,7 +28,6 @@ Prints one table and, last, one JSON line.
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import json
 import pathlib
@@ -48,7 +47,6 @@ import torch  # noqa: E402
 from benchmarks import torch_reference as tr  # noqa: E402
 from cat_jax import levels as L  # noqa: E402
 from cat_jax import train  # noqa: E402
-from cat_jax.models.nested_vae import build_model  # noqa: E402
 
 # Dense peak FLOP/s per device (bfloat16, float32); float32 on NVIDIA is the TF32 tensor-core rate, on TPUs the
 # bf16 rate (XLA's default float32 matmul precision uses bf16 passes there). Matched in order, by substring of
@@ -162,11 +160,7 @@ def main() -> None:
   use_lpips = config.loss.lpips_weight > 0 and not args.no_lpips
   if not use_lpips:
     config.loss.lpips_weight = 0.0
-  config.model.dtype = args.dtype
-  compute_dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  model = build_model(config.model)
-  disc = train.make_discriminator(config).clone(dtype=compute_dtype)
-  g_tx, d_tx, g_schedule = train.make_optimizers(config)
+  config.model.dtype = args.dtype  # as --config.model.dtype; the discriminator computes in config.disc.dtype
 
   torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.set_float32_matmul_precision("high")  # TF32 on NVIDIA, as XLA's default float32 precision
@@ -176,13 +170,12 @@ def main() -> None:
   images_np = rng.uniform(-1, 1, (args.batch, size, size, 3)).astype(np.float32)
 
   # -- JAX: the real train_step ------------------------------------------------------------------------------------
+  parts = train.make_train_step(config, lpips_module=lpips_module, image_size=size)
+  step_fn = parts.step
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-  init_fn = functools.partial(train.init_train_state, model=model, disc=disc, g_tx=g_tx, d_tx=d_tx, image_size=size)
-  state = jax.jit(init_fn)(init_rng)
+  state = jax.jit(parts.init)(init_rng)
   g_params_np = jax.device_get(state.params)  # the torch reference starts from the same weights
   d_params_np = jax.device_get(state.d_params)
-  step_fn = functools.partial(train.train_step, model=model, disc=disc, lpips_module=lpips_module, g_tx=g_tx,
-                              d_tx=d_tx, g_schedule=g_schedule, config=config)
   images = jnp.asarray(images_np)
   start = time.perf_counter()
   jitted = jax.jit(step_fn, static_argnums=2, donate_argnums=0)
@@ -214,7 +207,8 @@ def main() -> None:
         grad_clip=o.grad_clip, ema_decay=config.ema_decay, recon=lc.recon, recon_weight=lc.recon_weight,
         log_mse_weight=lc.log_mse_weight, kl_weight=lc.kl_weight, gan_weight=lc.gan_weight, perceptual=torch_lpips,
         perceptual_weight=lc.lpips_weight, compile=compile_,
-        autocast_dtype=torch.bfloat16 if args.dtype == "bfloat16" else None)
+        autocast_dtype=torch.bfloat16 if args.dtype == "bfloat16" else None,
+        disc_float32=config.disc.get("dtype", "float32") == "float32")
 
   sync = torch.cuda.synchronize if torch_device.type == "cuda" else (lambda: None)
   torch_mode = "eager" if args.no_torch_compile else "compile"

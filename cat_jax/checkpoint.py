@@ -29,8 +29,10 @@ from orbax.checkpoint import checkpoint_managers as policies
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
-# Config keys whose change makes a checkpoint unusable (parameter or optimiser-state shapes change).
+# Config keys whose change makes a checkpoint unusable (parameter or optimiser-state shapes change), except the
+# compute dtype inside them (parameters stay in their param_dtype).
 STRUCTURAL_KEYS = ("model", "disc")
+COMPUTE_ONLY = ("dtype",)
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -62,7 +64,7 @@ def check_compatible(saved: ml_collections.ConfigDict, current: ml_collections.C
     a = json.loads(json.dumps(saved.get(key, {}).to_dict() if saved.get(key) else {}, default=str))
     b = json.loads(json.dumps(current.get(key, {}).to_dict() if current.get(key) else {}, default=str))
     for k in sorted(set(a) | set(b)):
-      if a.get(k) != b.get(k):
+      if k not in COMPUTE_ONLY and a.get(k) != b.get(k):
         diffs.append(f"{key}.{k}: checkpoint has {a.get(k)!r}, config has {b.get(k)!r}")
   if diffs:
     raise ValueError("the config is incompatible with the checkpoints in this workdir:\n  " + "\n  ".join(diffs) +

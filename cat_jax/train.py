@@ -11,10 +11,11 @@ KL + hinge GAN loss with taming's adaptive weight), an EMA update, and a discrim
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -32,7 +33,7 @@ from cat_jax.losses.reconstruction import log_mse_loss, reconstruction_loss
 from cat_jax.metrics import image_quality
 from cat_jax.metrics.baselines import area_bicubic
 from cat_jax.models.discriminator import PatchDiscriminator
-from cat_jax.models.nested_vae import NestedVAE, build_model
+from cat_jax.models.nested_vae import NestedVAE, build_model, parse_dtype
 
 logger = logging.getLogger("cat_jax.train")
 OUTPUT_HEAD_PARAMS = ("dec_norm_out", "dec_conv_out", "dec_gate")
@@ -71,7 +72,12 @@ def make_optimizers(config) -> tuple[optax.GradientTransformation, optax.Gradien
 
 
 def make_discriminator(config) -> PatchDiscriminator:
-  return PatchDiscriminator(**config.disc)
+  """``PatchDiscriminator(**config.disc)``, dtype names ('bfloat16') accepted."""
+  kwargs = dict(config.disc)
+  for key in ("dtype", "param_dtype"):
+    if key in kwargs:
+      kwargs[key] = parse_dtype(kwargs[key], f"disc.{key}")
+  return PatchDiscriminator(**kwargs)
 
 
 def apply_discriminator(disc: PatchDiscriminator, d_params, d_batch_stats, images, *, update_stats: bool = False):
@@ -235,6 +241,40 @@ def train_step(state: TrainState, images, level, lpips_params, base_rng, *, mode
   return new_state, metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """One training step built from a config by ``make_train_step``: what ``python -m cat_jax.train`` runs and what
+  the benchmarks (benchmarks/suite.py, benchmarks/train_bench.py) time.
+
+  ``step(state, images, level, lpips_params, base_rng, use_gan=True) -> (state, metrics)`` is ``train_step`` with
+  the networks, optimisers and config bound (unjitted: callers choose shardings and static arguments);
+  ``init(rng) -> TrainState`` makes its state.
+  """
+
+  model: NestedVAE
+  disc: PatchDiscriminator
+  g_tx: optax.GradientTransformation
+  d_tx: optax.GradientTransformation
+  g_schedule: optax.Schedule
+  lpips_module: Any
+  step: Callable
+  init: Callable
+
+
+def make_train_step(config: ml_collections.ConfigDict, *, lpips_module=None,
+                    image_size: int | None = None) -> TrainStep:
+  """The train step of ``config``; ``lpips_module`` is needed when ``loss.lpips_weight > 0``; ``image_size``
+  (default ``config.data.image_size``) only sizes the discriminator's init."""
+  model, disc = build_model(config.model), make_discriminator(config)
+  g_tx, d_tx, g_schedule = make_optimizers(config)
+  step = functools.partial(train_step, model=model, disc=disc, lpips_module=lpips_module, g_tx=g_tx, d_tx=d_tx,
+                           g_schedule=g_schedule, config=config)
+  init = functools.partial(init_train_state, model=model, disc=disc, g_tx=g_tx, d_tx=d_tx,
+                           image_size=image_size or config.data.image_size)
+  return TrainStep(model=model, disc=disc, g_tx=g_tx, d_tx=d_tx, g_schedule=g_schedule, lpips_module=lpips_module,
+                   step=step, init=init)
+
+
 def reconstruct(params, images, level, *, model):
   """Posterior-mode reconstruction (what evaluation and the tokenizer use)."""
   recon, _ = model.apply({"params": params}, images, level)
@@ -345,15 +385,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # Mesh and shapes.
   mesh = loop.make_mesh(config)
   process_batch = config.batch_size // jax.process_count()
-  model, disc = build_model(config.model), make_discriminator(config)
-  g_tx, d_tx, g_schedule = make_optimizers(config)
   lpips_module, lpips_params = _load_lpips_params(config)
+  parts = make_train_step(config, lpips_module=lpips_module)
+  model, init_fn, step_fn = parts.model, parts.init, parts.step
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
 
   # Sharded init: shapes first, then a jitted init that materialises each shard where it lives.
-  init_fn = functools.partial(init_train_state, model=model, disc=disc, g_tx=g_tx, d_tx=d_tx,
-                              image_size=config.data.image_size)
   abstract_state, state_shardings = loop.sharded_shapes(init_fn, init_rng, mesh, min_size=config.fsdp_min_size)
 
   # Restore (or init) state and data position.
@@ -372,8 +410,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   # The jitted steps: explicit shardings, the state donated.
   rep = parallel.replicated(mesh)
-  step_fn = functools.partial(train_step, model=model, disc=disc, lpips_module=lpips_module, g_tx=g_tx, d_tx=d_tx,
-                              g_schedule=g_schedule, config=config)
   lpips_shardings = jax.tree.map(lambda _: rep, lpips_params)
   # The level is a traced scalar (one compilation serves all levels through lax.switch) or, with
   # config.static_level, a static int (one cached executable per level, picked per batch).

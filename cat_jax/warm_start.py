@@ -134,7 +134,8 @@ def warm_start(state, config):
   saved_disc = dict(read_init_config(config.init_from).get("disc") or {})
   run_disc = dict(config.disc)
   diffs = [f"disc.{k}: init_from has {saved_disc.get(k)!r}, config has {run_disc.get(k)!r}"
-           for k in sorted(set(saved_disc) | set(run_disc)) if saved_disc.get(k) != run_disc.get(k)]
+           for k in sorted(set(saved_disc) | set(run_disc))
+           if k not in ("dtype",) and saved_disc.get(k) != run_disc.get(k)]
   if diffs:
     raise ValueError("config.disc does not match the discriminator in init_from:\n  " + "\n  ".join(diffs) +
                      f"\nSet these fields, or remove {folder / weights.DISCRIMINATOR} to start the discriminator "

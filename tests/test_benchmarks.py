@@ -170,3 +170,21 @@ def test_ops_bench_compares_the_same_math_per_layer(capsys):
   assert "jax_over_torch" in capsys.readouterr().out
   with pytest.raises(SystemExit):
     ops_bench.main(["--ops", "rmsnorm,layernorm"])
+
+
+def test_the_suite_times_the_trainers_step_with_the_configs_discriminator_dtype():
+  import jax.numpy as jnp
+
+  from cat_jax import train
+  from conftest import load_config
+
+  t = suite.JaxTrain(dict(config="runlocal", batch=2, size=32, lpips=False, dtype="bfloat16"))
+  assert t.step_fn.func is train.train_step and t.step_fn.keywords["config"] is t.config
+  assert t.model.dtype == jnp.bfloat16 and t.disc.dtype == jnp.float32  # config.disc.dtype, not the model's
+  config = load_config("cat.py", "runlocal")
+  assert config.disc.dtype == "float32"
+  config.disc.dtype = "bfloat16"
+  assert train.make_train_step(config).disc.dtype == jnp.bfloat16
+  config.disc.dtype = "int8"
+  with pytest.raises(ValueError, match="disc.dtype must be one of"):
+    train.make_train_step(config)

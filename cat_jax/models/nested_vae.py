@@ -552,14 +552,21 @@ def _is_static_int(level) -> bool:
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def parse_dtype(value, key: str):
+  """A dtype from its config name ('float32', 'bfloat16', 'float16'); other values pass through."""
+  if not isinstance(value, str):
+    return value
+  if value not in _DTYPES:
+    raise ValueError(f"{key} must be one of {sorted(_DTYPES)}, got {value!r}")
+  return _DTYPES[value]
+
+
 def build_model(model_config) -> NestedVAE:
   """``NestedVAE(**model_config)``, accepting a ConfigDict or dict and dtype names like 'bfloat16'."""
   kwargs = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
   for key in ("dtype", "param_dtype"):
-    if isinstance(kwargs.get(key), str):
-      if kwargs[key] not in _DTYPES:
-        raise ValueError(f"model.{key} must be one of {sorted(_DTYPES)}, got {kwargs[key]!r}")
-      kwargs[key] = _DTYPES[kwargs[key]]
+    if key in kwargs:
+      kwargs[key] = parse_dtype(kwargs[key], f"model.{key}")
   for key in ("ch_mult", "logvar_range"):
     if key in kwargs:
       kwargs[key] = tuple(kwargs[key])
