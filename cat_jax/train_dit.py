@@ -78,25 +78,12 @@ def train_step(state: TrainState, latents, labels, base_rng, level: int, *, mode
 
 
 # -- latents --------------------------------------------------------------------------------------------------------
-def _source_labels(source, n: int) -> np.ndarray:
-  """Class of each image: the record's 'label' (TFDS label_key) or the embedded dataset's kind index."""
-  from cat_jax.data.embedded import KIND_NAMES
-
-  if hasattr(source, "kind"):
-    return np.array([KIND_NAMES.index(source.kind(i).name) for i in range(n)], np.int32)
-  first = source[0]
-  if "label" not in first:
-    raise ValueError(f"{source!r} gives no 'label': pass data.source_kwargs.label_key (TFDS), or encode a class "
-                     "folder with python -m cat_jax.encode --labels subfolder and set data.latents")
-  return np.array([int(source[i]["label"]) for i in range(n)], np.int32)
-
-
 def encode_latents(config, workdir: str) -> str:
   """``data.latents``, or ``<workdir>/latents`` encoded here from ``data.source`` (once; a rerun reuses them)."""
   if config.data.latents:
     return config.data.latents
   from cat_jax import data as cat_data
-  from cat_jax.encode import encode_source
+  from cat_jax.data.latents import encode_source
   from cat_jax.generation.sampling import TOKENIZER_DIR, load_tokenizer
 
   out = storage.as_path(workdir) / "latents"
@@ -121,7 +108,7 @@ def encode_latents(config, workdir: str) -> str:
   tmp = storage.as_path(workdir) / "latents.tmp"  # complete or absent: a killed encode starts again
   if tmp.exists():
     tmp.rmtree()
-  encode_source(tok, source, tmp, levels=levels, labels=_source_labels(source, len(source)),
+  encode_source(tok, source, tmp, levels=levels, labels=cat_data.source_labels(source, len(source)),
                 image_size=config.data.image_size)
   tmp.rename(out)
   return os.fspath(out)

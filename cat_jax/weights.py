@@ -8,6 +8,9 @@ in the Flax tree, ``/``-joined (``enc_stages_0_0/conv1/kernel``; a '/' inside a 
 layouts (HWIO kernels).
 
 Folders written before safetensors (``params.msgpack`` instead of ``model.safetensors``) still load.
+
+Frozen converted networks (LPIPS, the FID Inception: ``python -m cat_jax.convert lpips|inception``) are single msgpack
+files: ``save_params`` / ``load_params``, found under ``weights_dir()``.
 """
 
 from __future__ import annotations
@@ -123,7 +126,6 @@ def read_params(folder: str | os.PathLike, which: str = MODEL) -> dict[str, Any]
     if path is None:
       raise FileNotFoundError(f"{folder} has neither {MODEL} nor {LEGACY_MODEL}")
     if path.name == LEGACY_MODEL:
-      from cat_jax.convert.common import load_params
       return load_params(path)
     return load_tree(path)
   return load_tree(folder / which)
@@ -148,3 +150,49 @@ def write_folder(folder: str | os.PathLike, config: Mapping[str, Any], params: M
   legacy = folder / LEGACY_MODEL
   if legacy.exists():  # one set of generator weights per folder
     legacy.unlink()
+
+
+# -- converted frozen networks (LPIPS, Inception) ----------------------------------------------------------------
+def weights_dir() -> pathlib.Path:
+  """Where converted weights live by default: $CAT_JAX_WEIGHTS or ~/.cache/cat_jax."""
+  return pathlib.Path(os.environ.get("CAT_JAX_WEIGHTS", "~/.cache/cat_jax")).expanduser()
+
+
+def torch_hub_checkpoints_dir() -> pathlib.Path:
+  """torch.hub's checkpoint cache ($TORCH_HOME/hub/checkpoints, default ~/.cache/torch/...)."""
+  torch_home = os.environ.get("TORCH_HOME", "~/.cache/torch")
+  return pathlib.Path(torch_home).expanduser() / "hub" / "checkpoints"
+
+
+def save_params(path: str | os.PathLike, params) -> None:
+  """Writes a parameter pytree (numpy leaves) as a msgpack file."""
+  import flax.serialization
+  import jax
+
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  params = jax.tree.map(np.asarray, params)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_bytes(flax.serialization.msgpack_serialize(params))
+  os.replace(tmp, path)  # never leave a half-written file under the final name
+
+
+def load_params(path: str | os.PathLike):
+  """Reads a parameter pytree written by ``save_params``."""
+  import flax.serialization
+
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(
+        f"No converted weights at {path}. Create them with `python -m cat_jax.convert ...` "
+        "(see README, 'Pretrained weights').")
+  return flax.serialization.msgpack_restore(path.read_bytes())
+
+
+def require_file(path: pathlib.Path, what: str, url: str) -> pathlib.Path:
+  """Returns ``path`` if it exists, else raises with download instructions."""
+  if not path.exists():
+    raise FileNotFoundError(
+        f"{what} not found at {path}.\nThis machine cannot download it for you. Download\n  {url}\n"
+        f"and place it at {path} (or pass its path explicitly).")
+  return path

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from cat_jax import evaluate as E
-from cat_jax.convert import common
+from cat_jax import weights as weight_files
 from cat_jax.convert import lpips as convert_lpips
 from cat_jax.data import get_source
 from cat_jax.data.embedded import generate
@@ -35,7 +35,7 @@ def weights(tmp_path_factory):
   torch.manual_seed(0)
   net = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
   state = net.state_dict()
-  common.save_params(tmp / "lpips.msgpack", convert_lpips.convert_torch_lpips(state, state))
+  weight_files.save_params(tmp / "lpips.msgpack", convert_lpips.convert_torch_lpips(state, state))
   return str(tmp / "inception.msgpack"), str(tmp / "lpips.msgpack")
 
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from cat_jax.convert import __main__ as convert_main
-from cat_jax.convert import common
+from cat_jax import weights
 from cat_jax.convert import lpips as convert_lpips
 from cat_jax.losses.perceptual import perceptual_loss
 from cat_jax.models import lpips as lpips_model
@@ -241,7 +241,7 @@ def test_cli_reports_missing_vgg_file(tmp_path, monkeypatch, capsys):
 
 def test_cli_round_trip(tmp_path, monkeypatch, torch_lpips, photos):
   monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-  vgg_file = common.torch_hub_checkpoints_dir() / convert_lpips.VGG16_FILENAME
+  vgg_file = weights.torch_hub_checkpoints_dir() / convert_lpips.VGG16_FILENAME
   vgg_file.parent.mkdir(parents=True)
   torch.save(_torchvision_vgg_state(torch_lpips), vgg_file)
 
@@ -257,4 +257,4 @@ def test_cli_round_trip(tmp_path, monkeypatch, torch_lpips, photos):
   vgg_file.rename(moved)
   out2 = tmp_path / "lpips2.msgpack"
   assert convert_main.main(["lpips", "--out", str(out2), "--torch-weights", str(moved)]) == 0
-  jax.tree.map(np.testing.assert_array_equal, common.load_params(out), common.load_params(out2))
+  jax.tree.map(np.testing.assert_array_equal, weights.load_params(out), weights.load_params(out2))

@@ -17,7 +17,6 @@ from cat_jax import Tokenizer
 from cat_jax import train as T
 from cat_jax import warm_start, weights
 from cat_jax.convert import __main__ as convert_main
-from cat_jax.convert import common
 from cat_jax.convert import sd_vae
 from cat_jax.models.nested_vae import NestedVAE, build_model
 from conftest import load_config

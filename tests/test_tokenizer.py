@@ -17,6 +17,7 @@ from cat_jax import parallel
 from cat_jax.complexity import JpegScorer, levels_for_scores
 from cat_jax.complexity.scorers import jpeg_bpp
 from cat_jax.data.embedded import generate
+from cat_jax.data.latents import read_index
 from cat_jax.tokenizer import Latents, Tokenizer
 from conftest import load_config
 
@@ -248,7 +249,7 @@ def test_encode_cli_gets_through_a_real_folder_and_resumes(workdir, tmp_path, ca
   assert "encoded 4 images (8x/16x/32x: 0/0/4" in captured.out
   assert "skipped 4 bad or unreadable files" in captured.err
   assert re.search(r"8/8 \[.*(img/s|s/img)", captured.err)  # the progress bar: count, elapsed<ETA, rate
-  rows = encode_cli.read_index(out)
+  rows = read_index(out)
   assert sorted(r for r in rows if "error" not in rows[r]) == names
   assert all(rows[n]["factor"] == 32 and (out / rows[n]["latent_file"]).exists() for n in names)
   errors = {i: r["error"] for i, r in rows.items() if "error" in r}
@@ -271,7 +272,7 @@ def test_encode_cli_gets_through_a_real_folder_and_resumes(workdir, tmp_path, ca
   assert encode_cli.main(argv[:-4] + ["--level", "2"]) == 0
   captured = capsys.readouterr()
   assert "encoded 1 images (8x/16x/32x: 0/0/1" in captured.out and "4 already encoded" in captured.out
-  rows = encode_cli.read_index(out)
+  rows = read_index(out)
   assert sorted(i for i, r in rows.items() if "error" not in r) == sorted(names + ["broken.jpg"])
 
   # Strict mode stops at the first bad file, naming it.
@@ -286,7 +287,7 @@ def test_encode_cli_to_an_object_store_resumes_without_rewrites(workdir, tmp_pat
   assert encode_cli.main(argv) == 0
   assert encode_cli.main(argv) == 0  # resumed: nothing left to encode
   assert "encoded 0 images" in capsys.readouterr().out
-  rows = encode_cli.read_index("gs://bucket/lat")
+  rows = read_index("gs://bucket/lat")
   assert sorted(rows) == names and all(r["factor"] == 16 for r in rows.values())
   assert set(object_store.writes.values()) == {1}  # every object (latents, PNGs, index parts) written once
   assert {f"bucket/lat/{r['latent_file']}" for r in rows.values()} <= set(object_store.writes)
@@ -294,7 +295,7 @@ def test_encode_cli_to_an_object_store_resumes_without_rewrites(workdir, tmp_pat
 
 def test_save_and_load_pretrained_round_trip(tok, tmp_path):
   from cat_jax import weights
-  from cat_jax.convert.common import save_params
+  from cat_jax.weights import save_params
 
   tok.save_pretrained(tmp_path / "exported")
   assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["config.json", "model.safetensors"]

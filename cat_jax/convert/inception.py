@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from cat_jax.convert import common
+from cat_jax import weights
 
 TORCH_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 TORCH_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -81,11 +81,11 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict:
 
 
 def default_torch_weights_path() -> pathlib.Path:
-  return common.torch_hub_checkpoints_dir() / TORCH_WEIGHTS_NAME
+  return weights.torch_hub_checkpoints_dir() / TORCH_WEIGHTS_NAME
 
 
 def convert_cli(torch_weights: str | None, out: str) -> None:
   """Entry point of ``python -m cat_jax.convert inception``."""
   path = pathlib.Path(torch_weights) if torch_weights else default_torch_weights_path()
-  common.require_file(path, "pytorch-fid Inception weights", TORCH_WEIGHTS_URL)
-  common.save_params(out, convert_state_dict(load_torch_state_dict(path)))
+  weights.require_file(path, "pytorch-fid Inception weights", TORCH_WEIGHTS_URL)
+  weights.save_params(out, convert_state_dict(load_torch_state_dict(path)))

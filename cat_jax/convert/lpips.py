@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from cat_jax.convert import common
+from cat_jax import weights
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 VGG16_FILENAME = "vgg16-397923af.pth"
@@ -101,13 +101,13 @@ def convert_cli(torch_weights: str | None, out: str) -> None:
   import torch  # pylint: disable=g-import-not-at-top  # a conversion-time dependency only
 
   if torch_weights is None:
-    vgg_path = common.torch_hub_checkpoints_dir() / VGG16_FILENAME
+    vgg_path = weights.torch_hub_checkpoints_dir() / VGG16_FILENAME
   else:
     vgg_path = pathlib.Path(torch_weights).expanduser()
-  common.require_file(vgg_path, "torchvision VGG16 ImageNet weights", VGG16_URL)
-  lin_path = common.require_file(
+  weights.require_file(vgg_path, "torchvision VGG16 ImageNet weights", VGG16_URL)
+  lin_path = weights.require_file(
       lpips_linear_weights_path(), "lpips v0.1 VGG linear weights",
       "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth")
   vgg_state = torch.load(vgg_path, map_location="cpu", weights_only=True)
   lin_state = torch.load(lin_path, map_location="cpu", weights_only=True)
-  common.save_params(out, convert_torch_lpips(vgg_state, lin_state))
+  weights.save_params(out, convert_torch_lpips(vgg_state, lin_state))

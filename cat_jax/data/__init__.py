@@ -7,4 +7,4 @@ from cat_jax.data.pipeline import (make_eval_dataset, make_eval_iterator, make_g
 from cat_jax.data.preprocess import (BadImageError, PreprocessConfig, decode_image,
                                      from_model_range, preprocess, to_model_range)
 from cat_jax.data.sources import (ChartQASource, FolderSource, Source, TfdsSource, get_source,
-                                  source_ids)
+                                  source_ids, source_labels)

@@ -1,4 +1,7 @@
-"""Pre-encoded latents (``python -m cat_jax.encode`` output) for the DiT: reading, statistics, a grain pipeline.
+"""Latent files (``python -m cat_jax.encode`` output) for the DiT: writing, reading, statistics, a grain pipeline.
+
+``LatentWriter`` writes them (the encode command and ``encode_source``, which ``train_dit`` uses); ``read_index`` is the
+one reader of ``index.jsonl``.
 
 ``LatentDataset(dir)`` reads ``index.jsonl`` (one row per image: id, level, label, record file) and the records
 (array_record or npz). ``LatentStatistics`` are the per-level, per-channel mean and standard deviation of the
@@ -34,12 +37,114 @@ STATISTICS_FILE = "latent_stats.json"
 _NPZ_LOCK = threading.Lock()
 
 
+# -- writing (python -m cat_jax.encode, train_dit) --------------------------------------------------------------------------------------------------------
+def _npz_bytes(latent: np.ndarray, level: int, image_size: int, label: int | None = None) -> bytes:
+  buf = io.BytesIO()
+  extra = {} if label is None else {"label": np.int32(label)}
+  np.savez(buf, latent=latent.astype(np.float32), level=np.int32(level), factor=np.int32(L.FACTORS[level]),
+           image_size=np.int32(image_size), **extra)
+  return buf.getvalue()
+
+
+def read_index(out) -> dict[str, dict]:
+  """The current row of every id in ``out/index.jsonl`` (the last one written)."""
+  rows = {}
+  for line in storage.read_lines(storage.as_path(out) / "index.jsonl"):
+    if line.strip():
+      row = json.loads(line)
+      rows[row["id"]] = row
+  return rows
+
+
+def _record_file(out) -> str:
+  """latents.array_record, or latents-<n>.array_record when earlier runs wrote the first ones."""
+  name, n = "latents.array_record", 0
+  while (out / name).exists():
+    n += 1
+    name = f"latents-{n}.array_record"
+  return name
+
+
+class LatentWriter:
+  """Writes encoded images into ``out``: each latent (``latents/<id>.npz``, or a record of ``latents.array_record``
+  with ``file_format='array_record'``), its reconstruction PNG if given, and its ``index.jsonl`` row."""
+
+  def __init__(self, out, image_size: int, *, file_format: str = "npz", reconstructions: bool = True):
+    self.out, self.image_size = out, image_size
+    self.reconstructions = reconstructions
+    self.records = None
+    if file_format == "array_record":
+      if not storage.is_local(out):
+        raise ValueError("--format array_record writes a local file: use a local --out, or --format npz")
+      from array_record.python.array_record_module import ArrayRecordWriter
+      self.record_file = _record_file(out)
+      self.records = ArrayRecordWriter(os.fspath(out / self.record_file), "group_size:1")
+      self.count = 0
+    self.index = storage.AppendFile(out / "index.jsonl")
+
+  def encoded(self, image_id: str, latent: np.ndarray, level: int, recon: np.ndarray | None,
+              label: int | None = None) -> None:
+    from cat_jax.data.preprocess import from_model_range
+
+    row = {"id": image_id, "level": level, "factor": L.FACTORS[level],
+           "tokens": int(latent.shape[0] * latent.shape[1]), "latent_shape": list(latent.shape),
+           "image_size": self.image_size, **({} if label is None else {"label": int(label)})}
+    data = _npz_bytes(latent, level, self.image_size, label)
+    if self.records is not None:
+      self.records.write(data)
+      row.update(record_file=self.record_file, record=self.count)
+      self.count += 1
+    else:
+      row["latent_file"] = f"latents/{image_id}.npz"
+      storage.write_bytes(self.out / row["latent_file"], data)
+    if recon is not None:
+      row["reconstruction"] = f"reconstructions/{os.path.splitext(image_id)[0]}.png"
+      storage.write_png(self.out / row["reconstruction"], from_model_range(recon))
+    self.index.write(json.dumps(row) + "\n")
+
+  def failed(self, image_id: str, reason: str) -> None:
+    self.index.write(json.dumps({"id": image_id, "error": reason}) + "\n")
+
+  def flush(self) -> None:
+    self.index.flush()
+
+  def close(self) -> None:
+    self.index.close()
+    if self.records is not None:
+      self.records.close()
+
+
+
+def encode_source(tok, source, out, *, levels, labels, image_size: int, chunk: int = 256) -> int:
+  """Encodes every image of a ``cat_jax.data`` source into ``out/latents.array_record`` + ``index.jsonl``, each
+  with its level (``levels[i]``) and class (``labels[i]``); the training set of ``python -m cat_jax.train_dit``.
+  Returns the number encoded. Unreadable images raise (a source, unlike a folder, is expected to be clean)."""
+  from cat_jax.data.preprocess import PreprocessConfig, preprocess
+
+  out = storage.as_path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  writer = LatentWriter(out, image_size, file_format="array_record", reconstructions=False)
+  config = PreprocessConfig(image_size=image_size, on_bad_image="raise")
+  try:
+    for start in range(0, len(source), chunk):
+      indices = range(start, min(start + chunk, len(source)))
+      records = [source[i] for i in indices]
+      images = [preprocess(r["image"], config, path=str(r["id"]), rng=None) for r in records]
+      latents = tok.encode(images, [int(levels[i]) for i in indices])
+      for i, r, latent, level in zip(indices, records, latents.values, latents.levels):
+        writer.encoded(str(r["id"]), latent, int(level), None, int(labels[i]))
+      writer.flush()
+  finally:
+    writer.close()
+  return len(source)
+
+
+
+# -- reading ----------------------------------------------------------------------------------------------------------
 class LatentDataset:
   """Random access to encoded latents: ``[i]`` -> {"latent" (h, w, C) float32, "level", "label", "id"}."""
 
   def __init__(self, path: str | os.PathLike):
-    from cat_jax.encode import read_index
-
     self.path = storage.as_path(os.fspath(path))
     if not (self.path / "index.jsonl").exists():
       raise FileNotFoundError(f"{self.path} has no index.jsonl: encode latents first with python -m cat_jax.encode "

@@ -19,6 +19,8 @@ import json
 import os
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
 from cat_jax.data.embedded import EmbeddedSource
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -46,6 +48,19 @@ def source_ids(source: Source) -> list[str]:
   if len(set(ids)) != len(ids):
     raise ValueError(f"{source!r}: ids are not unique")
   return ids
+
+
+def source_labels(source: Source, n: int) -> np.ndarray:
+  """Class of the first ``n`` images: the record's 'label' (TFDS label_key) or the embedded dataset's kind index."""
+  from cat_jax.data.embedded import KIND_NAMES
+
+  if hasattr(source, "kind"):
+    return np.array([KIND_NAMES.index(source.kind(i).name) for i in range(n)], np.int32)
+  first = source[0]
+  if "label" not in first:
+    raise ValueError(f"{source!r} gives no 'label': pass data.source_kwargs.label_key (TFDS), or encode a class "
+                     "folder with python -m cat_jax.encode --labels subfolder and set data.latents")
+  return np.array([int(source[i]["label"]) for i in range(n)], np.int32)
 
 
 def _read_bytes(path: str) -> bytes:

@@ -261,9 +261,9 @@ def load_inception(path: str | os.PathLike | None = None, **module_kwargs
   ``path`` defaults to ``weights_dir()/inception_fid.msgpack``, the converter's default output
   (``python -m cat_jax.convert inception --out PATH``). ``module_kwargs`` go to ``InceptionV3``.
   """
-  from cat_jax.convert import common
+  from cat_jax import weights
   if path is None:
-    path = common.weights_dir() / "inception_fid.msgpack"
-  variables = common.load_params(path)
+    path = weights.weights_dir() / "inception_fid.msgpack"
+  variables = weights.load_params(path)
   variables = jax.tree.map(jnp.asarray, variables)
   return inception_apply_fn(variables, **module_kwargs)

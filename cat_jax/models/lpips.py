@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cat_jax.convert import common
+from cat_jax import weights
 
 Dtype = Any
 
@@ -44,7 +44,7 @@ DEFAULT_FILENAME = "lpips_vgg16_v0.1.msgpack"
 
 def default_lpips_path() -> pathlib.Path:
   """Default converted-weights file: ``weights_dir() / 'lpips_vgg16_v0.1.msgpack'``."""
-  return common.weights_dir() / DEFAULT_FILENAME
+  return weights.weights_dir() / DEFAULT_FILENAME
 
 
 def scale_inputs(x: jax.Array) -> jax.Array:
@@ -218,5 +218,5 @@ def load_lpips(path: str | os.PathLike | None = None, **kwargs) -> LPIPSDistance
   Keyword arguments go to ``LPIPSDistance`` (dtype, precision, check_inputs).
   """
   path = default_lpips_path() if path is None else pathlib.Path(path)
-  return LPIPSDistance(common.load_params(path), **kwargs)
+  return LPIPSDistance(weights.load_params(path), **kwargs)
 
