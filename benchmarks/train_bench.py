@@ -28,7 +28,6 @@ Prints one table and, last, one JSON line.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import sys
@@ -45,6 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import torch_reference as tr  # noqa: E402
+from cat_jax import configs  # noqa: E402
 from cat_jax import levels as L  # noqa: E402
 from cat_jax import train  # noqa: E402
 
@@ -75,10 +75,7 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
 
 
 def load_config(variant: str):
-  spec = importlib.util.spec_from_file_location("cat_config", ROOT / "configs" / "cat.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return configs.load(f"cat:{variant}")
 
 
 def _cost_flops(lowered) -> float | None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import importlib.util
 import io
 import json
 import logging
@@ -64,14 +63,10 @@ SKIPPED_LPIPS = ("LPIPS skipped: no --lpips_weights. Convert the LPIPS-VGG weigh
 
 # -- configs and data -----------------------------------------------------------------------------------------------
 def load_config_file(spec: str):
-  """``path/to/config.py[:arg]`` -> ``get_config(arg)`` (as ``--config`` of ``cat_jax.train``)."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path} does not exist (expected path/to/config.py[:variant])")
-  module_spec = importlib.util.spec_from_file_location(f"_cat_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  """``path/to/config.py[:arg]`` or ``cat:arg`` -> the config (``cat_jax.configs.load``)."""
+  from cat_jax import configs
+
+  return configs.load(spec)
 
 
 class _Head:

@@ -107,14 +107,11 @@ def patch_code_tolerance(x, f: int, channels: int, decode: bool = True):
 
 
 def load_config(file: str, variant: str | None = None):
-  """``configs/<file>``'s ``get_config(variant)`` (configs/ is not a package). A runlocal variant's global batch
-  grows with CAT_JAX_TEST_DEVICES beyond 8, as the trainer needs it to split over every device."""
-  import importlib.util
+  """``cat_jax/configs/<file>``'s ``get_config(variant)``. A runlocal variant's global batch grows with
+  CAT_JAX_TEST_DEVICES beyond 8, as the trainer needs it to split over every device."""
+  from cat_jax import configs
 
-  spec = importlib.util.spec_from_file_location(f"configs_{pathlib.Path(file).stem}", ROOT / "configs" / file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(variant)
+  config = configs.load(pathlib.Path(file).stem + (f":{variant}" if variant else ""))
   if variant == "runlocal":
     config.batch_size *= max(1, DEVICES // 8)
   return config
