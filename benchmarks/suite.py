@@ -234,32 +234,12 @@ def part_train_jax(s) -> dict:
   return out
 
 
-def _flatten(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict) or hasattr(v, "items"):
-      out.update(_flatten(v, f"{prefix}{k}/"))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def _unflatten(flat):
-  out = {}
-  for key, v in flat.items():
-    node = out
-    *parents, leaf = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return out
-
-
 def part_train_torch(s) -> dict:
   import tempfile
   import jax
   import numpy as np
   from benchmarks.common import interleaved, rate_summary, ratio_summary
+  from cat_jax import weights
 
   t = JaxTrain(s)
   compiles, jax_runs = {}, {}
@@ -269,8 +249,8 @@ def part_train_torch(s) -> dict:
     jax_runs[level] = t.runner(call, level)
   with tempfile.TemporaryDirectory() as tmp:
     path = pathlib.Path(tmp) / "weights.npz"
-    arrays = {f"g/{k}": v for k, v in _flatten(jax.device_get(t.state.params)).items()}
-    arrays.update({f"d/{k}": v for k, v in _flatten(jax.device_get(t.state.d_params)).items()})
+    arrays = {f"g/{k}": v for k, v in weights.flatten(jax.device_get(t.state.params)).items()}
+    arrays.update({f"d/{k}": v for k, v in weights.flatten(jax.device_get(t.state.d_params)).items()})
     np.savez(path, images=t.images_np, **arrays)
     spec = dict(s, weights=str(path), model=t.config.model.to_dict(), disc=t.config.disc.to_dict(),
                 optimizer=t.config.optimizer.to_dict(), loss=t.config.loss.to_dict(), ema_decay=t.config.ema_decay)
@@ -314,13 +294,14 @@ def torch_worker(spec_json: str) -> None:
   import numpy as np
   import torch
   from benchmarks import torch_reference as tr
+  from cat_jax import weights
 
   s = json.loads(spec_json)
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.set_float32_matmul_precision("high")  # TF32 on NVIDIA, as XLA's default float32 precision
   data = np.load(s["weights"])
-  g = _unflatten({k[2:]: data[k] for k in data.files if k.startswith("g/")})
-  d = _unflatten({k[2:]: data[k] for k in data.files if k.startswith("d/")})
+  g = weights.unflatten({k[2:]: data[k] for k in data.files if k.startswith("g/")})
+  d = weights.unflatten({k[2:]: data[k] for k in data.files if k.startswith("d/")})
   vae = tr.load_flax_params(tr.NestedVAE(**s["model"]), g).to(device)
   disc = tr.load_flax_discriminator(tr.PatchDiscriminator(**s["disc"]), d).to(device)
   images = torch.from_numpy(data["images"].transpose(0, 3, 1, 2).copy()).to(device)

@@ -60,12 +60,6 @@ TORCH_ONLY = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _highest_precision():
-  previous = jax.config.jax_default_matmul_precision
-  jax.config.update("jax_default_matmul_precision", "highest")
-  yield
-  jax.config.update("jax_default_matmul_precision", previous)
 
 
 def _random_tokenizer(config: dict, seed: int, kernel_scale: float = 1.0) -> Tokenizer:

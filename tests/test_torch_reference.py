@@ -30,12 +30,6 @@ VARIANTS = {"sd": TINY, "shortcut_rms": dict(TINY, shortcuts=True, norm="rms", l
 SIZE = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _highest_precision():
-  previous = jax.config.jax_default_matmul_precision
-  jax.config.update("jax_default_matmul_precision", "highest")
-  yield
-  jax.config.update("jax_default_matmul_precision", previous)
 
 
 def _nchw(x) -> torch.Tensor:
