@@ -62,7 +62,7 @@ def main(argv=None) -> int:
   module = importlib.import_module(CONVERTERS[args.which])
   try:
     module.convert_cli(args.src, args.out, **options)
-  except (FileNotFoundError, ImportError, ValueError) as e:
+  except (OSError, ImportError, ValueError) as e:  # OSError: a missing file, an unwritable --out, ...
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   if args.which not in ("to_torch", "release"):
