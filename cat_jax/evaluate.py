@@ -153,19 +153,12 @@ class _CachedFn:
 
 # -- level assignments ----------------------------------------------------------------------------------------------
 def _manifest_scores(path: str, known_ids: Sequence[str]) -> dict[str, float]:
-  """{id: score} of a score manifest; unknown ids and records without a numeric score are errors."""
-  from cat_jax.complexity.manifest import is_failure, read_manifest
+  """{id: score} of a finished score manifest (read by ``cat_jax.data.level_map.load_records``, the one reader);
+  unknown ids and records without a numeric score are errors."""
+  from cat_jax.data.level_map import load_records
 
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"score manifest {path} does not exist")
-  known = set(known_ids)
   scores = {}
-  for image_id, record in read_manifest(path).items():
-    if image_id not in known:
-      raise ValueError(f"{path}: id {image_id!r} is not in the evaluated dataset (wrong manifest for this "
-                       "source or split?)")
-    if is_failure(record):
-      continue
+  for image_id, record in load_records(path, known_ids).items():
     score = record.get("score")
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not np.isfinite(score):
       raise ValueError(f"{path}: id {image_id!r} has no finite numeric 'score' (got {score!r})")

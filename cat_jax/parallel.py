@@ -2,13 +2,11 @@
 
 Mesh axes: ('data', 'fsdp'). Batches are split over both axes on their leading (batch) dimension. Parameters and
 optimiser state follow ``param_shardings``: a leaf of at least ``fsdp_min_size`` elements is sharded over 'fsdp' on
-its largest dimension divisible by the 'fsdp' size; everything else is replicated. Optional regex rules over
-parameter paths (``'replicate'`` or ``'fsdp'``) override that, first match wins, as in big_vision.
+its largest dimension divisible by the 'fsdp' size; everything else is replicated.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -46,16 +44,10 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def spec_for(shape: tuple[int, ...], fsdp_size: int, min_size: int, tactic: str = "fsdp") -> P:
+def spec_for(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
   """PartitionSpec of one leaf: FSDP on the largest divisible dim above ``min_size``, else replicated."""
-  if tactic == "replicate" or fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+  if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
     return P()
-  if tactic != "fsdp":
-    raise ValueError(f"unknown sharding tactic {tactic!r}; use 'fsdp' or 'replicate'")
   for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
     if shape[dim] % fsdp_size == 0:
       spec = [None] * len(shape)
@@ -64,15 +56,11 @@ def spec_for(shape: tuple[int, ...], fsdp_size: int, min_size: int, tactic: str 
   return P()
 
 
-def param_shardings(tree: Any, mesh: jax.sharding.Mesh, *, min_size: int = 2**18,
-                    rules: Sequence[tuple[str, str]] = ()) -> Any:
+def param_shardings(tree: Any, mesh: jax.sharding.Mesh, *, min_size: int = 2**18) -> Any:
   """NamedShardings for a pytree of arrays or ShapeDtypeStructs (params, optimiser state, EMA)."""
   fsdp_size = mesh.shape["fsdp"]
 
-  def one(path, leaf):
-    shape = tuple(getattr(leaf, "shape", ()))
-    name = _path_str(path)
-    tactic = next((t for pattern, t in rules if re.search(pattern, name)), "fsdp")
-    return NamedSharding(mesh, spec_for(shape, fsdp_size, min_size, tactic))
+  def one(leaf):
+    return NamedSharding(mesh, spec_for(tuple(getattr(leaf, "shape", ())), fsdp_size, min_size))
 
-  return jax.tree_util.tree_map_with_path(one, tree)
+  return jax.tree.map(one, tree)

@@ -29,6 +29,7 @@ from cat_jax import loop
 from cat_jax import parallel
 from cat_jax import warm_start
 from cat_jax.losses import gan as gan_losses
+from cat_jax.losses.perceptual import perceptual_loss
 from cat_jax.losses.reconstruction import log_mse_loss, reconstruction_loss
 from cat_jax.metrics import image_quality
 from cat_jax.metrics.baselines import area_bicubic
@@ -124,7 +125,8 @@ def generator_loss_fn(params, d_params, images, level, rng, lpips_params, gan_sc
     rec = reconstruction_loss(images, recon, loss_cfg.recon)
     lp = jnp.zeros(())
     if loss_cfg.lpips_weight > 0:
-      lp = jnp.mean(lpips_module.apply({"params": jax.lax.stop_gradient(lpips_params)}, images, recon))
+      frozen = jax.lax.stop_gradient(lpips_params)
+      lp = perceptual_loss(lambda a, b: lpips_module.apply({"params": frozen}, a, b), recon, images)
     nll = loss_cfg.recon_weight * rec + loss_cfg.lpips_weight * lp
     if loss_cfg.get("log_mse_weight", 0.0) > 0:  # keeps images the code already reproduces exact (see the config)
       nll += loss_cfg.log_mse_weight * log_mse_loss(images, recon)

@@ -218,6 +218,9 @@ def test_clear_errors(workdir, tmp_path, capsys):
   assert "no entry" in error(base + ["--manifest", partial])
   scores = _manifest(tmp_path / "d.jsonl", [{"id": ids[0], "score": 3, "level": 1}])
   assert "no entry" in error(base + ["--score_manifest", f"caption_llm={scores}"])
+  # Score manifests go through the one reader too: an unfinished scoring run is refused, as for --manifest.
+  unfinished = _manifest(tmp_path / "e.jsonl", [{"id": i, "score": 3, "level": None} for i in ids[:4]])
+  assert "has not finished" in error(base + ["--score_manifest", f"caption_llm={unfinished}"])
   assert "does not exist" in error(["--workdir", str(tmp_path / "missing")])
   assert "incompatible" in error(base + ["--config", str(ROOT / "configs" / "cat.py") + ":demo"])
   folder = tmp_path / "images"

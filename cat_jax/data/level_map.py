@@ -52,8 +52,9 @@ def is_level_spelling(text: str) -> bool:
     return False
 
 
-def load_levels(manifest_path: str | os.PathLike, known_ids: Iterable[str] | None = None) -> dict[str, int]:
-  """Reads a finished score manifest into {id: level}: the one reader of manifests, for every caller.
+def load_records(manifest_path: str | os.PathLike, known_ids: Iterable[str] | None = None) -> dict[str, dict]:
+  """Reads a finished score manifest into {id: record} (its 'level' as an index): the one reader of manifests,
+  for every caller (``load_levels`` for levels, ``cat_jax.evaluate`` for scores).
 
   Args:
     manifest_path: JSON lines file, local or any ``etils.epath`` path (``gs://...``). Every line is an object with
@@ -74,7 +75,7 @@ def load_levels(manifest_path: str | os.PathLike, known_ids: Iterable[str] | Non
   if not path.exists():
     raise FileNotFoundError(f"score manifest {path} does not exist; write one with "
                             "cat_jax.score or pass a fixed level instead")
-  levels: dict[str, int] = {}
+  records: dict[str, dict] = {}
   known = None if known_ids is None else set(known_ids)
   with path.open("r") as f:
     for n, line in enumerate(f, 1):
@@ -96,13 +97,18 @@ def load_levels(manifest_path: str | os.PathLike, known_ids: Iterable[str] | Non
       if known is not None and image_id not in known:
         raise ValueError(f"{where}: id {image_id!r} is not in the dataset (wrong manifest for "
                          "this source or split?)")
-      if levels.get(image_id, level) != level:
+      if records.get(image_id, {}).get("level", level) != level:
         raise ValueError(f"{where}: id {image_id!r} listed again with level {level} "
-                         f"(was {levels[image_id]})")
-      levels[image_id] = level
-  if not levels:
+                         f"(was {records[image_id]['level']})")
+      records[image_id] = dict(rec, id=image_id, level=level)
+  if not records:
     raise ValueError(f"score manifest {path} is empty")
-  return levels
+  return records
+
+
+def load_levels(manifest_path: str | os.PathLike, known_ids: Iterable[str] | None = None) -> dict[str, int]:
+  """{id: level} of a finished score manifest (``load_records`` says what it checks)."""
+  return {i: r["level"] for i, r in load_records(manifest_path, known_ids).items()}
 
 
 def resolve_levels(source: Any, levels: Mapping[str, int] | int | str | None) -> np.ndarray:
