@@ -113,11 +113,11 @@ def _score(scorer, image_id: str, image: np.ndarray) -> float:
 
 def _thresholds(args, out, scorer, files, image_size: int) -> tuple[float, float]:
   """--thresholds, else those of an earlier run of this --out, else the terciles of every input's score."""
-  from cat_jax.complexity import levels as complexity_levels
+  from cat_jax.complexity import thresholds as complexity_thresholds
   from cat_jax.data.preprocess import BadImageError
 
   if args.thresholds:
-    return complexity_levels.parse_thresholds(args.thresholds)
+    return complexity_thresholds.parse_thresholds(args.thresholds)
   saved = out / "thresholds.json"
   if saved.exists():
     return tuple(json.loads(saved.read_text())["thresholds"])
@@ -129,7 +129,7 @@ def _thresholds(args, out, scorer, files, image_size: int) -> tuple[float, float
       continue  # recorded by the encoding pass
   if not scores:
     raise ValueError("no readable image to derive --thresholds from")
-  thresholds = tuple(float(t) for t in complexity_levels.quantile_thresholds(scores))
+  thresholds = tuple(float(t) for t in complexity_thresholds.quantile_thresholds(scores))
   storage.write_text(saved, json.dumps({"method": args.scorer, "thresholds": thresholds}) + "\n")
   return thresholds
 
@@ -138,9 +138,9 @@ class _LevelOf:
   """Level of each image: a fixed one, from a manifest, or from a scorer's score and thresholds."""
 
   def __init__(self, args, tok, out, files, image_size: int):
-    from cat_jax.complexity import levels as complexity_levels
+    from cat_jax.complexity import thresholds as complexity_thresholds
 
-    self._levels_for_scores = complexity_levels.levels_for_scores
+    self._levels_for_scores = complexity_thresholds.levels_for_scores
     self.fixed = self.manifest = self.scorer = None
     if args.level.strip().lower() != "auto":
       if args.manifest or args.scorer:

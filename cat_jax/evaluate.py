@@ -240,7 +240,7 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
   the DCT patch code with the model's latent channels: ``cat_jax.metrics.baselines``).
   ``bootstrap``: resamples for the 95% intervals over images (0: none).
   """
-  from cat_jax.complexity import levels as complexity_levels
+  from cat_jax.complexity import thresholds as complexity_thresholds
   from cat_jax.data import load_levels, source_ids
   from cat_jax.metrics.baselines import area_bicubic, dct_code
   from cat_jax.metrics.evaluator import ReconstructionEvaluator
@@ -288,8 +288,8 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
     for name, per_id in scores.items():
       _require_all(per_id, ids, f"measure {name!r}")
       values = [per_id[i] for i in ids]
-      thresholds = complexity_levels.budget_thresholds(values, budget, image_hw=image_hw)
-      level_of = dict(zip(ids, complexity_levels.levels_for_scores(values, thresholds).tolist()))
+      thresholds = complexity_thresholds.budget_thresholds(values, budget, image_hw=image_hw)
+      level_of = dict(zip(ids, complexity_thresholds.levels_for_scores(values, thresholds).tolist()))
       rows.append(_Row(f"budget:{name}", level_of, f"thresholds from {name} scores at {budget:g} mean tokens",
                        thresholds=thresholds))
 

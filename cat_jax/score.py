@@ -32,7 +32,7 @@ from typing import Any, Sequence
 from etils import epath
 from PIL import Image
 
-from cat_jax.complexity import levels as levels_lib
+from cat_jax.complexity import thresholds as thresholds_lib
 from cat_jax.complexity import manifest as manifest_lib
 from cat_jax.complexity import runner
 from cat_jax.complexity import scorers
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _thresholds_arg(text: str) -> tuple[float, float]:
   try:
-    return levels_lib.parse_thresholds(text)
+    return thresholds_lib.parse_thresholds(text)
   except ValueError as e:
     raise argparse.ArgumentTypeError(f"expected LOW,HIGH numbers with LOW <= HIGH: {e}") from None
 

@@ -277,7 +277,7 @@ class Tokenizer:
     return np.array([L.parse_level(lvl) for lvl in arr.tolist()], np.int32)
 
   def _auto_levels(self, images, *, ids, manifest, scorer, thresholds) -> np.ndarray:
-    from cat_jax.complexity import levels as complexity_levels
+    from cat_jax.complexity import thresholds as complexity_thresholds
 
     n = len(images)
     if manifest is not None:
@@ -295,16 +295,16 @@ class Tokenizer:
     if scorer is None:
       raise ValueError("levels='auto' needs manifest= (with ids=) or scorer=")
     if thresholds is None:
-      if getattr(scorer, "method", None) not in complexity_levels.LLM_METHODS:
+      if getattr(scorer, "method", None) not in complexity_thresholds.LLM_METHODS:
         raise ValueError(f"scorer {getattr(scorer, 'method', scorer)!r} gives raw scores: pass thresholds=(low, "
                          "high) (e.g. from `python -m cat_jax.score`'s .thresholds.json)")
-      thresholds = complexity_levels.DEFAULT_LLM_THRESHOLDS
+      thresholds = complexity_thresholds.DEFAULT_LLM_THRESHOLDS
     from cat_jax.data.preprocess import from_model_range
     scores = []
     for k, image in enumerate(_as_image_list(images)):
       item = {"id": str(ids[k]) if ids is not None else str(k), "image": from_model_range(image)}
       scores.append(float(scorer.score(item)["score"]))
-    return complexity_levels.levels_for_scores(scores, thresholds)
+    return complexity_thresholds.levels_for_scores(scores, thresholds)
 
   # -- encode / decode ---------------------------------------------------------------------------------------------
   def encode(self, images: ImagesLike, levels: Any = None, *, ids: Sequence[str] | None = None,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from cat_jax.complexity import levels as levels_lib
+from cat_jax.complexity import thresholds as thresholds_lib
 from cat_jax.complexity import manifest as manifest_lib
 from cat_jax.complexity import prompts
 from cat_jax.complexity.llm import ChatClient, EndpointError, LLMError, MalformedResponse, user_message
@@ -384,24 +384,24 @@ def test_lowpass_proxy_keeps_what_the_small_grid_holds():
 
 
 def test_level_for_score_default_llm_thresholds():
-  assert [levels_lib.level_for_score(s) for s in range(1, 10)] == [2, 2, 2, 1, 1, 1, 0, 0, 0]
-  assert levels_lib.level_for_score(0.7, (0.5, 1.0)) == 1
-  assert levels_lib.parse_thresholds("3,6") == (3, 6)
+  assert [thresholds_lib.level_for_score(s) for s in range(1, 10)] == [2, 2, 2, 1, 1, 1, 0, 0, 0]
+  assert thresholds_lib.level_for_score(0.7, (0.5, 1.0)) == 1
+  assert thresholds_lib.parse_thresholds("3,6") == (3, 6)
   with pytest.raises(ValueError):
-    levels_lib.level_for_score(5, (6, 3))
+    thresholds_lib.level_for_score(5, (6, 3))
 
 
 def test_quantile_thresholds_split_in_thirds():
   scores = np.arange(30, dtype=np.float64)
-  t = levels_lib.quantile_thresholds(scores)
-  assert levels_lib.level_counts(scores, t) == [10, 10, 10]
-  assert levels_lib.default_thresholds("caption_llm", scores) == (3, 6)
-  assert levels_lib.default_thresholds("jpeg", scores) == t
+  t = thresholds_lib.quantile_thresholds(scores)
+  assert thresholds_lib.level_counts(scores, t) == [10, 10, 10]
+  assert thresholds_lib.default_thresholds("caption_llm", scores) == (3, 6)
+  assert thresholds_lib.default_thresholds("jpeg", scores) == t
 
 
 def brute_force_best_error(scores, target, image_hw=(256, 256)):
   candidates = [min(scores) - 1] + sorted(set(scores))
-  return min(abs(levels_lib.mean_tokens(scores, (a, b), image_hw) - target)
+  return min(abs(thresholds_lib.mean_tokens(scores, (a, b), image_hw) - target)
              for a in candidates for b in candidates if a <= b)
 
 
@@ -409,8 +409,8 @@ def brute_force_best_error(scores, target, image_hw=(256, 256)):
 def test_budget_thresholds_hit_the_target(target):
   rng = np.random.default_rng(target)
   scores = rng.integers(1, 10, size=200).tolist()
-  t = levels_lib.budget_thresholds(scores, target)
-  error = abs(levels_lib.mean_tokens(scores, t) - target)
+  t = thresholds_lib.budget_thresholds(scores, target)
+  error = abs(thresholds_lib.mean_tokens(scores, t) - target)
   assert error <= max(0.01 * target, brute_force_best_error(scores, target)) + 1e-9
   assert all(isinstance(v, int) for v in t)  # integer scores give integer thresholds
 
@@ -418,14 +418,14 @@ def test_budget_thresholds_hit_the_target(target):
 def test_budget_thresholds_prefer_spreading_over_levels():
   scores = list(range(1, 10)) * 10  # uniform 1..9
   # 448 = (1024 + 256 + 64) / 3 is met exactly by equal thirds (and by nothing more even).
-  assert levels_lib.budget_thresholds(scores, 448) == (3, 6)
+  assert thresholds_lib.budget_thresholds(scores, 448) == (3, 6)
   # Raw float scores: target reached within 1%.
   raw = np.random.default_rng(0).lognormal(size=500)
-  t = levels_lib.budget_thresholds(raw, 256)
-  assert abs(levels_lib.mean_tokens(raw, t) - 256) <= 2.56
-  assert min(levels_lib.level_counts(raw, t)) > 0
+  t = thresholds_lib.budget_thresholds(raw, 256)
+  assert abs(thresholds_lib.mean_tokens(raw, t) - 256) <= 2.56
+  assert min(thresholds_lib.level_counts(raw, t)) > 0
   with pytest.raises(ValueError, match="outside"):
-    levels_lib.budget_thresholds(scores, 2000)
+    thresholds_lib.budget_thresholds(scores, 2000)
 
 
 # --- manifest and runner ---------------------------------------------------------------------------------

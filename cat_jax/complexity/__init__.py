@@ -3,8 +3,8 @@
 Score manifests are read for training by the one reader, ``cat_jax.data.load_levels``.
 """
 
-from cat_jax.complexity.levels import (DEFAULT_LLM_THRESHOLDS, budget_thresholds, default_thresholds,
-                                       level_for_score, levels_for_scores, quantile_thresholds)
+from cat_jax.complexity.thresholds import (DEFAULT_LLM_THRESHOLDS, budget_thresholds, default_thresholds,
+                                           level_for_score, levels_for_scores, quantile_thresholds)
 from cat_jax.complexity.llm import ChatClient, EndpointError, LLMError
 from cat_jax.complexity.manifest import ManifestWriter, read_manifest
 from cat_jax.complexity.prompts import ParseError, parse_perception, parse_score

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 from etils import epath
 from tqdm.auto import tqdm
 
-from cat_jax.complexity import levels as levels_lib
+from cat_jax.complexity import thresholds as thresholds_lib
 from cat_jax.complexity import manifest as manifest_lib
 from cat_jax.complexity.llm import EndpointError
 from cat_jax.complexity.scorers import Scorer
@@ -66,7 +66,7 @@ def _score_one(source: Sequence[dict[str, Any]], index: int, scorer: Scorer, ski
     raise  # no item can be scored: the run stops, and this item is not blamed
   except Exception as e:  # noqa: BLE001 - recorded in the manifest, never defaulted
     return {"id": item_id, "method": scorer.method, "error": f"{type(e).__name__}: {e}"}
-  level = levels_lib.level_for_score(score, thresholds) if thresholds is not None else None
+  level = thresholds_lib.level_for_score(score, thresholds) if thresholds is not None else None
   return {"id": item_id, "score": score, "level": level, "method": scorer.method, **result}
 
 
@@ -98,8 +98,8 @@ def score_source(source: Sequence[dict[str, Any]], scorer: Scorer, out: str | os
   run_header = manifest_header(scorer, **(header or {}))
   manifest_lib.check_header(out, run_header)
   skip = manifest_lib.ids_to_skip(out, method, retry_failures=retry_failures)
-  if thresholds is None and budget_tokens is None and method in levels_lib.LLM_METHODS:
-    thresholds = levels_lib.DEFAULT_LLM_THRESHOLDS
+  if thresholds is None and budget_tokens is None and method in thresholds_lib.LLM_METHODS:
+    thresholds = thresholds_lib.DEFAULT_LLM_THRESHOLDS
     mode = "default"
   else:
     mode = "given" if thresholds is not None else None
@@ -164,13 +164,13 @@ def _finalize(out: str | os.PathLike, method: str, summary: RunSummary, threshol
   image_hw = (image_size, image_size)
   if scores:
     if thresholds is None and budget_tokens is not None:
-      thresholds, mode = levels_lib.budget_thresholds(scores, budget_tokens, image_hw=image_hw), "budget"
+      thresholds, mode = thresholds_lib.budget_thresholds(scores, budget_tokens, image_hw=image_hw), "budget"
     elif thresholds is None:
-      thresholds = levels_lib.default_thresholds(method, scores)
-      mode = "default" if method in levels_lib.LLM_METHODS else "quantile"
+      thresholds = thresholds_lib.default_thresholds(method, scores)
+      mode = "default" if method in thresholds_lib.LLM_METHODS else "quantile"
     for r in successes:
-      r["level"] = levels_lib.level_for_score(r["score"], thresholds)
-    stats = levels_lib.summarize(scores, thresholds, image_hw)
+      r["level"] = thresholds_lib.level_for_score(r["score"], thresholds)
+    stats = thresholds_lib.summarize(scores, thresholds, image_hw)
     summary.thresholds, summary.threshold_mode = tuple(thresholds), mode
     summary.level_counts, summary.mean_tokens = stats["level_counts"], stats["mean_tokens"]
     info = {"method": method, "mode": mode, "budget_tokens": budget_tokens, **stats,
