@@ -46,7 +46,9 @@ ON_BAD_IMAGE = ("skip", "raise")
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m cat_jax.encode", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--checkpoint", required=True, help="training workdir (or <workdir>/checkpoints/<step>)")
+  p.add_argument("--checkpoint", required=True,
+                 help="the tokenizer: a training workdir (or <workdir>/checkpoints/<step>), a tokenizer folder "
+                      "(save_pretrained, convert sd_vae/release) or a shipped name (demo)")
   p.add_argument("--input", required=True, help="an image file or a folder of images (searched recursively)")
   p.add_argument("--out", required=True, help="output folder (local or gs://...)")
   p.add_argument("--level", default="16x", help="0/1/2 or 8x/16x/32x (8/16/32), or auto (default 16x)")
@@ -247,10 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   from cat_jax.data.preprocess import BadImageError
 
   try:
-    from cat_jax.tokenizer import Tokenizer
+    from cat_jax.tokenizer import load_tokenizer
 
     files = list_inputs(args.input)
-    tok = Tokenizer.from_checkpoint(args.checkpoint, use_ema=not args.no_ema, batch_size=args.batch_size)
+    tok = load_tokenizer(args.checkpoint, use_ema=not args.no_ema, batch_size=args.batch_size)
     image_size = args.image_size or tok.image_size
     if not image_size:
       raise ValueError("the checkpoint's config has no data.image_size; pass --image_size")

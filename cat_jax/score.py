@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--no-progress", action="store_true", help="no progress bar")
   g = p.add_argument_group("jpeg / mse")
   g.add_argument("--jpeg-quality", type=int, default=scorers.DEFAULT_JPEG_QUALITY)
-  g.add_argument("--checkpoint", help="a training workdir: --method mse then measures that tokenizer's 32x reconstruction error")
+  g.add_argument("--checkpoint", help="a tokenizer (training workdir, tokenizer folder or 'demo'): --method mse then "
+                                      "measures its 32x reconstruction error")
   g.add_argument("--proxy-factor", type=int, default=32, help="downsampling factor of the MSE proxy")
   g = p.add_argument_group("caption_llm (OpenAI-compatible chat-completions endpoint)")
   g.add_argument("--base-url", help=f"endpoint root (env CAT_LLM_BASE_URL / OPENAI_BASE_URL, default "
@@ -129,9 +130,9 @@ def _make_scorer(args: argparse.Namespace, parser: argparse.ArgumentParser):
   if args.method == "mse":
     if args.checkpoint:  # the error of a trained tokenizer at its coarsest level (32x)
       from cat_jax.levels import NUM_LEVELS
-      from cat_jax.tokenizer import Tokenizer
+      from cat_jax.tokenizer import load_tokenizer
       try:
-        tok = Tokenizer.from_checkpoint(args.checkpoint)
+        tok = load_tokenizer(args.checkpoint)
       except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: --checkpoint: {e}\n")
       return scorers.MseScorer(image_size=image_size,

@@ -346,3 +346,27 @@ def test_the_shipped_demo_tokenizer_beats_both_no_learning_baselines_on_unseen_i
       previous = model_db
       code = np.asarray(dct_code(x, level, tok.model.z_channels))
       assert np.mean(np.abs(np.clip(recon, -1, 1) - x)) < np.mean(np.abs(code - x)), (name, level)
+
+
+def test_the_command_lines_take_any_tokenizer_name(tmp_path, capsys):
+  """encode and score --method mse take the shipped name, a tokenizer folder and a workdir alike (load_tokenizer)."""
+  from cat_jax import score
+
+  demo = Tokenizer.from_pretrained("demo")
+  names = _write_folder(tmp_path / "in", n=3, size=64)
+  demo.save_pretrained(tmp_path / "folder")
+  for spec in ("demo", str(tmp_path / "folder")):
+    out = tmp_path / f"out_{len(spec)}"
+    assert encode_cli.main(["--checkpoint", spec, "--input", str(tmp_path / "in"), "--out", str(out),
+                            "--level", "16x", "--no_reconstructions"]) == 0
+    rows = read_index(out)
+    assert sorted(rows) == names
+    for name in names:
+      image = np.asarray(Image.open(tmp_path / "in" / name), np.float32) / 127.5 - 1.0
+      np.testing.assert_allclose(np.load(out / rows[name]["latent_file"])["latent"],
+                                 demo.encode(image[None], "16x").values[0], atol=1e-5)
+  scores = tmp_path / "mse.jsonl"
+  assert score.main(["--method", "mse", "--checkpoint", "demo", "--split", "test", "--limit", "4",
+                     "--image-size", "64", "--out", str(scores)]) == 0
+  records = [json.loads(line) for line in scores.read_text().splitlines()]
+  assert sum("score" in r for r in records) == 4
