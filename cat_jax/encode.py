@@ -37,6 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cat_jax import cli
 from cat_jax import levels as L
 from cat_jax import storage
 
@@ -44,7 +45,7 @@ ON_BAD_IMAGE = ("skip", "raise")
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m cat_jax.encode", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m cat_jax.encode", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--checkpoint", required=True,
                  help="the tokenizer: a training workdir (or <workdir>/checkpoints/<step>), a tokenizer folder "

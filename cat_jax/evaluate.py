@@ -45,6 +45,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from cat_jax import cli
 from cat_jax import levels as L
 from cat_jax import storage
 from cat_jax.data.level_map import is_level_spelling
@@ -541,7 +542,7 @@ def plot_rate_distortion(results: Mapping[str, Any], path: str | os.PathLike) ->
 
 # -- command line ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m cat_jax.evaluate", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m cat_jax.evaluate", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="training workdir (checkpoints/ and config.json), a "
                  "Tokenizer.save_pretrained directory, or 'demo' (the shipped tokenizer)")

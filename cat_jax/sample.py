@@ -25,12 +25,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from cat_jax import cli
 from cat_jax import levels as L
 from cat_jax import storage
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m cat_jax.sample", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m cat_jax.sample", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="a python -m cat_jax.train_dit workdir")
   p.add_argument("--classes", default="all", help="comma-separated class indices, or 'all' (default)")

@@ -32,9 +32,10 @@ from typing import Any, Sequence
 from etils import epath
 from PIL import Image
 
-from cat_jax.complexity import thresholds as thresholds_lib
+from cat_jax import cli
 from cat_jax.complexity import manifest as manifest_lib
 from cat_jax.complexity import runner
+from cat_jax.complexity import thresholds as thresholds_lib
 from cat_jax.complexity import scorers
 from cat_jax.complexity.llm import ChatClient, EndpointError, api_key_from_env, base_url_from_env, redact_url
 from cat_jax.levels import NUM_LEVELS, num_tokens
@@ -43,7 +44,7 @@ METHODS = ("caption_llm", "jpeg", "mse")
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m cat_jax.score", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m cat_jax.score", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--method", choices=METHODS, help="complexity measure (caption_llm is the paper's)")
   g = p.add_argument_group("data")

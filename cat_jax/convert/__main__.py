@@ -15,6 +15,8 @@ import argparse
 import importlib
 import sys
 
+from cat_jax import cli
+
 # name -> module with `convert_cli(src: str | None, out: str, **options) -> None`
 CONVERTERS = {
     "lpips": "cat_jax.convert.lpips",
@@ -26,7 +28,7 @@ CONVERTERS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m cat_jax.convert", description=__doc__,
+  parser = cli.ArgumentParser(prog="python -m cat_jax.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("which", choices=sorted(CONVERTERS))
   parser.add_argument("--out", required=True,
