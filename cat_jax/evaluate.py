@@ -33,9 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import io
-import json
 import logging
 import os
 import pathlib
@@ -47,12 +44,12 @@ import numpy as np
 
 from cat_jax import cli
 from cat_jax import levels as L
+from cat_jax import reports
 from cat_jax import storage
 from cat_jax.data.level_map import is_level_spelling
 
 logger = logging.getLogger("cat_jax.evaluate")
 
-FIXED_ROWS = tuple(f"fixed_{f}x" for f in L.FACTORS)
 BUILTIN_MEASURES = ("random", "jpeg", "mse", "grade")
 SKIPPED_RFID = ("rFID skipped: no --inception_weights. Convert the pytorch-fid Inception weights once with "
                 "`python -m cat_jax.convert inception --out PATH` (needs pt_inception-2015-12-05-6726825d.pth in "
@@ -120,36 +117,18 @@ def make_source(data: str | None, split: str | None, config) -> tuple[Any, str, 
   return source, label, split
 
 
-# -- cached frozen networks ------------------------------------------------------------------------------------------
-def _row_keys(x: np.ndarray) -> list[bytes]:
-  return [hashlib.sha1(np.ascontiguousarray(row).tobytes()).digest() for row in x]
+# -- frozen networks ------------------------------------------------------------------------------------------------
+def _padded(fn: Callable | None, batch: int) -> Callable | None:
+  """``fn(*arrays)`` called on ``batch`` rows (zeros after the real ones), so a short last batch compiles nothing new."""
+  if fn is None:
+    return None
 
-
-class _CachedFn:
-  """Per-input cache of ``fn(*arrays) -> (B, ...)`` (Inception features, LPIPS distances of pairs): the originals
-  and each level's reconstructions are measured once, however many rows reuse them. Calls are padded to ``batch``."""
-
-  def __init__(self, fn: Callable, batch: int):
-    self.fn, self.batch, self.cache = fn, batch, {}
-
-  def __call__(self, *arrays):
-    arrays = [np.asarray(a, np.float32) for a in arrays]
-    keys = [b"".join(parts) for parts in zip(*(_row_keys(a) for a in arrays))]
-    first = {}
-    for i, k in enumerate(keys):
-      first.setdefault(k, i)
-    missing = [k for k in first if k not in self.cache]
-    for s in range(0, len(missing), self.batch):
-      chunk = missing[s:s + self.batch]
-      padded = []
-      for a in arrays:
-        rows = np.zeros((self.batch,) + a.shape[1:], np.float32)
-        rows[:len(chunk)] = a[[first[k] for k in chunk]]
-        padded.append(rows)
-      out = np.asarray(self.fn(*padded), np.float64)
-      for j, k in enumerate(chunk):
-        self.cache[k] = out[j]
-    return np.stack([self.cache[k] for k in keys])
+  def call(*arrays):
+    n = len(arrays[0])
+    padded = [np.concatenate([a, np.zeros((batch - n,) + a.shape[1:], np.float32)]) if n < batch else a
+              for a in (np.asarray(a, np.float32) for a in arrays)]
+    return np.asarray(fn(*padded))[:n]
+  return call
 
 
 # -- level assignments ----------------------------------------------------------------------------------------------
@@ -181,7 +160,7 @@ class _Row:
   level_of: Mapping[str, int] | int
   note: str = ""
   thresholds: tuple[float, float] | None = None
-  source: str = "model"  # whose reconstructions: 'model', 'area_bicubic' or a --compare name
+  source: str = "model"  # whose reconstructions: 'model', 'area_bicubic', 'dct_code' or a --compare name
 
   def levels(self, ids: Sequence[str]) -> np.ndarray:
     if isinstance(self.level_of, int):
@@ -189,44 +168,24 @@ class _Row:
     return np.array([self.level_of[i] for i in ids], np.int32)
 
 
+def _budget_rows(scores: Mapping[str, Mapping[str, float]], ids: Sequence[str], budget: float,
+                 image_hw: tuple[int, int]) -> list[_Row]:
+  """One row per complexity measure: thresholds on its scores over ``ids`` such that the mean token count is
+  ``budget``."""
+  from cat_jax.complexity import thresholds as complexity_thresholds
+
+  rows = []
+  for name, per_id in scores.items():
+    _require_all(per_id, ids, f"measure {name!r}")
+    values = [per_id[i] for i in ids]
+    thresholds = complexity_thresholds.budget_thresholds(values, budget, image_hw=image_hw)
+    level_of = dict(zip(ids, complexity_thresholds.levels_for_scores(values, thresholds).tolist()))
+    rows.append(_Row(f"budget:{name}", level_of, f"thresholds from {name} scores at {budget:g} mean tokens",
+                     thresholds=thresholds))
+  return rows
+
+
 # -- the evaluation -------------------------------------------------------------------------------------------------
-def _batches(source, tok, image_size: int):
-  from cat_jax.data import make_eval_iterator
-  return make_eval_iterator(source, levels=0, batch_size=tok.batch_size, image_size=image_size,
-                            process_index=0, process_count=1)
-
-
-def _score_pass(source, tok, image_size: int, measures: Sequence[str], seed: int) -> tuple[list[str], dict]:
-  """Ids of the readable images in order, and {measure: {id: score}} for the built-in measures."""
-  from PIL import Image
-
-  from cat_jax.complexity.scorers import jpeg_bpp
-  from cat_jax.data.preprocess import from_model_range
-
-  ids, scores = [], {m: {} for m in measures}
-  for batch in _batches(source, tok, image_size):
-    valid = np.asarray(batch["mask"], bool)
-    batch_ids = [str(i) for i in np.asarray(batch["id"])[valid]]
-    images = np.asarray(batch["image"])[valid]
-    ids += batch_ids
-    if "jpeg" in measures:
-      for i, x in zip(batch_ids, images):
-        scores["jpeg"][i] = jpeg_bpp(Image.fromarray(from_model_range(x)))
-    if "mse" in measures:
-      recon = np.clip(np.asarray(tok.reconstruct_batch(batch["image"], L.NUM_LEVELS - 1)), -1, 1)[valid]
-      for i, x, y in zip(batch_ids, images, recon):
-        scores["mse"][i] = float(np.mean(((y - x) / 2.0) ** 2))
-  if "random" in measures:
-    rng = np.random.default_rng(seed)
-    scores["random"] = dict(zip(ids, rng.random(len(ids)).tolist()))
-  if "grade" in measures:
-    if not hasattr(source, "kind"):
-      raise ValueError("measure 'grade' needs the embedded dataset (its generator's complexity grade)")
-    grade_of = {i: source.kind(k).grade for k, i in enumerate(source.ids())}
-    scores["grade"] = {i: float(grade_of[i]) for i in ids}
-  return ids, scores
-
-
 def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, image_size: int,
                    manifest: str | None = None, score_manifests: Mapping[str, str] | None = None,
                    measures: Sequence[str] = ("random", "jpeg", "mse"), budget_tokens: float | None = None,
@@ -234,39 +193,52 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
                    num_grid_images: int = 8, seed: int = 0, extra: Mapping[str, Any] | None = None,
                    compare: Mapping[str, tuple[Any, int]] | None = None, baselines: bool = True,
                    bootstrap: int = 1000) -> dict:
-  """Evaluates ``tok`` on ``source`` and writes every output file; returns the results dict.
+  """Evaluates ``tok`` on ``source`` in one pass over the data and writes every output file; returns the results.
 
   ``compare``: {row name: (another Tokenizer, level)}, e.g. separately trained fixed-rate models or a converted SD
   VAE, each evaluated on the same images at one level. ``baselines``: add the no-learning rows (area+bicubic, and
   the DCT patch code with the model's latent channels: ``cat_jax.metrics.baselines``).
   ``bootstrap``: resamples for the 95% intervals over images (0: none).
+
+  Each batch is reconstructed at every level and each (reconstruction source, level) is measured once; a row picks,
+  per image, the measurement at its level. Budget rows need every image's score first (their thresholds come from
+  the whole distribution), so the model's per-level measurements are kept and those rows are added after the pass:
+  with Inception weights that is 4 x 2048 float32 per image (~32 KiB; 1.6 GiB for 50,000 images).
   """
-  from cat_jax.complexity import thresholds as complexity_thresholds
-  from cat_jax.data import load_levels, source_ids
+  from PIL import Image
+
+  from cat_jax.complexity.scorers import jpeg_bpp
+  from cat_jax.data import load_levels, make_eval_iterator, source_ids
+  from cat_jax.data.preprocess import from_model_range
   from cat_jax.metrics.baselines import area_bicubic, dct_code
-  from cat_jax.metrics.evaluator import ReconstructionEvaluator
+  from cat_jax.metrics.evaluator import Measurements, ReconstructionEvaluator
 
   out_dir = storage.as_path(out_dir)  # local or an object store (gs://...)
   out_dir.mkdir(parents=True, exist_ok=True)
-  score_manifests = dict(score_manifests or {})
   unknown = set(measures) - set(BUILTIN_MEASURES)
   if unknown:
     raise ValueError(f"unknown measures {sorted(unknown)}; built-in measures are {BUILTIN_MEASURES} (others come "
                      "from --score_manifest name=PATH)")
+  if "grade" in measures and not hasattr(source, "kind"):
+    raise ValueError("measure 'grade' needs the embedded dataset (its generator's complexity grade)")
   all_ids = source_ids(source)
   image_hw = (image_size, image_size)
   tokens = np.array([L.num_tokens(image_hw, lvl) for lvl in range(L.NUM_LEVELS)], np.int64)
   budget = float(tokens[1] if budget_tokens is None else budget_tokens)
+  compare = dict(compare or {})
+  for other, _ in compare.values():
+    if other.batch_size != tok.batch_size:
+      raise ValueError(f"compared tokenizers need the same batch_size as the evaluated one ({tok.batch_size})")
+  external = {name: _manifest_scores(path, all_ids) for name, path in dict(score_manifests or {}).items()}
 
-  # Rows: fixed levels, adaptive, and one per complexity measure at the budget.
-  rows = [_Row(name, lvl, f"every image at {L.FACTORS[lvl]}x") for lvl, name in enumerate(FIXED_ROWS)]
+  # Rows whose levels are known before the pass: fixed levels, the no-learning baselines, compared tokenizers, adaptive.
+  rows = [_Row(name, lvl, f"every image at {L.FACTORS[lvl]}x") for lvl, name in enumerate(reports.FIXED_ROWS)]
   if baselines:
     rows += [_Row(f"area_bicubic_{f}x", lvl, f"no learning: average-pool to the {f}x grid, bicubic upsampling "
                   "(3 numbers per latent position)", source="area_bicubic") for lvl, f in enumerate(L.FACTORS)]
     rows += [_Row(f"dct_code_{f}x", lvl, f"no learning: the {tok.model.z_channels} lowest-frequency DCT coefficients "
                   f"of each {f}x{f} patch in YCbCr (as many numbers per latent position as the model)",
                   source="dct_code") for lvl, f in enumerate(L.FACTORS)]
-  compare = dict(compare or {})
   for name, (_, lvl) in compare.items():
     rows.append(_Row(name, L.parse_level(lvl), f"{name} at {L.level_name(L.parse_level(lvl))}", source=name))
   notes = []
@@ -279,35 +251,20 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
                      "generator's complexity grade; no --manifest given)"))
   else:
     notes.append("no adaptive row: pass --manifest (a score manifest with levels, from python -m cat_jax.score)")
+  deferred = bool(measures or external)
 
-  external = {name: _manifest_scores(path, all_ids) for name, path in score_manifests.items()}
-  ids = None
-  scores: dict[str, dict[str, float]] = {}
-  if measures or external:
-    ids, scores = _score_pass(source, tok, image_size, list(measures), seed)
-    scores.update(external)
-    for name, per_id in scores.items():
-      _require_all(per_id, ids, f"measure {name!r}")
-      values = [per_id[i] for i in ids]
-      thresholds = complexity_thresholds.budget_thresholds(values, budget, image_hw=image_hw)
-      level_of = dict(zip(ids, complexity_thresholds.levels_for_scores(values, thresholds).tolist()))
-      rows.append(_Row(f"budget:{name}", level_of, f"thresholds from {name} scores at {budget:g} mean tokens",
-                       thresholds=thresholds))
-
-  # Cached frozen networks: each image and each level's reconstruction goes through them once.
-  cached_inception = _CachedFn(inception_fn, tok.batch_size) if inception_fn is not None else None
-  cached_lpips = _CachedFn(lpips_fn, tok.batch_size) if lpips_fn is not None else None
-  evaluators = {r.name: ReconstructionEvaluator(cached_inception, cached_lpips) for r in rows}
+  measurer = ReconstructionEvaluator(_padded(inception_fn, tok.batch_size), _padded(lpips_fn, tok.batch_size))
+  evaluators = {r.name: ReconstructionEvaluator(inception_fn, lpips_fn) for r in rows}
   seconds = np.zeros(L.NUM_LEVELS)
   warm = np.zeros((tok.batch_size, image_size, image_size, 3), np.float32)
   for lvl in range(L.NUM_LEVELS):  # compile outside the timed region
     np.asarray(tok.reconstruct_batch(warm, lvl))
-  for other, lvl in compare.values():
-    if other.batch_size != tok.batch_size:
-      raise ValueError(f"compared tokenizers need the same batch_size as the evaluated one ({tok.batch_size})")
   grid: list[list[np.ndarray]] = [[] for _ in range(L.NUM_LEVELS + 1)]
   seen_ids: list[str] = []
-  for batch in _batches(source, tok, image_size):
+  scores: dict[str, dict[str, float]] = {m: {} for m in measures if m in ("jpeg", "mse")}
+  model_batches: list[tuple[list[str], list[Measurements]]] = []  # for the budget rows, added after the pass
+  for batch in make_eval_iterator(source, levels=0, batch_size=tok.batch_size, image_size=image_size,
+                                  process_index=0, process_count=1):
     valid = np.asarray(batch["mask"], bool)
     batch_ids = [str(i) for i in np.asarray(batch["id"])[valid]]
     if not batch_ids:
@@ -320,29 +277,58 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
       recon = np.asarray(tok.reconstruct_batch(batch["image"], lvl))
       seconds[lvl] += time.perf_counter() - start
       recons.append(np.clip(recon[valid], -1.0, 1.0))
-    recons = np.stack(recons)  # (levels, n, H, W, 3)
     by_source = {"model": recons}
     if baselines:
-      by_source["area_bicubic"] = np.stack([np.asarray(area_bicubic(originals, lvl)) for lvl in range(L.NUM_LEVELS)])
-      by_source["dct_code"] = np.stack([np.asarray(dct_code(originals, lvl, tok.model.z_channels))
-                                        for lvl in range(L.NUM_LEVELS)])
+      by_source["area_bicubic"] = [np.asarray(area_bicubic(originals, lvl)) for lvl in range(L.NUM_LEVELS)]
+      by_source["dct_code"] = [np.asarray(dct_code(originals, lvl, tok.model.z_channels))
+                               for lvl in range(L.NUM_LEVELS)]
     for name, (other, lvl) in compare.items():
       recon = np.clip(np.asarray(other.reconstruct_batch(batch["image"], L.parse_level(lvl)))[valid], -1.0, 1.0)
-      by_source[name] = np.broadcast_to(recon, (L.NUM_LEVELS,) + recon.shape)  # one level: the same at each
+      by_source[name] = [recon] * L.NUM_LEVELS  # one level: the same at each
+
+    measured: dict[tuple[str, int], Measurements] = {}
+    real_features = None
+
+    def measurements(src: str, lvl: int) -> Measurements:
+      nonlocal real_features
+      if (src, lvl) not in measured:  # the originals' features are measured once per batch
+        measured[src, lvl] = measurer.measure(originals, by_source[src][lvl], real_features)
+        real_features = measured[src, lvl].real_features
+      return measured[src, lvl]
+
     for row in rows:
       lv = row.levels(batch_ids)
-      chosen = by_source[row.source][lv, np.arange(len(batch_ids))]
-      evaluators[row.name].update(originals, chosen, lv, num_tokens=tokens[lv])
+      per_level = [measurements(row.source, lvl) if np.any(lv == lvl) else None for lvl in range(L.NUM_LEVELS)]
+      filler = next(m for m in per_level if m is not None)
+      evaluators[row.name].add(Measurements.pick([m or filler for m in per_level], lv), lv, tokens[lv])
+    if deferred:
+      model_batches.append((batch_ids, [measurements("model", lvl) for lvl in range(L.NUM_LEVELS)]))
+    if "jpeg" in scores:
+      scores["jpeg"].update((i, jpeg_bpp(Image.fromarray(from_model_range(x)))) for i, x in zip(batch_ids, originals))
+    if "mse" in scores:  # the 32x reconstruction's error: the cheap measure needs the coarsest level only
+      scores["mse"].update((i, float(np.mean(((y - x) / 2.0) ** 2)))
+                           for i, x, y in zip(batch_ids, originals, recons[L.NUM_LEVELS - 1]))
     take = num_grid_images - len(grid[0])
     if take > 0:
       grid[0] += list(originals[:take])
       for lvl in range(L.NUM_LEVELS):
-        grid[lvl + 1] += list(recons[lvl, :take])
-    for cache in (cached_inception, cached_lpips):
-      if cache is not None:
-        cache.cache.clear()
+        grid[lvl + 1] += list(recons[lvl][:take])
   if not seen_ids:
     raise ValueError(f"no readable images in {source!r}")
+
+  if deferred:  # the budget rows, from every image's score and the model's kept measurements
+    if "random" in measures:
+      scores["random"] = dict(zip(seen_ids, np.random.default_rng(seed).random(len(seen_ids)).tolist()))
+    if "grade" in measures:
+      grade_of = {i: source.kind(k).grade for k, i in enumerate(source.ids())}
+      scores["grade"] = {i: float(grade_of[i]) for i in seen_ids}
+    scores = {m: scores[m] for m in measures} | external
+    for row in _budget_rows(scores, seen_ids, budget, image_hw):
+      rows.append(row)
+      evaluators[row.name] = ReconstructionEvaluator(inception_fn, lpips_fn)
+      for batch_ids, per_level in model_batches:
+        lv = row.levels(batch_ids)
+        evaluators[row.name].add(Measurements.pick(per_level, lv), lv, tokens[lv])
 
   n_total = len(seen_ids)
   ips_level = [n_total / max(s, 1e-12) for s in seconds]
@@ -371,173 +357,10 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
     if row.thresholds is not None:
       entry["thresholds"] = list(row.thresholds)
     results["rows"][row.name] = entry
-  _add_intervals_and_breakdown(results, evaluators, seen_ids, source, bootstrap, seed)
-
-  storage.write_text(out_dir / "results.json", json.dumps(results, indent=2, sort_keys=False,
-                                                         default=_json_default))
-  storage.write_text(out_dir / "results.md", markdown_table(results))
-  plot_rate_distortion(results, out_dir / "rate_distortion.png")
-  _write_grids(grid, out_dir)
+  reports.add_intervals_and_breakdown(results, {n: ev.per_image for n, ev in evaluators.items()}, seen_ids, source,
+                                      bootstrap, seed)
+  reports.write_reports(results, grid, out_dir)
   return results
-
-
-def bootstrap_interval(values: np.ndarray, resamples: np.ndarray) -> list[float]:
-  """95% percentile interval of the mean of ``values`` over ``resamples`` (an (R, N) array of indices)."""
-  means = np.asarray(values, np.float64)[resamples].mean(axis=1)
-  return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-
-
-def _add_intervals_and_breakdown(results: dict, evaluators: Mapping[str, Any], ids: Sequence[str], source,
-                                 bootstrap: int, seed: int) -> None:
-  """Bootstrap 95% intervals over images for each row's PSNR/SSIM and for its PSNR difference to fixed 16x
-  (paired: the same resampled images), and the mean PSNR per kind of image where the source names kinds."""
-  per_image = {name: {k: np.asarray(v) for k, v in ev.per_image.items() if len(v)} for name, ev in evaluators.items()}
-  reference = per_image.get(FIXED_ROWS[1], {}).get("psnr")
-  if bootstrap > 0:
-    resamples = np.random.default_rng(seed).integers(0, len(ids), size=(bootstrap, len(ids)))
-    results["bootstrap_resamples"] = bootstrap
-    for name, values in per_image.items():
-      row = results["rows"][name]
-      for metric in ("psnr", "ssim", "lpips"):
-        if metric in values:
-          row[f"{metric}_ci95"] = bootstrap_interval(values[metric], resamples)
-      if reference is not None and name != FIXED_ROWS[1]:
-        diff = values["psnr"] - reference
-        row["psnr_minus_fixed_16x"] = float(diff.mean())
-        row["psnr_minus_fixed_16x_ci95"] = bootstrap_interval(diff, resamples)
-  kind_of = _kinds(source, ids)
-  if kind_of is not None:
-    from cat_jax.data.embedded import KIND_NAMES
-    kinds = sorted(set(kind_of), key=KIND_NAMES.index)  # simplest first
-    results["kinds"] = {k: int(sum(1 for x in kind_of if x == k)) for k in kinds}
-    for name, values in per_image.items():
-      results["rows"][name]["psnr_per_kind"] = {
-          k: float(np.mean([v for v, x in zip(values["psnr"], kind_of) if x == k])) for k in kinds}
-
-
-def _kinds(source, ids: Sequence[str]) -> list[str] | None:
-  """The kind of each evaluated image (the embedded dataset's generator kinds, ordered simple to complex)."""
-  if not hasattr(source, "kind"):
-    return None
-  position = {i: k for k, i in enumerate(source.ids())}
-  return [source.kind(position[i]).name for i in ids]
-
-
-def _json_default(value):
-  if isinstance(value, np.generic):
-    return value.item()
-  raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _write_grids(grid: list[list[np.ndarray]], out_dir, per_image: int = 8) -> None:
-  from cat_jax.metric_writers import make_image_grid
-
-  for old in out_dir.glob("reconstructions_*.png"):
-    old.unlink()
-  for s in range(0, len(grid[0]), per_image):
-    rows = [np.stack(r[s:s + per_image]) for r in grid]
-    storage.write_png(out_dir / f"reconstructions_{s // per_image:03d}.png", make_image_grid(rows))
-
-
-# -- reports --------------------------------------------------------------------------------------------------------
-_COLUMNS = (("mean_tokens", "mean tokens", "{:.1f}"), ("rfid", "rFID", "{:.3f}"), ("lpips", "LPIPS", "{:.4f}"),
-            ("psnr", "PSNR", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"), ("images_per_s", "images/s", "{:.1f}"))
-
-
-def _cell(row: Mapping[str, Any], key: str, fmt: str) -> str:
-  if key not in row:
-    return "-"
-  text = fmt.format(row[key])
-  if f"{key}_ci95" in row:  # the 95% bootstrap interval over images
-    lo, hi = row[f"{key}_ci95"]
-    text += f" [{fmt.format(lo)}, {fmt.format(hi)}]"
-  return text
-
-
-def _table(rows: Mapping[str, dict], names: Sequence[str]) -> list[str]:
-  cols = [c for c in _COLUMNS if any(c[0] in rows[n] for n in names)]
-  paired = any("psnr_minus_fixed_16x" in rows[n] for n in names)
-  header = [c[1] for c in cols] + (["PSNR - fixed 16x"] if paired else [])
-  lines = ["| setting | " + " | ".join(header) + " | images at 8x/16x/32x |",
-           "|---|" + "---:|" * len(header) + "---|"]
-  for n in names:
-    r = rows[n]
-    cells = [_cell(r, key, fmt) for key, _, fmt in cols]
-    if paired:
-      cells.append(_cell(r, "psnr_minus_fixed_16x", "{:+.2f}"))
-    counts = "/".join(str(r["level_counts"][f"{f}x"]) for f in L.FACTORS)
-    lines.append(f"| {n} | " + " | ".join(cells) + f" | {counts} |")
-  return lines
-
-
-def _kinds_table(results: Mapping[str, Any]) -> list[str]:
-  """Mean PSNR per kind of image (columns simplest first) for every row: where adaptive wins and loses."""
-  kinds = list(results["kinds"])
-  lines = ["| setting | " + " | ".join(f"{k} ({results['kinds'][k]})" for k in kinds) + " |",
-           "|---|" + "---:|" * len(kinds)]
-  for name, row in results["rows"].items():
-    lines.append(f"| {name} | " + " | ".join(f"{row['psnr_per_kind'][k]:.2f}" for k in kinds) + " |")
-  return lines
-
-
-def markdown_table(results: Mapping[str, Any]) -> str:
-  rows = results["rows"]
-  main = [n for n in rows if not n.startswith("budget:")]
-  budget = [n for n in rows if n.startswith("budget:")]
-  lines = [f"# Reconstruction: {results['dataset']} ({results['num_images']} images, "
-           f"{results['image_size']}x{results['image_size']}, checkpoint step {results['checkpoint_step']})", ""]
-  if results.get("training"):
-    lines += ["Trained with " + ", ".join(f"{k}={v}" for k, v in results["training"].items()) + ".", ""]
-  if results.get("bootstrap_resamples"):
-    lines += [f"PSNR: mean of per-image PSNR capped at 50 dB; [brackets]: 95% bootstrap interval over images "
-              f"({results['bootstrap_resamples']} resamples; the difference to fixed 16x is paired).", ""]
-  lines += _table(rows, main)
-  if budget:
-    lines += ["", f"## Complexity measures at {results['budget_tokens']:g} mean tokens per image (budget mode)", ""]
-    lines += _table(rows, budget)
-  if results.get("kinds"):
-    lines += ["", "## PSNR per kind of image", ""] + _kinds_table(results)
-  for key, text in results.get("skipped", {}).items():
-    lines += ["", f"Note: {text}"]
-  for text in results.get("notes", []):
-    lines += ["", f"Note: {text}"]
-  return "\n".join(lines) + "\n"
-
-
-def plot_rate_distortion(results: Mapping[str, Any], path: str | os.PathLike) -> None:
-  """Quality vs mean tokens per image: fixed levels as a curve, adaptive and budget rows as points."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  rows = results["rows"]
-  metrics = [(k, label) for k, label, _ in _COLUMNS[1:5] if any(k in r for r in rows.values())]
-  fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
-  fixed = [n for n in FIXED_ROWS if n in rows]
-  markers = iter(["*", "D", "s", "^", "v", "P", "X", "o", "<", ">"])
-  points = [n for n in rows if n not in fixed]
-  marker_of = {n: next(markers, "o") for n in points}
-  for ax, (key, label) in zip(axes[0], metrics):
-    xs = [rows[n]["mean_tokens"] for n in fixed]
-    ax.plot(xs, [rows[n][key] for n in fixed], "-o", color="tab:blue", label="fixed (32x, 16x, 8x)")
-    for n in fixed:
-      ax.annotate(n.split("_")[1], (rows[n]["mean_tokens"], rows[n][key]), textcoords="offset points",
-                  xytext=(4, 4), fontsize=8)
-    for n in points:
-      ax.plot([rows[n]["mean_tokens"]], [rows[n][key]], marker_of[n], markersize=9 if n == "adaptive" else 6,
-              linestyle="none", label=n)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("mean tokens per image")
-    ax.set_ylabel(label + (" (lower is better)" if key in ("rfid", "lpips") else " (higher is better)"))
-    ax.grid(alpha=0.3)
-  axes[0][0].legend(fontsize=7)
-  fig.suptitle(f"{results['dataset']}: rate-distortion ({results['num_images']} images, "
-               f"{results['image_size']}px)")
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110)
-  plt.close(fig)
-  storage.write_bytes(path, buf.getvalue())
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
@@ -659,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(markdown_table(results))
+  print(reports.markdown_table(results))
   for text in results["skipped"].values():
     print(f"WARNING: {text}")
   print(f"wrote {out}/results.json, results.md, rate_distortion.png, reconstructions_*.png")

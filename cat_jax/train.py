@@ -34,7 +34,8 @@ from cat_jax.losses.reconstruction import log_mse_loss, reconstruction_loss
 from cat_jax.metrics import image_quality
 from cat_jax.metrics.baselines import area_bicubic
 from cat_jax.models.discriminator import PatchDiscriminator
-from cat_jax.models.nested_vae import NestedVAE, build_model, parse_dtype
+from cat_jax.models import parse_dtype
+from cat_jax.models.nested_vae import NestedVAE, build_model, init_params
 
 logger = logging.getLogger("cat_jax.train")
 OUTPUT_HEAD_PARAMS = ("dec_norm_out", "dec_conv_out", "dec_gate")
@@ -97,7 +98,7 @@ def apply_discriminator(disc: PatchDiscriminator, d_params, d_batch_stats, image
 def init_train_state(rng, *, model: NestedVAE, disc: PatchDiscriminator, g_tx, d_tx, image_size: int) -> TrainState:
   g_rng, d_rng = jax.random.split(rng)
   # Parameter shapes do not depend on the image size: init the VAE on a small image (every branch runs at init).
-  params = model.init(g_rng, jnp.zeros((1, 2 * L.MAX_FACTOR, 2 * L.MAX_FACTOR, model.in_channels)), 0)["params"]
+  params = init_params(model, g_rng)
   d_variables = disc.init(d_rng, jnp.zeros((1, image_size, image_size, model.in_channels)))
   d_params = d_variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=g_tx.init(params),
@@ -287,7 +288,8 @@ def reconstruct(params, images, level, *, model):
 def eval_step(params, images, mask, level, *, model):
   """Masked sums of L1, PSNR and the area+bicubic baseline's PSNR, and the clipped reconstructions.
 
-  PSNR is the reported convention (``image_quality.PSNR_MAX_DB``): per image on [0, 1], capped at 50 dB.
+  PSNR is the reported convention (``image_quality.reported_psnr``, as the evaluator measures): 8-bit levels, per
+  image, capped at 50 dB.
   """
   recon = jnp.clip(reconstruct(params, images, level, model=model), -1.0, 1.0)
   if isinstance(level, int):
@@ -297,7 +299,7 @@ def eval_step(params, images, mask, level, *, model):
                               images)
   m = mask.astype(jnp.float32)
   l1 = jnp.mean(jnp.abs(recon - images), axis=(1, 2, 3))
-  psnr = lambda y: image_quality.psnr(y, images, max_db=image_quality.PSNR_MAX_DB)
+  psnr = lambda y: image_quality.reported_psnr(images, y)
   sums = {"l1": jnp.sum(l1 * m), "psnr": jnp.sum(psnr(recon) * m), "psnr_area_bicubic": jnp.sum(psnr(baseline) * m),
           "count": jnp.sum(m)}
   return sums, recon

@@ -182,3 +182,48 @@ def test_evaluators_of_the_same_originals_share_one_covariance_root(data):
   assert shared[1]["rfid/all"] != pytest.approx(shared[0]["rfid/all"], rel=1e-3)
   # first: levels 0, 1, 2 and all; second: level 0 (= all, reused) -- its real set is first's "all" set.
   assert len(roots) == 4
+
+
+def test_train_loop_eval_psnr_is_the_evaluators():
+  """One PSNR convention: the train loop's eval_step (jitted, masked sums) and the evaluator give the same mean PSNR
+  on the same float reconstructions (8-bit rounding included: without it the two differ by ~0.01 dB here)."""
+  import jax
+
+  from cat_jax import train
+  from cat_jax.metrics import image_quality
+
+  rng = np.random.default_rng(7)
+  originals, recon = _batch(rng, 6)
+  recon = recon * 0.999 + 0.0007  # between the 8-bit levels
+
+  class Fixed:  # a "model" whose reconstruction is ``recon`` whatever the parameters
+    def apply(self, variables, images, level):
+      return jnp.asarray(recon), None
+
+  mask = np.array([1, 1, 1, 1, 1, 0], bool)  # the padded last image is left out by both
+  sums, _ = jax.jit(lambda p, x, m: train.eval_step(p, x, m, 0, model=Fixed()))({}, originals, mask)
+  train_psnr = float(sums["psnr"]) / float(sums["count"])
+  ev = ReconstructionEvaluator()
+  ev.update(originals[:5], recon[:5], 0)
+  assert train_psnr == pytest.approx(ev.result()["psnr/all"], abs=1e-4)
+  unrounded = float(np.mean(image_quality.psnr(originals[:5], np.clip(recon[:5], -1, 1))))
+  assert abs(unrounded - train_psnr) > 1e-3  # the test can tell the two conventions apart
+
+
+def test_measurements_picked_per_image_equal_updating_with_the_chosen_reconstructions():
+  """evaluate's one pass measures each level's reconstructions once and lets each setting pick per image."""
+  from cat_jax.metrics.evaluator import Measurements
+
+  rng = np.random.default_rng(3)
+  originals, _ = _batch(rng, 5)
+  per_level_recon = [_batch(rng, 5)[1] for _ in range(levels.NUM_LEVELS)]
+  level = np.array([2, 0, 1, 0, 2])
+  direct = ReconstructionEvaluator(fake_inception, fake_lpips)
+  chosen = np.stack(per_level_recon)[level, np.arange(5)]
+  direct.update(originals, chosen, level, num_tokens=7)
+  measurer = ReconstructionEvaluator(fake_inception, fake_lpips)
+  per_level = [measurer.measure(originals, r) for r in per_level_recon]
+  picked = ReconstructionEvaluator(fake_inception, fake_lpips)
+  picked.add(Measurements.pick(per_level, level), level, num_tokens=7)
+  assert picked.result() == pytest.approx(direct.result(), rel=1e-6)
+  assert picked.per_image == direct.per_image

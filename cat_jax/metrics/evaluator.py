@@ -29,14 +29,10 @@ import numpy as np
 from cat_jax import levels
 from cat_jax.metrics import fid as fid_lib
 from cat_jax.metrics import image_quality
+from cat_jax.metrics.image_quality import quantize_to_uint8_levels
 
 ImagesFn = Callable[[jax.Array], Any]
 PairFn = Callable[[jax.Array, jax.Array], Any]
-
-
-def quantize_to_uint8_levels(images: jax.Array) -> jax.Array:
-  """[-1, 1] images rounded to the 256 values an 8-bit image can hold (still in [-1, 1])."""
-  return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5) / 127.5 - 1.0
 
 
 @jax.jit
@@ -63,6 +59,28 @@ class _Sums:
 
   def merge(self, other: "_Sums") -> "_Sums":
     return _Sums(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+@dataclasses.dataclass
+class Measurements:
+  """Per-image numbers of one batch of (original, reconstruction) pairs (``ReconstructionEvaluator.measure``):
+  (B,) PSNR, SSIM and LPIPS (None without ``lpips_fn``), (B, D) float32 Inception features of the originals and of
+  the reconstructions (None without ``inception_fn``)."""
+  psnr: np.ndarray
+  ssim: np.ndarray
+  lpips: np.ndarray | None = None
+  real_features: np.ndarray | None = None
+  fake_features: np.ndarray | None = None
+
+  @staticmethod
+  def pick(per_level: "list[Measurements]", level: np.ndarray) -> "Measurements":
+    """Image i's numbers from ``per_level[level[i]]``: the measurements of a setting that chose a level per image."""
+    rows = np.arange(len(level))
+    fields = {}
+    for field in dataclasses.fields(Measurements):
+      values = [getattr(m, field.name) for m in per_level]
+      fields[field.name] = None if values[0] is None else np.stack(values)[level, rows]
+    return Measurements(**fields)
 
 
 class ReconstructionEvaluator:
@@ -104,46 +122,55 @@ class ReconstructionEvaluator:
       level: the level of every image (int) or of each image ((B,) ints).
       num_tokens: latent tokens spent on each image (int or (B,)), e.g. ``levels.num_tokens``.
     """
+    self.add(self.measure(originals, reconstructions), level, num_tokens)
+
+  def measure(self, originals: Any, reconstructions: Any, real_features: np.ndarray | None = None) -> Measurements:
+    """Every per-image number of a batch, without adding it (``add`` does): several settings that pick the same
+    reconstructions can share one measurement. ``real_features``: the originals' Inception features when already
+    measured (they do not depend on the reconstructions)."""
     x = jnp.asarray(originals, jnp.float32)
     y = jnp.asarray(reconstructions, jnp.float32)
     if x.shape != y.shape or x.ndim != 4:
       raise ValueError(f"expected two NHWC batches of one shape, got {x.shape} and {y.shape}")
     batch = x.shape[0]
-    per_image_level = self._per_image(level, batch, "level").astype(np.int64)
-    for lv in np.unique(per_image_level):
-      levels.check_level(int(lv))
     if self.quantize:
       x, y = quantize_to_uint8_levels(x), quantize_to_uint8_levels(y)
     else:
       x, y = jnp.clip(x, -1.0, 1.0), jnp.clip(y, -1.0, 1.0)
-
-    # Measure everything before touching the sums, so a failing batch leaves the state unchanged.
     psnr, ssim = (np.asarray(v, np.float64) for v in _psnr_ssim(x, y))
-    dist = feats_real = feats_fake = tokens = None
+    dist = feats_fake = None
     if self.lpips_fn is not None:
       dist = np.asarray(self.lpips_fn(x, y), np.float64).reshape(-1)
       if dist.shape != (batch,):
         raise ValueError(f"lpips_fn must return ({batch},) distances, got shape {dist.shape}")
-    if num_tokens is not None:
-      tokens = self._per_image(num_tokens, batch, "num_tokens").astype(np.float64)
     if self.inception_fn is not None:
-      feats_real = np.asarray(self.inception_fn(x), np.float64)
-      feats_fake = np.asarray(self.inception_fn(y), np.float64)
+      if real_features is None:
+        real_features = np.asarray(self.inception_fn(x), np.float32)
+      feats_fake = np.asarray(self.inception_fn(y), np.float32)
+    return Measurements(psnr, ssim, dist, real_features if feats_fake is not None else None, feats_fake)
 
+  def add(self, measured: Measurements, level: int | Any, num_tokens: int | Any | None = None) -> None:
+    """Adds a batch's ``measure``-ments at ``level`` (int or (B,) ints) with ``num_tokens`` (int or (B,))."""
+    batch = len(measured.psnr)
+    per_image_level = self._per_image(level, batch, "level").astype(np.int64)
+    for lv in np.unique(per_image_level):
+      levels.check_level(int(lv))
+    tokens = None if num_tokens is None else self._per_image(num_tokens, batch, "num_tokens").astype(np.float64)
     s = self._sums
-    self.per_image["psnr"] += psnr.tolist()
-    self.per_image["ssim"] += ssim.tolist()
-    if dist is not None:
-      self.per_image["lpips"] += dist.tolist()
+    self.per_image["psnr"] += measured.psnr.tolist()
+    self.per_image["ssim"] += measured.ssim.tolist()
     np.add.at(s.num_images, per_image_level, 1)
-    np.add.at(s.psnr, per_image_level, psnr)
-    np.add.at(s.ssim, per_image_level, ssim)
-    if dist is not None:
-      np.add.at(s.lpips, per_image_level, dist)
+    np.add.at(s.psnr, per_image_level, measured.psnr)
+    np.add.at(s.ssim, per_image_level, measured.ssim)
+    if measured.lpips is not None:
+      self.per_image["lpips"] += measured.lpips.tolist()
+      np.add.at(s.lpips, per_image_level, measured.lpips)
     if tokens is not None:
       np.add.at(s.tokens, per_image_level, tokens)
       np.add.at(s.images_with_tokens, per_image_level, 1)
-    if feats_real is not None:
+    if measured.real_features is not None:
+      feats_real = measured.real_features.astype(np.float64)
+      feats_fake = measured.fake_features.astype(np.float64)
       slots = [(int(lv), per_image_level == lv) for lv in np.unique(per_image_level)]
       for slot, mask in slots + [(levels.NUM_LEVELS, slice(None))]:
         for stats, feats in ((self._real, feats_real), (self._fake, feats_fake)):

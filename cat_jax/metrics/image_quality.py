@@ -12,7 +12,9 @@ sigma=1.5, use_sample_covariance=False)``, the Gaussian-window SSIM of Wang et a
 SSIM depends on the offset (its luminance term uses absolute means): scikit-image run directly on
 [-1, 1] images gives other, lower numbers than on the same images in [0, 255].
 
-Reported PSNR (``PSNR_MAX_DB``): per image, on [0, 1] (equivalently [0, 255]), capped at 50 dB, then averaged.
+Reported PSNR (``reported_psnr``, the one convention of the evaluator, the train loop's eval and the docs): both
+images clipped to [-1, 1] and rounded to 8-bit levels (as an image written to PNG is), per image on [0, 1]
+(equivalently [0, 255]), capped at ``PSNR_MAX_DB`` = 50 dB, then averaged over images.
 """
 
 from __future__ import annotations
@@ -55,6 +57,17 @@ def psnr(x: jax.Array, y: jax.Array, *, value_range: tuple[float, float] = (-1.0
   lo, hi = value_range
   db = 10.0 * jnp.log10((hi - lo) ** 2 / mse(x, y))
   return db if max_db is None else jnp.minimum(db, max_db)
+
+
+def quantize_to_uint8_levels(images: jax.Array) -> jax.Array:
+  """[-1, 1] images rounded to the 256 values an 8-bit image can hold (still in [-1, 1])."""
+  return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5) / 127.5 - 1.0
+
+
+def reported_psnr(originals: jax.Array, reconstructions: jax.Array) -> jax.Array:
+  """The PSNR we report, per image (B,): [-1, 1] images clipped and rounded to 8-bit levels, capped at 50 dB."""
+  return psnr(quantize_to_uint8_levels(originals), quantize_to_uint8_levels(reconstructions),
+              max_db=PSNR_MAX_DB)
 
 
 def gaussian_kernel_1d(sigma: float = SSIM_SIGMA, truncate: float = SSIM_TRUNCATE) -> np.ndarray:
