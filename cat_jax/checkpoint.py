@@ -26,6 +26,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from cat_jax import storage
+
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
@@ -36,12 +38,12 @@ COMPUTE_ONLY = ("dtype",)
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
-  return epath.Path(workdir) / "checkpoints"
+  return storage.as_path(workdir) / "checkpoints"
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes ``config.json`` once (process 0); a resumed run keeps the original."""
-  path = epath.Path(workdir) / CONFIG_FILE
+  path = storage.as_path(workdir) / CONFIG_FILE
   if jax.process_index() == 0 and not path.exists():
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -49,7 +51,7 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def load_config(workdir_or_checkpoint: str) -> ml_collections.ConfigDict:
   """The config a run was started with; accepts a workdir or a step directory inside it."""
-  path = epath.Path(workdir_or_checkpoint)
+  path = storage.as_path(workdir_or_checkpoint)
   for candidate in (path, path.parent, path.parent.parent):
     if (candidate / CONFIG_FILE).exists():
       return ml_collections.ConfigDict(json.loads((candidate / CONFIG_FILE).read_text()))

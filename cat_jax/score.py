@@ -33,6 +33,7 @@ from etils import epath
 from PIL import Image
 
 from cat_jax import cli
+from cat_jax import storage
 from cat_jax.complexity import manifest as manifest_lib
 from cat_jax.complexity import runner
 from cat_jax.complexity import thresholds as thresholds_lib
@@ -106,7 +107,7 @@ def _thresholds_arg(text: str) -> tuple[float, float]:
 
 
 def _default_out(source: str, split: str, method: str, path: str | None) -> epath.Path:
-  name = epath.Path(path).expanduser().resolve().name if source == "folder" and path else source
+  name = storage.as_path(path).expanduser().resolve().name if source == "folder" and path else source
   name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{name}-{split}")
   return epath.Path("scores") / f"{name}-{method}.jsonl"
 
@@ -220,14 +221,14 @@ def _score_texts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     print(dry_run_text(scorer, items[0], runner.manifest_header(scorer, **_llm_header(scorer.client))))
     return 0
   with tempfile.TemporaryDirectory() as tmp:
-    out = epath.Path(args.out) if args.out else epath.Path(tmp) / "text.jsonl"
+    out = storage.as_path(args.out) if args.out else storage.as_path(tmp) / "text.jsonl"
     args.no_progress = True
     summary = _run(args, items, scorer, out)
     latest = manifest_lib.read_manifest(out)
     for item in items:
       if item["id"] in latest:
         print(json.dumps(latest[item["id"]], ensure_ascii=False))
-  _report(summary, epath.Path(args.out) if args.out else None)
+  _report(summary, storage.as_path(args.out) if args.out else None)
   return 1 if summary.failed else 0
 
 
@@ -264,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       header = runner.manifest_header(scorer, **_llm_header(scorer.client))
       print(dry_run_text(scorer, source[0], header))
       return 0
-    out = epath.Path(args.out) if args.out else _default_out(source_name, args.split, args.method, args.path)
+    out = storage.as_path(args.out) if args.out else _default_out(source_name, args.split, args.method, args.path)
     summary = _run(args, source, scorer, out)
   except KeyboardInterrupt:
     print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -22,13 +22,19 @@ from etils import epath
 PART_INFIX = ".part-"
 
 
+FILE_SCHEME = "file://"
+
+
 def as_path(path: str | os.PathLike) -> epath.Path:
-  return epath.Path(os.fspath(path))
+  """A path on the local file system or an object store (``gs://``, ``s3://``); ``file:///x`` is the local ``/x``."""
+  path = os.fspath(path)
+  return epath.Path(path[len(FILE_SCHEME):] if path.startswith(FILE_SCHEME) else path)
 
 
 def is_local(path: str | os.PathLike) -> bool:
-  """True for a path on a local (appendable) filesystem, False for a ``scheme://`` object-store URI."""
-  return "://" not in os.fspath(path)
+  """True for a path on the local (appendable) file system, ``file://`` URIs included; False for an object store."""
+  path = os.fspath(path)
+  return path.startswith(FILE_SCHEME) or "://" not in path
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

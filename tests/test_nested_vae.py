@@ -64,11 +64,11 @@ def test_one_parameter_tree_for_all_levels(tiny):
   n_total = nv.count_params(params)
   n_level = nv.count_params({k: params[k] for k in per_level})
   assert n_level < 0.1 * n_total
-  # The default (paper-like) model: the count stated in the README.
+  # The default (paper-like) model: the count stated in docs/model.md.
   big = nv.NestedVAE()
   shapes = jax.eval_shape(lambda r: nv.init_params(big, r, 64), jax.random.key(0))
   assert nv.count_params(shapes) == 94_125_523
-  # configs/cat.py's paper-like model (shortcuts, RMSNorm: the README states both counts).
+  # configs/cat.py's paper-like model (shortcuts, RMSNorm: docs/model.md states both counts).
   paper = nv.build_model(load_config("cat.py").model)
   shapes = jax.eval_shape(lambda r: nv.init_params(paper, r, 64), jax.random.key(0))
   assert nv.count_params(shapes) == 93_773_011

@@ -51,3 +51,19 @@ def test_train_eval_grid_png_goes_to_an_object_store(object_store):
 class _NullWriter:
   def write_images(self, step, images):
     self.images = images
+
+
+def test_file_uris_are_local_everywhere(tmp_path):
+  """One ``is_local``: a ``file://`` URI is the local path for storage, score manifests and checkpoints alike."""
+  from cat_jax import checkpoint
+  from cat_jax.complexity import manifest
+
+  uri = f"file://{tmp_path}/run"
+  assert storage.is_local(uri) and storage.is_local(tmp_path) and not storage.is_local("gs://b/x")
+  assert str(storage.as_path(uri)) == f"{tmp_path}/run"
+  writer = manifest.ManifestWriter(uri + "/scores.jsonl", header={"method": "jpeg"})
+  writer.write({"id": "a", "score": 1.0, "level": 0})
+  writer.close()
+  assert (tmp_path / "run" / "scores.jsonl").read_text().count("\n") == 2  # appended to the local file, no parts
+  assert manifest.read_manifest(uri + "/scores.jsonl")["a"]["score"] == 1.0
+  assert checkpoint.checkpoint_dir(uri) == tmp_path / "run" / "checkpoints"

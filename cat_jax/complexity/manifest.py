@@ -26,6 +26,7 @@ from typing import Any, Iterable
 
 from etils import epath
 
+from cat_jax import storage
 from cat_jax.data.level_map import HEADER_KEY, is_header, parts_dir
 
 
@@ -35,11 +36,6 @@ class ManifestMismatch(ValueError):
 
 def is_failure(record: dict[str, Any]) -> bool:
   return "error" in record
-
-
-def is_local(path: str | os.PathLike) -> bool:
-  """Whether ``path`` is on the local file system (appendable), not an object store URI."""
-  return "://" not in os.fspath(path) or os.fspath(path).startswith("file://")
 
 
 def _line(record: dict[str, Any]) -> bytes:
@@ -58,8 +54,8 @@ class ManifestWriter:
 
   def __init__(self, path: str | os.PathLike, *, header: dict[str, Any] | None = None, fsync: bool = False,
                flush_every: int = 256, flush_seconds: float = 60.0):
-    self.path = epath.Path(path)
-    self._local = is_local(self.path)
+    self.path = storage.as_path(path)
+    self._local = storage.is_local(self.path)
     self._fsync = fsync
     self._flush_every = flush_every
     self._flush_seconds = flush_seconds
@@ -122,7 +118,7 @@ class ManifestWriter:
 
 def manifest_files(path: str | os.PathLike) -> list[epath.Path]:
   """The manifest (if it exists) then its unmerged parts in write order: what a resuming run reads."""
-  path = epath.Path(path)
+  path = storage.as_path(path)
   files = [path] if path.exists() else []
   parts = parts_dir(path)
   if parts.exists():
@@ -213,9 +209,9 @@ def ids_to_skip(path: str | os.PathLike, method: str, *, retry_failures: bool = 
 def rewrite(path: str | os.PathLike, records: Iterable[dict[str, Any]],
             header: dict[str, Any] | None = None) -> None:
   """Replaces the manifest with ``header`` and ``records`` in one write (atomic), then removes its parts."""
-  path = epath.Path(path)
+  path = storage.as_path(path)
   data = b"".join(_line(r) for r in ([header_record(header)] if header is not None else []) + list(records))
-  if is_local(path):
+  if storage.is_local(path):
     tmp = os.fspath(path) + ".tmp"
     with open(tmp, "wb") as f:
       f.write(data)

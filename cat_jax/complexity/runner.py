@@ -12,8 +12,9 @@ from typing import Any, Callable, Sequence
 from etils import epath
 from tqdm.auto import tqdm
 
-from cat_jax.complexity import thresholds as thresholds_lib
+from cat_jax import storage
 from cat_jax.complexity import manifest as manifest_lib
+from cat_jax.complexity import thresholds as thresholds_lib
 from cat_jax.complexity.llm import EndpointError
 from cat_jax.complexity.scorers import Scorer
 
@@ -38,7 +39,7 @@ class TooManyFailures(RuntimeError):
 
 def thresholds_path(out: str | os.PathLike) -> epath.Path:
   """Where a manifest's thresholds and level statistics are written: ``<out>.thresholds.json``."""
-  return epath.Path(os.fspath(out) + ".thresholds.json")
+  return storage.as_path(os.fspath(out) + ".thresholds.json")
 
 
 def manifest_header(scorer: Scorer, **extra: Any) -> dict[str, Any]:

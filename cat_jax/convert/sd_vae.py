@@ -298,16 +298,13 @@ def convert_state_dict(state: Mapping[str, np.ndarray], layout: str, *, norm_gro
     ConversionError: naming every missing, unexpected or wrongly shaped source tensor.
   """
   import flax.traverse_util
-  import jax
-  import jax.numpy as jnp
 
-  from cat_jax.models.nested_vae import build_model
+  from cat_jax.models.nested_vae import abstract_params, build_model
 
   arch = infer_architecture(state, layout)
   config = model_config(arch, norm_groups)
   model = build_model(config)
-  x = jnp.zeros((1, 32, 32, model.in_channels), jnp.float32)  # parameter shapes do not depend on the image size
-  shapes = jax.eval_shape(lambda rng: model.init(rng, x, 0)["params"], jax.random.key(0))
+  shapes = abstract_params(model)
   rng = np.random.default_rng(seed)
   flat = {"/".join(k): _default_init(rng, k[-1], v.shape)
           for k, v in flax.traverse_util.flatten_dict(shapes).items()}

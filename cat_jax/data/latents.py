@@ -29,7 +29,7 @@ import numpy as np
 
 from cat_jax import levels as L
 from cat_jax import storage
-from cat_jax.data.pipeline import _LevelSchedule, _int_proportions, _process_index_and_count
+from cat_jax.data.pipeline import LevelSchedule, int_proportions, process_index_and_count
 
 STATISTICS_FILE = "latent_stats.json"
 # np.load parses the npz header with ast.literal_eval, which CPython 3.11 does not make safe across threads (grain's
@@ -260,7 +260,7 @@ class LatentStatistics:
 class _LatentElement:
   """map fn: global element e -> the latent at position e mod B of global batch e // B (as the image pipeline)."""
 
-  def __init__(self, dataset: LatentDataset, streams, levels, schedule: _LevelSchedule, global_batch: int):
+  def __init__(self, dataset: LatentDataset, streams, levels, schedule: LevelSchedule, global_batch: int):
     self._dataset, self._streams, self._levels = dataset, streams, levels
     self._schedule, self._global_batch = schedule, global_batch
 
@@ -285,12 +285,12 @@ def make_latent_train_iterator(dataset: LatentDataset, *, batch_size: int, seed:
   ``batch_size`` per process; levels drawn in proportion to their latent counts."""
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
-  pi, pc = _process_index_and_count(process_index, process_count)
+  pi, pc = process_index_and_count(process_index, process_count)
   counts = np.bincount(dataset.levels, minlength=L.NUM_LEVELS)
   active = [l for l in range(L.NUM_LEVELS) if counts[l]]
   streams = [grain.MapDataset.source([int(i) for i in np.flatnonzero(dataset.levels == l)])
              .shuffle(seed=seed * 7919 + l).repeat() for l in active]
-  schedule = _LevelSchedule(_int_proportions([float(counts[l]) for l in active]), seed)
+  schedule = LevelSchedule(int_proportions([float(counts[l]) for l in active]), seed)
   global_batch = batch_size * pc
   elements = grain.MapDataset.range(sys.maxsize).map(
       _LatentElement(dataset, streams, active, schedule, global_batch))

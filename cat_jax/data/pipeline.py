@@ -69,7 +69,8 @@ _NOTE_SEP = "\x00"  # Joins a training element's bad-image reasons into one stri
 _MAX_REPLACEMENT_TRIES = 64
 
 
-def _process_index_and_count(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+def process_index_and_count(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  """(this process's index, process count): JAX's unless given; checked."""
   import jax  # Lazily: grain workers unpickle this module and never need jax.
 
   pi = jax.process_index() if process_index is None else int(process_index)
@@ -93,7 +94,7 @@ class _TrainElement:
   """map fn: global element e -> the preprocessed image at position e mod B of global batch e // B."""
 
   def __init__(self, source, config: PreprocessConfig, streams: Sequence[grain.MapDataset],
-               levels: Sequence[int], counts: Sequence[int], schedule: _LevelSchedule, *, global_batch: int,
+               levels: Sequence[int], counts: Sequence[int], schedule: LevelSchedule, *, global_batch: int,
                seed: int):
     # streams[d] holds level levels[d]; a bad image is replaced by the next ones of its stream, at most
     # _MAX_REPLACEMENT_TRIES (or the level's image count) tries.
@@ -149,7 +150,7 @@ class _Collate:
     return {"image": batch["image"], "level": np.int32(levels[0]), "id": np.asarray(batch["id"])}
 
 
-class _LevelSchedule:
+class LevelSchedule:
   """Selection map for ``select_from_datasets``: batch k -> (level dataset, batch index).
 
   Round r (``sum(proportions)`` batches) holds dataset d ``proportions[d]`` times in an
@@ -188,7 +189,7 @@ class _LevelSchedule:
     return d, r * int(self._proportions[d]) + int(rank[pos])
 
   def __repr__(self) -> str:
-    return f"_LevelSchedule(proportions={self._proportions.tolist()}, seed={self._seed})"
+    return f"LevelSchedule(proportions={self._proportions.tolist()}, seed={self._seed})"
 
 
 class _ReportBadImages:
@@ -223,7 +224,7 @@ def _proportions(levels: np.ndarray, level_weights: LevelWeights) -> list[float]
   return weights
 
 
-def _int_proportions(weights: Sequence[float]) -> list[int]:
+def int_proportions(weights: Sequence[float]) -> list[int]:
   """Positive weights -> positive ints in the same ratios (to 1 part in 10^4)."""
   total = sum(weights)
   if all(float(w).is_integer() for w in weights):
@@ -266,7 +267,7 @@ def make_train_dataset(source: Any, *, levels: Mapping[str, int] | int | str | N
                             on_bad_image=on_bad_image)
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
-  pi, pc = _process_index_and_count(process_index, process_count)
+  pi, pc = process_index_and_count(process_index, process_count)
   if isinstance(level_weights, (int, np.integer)) and not isinstance(level_weights, bool):
     levels, level_weights = parse_level(int(level_weights)), None
   if level_mode not in LEVEL_MODES:
@@ -290,7 +291,7 @@ def make_train_dataset(source: Any, *, levels: Mapping[str, int] | int | str | N
     indices = np.arange(len(level_of)) if level_mode == "all" else np.flatnonzero(level_of == l)
     streams.append(grain.MapDataset.source([int(i) for i in indices]).shuffle(seed=seed * 7919 + l).repeat())
     counts.append(len(indices))
-  schedule = _LevelSchedule(_int_proportions([weights[l] for l in active]), seed)
+  schedule = LevelSchedule(int_proportions([weights[l] for l in active]), seed)
   global_batch = batch_size * pc
   elements = grain.MapDataset.range(sys.maxsize).map(
       _TrainElement(source, config, streams, active, counts, schedule, global_batch=global_batch, seed=seed))
@@ -372,7 +373,7 @@ def make_eval_dataset(source: Any, *, levels: Mapping[str, int] | int | str | No
                             on_bad_image=on_bad_image)
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
-  pi, pc = _process_index_and_count(process_index, process_count)
+  pi, pc = process_index_and_count(process_index, process_count)
   if pc > 1 and not pad_last:
     raise ValueError("pad_last=False gives processes different batch shapes; use pad_last=True "
                      "with several processes")

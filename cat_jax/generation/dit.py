@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cat_jax import levels as L
+from cat_jax.models import parse_dtype
 
 # hidden size, depth, attention heads (DiT paper, Table 1), plus two CPU-sized ones.
 SIZES = {
@@ -33,7 +34,6 @@ SIZES = {
     "L": dict(hidden_size=1024, depth=24, num_heads=16),
     "XL": dict(hidden_size=1152, depth=28, num_heads=16),
 }
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
@@ -171,10 +171,8 @@ def build_dit(model_config) -> DiT:
       raise ValueError(f"model.size must be one of {sorted(SIZES)}, got {size!r}")
     kwargs = {**SIZES[size], **kwargs}
   for key in ("dtype", "param_dtype"):
-    if isinstance(kwargs.get(key), str):
-      if kwargs[key] not in _DTYPES:
-        raise ValueError(f"model.{key} must be one of {sorted(_DTYPES)}, got {kwargs[key]!r}")
-      kwargs[key] = _DTYPES[kwargs[key]]
+    if key in kwargs:
+      kwargs[key] = parse_dtype(kwargs[key], f"model.{key}")
   return DiT(**kwargs)
 
 

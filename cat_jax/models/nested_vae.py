@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from cat_jax import levels as L
-from cat_jax.models import patch_code
+from cat_jax.models import parse_dtype, patch_code
 
 Dtype = Any
 NORMS = ("group", "rms", "none")
@@ -549,18 +549,6 @@ def _is_static_int(level) -> bool:
     return False
 
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def parse_dtype(value, key: str):
-  """A dtype from its config name ('float32', 'bfloat16', 'float16'); other values pass through."""
-  if not isinstance(value, str):
-    return value
-  if value not in _DTYPES:
-    raise ValueError(f"{key} must be one of {sorted(_DTYPES)}, got {value!r}")
-  return _DTYPES[value]
-
-
 def build_model(model_config) -> NestedVAE:
   """``NestedVAE(**model_config)``, accepting a ConfigDict or dict and dtype names like 'bfloat16'."""
   kwargs = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
@@ -577,10 +565,19 @@ def build_model(model_config) -> NestedVAE:
   return NestedVAE(**kwargs)
 
 
-def init_params(model: NestedVAE, rng: jax.Array, image_size: int = 256):
+# Parameter shapes do not depend on the image size: the smallest input every level accepts initialises all of them.
+INIT_IMAGE_SIZE = 2 * L.MAX_FACTOR
+
+
+def init_params(model: NestedVAE, rng: jax.Array, image_size: int = INIT_IMAGE_SIZE):
   """Parameters for all three levels (init runs every branch)."""
   x = jnp.zeros((1, image_size, image_size, model.in_channels), jnp.float32)
   return model.init(rng, x, 0)["params"]
+
+
+def abstract_params(model: NestedVAE):
+  """The parameter tree's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), computing nothing."""
+  return jax.eval_shape(lambda rng: init_params(model, rng), jax.random.key(0))
 
 
 def count_params(params) -> int:
