@@ -108,15 +108,10 @@ def _scorer(args, tok):
   return scorers.MseScorer(image_size=None, reconstruct_fn=lambda x: tok.reconstruct(x, L.NUM_LEVELS - 1, clip=True))
 
 
-def _score(scorer, image_id: str, image: np.ndarray) -> float:
-  from cat_jax.data.preprocess import from_model_range
-
-  return float(scorer.score({"id": image_id, "image": from_model_range(image)})["score"])
-
-
 def _thresholds(args, out, scorer, files, image_size: int) -> tuple[float, float]:
   """--thresholds, else those of an earlier run of this --out, else the terciles of every input's score."""
   from cat_jax.complexity import thresholds as complexity_thresholds
+  from cat_jax.complexity.assign import score_images
   from cat_jax.data.preprocess import BadImageError
 
   if args.thresholds:
@@ -127,7 +122,7 @@ def _thresholds(args, out, scorer, files, image_size: int) -> tuple[float, float
   scores = []
   for image_id, path in files:
     try:
-      scores.append(_score(scorer, image_id, load_image(path, image_size)))
+      scores += score_images(scorer, [image_id], [load_image(path, image_size)])
     except BadImageError:
       continue  # recorded by the encoding pass
   if not scores:
@@ -137,42 +132,25 @@ def _thresholds(args, out, scorer, files, image_size: int) -> tuple[float, float
   return thresholds
 
 
-class _LevelOf:
-  """Level of each image: a fixed one, from a manifest, or from a scorer's score and thresholds."""
+def _level_assigner(args, tok, out, files, image_size: int):
+  """``--level`` as a ``LevelAssigner``: one level, a manifest's levels (every input must be listed) or a scorer's."""
+  from cat_jax.complexity.assign import LevelAssigner
 
-  def __init__(self, args, tok, out, files, image_size: int):
-    from cat_jax.complexity import thresholds as complexity_thresholds
-
-    self._levels_for_scores = complexity_thresholds.levels_for_scores
-    self.fixed = self.manifest = self.scorer = None
-    if args.level.strip().lower() != "auto":
-      if args.manifest or args.scorer:
-        raise ValueError("--manifest and --scorer only apply with --level auto")
-      try:
-        self.fixed = L.parse_level(args.level)
-      except ValueError as e:
-        raise ValueError(f"--level must be auto or a level: {e}") from None
-      return
-    if bool(args.manifest) == bool(args.scorer):
-      raise ValueError("--level auto needs exactly one of --manifest PATH or --scorer jpeg|mse")
-    if args.manifest:
-      from cat_jax.data import load_levels
-      self.manifest = load_levels(args.manifest)
-      missing = [i for i, _ in files if i not in self.manifest]
-      if missing:
-        raise ValueError(f"{len(missing)} of {len(files)} images are not in the manifest {args.manifest}, "
-                         f"e.g. {missing[:3]}")
-      return
-    self.scorer = _scorer(args, tok)
-    self.thresholds = _thresholds(args, out, self.scorer, files, image_size)
-
-  def __call__(self, ids: Sequence[str], images: Sequence[np.ndarray]) -> list[int]:
-    if self.fixed is not None:
-      return [self.fixed] * len(ids)
-    if self.manifest is not None:
-      return [L.parse_level(self.manifest[i]) for i in ids]
-    scores = [_score(self.scorer, i, x) for i, x in zip(ids, images)]
-    return [int(v) for v in self._levels_for_scores(scores, self.thresholds)]
+  if args.level.strip().lower() != "auto":
+    if args.manifest or args.scorer:
+      raise ValueError("--manifest and --scorer only apply with --level auto")
+    try:
+      return LevelAssigner(level=args.level)
+    except ValueError as e:
+      raise ValueError(f"--level must be auto or a level: {e}") from None
+  if bool(args.manifest) == bool(args.scorer):
+    raise ValueError("--level auto needs exactly one of --manifest PATH or --scorer jpeg|mse")
+  if args.manifest:
+    assign = LevelAssigner(manifest=args.manifest)
+    assign.require([i for i, _ in files], f"the manifest {args.manifest}")
+    return assign
+  scorer = _scorer(args, tok)
+  return LevelAssigner(scorer=scorer, thresholds=_thresholds(args, out, scorer, files, image_size))
 
 
 def _labels(args, out, files):
@@ -208,7 +186,7 @@ def encode_folder(args, tok, out, files, image_size: int) -> dict:
   done = {i for i, row in read_index(out).items() if "error" not in row}
   todo = [(i, p) for i, p in files if i not in done]
   label_of = _labels(args, out, files)
-  level_of = _LevelOf(args, tok, out, files, image_size)
+  level_of = _level_assigner(args, tok, out, files, image_size)
   counts = {"encoded": 0, "failed": 0, "already": len(files) - len(todo), "levels": [0] * L.NUM_LEVELS,
             "tokens": 0}
   writer = LatentWriter(out, image_size, file_format=args.format,

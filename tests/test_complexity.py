@@ -653,3 +653,29 @@ def test_runner_on_an_object_store(object_store):
   # Resuming the finished run sends nothing and keeps the levels.
   summary = score_source(items, CountingScorer(), out, workers=2, progress=False)
   assert (summary.scored, summary.skipped) == (0, 9) and load_levels(out) == levels
+
+
+def test_level_assigner_one_level_a_manifest_or_a_scorer(tmp_path):
+  """The one place levels are decided (Tokenizer.encode(levels=...), encode --level): each way, and its errors."""
+  from cat_jax.complexity.assign import LevelAssigner
+
+  flat = np.zeros((32, 32, 3), np.float32)
+  busy = np.random.default_rng(0).uniform(-1, 1, (32, 32, 3)).astype(np.float32)
+  ids, images = ["a", "b"], [flat, busy]
+  np.testing.assert_array_equal(LevelAssigner(level="16x")(ids, images), [1, 1])
+  manifest = tmp_path / "m.jsonl"
+  manifest.write_text('{"id": "a", "score": 2, "level": 2}\n{"id": "b", "score": 8, "level": 0}\n')
+  np.testing.assert_array_equal(LevelAssigner(manifest=str(manifest))(ids, images), [2, 0])
+  np.testing.assert_array_equal(LevelAssigner(manifest={"a": "8x", "b": 32})(ids, images), [0, 2])
+  jpeg = LevelAssigner(scorer=JpegScorer(image_size=None), thresholds=(6.0, 8.0))  # 32x32: headers cost 5 bpp
+  np.testing.assert_array_equal(jpeg(ids, images), [2, 0])  # a flat image is cheap to store, noise is not
+  with pytest.raises(ValueError, match="not in the manifest"):
+    LevelAssigner(manifest={"a": 0})(ids, images)
+  with pytest.raises(ValueError, match="exactly one"):
+    LevelAssigner(level=0, scorer=JpegScorer(image_size=None))
+  with pytest.raises(ValueError, match="exactly one"):
+    LevelAssigner()
+  with pytest.raises(ValueError, match="raw scores"):
+    LevelAssigner(scorer=JpegScorer(image_size=None))
+  with pytest.raises(ValueError, match="only apply"):
+    LevelAssigner(level=1, thresholds=(1, 2))
