@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
   # Lazy, so `import cat_jax` does not import jax/flax.
-  if name in ("Tokenizer", "Latents"):
+  if name in ("Tokenizer", "Latents", "load_tokenizer"):
     from cat_jax import tokenizer
     return getattr(tokenizer, name)
   raise AttributeError(f"module 'cat_jax' has no attribute {name!r}")

@@ -10,9 +10,17 @@ Levels are indices (``cat_jax.levels``): 0 = 8x, 1 = 16x, 2 = 32x; every ``level
 spelling (8 / 16 / 32, '8x' / '16x' / '32x'). ``Latents.levels`` holds indices. ``Latents.values[i]`` is image i's
 own latent grid ``(H / f, W / f, C)`` (the posterior mean, or a sample with ``rng``), not the model's 8x canvas.
 
-Images of mixed levels (and sizes) are bucketed internally: each bucket runs in fixed-size batches (the last one
-padded), so every (level, image size) compiles once, and outputs come back in input order. Batches are split over
-all local devices along the batch axis; parameters are replicated. Single process only.
+Inputs (``as_model_images``): a batch array (N, H, W, C), a list of images, one PIL image or one file path; each
+image a PIL image, a path, or an array in the convention of ``cat_jax.data.preprocess``: uint8 [0, 255], uint16, or
+floats (any float dtype) in ``value_range`` (default [-1, 1]; values outside it, NaN and inf raise ``ValueError``
+naming the image); gray and RGBA are converted as ``preprocess`` does (RGBA on white). Any height and width >= 1:
+images are padded at the bottom and right (edge pixels) to a multiple of 32, and decoded images are cropped back, so
+outputs have their inputs' sizes.
+
+Images of mixed levels and sizes are bucketed internally: each (level, padded size) runs in batches of at most
+``batch_size`` images and at most ``max_batch_pixels`` pixels (large images go one at a time: bounded memory), of the
+number of images actually given (rounded up to the device count), and outputs come back in input order. Batches are
+split over all local devices along the batch axis; parameters are replicated. Single process only.
 """
 
 from __future__ import annotations
@@ -30,9 +38,11 @@ import numpy as np
 
 from cat_jax import levels as L
 from cat_jax import parallel
-from cat_jax.models.nested_vae import NestedVAE, build_model, crop_latent, pad_latent
+from cat_jax.models.nested_vae import NestedVAE, abstract_params, build_model, crop_latent, pad_latent
 
-ImagesLike = Any  # (N, H, W, 3) array, or a sequence of (H, W, 3) arrays; float in [-1, 1] or uint8.
+ImagesLike = Any  # (N, H, W, C) array, a sequence of images (arrays, PIL images, paths), one PIL image or one path
+# One compiled call holds at most this many pixels (the default: 8 images of 256 x 256); larger images go one by one.
+MAX_BATCH_PIXELS = 8 * 256 * 256
 
 PRETRAINED_DIR = pathlib.Path(__file__).parent / "pretrained"
 PRETRAINED = ("demo",)  # shipped in the package (see cat_jax/pretrained/README.md)
@@ -46,6 +56,7 @@ class Latents:
 
   values: list[np.ndarray]
   levels: np.ndarray
+  image_sizes: list[tuple[int, int]] | None = None  # the encoded images' (H, W) when not a multiple of the factor
 
   def __post_init__(self):
     self.levels = np.asarray(self.levels, np.int32).reshape(-1)
@@ -53,6 +64,36 @@ class Latents:
       raise ValueError(f"{len(self.values)} latents but {len(self.levels)} levels")
     for lvl in np.unique(self.levels):
       L.check_level(int(lvl))
+    if self.image_sizes is not None:
+      self.image_sizes = [(int(h), int(w)) for h, w in self.image_sizes]
+      if len(self.image_sizes) != len(self.values):
+        raise ValueError(f"{len(self.values)} latents but {len(self.image_sizes)} image sizes")
+
+  def save(self, path: str | os.PathLike) -> None:
+    """One ``.npz`` file (local or ``gs://``) with every latent, its level and its image's size."""
+    import io
+
+    from cat_jax import storage
+
+    arrays = {f"latent_{i}": np.asarray(v, np.float32) for i, v in enumerate(self.values)}
+    sizes = [self.image_hw(i) for i in range(len(self))]
+    buf = io.BytesIO()
+    np.savez(buf, levels=self.levels, image_sizes=np.asarray(sizes, np.int64).reshape(-1, 2), **arrays)
+    storage.write_bytes(path, buf.getvalue())
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "Latents":
+    """What ``save`` wrote."""
+    import io
+
+    from cat_jax import storage
+
+    with np.load(io.BytesIO(storage.as_path(path).read_bytes())) as npz:
+      if "levels" not in npz or "image_sizes" not in npz:
+        raise ValueError(f"{path} is not a file written by Latents.save")
+      levels = npz["levels"]
+      return cls([npz[f"latent_{i}"] for i in range(len(levels))], levels,
+                 [tuple(hw) for hw in npz["image_sizes"].tolist()])
 
   def __len__(self) -> int:
     return len(self.values)
@@ -67,34 +108,53 @@ class Latents:
     return np.array([v.shape[0] * v.shape[1] for v in self.values], np.int64)
 
   def image_hw(self, i: int) -> tuple[int, int]:
+    """Image i's (H, W): the encoded image's size (the latent grid times the factor, less any padding)."""
+    if self.image_sizes is not None:
+      return self.image_sizes[i]
     f = L.FACTORS[int(self.levels[i])]
     return self.values[i].shape[0] * f, self.values[i].shape[1] * f
 
 
-def _as_image_list(images: ImagesLike) -> list[np.ndarray]:
-  """Float32 HWC images in [-1, 1]; uint8 input is mapped from [0, 255]."""
-  if isinstance(images, (np.ndarray, jax.Array)):
+_warned_unit_range = False
+
+
+def as_model_images(images: ImagesLike, *, value_range: tuple[float, float] = (-1.0, 1.0),
+                    warn_unit_range: bool = True) -> list[np.ndarray]:
+  """The images as float32 (H, W, 3) arrays in [-1, 1] (see the module docstring for what is accepted)."""
+  from PIL import Image
+
+  from cat_jax.data.preprocess import image_to_model_range
+
+  global _warned_unit_range
+  if isinstance(images, (Image.Image, str, os.PathLike)):
+    items = [images]
+  elif isinstance(images, (np.ndarray, jax.Array)) or hasattr(images, "__array__"):
     arr = np.asarray(images)
-    if arr.ndim == 3:
-      raise ValueError(f"expected a batch (N, H, W, 3) or a list of (H, W, 3) images, got one image of shape "
-                       f"{arr.shape}; wrap it as images[None]")
+    if arr.ndim != 4:
+      raise ValueError(f"expected a batch (N, H, W, C) or a list of images, got an array of shape {arr.shape}; for "
+                       "one image pass images[None] (or [image]), for a batch of gray images (N, H, W, 1)")
     items = list(arr)
   else:
-    items = [np.asarray(x) for x in images]
-  out = []
-  for i, x in enumerate(items):
-    if x.ndim != 3 or x.shape[-1] != 3:
-      raise ValueError(f"image {i} has shape {x.shape}; expected (H, W, 3) RGB")
-    if x.dtype == np.uint8:
-      x = x.astype(np.float32) / 127.5 - 1.0
-    elif not np.issubdtype(x.dtype, np.floating):
-      raise ValueError(f"image {i} has dtype {x.dtype}; expected float in [-1, 1] or uint8")
-    h, w = x.shape[:2]
-    if h % L.MAX_FACTOR or w % L.MAX_FACTOR or h == 0 or w == 0:
-      raise ValueError(f"image {i} is {h}x{w}; sides must be positive multiples of {L.MAX_FACTOR} "
-                       "(resize or crop first, e.g. cat_jax.data.preprocess)")
-    out.append(np.asarray(x, np.float32))
+    items = list(images)
+  if not items:
+    raise ValueError("no images given")
+  out = [image_to_model_range(x, value_range=value_range, what=f"image {i}") for i, x in enumerate(items)]
+  floats = [np.asarray(x) for x in items if isinstance(x, np.ndarray) and x.dtype.kind in "fV"]
+  if (warn_unit_range and floats and len(floats) == len(items) and tuple(value_range) == (-1.0, 1.0)
+      and not _warned_unit_range
+      and all(float(np.min(x)) >= 0.0 for x in floats)):
+    import warnings
+    _warned_unit_range = True
+    warnings.warn("every float image given is in [0, 1], but float images are read as [-1, 1]: if they are [0, 1] "
+                  "images, pass value_range=(0, 1) (this warning is shown once)", stacklevel=3)
   return out
+
+
+def _pad_to_multiple(x: np.ndarray, multiple: int = L.MAX_FACTOR) -> np.ndarray:
+  """Bottom and right edge padding of an (H, W, C) image to multiples of ``multiple``."""
+  h, w = x.shape[:2]
+  ph, pw = -h % multiple, -w % multiple
+  return np.pad(x, ((0, ph), (0, pw), (0, 0)), mode="edge") if ph or pw else x
 
 
 def _stack_like(items: list[np.ndarray]):
@@ -110,16 +170,20 @@ class Tokenizer:
   Args:
     model: the ``NestedVAE``.
     params: its parameters (placed replicated on ``mesh``).
-    batch_size: images per compiled call (rounded up to a multiple of the device count); default 8 per
-      device-count multiple.
+    batch_size: at most this many images per compiled call (rounded up to a multiple of the device count; default
+      8); a call holds as many as were given.
+    max_batch_pixels: at most this many image pixels per compiled call (bounds memory: larger images go one at a
+      time).
     mesh: a ``('data', 'fsdp')`` mesh; default every local device on 'data'.
     step: the checkpoint step the parameters come from (informational).
     config: the run's config (informational; ``from_checkpoint`` sets it).
   """
 
   def __init__(self, model: NestedVAE, params: Any, *, batch_size: int | None = None,
-               mesh: jax.sharding.Mesh | None = None, step: int | None = None, config: Any = None):
+               mesh: jax.sharding.Mesh | None = None, step: int | None = None, config: Any = None,
+               max_batch_pixels: int = MAX_BATCH_PIXELS):
     self.model = model
+    self.max_batch_pixels = int(max_batch_pixels)
     self.mesh = mesh if mesh is not None else parallel.make_mesh({"data": -1, "fsdp": 1})
     n = self.mesh.size
     batch_size = 8 if batch_size is None else int(batch_size)
@@ -154,11 +218,10 @@ class Tokenizer:
     Raises:
       FileNotFoundError: no workdir, no config.json or no finished checkpoint at ``path``.
     """
-    from etils import epath
-
     from cat_jax import checkpoint as ckpt
+    from cat_jax import storage
 
-    p = epath.Path(os.fspath(path))
+    p = storage.as_path(path)
     if not p.exists():
       raise FileNotFoundError(f"checkpoint path {p} does not exist; pass the --workdir of a training run")
     workdir = p
@@ -171,8 +234,7 @@ class Tokenizer:
       ckpt.check_compatible(saved, config)
     model = build_model(saved.model)
     mesh = mesh if mesh is not None else parallel.make_mesh({"data": -1, "fsdp": 1})
-    x = jnp.zeros((1, 2 * L.MAX_FACTOR, 2 * L.MAX_FACTOR, model.in_channels), jnp.float32)
-    abstract = jax.eval_shape(lambda rng: model.init(rng, x, 0)["params"], jax.random.key(0))
+    abstract = abstract_params(model)
     rep = parallel.replicated(mesh)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract)
     params, restored_step = ckpt.restore_inference_params(os.fspath(workdir), abstract, step=step, use_ema=use_ema)
@@ -229,7 +291,7 @@ class Tokenizer:
   def with_params(self, params: Any) -> "Tokenizer":
     """The same tokenizer with other parameters (e.g. raw vs EMA)."""
     return Tokenizer(self.model, params, batch_size=self.batch_size, mesh=self.mesh, step=self.step,
-                     config=self.config)
+                     config=self.config, max_batch_pixels=self.max_batch_pixels)
 
   @property
   def image_size(self) -> int | None:
@@ -277,47 +339,31 @@ class Tokenizer:
     return np.array([L.parse_level(lvl) for lvl in arr.tolist()], np.int32)
 
   def _auto_levels(self, images, *, ids, manifest, scorer, thresholds) -> np.ndarray:
-    from cat_jax.complexity import thresholds as complexity_thresholds
+    from cat_jax.complexity.assign import LevelAssigner
 
     n = len(images)
-    if manifest is not None:
-      if ids is None or len(ids) != n:
-        raise ValueError(f"levels from a manifest need ids= with one id per image ({n})")
-      if isinstance(manifest, Mapping):
-        level_of = dict(manifest)
-      else:
-        from cat_jax.data import load_levels
-        level_of = load_levels(os.fspath(manifest))
-      missing = [i for i in ids if str(i) not in level_of]
-      if missing:
-        raise ValueError(f"{len(missing)} of {n} images are not in the manifest, e.g. {missing[:3]}")
-      return self.assign_levels(images, [level_of[str(i)] for i in ids])
-    if scorer is None:
+    if manifest is None and scorer is None:
       raise ValueError("levels='auto' needs manifest= (with ids=) or scorer=")
-    if thresholds is None:
-      if getattr(scorer, "method", None) not in complexity_thresholds.LLM_METHODS:
-        raise ValueError(f"scorer {getattr(scorer, 'method', scorer)!r} gives raw scores: pass thresholds=(low, "
-                         "high) (e.g. from `python -m cat_jax.score`'s .thresholds.json)")
-      thresholds = complexity_thresholds.DEFAULT_LLM_THRESHOLDS
-    from cat_jax.data.preprocess import from_model_range
-    scores = []
-    for k, image in enumerate(_as_image_list(images)):
-      item = {"id": str(ids[k]) if ids is not None else str(k), "image": from_model_range(image)}
-      scores.append(float(scorer.score(item)["score"]))
-    return complexity_thresholds.levels_for_scores(scores, thresholds)
+    if manifest is not None and (ids is None or len(ids) != n):
+      raise ValueError(f"levels from a manifest need ids= with one id per image ({n})")
+    assign = LevelAssigner(manifest=manifest, scorer=scorer, thresholds=thresholds)
+    return assign([str(i) for i in ids] if ids is not None else [str(k) for k in range(n)], as_model_images(images, warn_unit_range=False))
 
   # -- encode / decode ---------------------------------------------------------------------------------------------
   def encode(self, images: ImagesLike, levels: Any = None, *, ids: Sequence[str] | None = None,
              manifest: str | os.PathLike | Mapping[str, int] | None = None, scorer: Any = None,
-             thresholds: Sequence[float] | None = None, rng: jax.Array | None = None) -> Latents:
-    """Latents of ``images`` (NHWC / list of HWC, float [-1, 1] or uint8) at their levels, in input order.
+             thresholds: Sequence[float] | None = None, rng: jax.Array | None = None,
+             value_range: tuple[float, float] = (-1.0, 1.0)) -> Latents:
+    """Latents of ``images`` (see the module docstring for what is accepted) at their levels, in input order.
 
     ``levels``: an int level for all, one level per image, or ``"auto"`` / None (see ``assign_levels``).
-    ``rng``: sample the posterior instead of taking its mean.
+    ``rng``: sample the posterior instead of taking its mean. ``value_range``: the range of float images.
     """
-    items = _as_image_list(images)
+    items = as_model_images(images, value_range=value_range)
     level_arr = self.assign_levels(items, levels, ids=ids, manifest=manifest, scorer=scorer,
                                    thresholds=thresholds)
+    sizes = [x.shape[:2] for x in items]
+    items = [_pad_to_multiple(x) for x in items]
     out: list[np.ndarray | None] = [None] * len(items)
     for b, (level, idx, batch) in enumerate(self._buckets(items, level_arr)):
       key = None if rng is None else jax.random.fold_in(rng, b)
@@ -325,30 +371,37 @@ class Tokenizer:
                                      rng=key if key is not None else jax.random.key(0)))
       for slot, i in enumerate(idx):
         out[i] = z[slot]
-    return Latents(values=out, levels=level_arr)
+    padded = any(x.shape[:2] != hw for x, hw in zip(items, sizes))
+    return Latents(values=out, levels=level_arr, image_sizes=sizes if padded else None)
 
   def decode(self, latents: Latents, *, clip: bool = True):
     """Images (float32 in [-1, 1], input order): one (N, H, W, 3) array if all sizes agree, else a list."""
     if not isinstance(latents, Latents):
       raise TypeError(f"decode expects the Latents returned by encode, got {type(latents).__name__}")
     out: list[np.ndarray | None] = [None] * len(latents)
-    for level, idx, batch in self._buckets(list(latents.values), latents.levels):
+    for level, idx, batch in self._buckets(list(latents.values), latents.levels, latents=True):
       if batch.shape[-1] != self.model.z_channels:
         raise ValueError(f"latents have {batch.shape[-1]} channels, the model has {self.model.z_channels}")
       x = np.asarray(self._decode_fn(self.params, self._put(batch), level=level))
       for slot, i in enumerate(idx):
-        out[i] = np.clip(x[slot], -1.0, 1.0) if clip else x[slot]
+        h, w = latents.image_hw(i)
+        out[i] = np.clip(x[slot, :h, :w], -1.0, 1.0) if clip else x[slot, :h, :w]
     return _stack_like(out)
 
-  def reconstruct(self, images: ImagesLike, levels: Any = None, *, clip: bool = True, **level_kwargs):
-    """``decode(encode(images, levels))`` in one compiled call per bucket (posterior mean)."""
-    items = _as_image_list(images)
+  def reconstruct(self, images: ImagesLike, levels: Any = None, *, clip: bool = True,
+                  value_range: tuple[float, float] = (-1.0, 1.0), **level_kwargs):
+    """``decode(encode(images, levels))`` in one compiled call per bucket (posterior mean); each output has its
+    input's size."""
+    items = as_model_images(images, value_range=value_range)
     level_arr = self.assign_levels(items, levels, **level_kwargs)
+    sizes = [x.shape[:2] for x in items]
+    items = [_pad_to_multiple(x) for x in items]
     out: list[np.ndarray | None] = [None] * len(items)
     for level, idx, batch in self._buckets(items, level_arr):
       x = np.asarray(self._reconstruct_fn(self.params, self._put(batch), level=level))
       for slot, i in enumerate(idx):
-        out[i] = np.clip(x[slot], -1.0, 1.0) if clip else x[slot]
+        h, w = sizes[i]
+        out[i] = np.clip(x[slot, :h, :w], -1.0, 1.0) if clip else x[slot, :h, :w]
     return _stack_like(out)
 
   def reconstruct_batch(self, images: jax.Array | np.ndarray, level: int) -> jax.Array:
@@ -362,15 +415,19 @@ class Tokenizer:
   def _put(self, batch: np.ndarray) -> jax.Array:
     return jax.device_put(batch, self._batch_sharding)
 
-  def _buckets(self, items: list[np.ndarray], level_arr: np.ndarray):
-    """Yields ``(level, indices, padded batch)`` per (level, shape) bucket, ``batch_size`` at a time."""
+  def _buckets(self, items: list[np.ndarray], level_arr: np.ndarray, *, latents: bool = False):
+    """Yields ``(level, indices, batch)`` per (level, shape) bucket: at most ``batch_size`` images and
+    ``max_batch_pixels`` pixels (at least one image) at a time, zero-padded only to a multiple of the device count."""
     groups: dict[tuple, list[int]] = {}
     for i, (x, lvl) in enumerate(zip(items, level_arr)):
       groups.setdefault((int(lvl), x.shape), []).append(i)
+    devices = self.mesh.size
     for (level, shape), indices in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-      for s in range(0, len(indices), self.batch_size):
-        idx = indices[s:s + self.batch_size]
-        batch = np.zeros((self.batch_size,) + tuple(shape), np.float32)
+      pixels = shape[0] * shape[1] * (L.FACTORS[level] ** 2 if latents else 1)  # of the image
+      per_call = max(1, min(self.batch_size, self.max_batch_pixels // max(pixels, 1)))
+      for s in range(0, len(indices), per_call):
+        idx = indices[s:s + per_call]
+        batch = np.zeros((devices * math.ceil(len(idx) / devices),) + tuple(shape), np.float32)
         batch[:len(idx)] = np.stack([items[i] for i in idx])
         yield level, idx, batch
 
@@ -384,8 +441,7 @@ def check_params_match(model: NestedVAE, params: Any, where: str) -> None:
   """Raises ValueError naming the first parameter that ``model`` lacks, misses or shapes differently."""
   from cat_jax import weights
 
-  x = jnp.zeros((1, 2 * L.MAX_FACTOR, 2 * L.MAX_FACTOR, model.in_channels))
-  abstract = jax.eval_shape(lambda r: model.init(r, x, 0)["params"], jax.random.key(0))
+  abstract = abstract_params(model)
   expected = {weights.path_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
   got = weights.flatten(params)
   problems = [f"{k}: missing" for k in expected if k not in got] + [f"{k}: not in the model" for k in got

@@ -109,9 +109,18 @@ def test_16_bit_grayscale_is_scaled_not_clipped():
   np.testing.assert_array_equal(out[..., 0], out[..., 2])
 
 
-def test_float_and_int32_arrays_are_scaled():
-  np.testing.assert_array_equal(decode_image(np.full((40, 40), 0.5, np.float32))[0, 0], 128)
-  np.testing.assert_array_equal(decode_image(np.full((40, 40, 3), 65535, np.int32))[0, 0], 255)
+def test_arrays_follow_the_tokenizers_convention():
+  """Floats are [-1, 1] (as cat_jax.Tokenizer reads them), uint16 is [0, 65535]; anything else is a bad image."""
+  np.testing.assert_array_equal(decode_image(np.full((40, 40), 0.5, np.float32))[0, 0], 191)  # (0.5 + 1) * 127.5
+  np.testing.assert_array_equal(decode_image(np.full((40, 40), -1.0, np.float32))[0, 0], 0)
+  np.testing.assert_array_equal(decode_image(np.full((40, 40, 3), 65535, np.uint16))[0, 0], 255)
+  rgba = np.zeros((40, 40, 4), np.uint8)  # fully transparent black: white
+  np.testing.assert_array_equal(decode_image(rgba)[0, 0], 255)
+  for bad, message in ((np.full((40, 40, 3), 200.0, np.float32), r"values in \[200, 200\], outside value_range"),
+                       (np.full((40, 40, 3), np.nan, np.float32), "NaN or inf"),
+                       (np.full((40, 40, 3), 7, np.int32), "dtype int32")):
+    with pytest.raises(BadImageError, match=message):
+      preprocess(bad, PreprocessConfig(image_size=16), path="array.npy")
 
 
 # Bad images --------------------------------------------------------------------------------

@@ -142,8 +142,16 @@ def test_clear_errors(workdir, tok, tmp_path):
     tok.encode(x, "auto", ids=["a", "b"], manifest={"a": 0})
   with pytest.raises(ValueError, match="thresholds"):
     tok.encode(x, "auto", scorer=JpegScorer())
-  with pytest.raises(ValueError, match="multiples of 32"):
-    tok.encode(np.zeros((1, 40, 40, 3), np.float32), 0)
+  with pytest.raises(ValueError, match=r"image 1 has values in \[-3, 2\], outside value_range \(-1, 1\).*value_range=\(0, 1\)"):
+    tok.encode([x[0], np.linspace(-3, 2, 32 * 32 * 3, dtype=np.float32).reshape(32, 32, 3)], 0)
+  with pytest.raises(ValueError, match="image 0 has NaN or inf"):
+    tok.reconstruct(np.full((1, 32, 32, 3), np.nan, np.float32), 0)
+  with pytest.raises(ValueError, match=r"images\[None\]"):
+    tok.encode(x[0], 0)  # one image without its batch axis
+  with pytest.raises(ValueError, match="image 0 has dtype int64"):
+    tok.encode([np.zeros((32, 32, 3), np.int64)], 0)
+  with pytest.raises(ValueError, match="image 0 has shape"):
+    tok.encode([np.zeros((32, 32, 5), np.uint8)], 0)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     Tokenizer.from_checkpoint(tmp_path / "nowhere")
   empty = tmp_path / "empty"
@@ -370,3 +378,66 @@ def test_the_command_lines_take_any_tokenizer_name(tmp_path, capsys):
                      "--image-size", "64", "--out", str(scores)]) == 0
   records = [json.loads(line) for line in scores.read_text().splitlines()]
   assert sum("score" in r for r in records) == 4
+
+
+def test_any_kind_and_size_of_image(tok, tmp_path, recwarn):
+  """PIL images, paths, uint8 / uint16 / bfloat16 arrays, gray and RGBA, any size: outputs have the inputs' sizes."""
+  import warnings
+
+  import ml_dtypes
+
+  from cat_jax import tokenizer as tokenizer_lib
+
+  rgb = np.round((_images(1, 48)[0] + 1) * 127.5).astype(np.uint8)
+  as_float = rgb.astype(np.float32) / 127.5 - 1
+  path = tmp_path / "im.png"
+  Image.fromarray(rgb).save(path)
+  gray = rgb[..., 0]
+  rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 128, np.uint8)], axis=-1)
+  on_white = (rgb.astype(np.float32) * (128 / 255) + 255 * (1 - 128 / 255)) / 127.5 - 1
+  reference = tok.reconstruct([as_float], 1)[0]
+  for same in (Image.fromarray(rgb), str(path), path, [rgb], rgb[None].astype(np.uint16) * 257,
+               (rgb[None] / 255.0).astype(np.float32)):
+    kwargs = {"value_range": (0, 1)} if isinstance(same, np.ndarray) and same.dtype == np.float32 else {}
+    np.testing.assert_allclose(np.asarray(tok.reconstruct(same, 1, **kwargs))[0], reference, atol=1e-5)
+  bf16 = tok.reconstruct(as_float[None].astype(ml_dtypes.bfloat16), 1)[0]
+  assert np.abs(bf16 - reference).max() < 0.05  # bfloat16 keeps 8 bits: inputs move by up to 2^-8
+  np.testing.assert_allclose(tok.reconstruct([gray], 1)[0], tok.reconstruct([np.stack([gray] * 3, -1)], 1)[0],
+                             atol=1e-5)
+  np.testing.assert_allclose(tok.reconstruct([rgba], 1)[0], tok.reconstruct([on_white], 1)[0], atol=2e-3)
+  # Any size >= 1, mixed in one call: padded internally, cropped back.
+  odd = [np.zeros((1, 1, 3), np.uint8), rgb[:37, :45], rgb[:32, :32]]
+  out = tok.reconstruct(odd, 0)
+  assert [o.shape for o in out] == [(1, 1, 3), (37, 45, 3), (32, 32, 3)]
+  latents = tok.encode(odd, 0)
+  assert latents.image_sizes == [(1, 1), (37, 45), (32, 32)] and latents.values[1].shape[:2] == (8, 8)
+  assert [o.shape for o in tok.decode(latents)] == [(1, 1, 3), (37, 45, 3), (32, 32, 3)]
+  np.testing.assert_allclose(tok.decode(latents)[1], out[1], atol=1e-5)
+  # Latents.save / load round trip, local files.
+  latents.save(tmp_path / "z.npz")
+  loaded = Latents.load(tmp_path / "z.npz")
+  assert loaded.image_sizes == latents.image_sizes and loaded.levels.tolist() == latents.levels.tolist()
+  for a, b in zip(loaded.values, latents.values):
+    np.testing.assert_array_equal(a, b)
+  # A float batch entirely in [0, 1] is probably a [0, 1] image: warned once per process.
+  tokenizer_lib._warned_unit_range = False
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    tok.encode((rgb[None] / 255.0).astype(np.float32), 0)
+    tok.encode((rgb[None] / 255.0).astype(np.float32), 0)
+  assert sum("value_range=(0, 1)" in str(w.message) for w in caught) == 1
+
+
+def test_batches_hold_the_images_given_and_large_images_go_one_at_a_time(workdir):
+  one = Tokenizer.from_checkpoint(workdir, mesh=parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]),
+                                  batch_size=8)
+  shapes = []
+  put = one._put
+  one._put = lambda batch: shapes.append(batch.shape) or put(batch)
+  one.encode(_images(1), 0)
+  one.encode(_images(11), 0)
+  assert [s[0] for s in shapes] == [1, 8, 3]  # no padding of one image to batch_size
+  shapes.clear()
+  one.max_batch_pixels = 2 * 64 * 64
+  one.reconstruct(_images(5, 64), 1)
+  assert [s[0] for s in shapes] == [2, 2, 1]

@@ -7,6 +7,11 @@ naming the image, and the pipeline either skips them (counted, with a warning th
 the first few) or re-raises, by config. Nothing here crashes on a mode it has not seen:
 grayscale, palette (with or without transparency), RGBA / LA (composited on white), CMYK,
 16-bit and 32-bit integer and float images all become 8-bit RGB.
+
+Arrays given by a user follow one convention, here and in ``cat_jax.Tokenizer`` (``as_model_images``): uint8 is
+[0, 255], uint16 [0, 65535], floats (any float dtype, bfloat16 included) are [-1, 1] unless a ``value_range`` says
+otherwise; floats outside it, NaN or inf are an error naming the image, never clipped. (H, W) and (H, W, 1) are
+grayscale, (H, W, 2) gray + alpha, (H, W, 4) RGBA; transparency is composited on white.
 """
 
 from __future__ import annotations
@@ -64,14 +69,10 @@ def _open(data: Any, path: str) -> Image.Image:
   if isinstance(data, Image.Image):
     return data
   if isinstance(data, np.ndarray):
-    arr = data
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-      arr = arr[..., 0]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
-      raise BadImageError(path, f"array of shape {data.shape} is not HxW, HxWx3 or HxWx4")
-    if arr.dtype != np.uint8:
-      arr = _to_uint8(arr)
-    return Image.fromarray(arr)
+    try:
+      return Image.fromarray(from_model_range(array_to_model_range(data, what=path)))
+    except ValueError as e:
+      raise BadImageError(path, str(e)) from e
   if isinstance(data, (bytes, bytearray, memoryview)):
     try:
       with warnings.catch_warnings():
@@ -86,7 +87,7 @@ def _open(data: Any, path: str) -> Image.Image:
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
-  """Scales integer or float pixel data of any depth to uint8."""
+  """Scales the integer or float pixels of a decoded file (PIL modes I, F) to uint8."""
   if arr.dtype == np.uint8:
     return arr
   if arr.dtype == np.bool_:
@@ -187,6 +188,67 @@ def to_model_range(image: np.ndarray) -> np.ndarray:
 def from_model_range(image: np.ndarray) -> np.ndarray:
   """float [-1, 1] -> uint8 [0, 255] (rounded, clipped)."""
   return np.clip(np.round((np.asarray(image, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+MODEL_RANGE = (-1.0, 1.0)
+# Floats this far outside the declared range (a fraction of it) still count as inside: rounding of a resize or a
+# bfloat16 cast, not a wrong convention.
+RANGE_SLACK = 1e-3
+_is_float = lambda dtype: np.issubdtype(dtype, np.floating) or dtype.name in ("bfloat16", "float8_e4m3fn",
+                                                                              "float8_e5m2")
+
+
+def array_to_model_range(image: Any, *, value_range: tuple[float, float] = MODEL_RANGE,
+                         what: str = "image") -> np.ndarray:
+  """One image array (see the module docstring's convention) -> float32 (H, W, 3) in [-1, 1]; ``ValueError`` naming
+  ``what`` for a shape, dtype or value outside the convention."""
+  arr = np.asarray(image)
+  if arr.ndim == 2:
+    arr = arr[..., None]
+  if arr.ndim != 3 or arr.shape[-1] not in (1, 2, 3, 4) or 0 in arr.shape:
+    raise ValueError(f"{what} has shape {np.shape(image)}; expected (H, W) or (H, W, C) with C = 1 (gray), 2 (gray + "
+                     "alpha), 3 (RGB) or 4 (RGBA), H and W >= 1")
+  if arr.dtype == np.uint8 or arr.dtype == np.bool_:
+    unit = arr.astype(np.float32) * np.float32(1 / 255 if arr.dtype == np.uint8 else 1)
+  elif arr.dtype == np.uint16:
+    unit = arr.astype(np.float32) / np.float32(65535)
+  elif _is_float(arr.dtype):
+    x = arr.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+      raise ValueError(f"{what} has NaN or inf values; give finite pixels")
+    lo, hi = (float(v) for v in value_range)
+    slack = RANGE_SLACK * (hi - lo)
+    if x.min() < lo - slack or x.max() > hi + slack:
+      raise ValueError(f"{what} has values in [{x.min():.4g}, {x.max():.4g}], outside value_range ({lo:g}, {hi:g}) "
+                       "for float images; pass value_range=(0, 1) or (0, 255) for such images, or give uint8")
+    unit = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+  else:
+    raise ValueError(f"{what} has dtype {arr.dtype}; give uint8 [0, 255], uint16 [0, 65535] or floats in "
+                     f"value_range (default [-1, 1])")
+  if unit.shape[-1] in (2, 4):  # composite on white
+    alpha = unit[..., -1:]
+    unit = unit[..., :-1] * alpha + (1.0 - alpha)
+  if unit.shape[-1] == 1:
+    unit = np.repeat(unit, 3, axis=-1)
+  return (unit * 2.0 - 1.0).astype(np.float32)
+
+
+def image_to_model_range(image: Any, *, value_range: tuple[float, float] = MODEL_RANGE,
+                         what: str = "image") -> np.ndarray:
+  """A PIL image, an image file's path or an array -> float32 (H, W, 3) in [-1, 1] at full resolution."""
+  import os
+
+  if isinstance(image, Image.Image):
+    return to_model_range(np.asarray(to_rgb(image)))
+  if isinstance(image, (str, os.PathLike)):
+    from cat_jax import storage
+
+    try:
+      data = storage.as_path(image).read_bytes()
+    except OSError as e:
+      raise BadImageError(os.fspath(image), f"cannot read file ({type(e).__name__}: {e})") from e
+    return to_model_range(decode_image(data, path=os.fspath(image)))
+  return array_to_model_range(image, value_range=value_range, what=what)
 
 
 def preprocess(data: Any, config: PreprocessConfig, *, path: str = "<image>",
