@@ -209,30 +209,74 @@ def run_steps(state, *, start: int, config: ml_collections.ConfigDict, train_ite
   return state
 
 
+def _one_line(e: BaseException) -> str:
+  """A flag or config error as one line (ml_collections' messages span lines and quote a typo's suggestion)."""
+  import re
+
+  text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+  if isinstance(e, (AttributeError, KeyError)):  # an override names a key the config lacks
+    text = re.sub(r"\\n|\\'", " ", text).replace("\\", "").strip("'\" ")
+    return f"the config has no such key: {' '.join(text.split())} (fix the --config.KEY=VALUE override)"
+  return text
+
+
 def run_cli(train_and_evaluate: Callable[[ml_collections.ConfigDict, str], Any], *, logger: logging.Logger,
             usage: str, config_help: str, argv=None) -> int:
   """``--config FILE[:variant] --workdir DIR`` (plus ``--config.x=y`` overrides) -> ``train_and_evaluate``.
 
-  ``logger`` (the trainer's) and this module's log at INFO on process 0, WARNING elsewhere.
+  ``--config`` also takes a shipped config by name (``cat:demo``, ``dit``). Bad flags, config keys and workdirs end in
+  one line on stderr and exit status 2. ``logger`` (the trainer's) and this module's log at INFO on process 0,
+  WARNING elsewhere.
   """
   from absl import app, flags
   from ml_collections import config_flags
 
   flags_ = flags.FLAGS
-  config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
-  flags.DEFINE_string("workdir", None, "where checkpoints, logs and config.json go (local path or gs://)")
+  config_flags.DEFINE_config_file("config", None, f"{config_help}: a config file and variant, or a shipped config "
+                                  "by name (cat:demo); override any key with --config.KEY=VALUE", lock_config=True)
+  flags.DEFINE_string("workdir", None, "where checkpoints, logs and config.json go (local path or gs://); a "
+                      "workdir with checkpoints resumes")
+  for name in ("config", "workdir"):  # listed by --help, not only --helpfull
+    flags_.register_key_flag_for_module(sys.argv[0], flags_[name])
+
+  def fail(message: str):
+    print(f"error: {message}\nusage: {usage}", file=sys.stderr)
+    sys.exit(2)
+
+  def parse(args):
+    from cat_jax import configs
+
+    args = list(args)
+    for i, arg in enumerate(args):  # a shipped config by name -> its file; load it once here for a clean error
+      at = i + 1 if arg == "--config" else i if arg.startswith("--config=") else None
+      if at is None or at >= len(args):
+        continue
+      spec = args[at][len("--config="):] if at == i else args[at]
+      try:
+        configs.load(configs.resolve_spec(spec))
+      except Exception as e:  # a missing file, an unknown variant, an error inside the config file
+        fail(f"--config {spec}: {_one_line(e)}")
+      args[at] = ("--config=" if at == i else "") + configs.resolve_spec(spec)
+    try:
+      return flags_(args)
+    except Exception as e:  # absl and ml_collections raise several types for a bad flag, file or override
+      fail(_one_line(e))
 
   def _main(_):
+    from cat_jax import storage
     from cat_jax.distributed import maybe_initialize_distributed
+
+    if flags_.config is None or flags_.workdir is None:
+      fail("--config and --workdir are required")
+    if storage.is_local(flags_.workdir) and storage.as_path(flags_.workdir).exists() and \
+        not storage.as_path(flags_.workdir).is_dir():
+      fail(f"--workdir {flags_.workdir} is a file; give a directory (new, or a run's to resume it)")
     maybe_initialize_distributed()
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and grain log every file they touch at INFO
     for log in (logger, logging.getLogger("cat_jax.loop")):
       log.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
-    if flags_.config is None or flags_.workdir is None:
-      print(f"usage: {usage}", file=sys.stderr)
-      return 2
     train_and_evaluate(flags_.config, flags_.workdir)
     return 0
 
-  app.run(_main, argv=argv)
+  app.run(_main, argv=argv, flags_parser=parse)
   return 0

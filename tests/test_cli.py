@@ -1,6 +1,9 @@
-"""Every argparse entry point takes `--a-b` and `--a_b` alike (cat_jax.cli.ArgumentParser)."""
+"""Every argparse entry point takes `--a-b` and `--a_b` alike (cat_jax.cli.ArgumentParser); the trainers' command
+lines list their flags and end bad input in one line, exit status 2."""
 
 import importlib
+import subprocess
+import sys
 
 import pytest
 
@@ -25,3 +28,39 @@ def test_both_spellings_parse_to_the_same_arguments():
   a = encode.build_parser().parse_args(base + ["--image_size", "32", "--no-reconstructions", "--on-bad-image", "raise"])
   b = encode.build_parser().parse_args(base + ["--image-size", "32", "--no_reconstructions", "--on_bad_image", "raise"])
   assert vars(a) == vars(b) and a.image_size == 32 and a.no_reconstructions and a.on_bad_image == "raise"
+
+
+def _run(*args, cwd):
+  return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("module", ["cat_jax.train", "cat_jax.train_dit"])
+def test_trainer_help_lists_its_flags(module, tmp_path):
+  out = _run(module, "--help", cwd=tmp_path).stdout
+  assert "--config:" in out and "--workdir:" in out and "--config.KEY=VALUE" in out
+
+
+def test_trainer_errors_are_one_line_with_exit_status_2(tmp_path):
+  """From a directory outside the repository (configs by name), no traceback: the problem and the fix."""
+  (tmp_path / "a_file").write_text("")
+  cases = [
+      (["--config", "cat:runlocal", "--workdir", "w", "--config.batch_sizee=3"], 'Did you mean "batch_size"'),
+      (["--config", "cat:nosuch", "--workdir", "w"], "unknown config variant 'nosuch'"),
+      (["--config", "missing.py", "--workdir", "w"], "config file missing.py does not exist"),
+      (["--config", "cat:runlocal", "--workdir", "a_file"], "is a file; give a directory"),
+      (["--config", "cat:runlocal"], "--config and --workdir are required"),
+      (["--config=cat:runlocal", "--workdir", "w", "--config.batch_size=abc"], "invalid literal for int()"),
+  ]
+  for args, expected in cases:
+    result = _run("cat_jax.train", *args, cwd=tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2, (args, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr and len(errors) == 1 and expected in errors[0], (args, result.stderr)
+  assert not (tmp_path / "w").exists()  # nothing was started
+
+
+def test_sample_on_a_tokenizer_workdir_says_it_needs_a_dit_workdir(runlocal_workdir, capsys):
+  from cat_jax import sample
+
+  assert sample.main(["--workdir", runlocal_workdir, "--out", "unused.png"]) == 2
+  assert "not a python -m cat_jax.train_dit workdir" in capsys.readouterr().err

@@ -31,3 +31,12 @@ def load(spec: str) -> ml_collections.ConfigDict:
   else:
     raise ValueError(f"unknown config {spec!r}: use one of {list(NAMES)}[:variant] or path/to/config.py[:variant]")
   return module.get_config(arg or None)
+
+
+def resolve_spec(spec: str) -> str:
+  """``"cat:demo"`` -> ``"<package>/configs/cat.py:demo"`` (a file path, as ml_collections' ``--config`` flag takes);
+  anything else unchanged."""
+  name, sep, arg = str(spec).partition(":")
+  if name not in NAMES:
+    return spec
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py") + sep + arg

@@ -63,6 +63,9 @@ class Generator:
     from cat_jax import checkpoint as ckpt
 
     config = ckpt.load_config(workdir)
+    if "tokenizer" not in config or "sample" not in config:
+      raise ValueError(f"{workdir} is not a python -m cat_jax.train_dit workdir (its config.json has no tokenizer and "
+                       "sample blocks: a tokenizer's run?); sampling needs the DiT's workdir")
     model = build_dit(config.model)
     abstract = jax.eval_shape(functools.partial(init_dit, model), jax.random.key(0))
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
