@@ -9,7 +9,8 @@ centre-cropped, as in evaluation. ``--level``: a level in either spelling (index
 ``8x`` / ``16x`` / ``32x``) or ``auto``; auto takes each image's level from ``--manifest`` (ids are paths relative
 to the input folder, as ``python -m cat_jax.score --path`` writes them) or from ``--scorer jpeg|mse`` with
 ``--thresholds LOW,HIGH`` (default: the inputs' score terciles, kept in ``thresholds.json`` so a rerun uses the
-same). The mse scorer uses this checkpoint's own 32x reconstruction error.
+same). The mse scorer uses this checkpoint's own 32x reconstruction error. An input the manifest lacks (its scoring
+failed, or it is new) is skipped and recorded like a bad file (``--strict`` refuses the run instead).
 
 Real folders: a file that cannot be read or used (truncated, corrupt, too small, too large) is skipped and
 recorded in ``index.jsonl`` with the reason; the exit status is 1 when any was skipped (``--on_bad_image raise``
@@ -23,7 +24,8 @@ Outputs in ``--out``:
   ``latents.array_record``     (array_record format) one record per image: the same npz, bytes (a resumed run
                                writes ``latents-<n>.array_record``; each row names its ``record_file``);
   ``reconstructions/<id>.png`` unless ``--no_reconstructions``;
-  ``index.jsonl``              one line per image: id, level, factor, tokens, latent shape, files; or id and error.
+  ``index.jsonl``              one line per image: id, level, factor, tokens, latent shape, files; or id and error;
+  ``tokenizer.json``           which tokenizer encoded them (``python -m cat_jax.decode`` reads it).
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--chunk", type=int, default=256, help="images decoded and encoded at a time")
   p.add_argument("--on_bad_image", choices=ON_BAD_IMAGE, default="skip",
                  help="skip (record in index.jsonl, exit status 1) or raise (stop at the first)")
+  p.add_argument("--strict", action="store_true", help="with --manifest: refuse the run when the manifest lacks an "
+                 "input (default: skip it and record why in index.jsonl, exit status 1)")
   p.add_argument("--no_reconstructions", action="store_true")
   p.add_argument("--no_ema", action="store_true", help="raw parameters instead of the EMA")
   p.add_argument("--labels", choices=("none", "subfolder"), default="none",
@@ -147,7 +151,8 @@ def _level_assigner(args, tok, out, files, image_size: int):
     raise ValueError("--level auto needs exactly one of --manifest PATH or --scorer jpeg|mse")
   if args.manifest:
     assign = LevelAssigner(manifest=args.manifest)
-    assign.require([i for i, _ in files], f"the manifest {args.manifest}")
+    if args.strict:
+      assign.require([i for i, _ in files], f"the manifest {args.manifest}")
     return assign
   scorer = _scorer(args, tok)
   return LevelAssigner(scorer=scorer, thresholds=_thresholds(args, out, scorer, files, image_size))
@@ -176,6 +181,21 @@ def _labels(args, out, files):
 
 
 # -- the command ----------------------------------------------------------------------------------------------------
+def _record_tokenizer(out, args, tok) -> None:
+  """``out/tokenizer.json``: which tokenizer encoded the latents (``python -m cat_jax.decode`` reads it); a rerun
+  into the same ``out`` must use the same one."""
+  checkpoint = os.path.abspath(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
+  info = {"checkpoint": checkpoint, "use_ema": not args.no_ema, "step": tok.step}
+  path = out / "tokenizer.json"
+  if path.exists():
+    before = json.loads(path.read_text())
+    if before != info:
+      raise ValueError(f"{out} holds latents of another tokenizer ({before}); use another --out, or the same "
+                       "--checkpoint (and step) to continue it")
+    return
+  storage.write_text(path, json.dumps(info) + "\n")
+
+
 def encode_folder(args, tok, out, files, image_size: int) -> dict:
   """Encodes every file not yet encoded in ``out``; returns the run's counts."""
   import tqdm
@@ -197,6 +217,11 @@ def encode_folder(args, tok, out, files, image_size: int) -> dict:
     for chunk in _chunks(todo, max(1, args.chunk)):
       ids, images = [], []
       for image_id, path in chunk:
+        if level_of.manifest is not None and image_id not in level_of.manifest:
+          writer.failed(image_id, f"not in the manifest {args.manifest} (its scoring failed, or the file is new: "
+                                  "score it, or pass a fixed --level)")
+          counts["failed"] += 1
+          continue
         try:
           images.append(load_image(path, image_size))
           ids.append(image_id)
@@ -237,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise ValueError("the checkpoint's config has no data.image_size; pass --image_size")
     out = storage.as_path(os.path.expanduser(args.out) if storage.is_local(args.out) else args.out)
     out.mkdir(parents=True, exist_ok=True)
+    _record_tokenizer(out, args, tok)
     counts = encode_folder(args, tok, out, files, image_size)
   except BadImageError as e:
     print(f"error: {e} (--on_bad_image raise; rerun to continue after fixing or removing it)", file=sys.stderr)
@@ -250,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{counts['tokens'] / max(n, 1):.1f}) from step {tok.step} into {out}"
         + (f"; {counts['already']} already encoded" if counts["already"] else ""))
   if counts["failed"]:
-    print(f"skipped {counts['failed']} bad or unreadable files; each is in {out}/index.jsonl with the reason "
+    print(f"skipped {counts['failed']} files that could not be used (bad, unreadable, or not in the manifest); each is "
+          f"in {out}/index.jsonl with the reason "
           "(rerun to retry them)", file=sys.stderr)
     return 1
   return 0

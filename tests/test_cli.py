@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-ENTRY_POINTS = ("cat_jax.encode", "cat_jax.evaluate", "cat_jax.score", "cat_jax.sample", "cat_jax.convert.__main__")
+ENTRY_POINTS = ("cat_jax.encode", "cat_jax.decode", "cat_jax.evaluate", "cat_jax.score", "cat_jax.sample", "cat_jax.convert.__main__")
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)

@@ -196,6 +196,24 @@ def test_encode_cli_npz_and_reconstructions(workdir, tok, tmp_path, capsys):
     expected = np.round((tok.reconstruct(image[None], want[r["id"]])[0] + 1) * 127.5)
     assert np.abs(recon.astype(np.float32) - expected).max() <= 1.0
 
+  # decode: the same images from the latents alone, with the tokenizer encode recorded.
+  from cat_jax import decode as decode_cli
+
+  capsys.readouterr()
+  assert decode_cli.main(["--latents", str(out), "--out", str(tmp_path / "decoded")]) == 0
+  assert f"decoded {len(names)} images" in capsys.readouterr().out
+  for r in index:
+    decoded = np.asarray(Image.open(tmp_path / "decoded" / (r["id"][:-4] + ".png")))
+    np.testing.assert_array_equal(decoded, np.asarray(Image.open(out / r["reconstruction"])))
+  latents = tok.encode([np.asarray(Image.open(tmp_path / "in" / names[0]))], 2)
+  latents.save(tmp_path / "one.npz")
+  assert decode_cli.main(["--latents", str(tmp_path / "one.npz"), "--out", str(tmp_path / "d2"),
+                          "--checkpoint", workdir]) == 0
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "d2" / "0.png")),
+                                np.round((tok.decode(latents)[0] + 1) * 127.5).astype(np.uint8))
+  assert decode_cli.main(["--latents", str(tmp_path / "one.npz"), "--out", str(tmp_path / "d3")]) == 2
+  assert "pass --checkpoint" in capsys.readouterr().err
+
 
 def test_encode_cli_array_record_and_errors(workdir, tmp_path, capsys):
   from array_record.python.array_record_module import ArrayRecordReader
@@ -224,6 +242,9 @@ def test_encode_cli_array_record_and_errors(workdir, tmp_path, capsys):
   assert encode_cli.main(["--checkpoint", workdir, "--input", str(tmp_path / "in"), "--out", str(out),
                           "--level", "auto", "--manifest", str(bad)]) == 2
   assert "level" in capsys.readouterr().err
+  # Latents of two tokenizers never mix in one folder.
+  assert encode_cli.main(["--checkpoint", "demo", "--input", str(tmp_path / "in"), "--out", str(out)]) == 2
+  assert "holds latents of another tokenizer" in capsys.readouterr().err
 
 
 def _huge_png_header(width=100_000, height=100_000):
@@ -255,7 +276,7 @@ def test_encode_cli_gets_through_a_real_folder_and_resumes(workdir, tmp_path, ca
   assert encode_cli.main(argv) == 1  # some files failed
   captured = capsys.readouterr()
   assert "encoded 4 images (8x/16x/32x: 0/0/4" in captured.out
-  assert "skipped 4 bad or unreadable files" in captured.err
+  assert "skipped 4 files that could not be used" in captured.err
   assert re.search(r"8/8 \[.*(img/s|s/img)", captured.err)  # the progress bar: count, elapsed<ETA, rate
   rows = read_index(out)
   assert sorted(r for r in rows if "error" not in rows[r]) == names
@@ -441,3 +462,40 @@ def test_batches_hold_the_images_given_and_large_images_go_one_at_a_time(workdir
   one.max_batch_pixels = 2 * 64 * 64
   one.reconstruct(_images(5, 64), 1)
   assert [s[0] for s in shapes] == [2, 2, 1]
+
+
+def test_bad_files_go_through_score_encode_and_evaluate(workdir, tmp_path, capsys):
+  """A truncated and a tiny file: score records them as failures, encode skips them (and says why), evaluate leaves
+  them out and lists them; nothing stops. --strict keeps the old refusal."""
+  from cat_jax import evaluate as evaluate_cli
+  from cat_jax import score as score_cli
+
+  folder = tmp_path / "in"
+  names = _write_folder(folder, n=4)
+  good = io.BytesIO()
+  Image.fromarray(generate(9, image_size=48, split="test")[0]).save(good, format="JPEG")
+  (folder / "broken.jpg").write_bytes(good.getvalue()[:300])
+  Image.new("RGB", (16, 16)).save(folder / "tiny.png")
+  scores = tmp_path / "scores.jsonl"
+  assert score_cli.main(["--method", "jpeg", "--path", str(folder), "--out", str(scores), "--image-size", "32",
+                         "--no-progress"]) == 1  # 1: some files failed (as encode)
+  records = [json.loads(line) for line in scores.read_text().splitlines()[1:]]
+  assert sorted(r["id"] for r in records if "error" in r) == ["broken.jpg", "tiny.png"]  # as encode judges them
+
+  out = tmp_path / "latents"
+  argv = ["--checkpoint", workdir, "--input", str(folder), "--out", str(out), "--level", "auto",
+          "--manifest", str(scores)]
+  capsys.readouterr()
+  assert encode_cli.main(argv + ["--strict"]) == 2
+  assert "2 of 6 images are not in the manifest" in capsys.readouterr().err
+  assert encode_cli.main(argv) == 1
+  assert "encoded 4 images" in capsys.readouterr().out
+  errors = {i: r["error"] for i, r in read_index(out).items() if "error" in r}
+  assert sorted(i for i, r in read_index(out).items() if "error" not in r) == names
+  assert set(errors) == {"broken.jpg", "tiny.png"} and all("not in the manifest" in e for e in errors.values())
+
+  assert evaluate_cli.main(["--workdir", workdir, "--data", f"folder:{folder}", "--manifest", str(scores),
+                            "--measures", "jpeg", "--out", str(tmp_path / "eval"), "--bootstrap", "0"]) == 0
+  results = json.loads((tmp_path / "eval" / "results.json").read_text())
+  assert results["num_images"] == 4 and results["rows"]["adaptive"]["num_images"] == 4
+  assert any("2 of 6 images left out" in note for note in results["notes"])

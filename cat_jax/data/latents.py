@@ -142,9 +142,12 @@ def encode_source(tok, source, out, *, levels, labels, image_size: int, chunk: i
 
 # -- reading ----------------------------------------------------------------------------------------------------------
 class LatentDataset:
-  """Random access to encoded latents: ``[i]`` -> {"latent" (h, w, C) float32, "level", "label", "id"}."""
+  """Random access to encoded latents: ``[i]`` -> {"latent" (h, w, C) float32, "level", "label", "id"}.
 
-  def __init__(self, path: str | os.PathLike):
+  ``labelled=False`` reads latents without class labels too (``python -m cat_jax.decode``); ``"label"`` is then
+  absent."""
+
+  def __init__(self, path: str | os.PathLike, *, labelled: bool = True):
     self.path = storage.as_path(os.fspath(path))
     if not (self.path / "index.jsonl").exists():
       raise FileNotFoundError(f"{self.path} has no index.jsonl: encode latents first with python -m cat_jax.encode "
@@ -153,12 +156,12 @@ class LatentDataset:
     if not rows:
       raise ValueError(f"{self.path}/index.jsonl lists no encoded image")
     unlabelled = [r["id"] for r in rows if "label" not in r]
-    if unlabelled:
+    if unlabelled and labelled:
       raise ValueError(f"{len(unlabelled)} latents in {self.path} have no class label (e.g. {unlabelled[:3]}); "
                        "encode with python -m cat_jax.encode --labels subfolder")
     self.rows = rows
     self.levels = np.array([int(r["level"]) for r in rows], np.int32)
-    self.labels = np.array([int(r["label"]) for r in rows], np.int32)
+    self.labels = np.array([int(r.get("label", -1)) for r in rows], np.int32)
     self._readers: dict[str, Any] = {}
 
   def __len__(self) -> int:
@@ -177,7 +180,10 @@ class LatentDataset:
     data = self._bytes(row)
     with _NPZ_LOCK, np.load(io.BytesIO(data)) as npz:
       latent = np.asarray(npz["latent"], np.float32)
-    return {"latent": latent, "level": np.int32(row["level"]), "label": np.int32(row["label"]), "id": row["id"]}
+    item = {"latent": latent, "level": np.int32(row["level"]), "id": row["id"]}
+    if "label" in row:
+      item["label"] = np.int32(row["label"])
+    return item
 
   def __getstate__(self):  # grain may pickle the dataset: readers are reopened lazily
     return dict(self.__dict__, _readers={})
