@@ -67,32 +67,40 @@ def load_config_file(spec: str):
   return configs.load(spec)
 
 
-class _Head:
-  """The first ``n`` records of a source (keeps ids, built-in levels and kinds)."""
+class _Subset:
+  """Some records of a source, in their order (keeps ids, built-in levels and kinds)."""
 
-  def __init__(self, source, n: int):
-    self._source, self._n = source, min(int(n), len(source))
+  def __init__(self, source, indices: Sequence[int]):
+    self._source, self._indices = source, list(indices)
 
   def __len__(self) -> int:
-    return self._n
+    return len(self._indices)
 
   def __getitem__(self, index: int):
-    if not 0 <= int(index) < self._n:
+    if not 0 <= int(index) < len(self._indices):
       raise IndexError(index)
-    return self._source[index]
+    return self._source[self._indices[int(index)]]
 
   def ids(self) -> list[str]:
     from cat_jax.data import source_ids
-    return source_ids(self._source)[:self._n]
+    every = source_ids(self._source)
+    return [every[i] for i in self._indices]
 
   def __getattr__(self, name):  # builtin_levels, kind: forwarded when the source has them
     attr = getattr(self._source, name)
     if name == "builtin_levels":
       return lambda: {i: attr()[i] for i in self.ids()}
+    if name == "kind":
+      return lambda k: attr(self._indices[k])
     return attr
 
   def __repr__(self) -> str:
-    return f"{self._source!r}[:{self._n}]"
+    return f"{self._source!r}[{len(self._indices)} records]"
+
+
+def _Head(source, n: int) -> _Subset:  # noqa: N802 (reads as the class it returns)
+  """The first ``n`` records of a source."""
+  return _Subset(source, range(min(int(n), len(source))))
 
 
 def make_source(data: str | None, split: str | None, config) -> tuple[Any, str, str]:
@@ -192,13 +200,14 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
                    inception_fn: Callable | None = None, lpips_fn: Callable | None = None,
                    num_grid_images: int = 8, seed: int = 0, extra: Mapping[str, Any] | None = None,
                    compare: Mapping[str, tuple[Any, int]] | None = None, baselines: bool = True,
-                   bootstrap: int = 1000) -> dict:
+                   bootstrap: int = 1000, strict: bool = False) -> dict:
   """Evaluates ``tok`` on ``source`` in one pass over the data and writes every output file; returns the results.
 
   ``compare``: {row name: (another Tokenizer, level)}, e.g. separately trained fixed-rate models or a converted SD
   VAE, each evaluated on the same images at one level. ``baselines``: add the no-learning rows (area+bicubic, and
   the DCT patch code with the model's latent channels: ``cat_jax.metrics.baselines``).
-  ``bootstrap``: resamples for the 95% intervals over images (0: none).
+  ``bootstrap``: resamples for the 95% intervals over images (0: none). Images a manifest lacks (failed scores) are
+  left out of every row and listed in the notes; ``strict`` raises instead.
 
   Each batch is reconstructed at every level and each (reconstruction source, level) is measured once; a row picks,
   per image, the measurement at its level. Budget rows need every image's score first (their thresholds come from
@@ -230,6 +239,22 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
     if other.batch_size != tok.batch_size:
       raise ValueError(f"compared tokenizers need the same batch_size as the evaluated one ({tok.batch_size})")
   external = {name: _manifest_scores(path, all_ids) for name, path in dict(score_manifests or {}).items()}
+  level_of = None if manifest is None else load_levels(manifest, known_ids=all_ids)
+  notes = []
+  missing = {f"manifest {manifest}": level_of} if level_of is not None else {}
+  missing.update({f"score manifest {name}": per_id for name, per_id in external.items()})
+  for what, mapping in missing.items():
+    if strict:
+      _require_all(mapping, all_ids, what)
+  left_out = {i for mapping in missing.values() for i in all_ids if i not in mapping}
+  if left_out:  # a few failed scores leave images out of the evaluation, listed; --strict refuses instead
+    keep = [k for k, i in enumerate(all_ids) if i not in left_out]
+    if not keep:
+      raise ValueError(f"no evaluated image is in every manifest given ({', '.join(missing)})")
+    source = _Subset(source, keep)
+    notes.append(f"{len(left_out)} of {len(all_ids)} images left out: not in every manifest given (failed or missing "
+                 f"scores), e.g. {sorted(left_out)[:5]}; --strict refuses such a run instead")
+    all_ids = source_ids(source)
 
   # Rows whose levels are known before the pass: fixed levels, the no-learning baselines, compared tokenizers, adaptive.
   rows = [_Row(name, lvl, f"every image at {L.FACTORS[lvl]}x") for lvl, name in enumerate(reports.FIXED_ROWS)]
@@ -241,10 +266,7 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
                   source="dct_code") for lvl, f in enumerate(L.FACTORS)]
   for name, (_, lvl) in compare.items():
     rows.append(_Row(name, L.parse_level(lvl), f"{name} at {L.level_name(L.parse_level(lvl))}", source=name))
-  notes = []
-  if manifest is not None:
-    level_of = load_levels(manifest, known_ids=all_ids)
-    _require_all(level_of, all_ids, f"manifest {manifest}")
+  if level_of is not None:
     rows.append(_Row("adaptive", level_of, f"levels from {manifest}"))
   elif hasattr(source, "builtin_levels"):
     rows.append(_Row("adaptive", source.builtin_levels(), "the embedded dataset's built-in levels (its "
@@ -394,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "sd_vae=/weights/sdxl_vae@8x: a training workdir or a Tokenizer.save_pretrained / converted "
                  "directory (repeatable)")
   p.add_argument("--no_baselines", action="store_true", help="leave out the no-learning rows (area+bicubic, DCT patch code)")
+  p.add_argument("--strict", action="store_true", help="refuse the run when a manifest lacks an image (default: "
+                 "leave such images out of every row and list them)")
   p.add_argument("--bootstrap", type=int, default=1000, help="resamples for 95%% intervals over images (0: none)")
   p.add_argument("--num_grid_images", type=int, default=8)
   p.add_argument("--seed", type=int, default=0, help="seed of the random measure")
@@ -475,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         score_manifests=_parse_named(args.score_manifest), measures=measures, budget_tokens=args.budget_tokens,
         inception_fn=inception_fn, lpips_fn=lpips_fn, num_grid_images=args.num_grid_images, seed=args.seed,
         compare=_parse_compare(args.compare, tok.batch_size), baselines=not args.no_baselines,
-        bootstrap=args.bootstrap,
+        bootstrap=args.bootstrap, strict=args.strict,
         extra={"workdir": os.path.abspath(args.workdir) if storage.is_local(args.workdir) else args.workdir,
                "training": training_summary(config, tok.step),
                "command": "python -m cat_jax.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)})

@@ -214,10 +214,17 @@ def test_clear_errors(workdir, tmp_path, capsys):
   assert "999999" in message and "not in the dataset" in message
   bad_level = _manifest(tmp_path / "b.jsonl", [{"id": ids[0], "level": 7}])
   assert "level" in error(base + ["--manifest", bad_level])
-  partial = _manifest(tmp_path / "c.jsonl", [{"id": ids[0], "level": 1}])
-  assert "no entry" in error(base + ["--manifest", partial])
+  partial = _manifest(tmp_path / "c.jsonl", [{"id": ids[0], "level": 1}, {"id": ids[1], "level": 2},
+                                            {"id": ids[2], "error": "unreadable"}])
+  assert "no entry" in error(base + ["--manifest", partial, "--strict"])
   scores = _manifest(tmp_path / "d.jsonl", [{"id": ids[0], "score": 3, "level": 1}])
-  assert "no entry" in error(base + ["--score_manifest", f"caption_llm={scores}"])
+  assert "no entry" in error(base + ["--score_manifest", f"caption_llm={scores}", "--strict"])
+  # Without --strict, images a manifest lacks (failed scores) are left out of every row and listed.
+  assert E.main(base + ["--manifest", partial]) == 0
+  results = json.loads((tmp_path / "o" / "results.json").read_text())
+  assert results["num_images"] == 2 and all(r["num_images"] == 2 for r in results["rows"].values())
+  assert results["rows"]["adaptive"]["level_counts"] == {"8x": 0, "16x": 1, "32x": 1}
+  assert any("2 of 4 images left out" in note and ids[2] in note for note in results["notes"])
   # Score manifests go through the one reader too: an unfinished scoring run is refused, as for --manifest.
   unfinished = _manifest(tmp_path / "e.jsonl", [{"id": i, "score": 3, "level": None} for i in ids[:4]])
   assert "has not finished" in error(base + ["--score_manifest", f"caption_llm={unfinished}"])

@@ -21,7 +21,7 @@ from PIL import Image
 
 from cat_jax.complexity import prompts
 from cat_jax.complexity.llm import ChatClient, MalformedResponse, user_message
-from cat_jax.data.preprocess import from_model_range, open_checked, resize_and_crop
+from cat_jax.data.preprocess import DEFAULT_MIN_SIZE, open_checked, resize_and_crop
 
 DEFAULT_JPEG_QUALITY = 75
 
@@ -37,19 +37,22 @@ class Scorer(Protocol):
 
 
 def to_pil_rgb(image: Any, *, path: str = "<image>", draft_size: int | None = None) -> Image.Image:
-  """An RGB PIL image from encoded bytes, a file path, a PIL image or an HWC/HW array.
+  """An RGB PIL image from encoded bytes, a file path, a PIL image or an array (``cat_jax.data.preprocess``'s
+  convention: uint8 [0, 255], floats [-1, 1]).
 
-  Decoding is ``cat_jax.data.preprocess.open_checked`` (EXIF rotation, alpha on white, 16-bit and palette
-  modes), so scorers see what training sees. Float arrays with negative values are read as [-1, 1] (the package
-  convention), other float arrays as [0, 1]. Raises ``BadImageError`` naming ``path`` for undecodable data.
+  Decoding is ``cat_jax.data.preprocess.open_checked`` (EXIF rotation, alpha on white, 16-bit and palette modes), so
+  scorers see what training sees, and a file is usable here exactly when ``encode`` and training can use it (at least
+  ``DEFAULT_MIN_SIZE`` pixels a side); images already in memory may be any size. Raises ``BadImageError`` naming
+  ``path``.
   """
+  min_size = 1
   if isinstance(image, (str, os.PathLike)):
     path = str(image)
     with open(image, "rb") as f:
       image = f.read()
-  elif isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating) and image.size and image.min() < 0:
-    image = from_model_range(image)
-  return open_checked(image, path=path, min_size=1, draft_size=draft_size)
+  if isinstance(image, (bytes, bytearray, memoryview)):
+    min_size = DEFAULT_MIN_SIZE
+  return open_checked(image, path=path, min_size=min_size, draft_size=draft_size)
 
 
 def prepare_image(image: Any, image_size: int | None, *, path: str = "<image>") -> Image.Image:

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from cat_jax.levels import NUM_LEVELS, parse_level
+from cat_jax import storage
 from cat_jax.data.sources import source_ids
+from cat_jax.levels import NUM_LEVELS, parse_level
 
 
 # A manifest's first line may be ``{"header": {...}}`` (how it was scored: method, models, prompts); it has no id.
@@ -27,7 +28,7 @@ PARTS_SUFFIX = ".parts"
 
 def parts_dir(manifest_path: str | os.PathLike) -> epath.Path:
   """``<manifest>.parts``: the unfinished records of a scoring run that writes to an object store."""
-  return epath.Path(os.fspath(manifest_path) + PARTS_SUFFIX)
+  return storage.as_path(os.fspath(manifest_path) + PARTS_SUFFIX)
 
 
 def is_header(record: Any) -> bool:
@@ -68,7 +69,7 @@ def load_records(manifest_path: str | os.PathLike, known_ids: Iterable[str] | No
       store), bad JSON, a missing key, a bad level, an id listed twice with different levels, or an id not in
       ``known_ids``; the message names the line.
   """
-  path = epath.Path(manifest_path)
+  path = storage.as_path(manifest_path)
   unfinished = f"the scoring run that writes {path} has not finished; rerun the same cat_jax.score command"
   if parts_dir(path).exists():
     raise ValueError(f"{unfinished} ({parts_dir(path)} holds records not yet merged)")
