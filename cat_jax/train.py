@@ -437,8 +437,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   def run_eval(step, state=state):
     eval_ds = _make_data(config, split=config.data.eval_split, train=False, process_batch=process_batch)
     batches = (_global(b) for _, b in zip(range(config.eval_batches), eval_ds))
-    return evaluate_reconstruction(jit_eval, state.ema_params, batches, writer, step, level_arg=level_arg,
-                                   image_dir=os.fspath(storage.as_path(workdir) / "images"), levels=eval_levels)
+    metrics = evaluate_reconstruction(jit_eval, state.ema_params, batches, writer, step, level_arg=level_arg,
+                                      image_dir=os.fspath(storage.as_path(workdir) / "images"), levels=eval_levels)
+    if is_main and metrics:
+      names = " / ".join(L.level_name(lvl) for lvl in eval_levels)
+      values = lambda key: " / ".join(f"{metrics[f'eval/level{lvl}/{key}']:.2f}" for lvl in eval_levels)
+      logger.info("step %d, eval (EMA): PSNR %s = %s dB; area+bicubic, no learning: %s dB", step, names,
+                  values("psnr"), values("psnr_area_bicubic"))
+    return metrics
 
   def _global(batch):
     return make_global_batch(batch, parallel.batch_sharding(mesh))
@@ -467,6 +473,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   state = loop.run_steps(state, start=start, config=config, train_iter=train_iter, train_step=one_step,
                          periodic=periodic, before=baseline if start == 0 and config.eval_every else None,
                          checkpoints=checkpoints, log=log, closing=(writer,))
+  if is_main:
+    logger.info("Done. In %s: checkpoints/, images/ (reconstruction grids: original, then 8x, 16x, 32x), "
+                "metrics.jsonl, tensorboard/. Next: python -m cat_jax.evaluate --workdir %s", workdir, workdir)
   return state
 
 

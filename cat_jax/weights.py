@@ -185,7 +185,7 @@ def load_params(path: str | os.PathLike):
   if not path.exists():
     raise FileNotFoundError(
         f"No converted weights at {path}. Create them with `python -m cat_jax.convert ...` "
-        "(see README, 'Pretrained weights').")
+        "(see docs/guide.md, 'Pretrained weights').")
   return flax.serialization.msgpack_restore(path.read_bytes())
 
 
