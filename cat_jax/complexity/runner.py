@@ -10,7 +10,7 @@ import os
 from typing import Any, Callable, Sequence
 
 from etils import epath
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the text bar everywhere (tqdm.auto wants ipywidgets in notebooks)
 
 from cat_jax import storage
 from cat_jax.complexity import manifest as manifest_lib
