@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="folder for the PNGs (local or gs://...)")
   p.add_argument("--checkpoint", help="the tokenizer: a training workdir, a tokenizer folder or a shipped name (default: "
                  f"the one encode recorded in <latents>/{TOKENIZER_FILE})")
-  p.add_argument("--no_ema", action="store_true", help="raw parameters instead of the EMA (a training workdir)")
-  p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--no-ema", action="store_true", help="raw parameters instead of the EMA (a training workdir)")
+  p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--chunk", type=int, default=256, help="latents decoded at a time")
   return p
 

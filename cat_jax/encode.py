@@ -4,7 +4,7 @@ r"""Encodes images with a CAT checkpoint: latents (npz or array_record) and reco
   python -m cat_jax.encode --checkpoint DIR --input photos/ --out latents/ --level auto --manifest scores.jsonl
   python -m cat_jax.encode --checkpoint DIR --input photo.png --out latents/ --level auto --scorer jpeg
 
-Images are decoded, resized (shorter side to ``--image_size``, default the checkpoint's training size) and
+Images are decoded, resized (shorter side to ``--image-size``, default the checkpoint's training size) and
 centre-cropped, as in evaluation. ``--level``: a level in either spelling (index 0 / 1 / 2 or factor 8 / 16 / 32,
 ``8x`` / ``16x`` / ``32x``) or ``auto``; auto takes each image's level from ``--manifest`` (ids are paths relative
 to the input folder, as ``python -m cat_jax.score --path`` writes them) or from ``--scorer jpeg|mse`` with
@@ -13,7 +13,7 @@ same). The mse scorer uses this checkpoint's own 32x reconstruction error. An in
 failed, or it is new) is skipped and recorded like a bad file (``--strict`` refuses the run instead).
 
 Real folders: a file that cannot be read or used (truncated, corrupt, too small, too large) is skipped and
-recorded in ``index.jsonl`` with the reason; the exit status is 1 when any was skipped (``--on_bad_image raise``
+recorded in ``index.jsonl`` with the reason; the exit status is 1 when any was skipped (``--on-bad-image raise``
 stops at the first one instead, status 2). Rerunning the same command skips every image already encoded and
 retries the skipped ones; in ``index.jsonl`` the last row of an id is the current one. Images are processed a
 chunk at a time, with a progress bar (rate, ETA). ``--out`` may be any etils.epath location (gs://...) with
@@ -23,7 +23,7 @@ Outputs in ``--out``:
   ``latents/<id>.npz``         (npz format) ``latent`` (H/f, W/f, C) float32, ``level``, ``factor``, ``image_size``;
   ``latents.array_record``     (array_record format) one record per image: the same npz, bytes (a resumed run
                                writes ``latents-<n>.array_record``; each row names its ``record_file``);
-  ``reconstructions/<id>.png`` unless ``--no_reconstructions``;
+  ``reconstructions/<id>.png`` unless ``--no-reconstructions``;
   ``index.jsonl``              one line per image: id, level, factor, tokens, latent shape, files; or id and error;
   ``tokenizer.json``           which tokenizer encoded them (``python -m cat_jax.decode`` reads it).
 """
@@ -59,15 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--scorer", choices=("jpeg", "mse"), help="complexity scorer for --level auto")
   p.add_argument("--thresholds", help="LOW,HIGH score thresholds for --scorer (default: terciles of the inputs)")
   p.add_argument("--format", choices=("npz", "array_record"), default="npz")
-  p.add_argument("--image_size", type=int, help="default: the checkpoint's data.image_size")
-  p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--image-size", type=int, help="default: the checkpoint's data.image_size")
+  p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--chunk", type=int, default=256, help="images decoded and encoded at a time")
-  p.add_argument("--on_bad_image", choices=ON_BAD_IMAGE, default="skip",
+  p.add_argument("--on-bad-image", choices=ON_BAD_IMAGE, default="skip",
                  help="skip (record in index.jsonl, exit status 1) or raise (stop at the first)")
   p.add_argument("--strict", action="store_true", help="with --manifest: refuse the run when the manifest lacks an "
                  "input (default: skip it and record why in index.jsonl, exit status 1)")
-  p.add_argument("--no_reconstructions", action="store_true")
-  p.add_argument("--no_ema", action="store_true", help="raw parameters instead of the EMA")
+  p.add_argument("--no-reconstructions", action="store_true")
+  p.add_argument("--no-ema", action="store_true", help="raw parameters instead of the EMA")
   p.add_argument("--labels", choices=("none", "subfolder"), default="none",
                  help="subfolder: each image's class is its top-level folder (ImageNet layout), stored as 'label' "
                  "(classes in sorted order in classes.json), for python -m cat_jax.train_dit")
@@ -259,13 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     tok = load_tokenizer(args.checkpoint, use_ema=not args.no_ema, batch_size=args.batch_size)
     image_size = args.image_size or tok.image_size
     if not image_size:
-      raise ValueError("the checkpoint's config has no data.image_size; pass --image_size")
+      raise ValueError("the checkpoint's config has no data.image_size; pass --image-size")
     out = storage.as_path(os.path.expanduser(args.out) if storage.is_local(args.out) else args.out)
     out.mkdir(parents=True, exist_ok=True)
     _record_tokenizer(out, args, tok)
     counts = encode_folder(args, tok, out, files, image_size)
   except BadImageError as e:
-    print(f"error: {e} (--on_bad_image raise; rerun to continue after fixing or removing it)", file=sys.stderr)
+    print(f"error: {e} (--on-bad-image raise; rerun to continue after fixing or removing it)", file=sys.stderr)
     return 2
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -3,8 +3,8 @@ r"""Evaluates a CAT checkpoint: fixed 8x / 16x / 32x, adaptive levels, and compl
   python -m cat_jax.evaluate --workdir /tmp/cat_demo                            # the run's own eval data
   python -m cat_jax.evaluate --config configs/cat.py:demo --workdir /tmp/cat_demo --data embedded \
       --manifest scores/embedded-validation-caption_llm.jsonl \
-      --inception_weights ~/.cache/cat_jax/inception_fid.msgpack --lpips_weights ~/.cache/cat_jax/lpips_vgg16_v0.1.msgpack
-  python -m cat_jax.evaluate --workdir DIR --data folder:/path/to/images --num_images 500
+      --inception-weights ~/.cache/cat_jax/inception_fid.msgpack --lpips-weights ~/.cache/cat_jax/lpips_vgg16_v0.1.msgpack
+  python -m cat_jax.evaluate --workdir DIR --data folder:/path/to/images --num-images 500
   python -m cat_jax.evaluate --workdir DIR --data tfds:celeb_a --split test
 
 Protocol. Images are read by the evaluation pipeline (shorter side resized to ``image_size``, centre crop, [-1, 1]).
@@ -15,11 +15,11 @@ Settings ("rows"):
   adaptive                          each image at its level from ``--manifest`` (or the embedded dataset's built-in
                                     levels when no manifest is given);
   budget:<measure>                  levels from a complexity measure's scores with thresholds chosen so the mean
-                                    token count matches ``--budget_tokens`` (default: the fixed-16x count), i.e. the
+                                    token count matches ``--budget-tokens`` (default: the fixed-16x count), i.e. the
                                     paper's comparison of complexity measures at equal cost. Measures: ``random``,
                                     ``jpeg`` (JPEG bits per pixel), ``mse`` (this checkpoint's 32x reconstruction
                                     MSE), ``grade`` (embedded data only: the generator's 1-9 complexity grade, an
-                                    oracle standing in for the caption-LLM score) and any ``--score_manifest
+                                    oracle standing in for the caption-LLM score) and any ``--score-manifest
                                     name=PATH`` (e.g. caption_llm scores from ``python -m cat_jax.score``).
 A row's reconstruction of an image is the one at that image's level, so every row measures the same images.
 Images/s: encode + decode throughput per level measured on this machine (compilation excluded); a mixed row's
@@ -51,12 +51,12 @@ from cat_jax.data.level_map import is_level_spelling
 logger = logging.getLogger("cat_jax.evaluate")
 
 BUILTIN_MEASURES = ("random", "jpeg", "mse", "grade")
-SKIPPED_RFID = ("rFID skipped: no --inception_weights. Convert the pytorch-fid Inception weights once with "
+SKIPPED_RFID = ("rFID skipped: no --inception-weights. Convert the pytorch-fid Inception weights once with "
                 "`python -m cat_jax.convert inception --out PATH` (needs pt_inception-2015-12-05-6726825d.pth in "
-                "the torch hub cache or --torch-weights FILE) and pass --inception_weights PATH.")
-SKIPPED_LPIPS = ("LPIPS skipped: no --lpips_weights. Convert the LPIPS-VGG weights once with "
+                "the torch hub cache or --torch-weights FILE) and pass --inception-weights PATH.")
+SKIPPED_LPIPS = ("LPIPS skipped: no --lpips-weights. Convert the LPIPS-VGG weights once with "
                  "`python -m cat_jax.convert lpips --out PATH` (needs torchvision's vgg16 weights in the torch hub "
-                 "cache or --torch-weights FILE) and pass --lpips_weights PATH.")
+                 "cache or --torch-weights FILE) and pass --lpips-weights PATH.")
 
 
 # -- configs and data -----------------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
   unknown = set(measures) - set(BUILTIN_MEASURES)
   if unknown:
     raise ValueError(f"unknown measures {sorted(unknown)}; built-in measures are {BUILTIN_MEASURES} (others come "
-                     "from --score_manifest name=PATH)")
+                     "from --score-manifest name=PATH)")
   if "grade" in measures and not hasattr(source, "kind"):
     raise ValueError("measure 'grade' needs the embedded dataset (its generator's complexity grade)")
   all_ids = source_ids(source)
@@ -397,29 +397,29 @@ def build_parser() -> argparse.ArgumentParser:
                  "source)")
   p.add_argument("--split", help="split (default: the config's eval_split; 'all' for folders)")
   p.add_argument("--manifest", help="score manifest whose levels make the adaptive row")
-  p.add_argument("--score_manifest", action="append", default=[], metavar="NAME=PATH",
+  p.add_argument("--score-manifest", action="append", default=[], metavar="NAME=PATH",
                  help="extra complexity measure from a score manifest, e.g. caption_llm=scores.jsonl (repeatable)")
   p.add_argument("--measures", default=None,
                  help=f"comma-separated built-in measures of {BUILTIN_MEASURES} (default random,jpeg,mse, plus "
                  "grade on the embedded dataset); 'none' for no comparison")
-  p.add_argument("--budget_tokens", type=float, help="mean tokens per image for the measure comparison "
+  p.add_argument("--budget-tokens", type=float, help="mean tokens per image for the measure comparison "
                  "(default: the fixed-16x count)")
-  p.add_argument("--num_images", type=int, help="evaluate the first N images only")
-  p.add_argument("--image_size", type=int, help="default: the config's data.image_size")
-  p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--num-images", type=int, help="evaluate the first N images only")
+  p.add_argument("--image-size", type=int, help="default: the config's data.image_size")
+  p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-  p.add_argument("--no_ema", action="store_true", help="use the raw parameters instead of the EMA")
-  p.add_argument("--inception_weights", help="converted FID Inception weights (python -m cat_jax.convert inception)")
-  p.add_argument("--lpips_weights", help="converted LPIPS weights (python -m cat_jax.convert lpips)")
+  p.add_argument("--no-ema", action="store_true", help="use the raw parameters instead of the EMA")
+  p.add_argument("--inception-weights", help="converted FID Inception weights (python -m cat_jax.convert inception)")
+  p.add_argument("--lpips-weights", help="converted LPIPS weights (python -m cat_jax.convert lpips)")
   p.add_argument("--compare", action="append", default=[], metavar="NAME=PATH@LEVEL",
                  help="another tokenizer on the same images at one level, e.g. fixed16=/runs/fixed16@16x or "
                  "sd_vae=/weights/sdxl_vae@8x: a training workdir or a Tokenizer.save_pretrained / converted "
                  "directory (repeatable)")
-  p.add_argument("--no_baselines", action="store_true", help="leave out the no-learning rows (area+bicubic, DCT patch code)")
+  p.add_argument("--no-baselines", action="store_true", help="leave out the no-learning rows (area+bicubic, DCT patch code)")
   p.add_argument("--strict", action="store_true", help="refuse the run when a manifest lacks an image (default: "
                  "leave such images out of every row and list them)")
   p.add_argument("--bootstrap", type=int, default=1000, help="resamples for 95%% intervals over images (0: none)")
-  p.add_argument("--num_grid_images", type=int, default=8)
+  p.add_argument("--num-grid-images", type=int, default=8)
   p.add_argument("--seed", type=int, default=0, help="seed of the random measure")
   p.add_argument("--out", help="output folder (default <workdir>/eval)")
   return p
@@ -457,7 +457,7 @@ def _parse_named(items: Sequence[str]) -> dict[str, str]:
   for item in items:
     name, sep, path = item.partition("=")
     if not sep or not name or not path:
-      raise ValueError(f"--score_manifest expects NAME=PATH, got {item!r}")
+      raise ValueError(f"--score-manifest expects NAME=PATH, got {item!r}")
     out[name] = path
   return out
 
@@ -476,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     source, dataset, split = make_source(args.data, args.split, config)
     if args.num_images is not None:
       if args.num_images < 1:
-        raise ValueError("--num_images must be >= 1")
+        raise ValueError("--num-images must be >= 1")
       source = _Head(source, args.num_images)
     if args.measures is None:
       measures = ["random", "jpeg", "mse"] + (["grade"] if hasattr(source, "kind") else [])

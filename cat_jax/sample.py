@@ -1,17 +1,17 @@
 r"""Samples a trained DiT (``python -m cat_jax.train_dit``) and decodes through its tokenizer; optional gFID.
 
-  python -m cat_jax.sample --workdir /tmp/dit_demo --classes 0,1,2 --per_class 8 --level auto --out grid.png
-  python -m cat_jax.sample --workdir DIR --classes all --per_class 4 --level 16x --cfg_scale 3 --out grid.png
-  python -m cat_jax.sample --workdir DIR --fid_samples 50000 --inception_weights ~/.cache/cat_jax/inception_fid.msgpack
+  python -m cat_jax.sample --workdir /tmp/dit_demo --classes 0,1,2 --per-class 8 --level auto --out grid.png
+  python -m cat_jax.sample --workdir DIR --classes all --per-class 4 --level 16x --cfg-scale 3 --out grid.png
+  python -m cat_jax.sample --workdir DIR --fid-samples 50000 --inception-weights ~/.cache/cat_jax/inception_fid.msgpack
 
-The grid has one row per class, ``--per_class`` samples each. ``--level``: ``auto`` draws each sample's level from
+The grid has one row per class, ``--per-class`` samples each. ``--level``: ``auto`` draws each sample's level from
 its class's level distribution in the training latents; ``0/1/2`` or ``8x/16x/32x`` forces it (e.g. the level that
 ``python -m cat_jax.score --text "a prompt"`` gives a text prompt). ``--report`` writes ``<out>.json`` with each
 sample's class and level.
 
-gFID (``--fid_samples N``): N samples, classes uniform, levels as ``--level``, against reference statistics of the real
+gFID (``--fid-samples N``): N samples, classes uniform, levels as ``--level``, against reference statistics of the real
 images (``data.source`` / ``data.split`` of the run's config, centre crops at its image size; at most
-``--fid_reference_images``), both through the same Flax Inception (``cat_jax.metrics.fid``). The reference statistics
+``--fid-reference-images``), both through the same Flax Inception (``cat_jax.metrics.fid``). The reference statistics
 are cached in ``<workdir>/fid_reference_<n>.npz``. The paper's protocol is N = 50,000 on ImageNet 256.
 """
 
@@ -35,22 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="a python -m cat_jax.train_dit workdir")
   p.add_argument("--classes", default="all", help="comma-separated class indices, or 'all' (default)")
-  p.add_argument("--per_class", type=int, default=8)
+  p.add_argument("--per-class", type=int, default=8)
   p.add_argument("--level", default="auto", help="auto (default), 0/1/2 or 8x/16x/32x")
   p.add_argument("--out", help="grid PNG (default <workdir>/samples.png)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--cfg_scale", type=float, help="classifier-free guidance (default: the config's sample.cfg_scale)")
-  p.add_argument("--num_steps", type=int, help="ODE steps (default: the config's)")
+  p.add_argument("--cfg-scale", type=float, help="classifier-free guidance (default: the config's sample.cfg_scale)")
+  p.add_argument("--num-steps", type=int, help="ODE steps (default: the config's)")
   p.add_argument("--solver", choices=("euler", "heun"), help="default: the config's")
-  p.add_argument("--batch_size", type=int, default=64)
-  p.add_argument("--no_ema", action="store_true", help="raw parameters instead of the EMA")
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--no-ema", action="store_true", help="raw parameters instead of the EMA")
   p.add_argument("--report", action="store_true", help="also write <out>.json: class and level of every sample")
-  p.add_argument("--jpeg_report", action="store_true",
+  p.add_argument("--jpeg-report", action="store_true",
                  help="print the JPEG bits per pixel of the samples and of the run's real images, per class")
   g = p.add_argument_group("gFID")
-  g.add_argument("--fid_samples", type=int, help="compute gFID over this many samples")
-  g.add_argument("--inception_weights", help="converted FID Inception weights (python -m cat_jax.convert inception)")
-  g.add_argument("--fid_reference_images", type=int, default=50_000, help="real images for the reference (max)")
+  g.add_argument("--fid-samples", type=int, help="compute gFID over this many samples")
+  g.add_argument("--inception-weights", help="converted FID Inception weights (python -m cat_jax.convert inception)")
+  g.add_argument("--fid-reference-images", type=int, default=50_000, help="real images for the reference (max)")
   return p
 
 
@@ -164,9 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cat_jax.metric_writers import make_image_grid
 
     if args.per_class < 1:
-      raise ValueError(f"--per_class must be >= 1, got {args.per_class}")
+      raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
     if args.fid_samples is not None and not args.inception_weights:
-      raise ValueError("--fid_samples needs --inception_weights (python -m cat_jax.convert inception --out PATH)")
+      raise ValueError("--fid-samples needs --inception-weights (python -m cat_jax.convert inception --out PATH)")
     gen = Generator.from_workdir(args.workdir, use_ema=not args.no_ema, cfg_scale=args.cfg_scale,
                                  num_steps=args.num_steps, solver=args.solver, batch_size=args.batch_size)
     classes = parse_classes(args.classes, gen.num_classes)

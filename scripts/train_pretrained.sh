@@ -21,6 +21,6 @@ cat_jax.Tokenizer.from_checkpoint(workdir, step=step).save_pretrained("cat_jax/p
 print("exported", workdir, "step", step or "latest", "to cat_jax/pretrained/demo")
 PY
 for data in embedded heldout; do
-  "$PYTHON" -m cat_jax.evaluate --workdir demo --data "$data" --split validation --num_images 400 --measures none \
+  "$PYTHON" -m cat_jax.evaluate --workdir demo --data "$data" --split validation --num-images 400 --measures none \
       --out "$WORKDIR/eval_demo_$data"
 done

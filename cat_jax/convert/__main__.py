@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--out", required=True,
                       help="lpips/inception: the Flax msgpack file to write; sd_vae/release: a tokenizer folder; "
                            "to_torch: the PyTorch folder")
-  parser.add_argument("--torch-weights", "--torch_weights", "--src", dest="src", default=None,
+  parser.add_argument("--torch-weights", "--src", dest="src", default=None,
                       help="lpips/inception: the public torch checkpoint (default: torch hub cache); sd_vae: a "
                            "diffusers AutoencoderKL folder or an original .safetensors/.ckpt file; to_torch: a "
                            "tokenizer (demo, a folder, a workdir); release: a training workdir")
@@ -42,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="to_torch/release from a workdir: which checkpoint step (default: the latest)")
   sd = parser.add_argument_group("sd_vae only")
   sd.add_argument("--preset", default=None, help="latent scaling of a known VAE: sd, sdxl, sd3 or flux")
-  sd.add_argument("--scaling-factor", "--scaling_factor", type=float, default=None,
+  sd.add_argument("--scaling-factor", type=float, default=None,
                   help="latent scale (overrides preset and config)")
-  sd.add_argument("--shift-factor", "--shift_factor", type=float, default=None,
+  sd.add_argument("--shift-factor", type=float, default=None,
                   help="latent shift (overrides preset and config)")
   sd.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised 16x/32x stages")
   return parser
