@@ -394,6 +394,13 @@ def test_the_command_lines_take_any_tokenizer_name(tmp_path, capsys):
       image = np.asarray(Image.open(tmp_path / "in" / name), np.float32) / 127.5 - 1.0
       np.testing.assert_allclose(np.load(out / rows[name]["latent_file"])["latent"],
                                  demo.encode(image[None], "16x").values[0], atol=1e-5)
+  from cat_jax import decode as decode_cli  # decode --checkpoint takes the shipped name too
+
+  assert decode_cli.main(["--latents", str(out), "--out", str(tmp_path / "decoded"), "--checkpoint", "demo"]) == 0
+  first = np.asarray(Image.open(tmp_path / "in" / names[0]), np.float32)[None] / 127.5 - 1.0
+  expected = np.round((demo.reconstruct(first, "16x")[0] + 1) * 127.5)
+  decoded = np.asarray(Image.open(tmp_path / "decoded" / (names[0][:-4] + ".png")), np.float32)
+  assert np.abs(decoded - expected).max() <= 1.0  # latents stored as float32: within one 8-bit level
   scores = tmp_path / "mse.jsonl"
   assert score.main(["--method", "mse", "--checkpoint", "demo", "--split", "test", "--limit", "4",
                      "--image-size", "64", "--out", str(scores)]) == 0
