@@ -3,13 +3,14 @@ r"""Encodes images with a CAT checkpoint: latents (npz or array_record) and reco
   python -m cat_jax.encode --checkpoint /tmp/cat_demo --input photos/ --out latents/ --level 16x
   python -m cat_jax.encode --checkpoint DIR --input photos/ --out latents/ --level auto --manifest scores.jsonl
   python -m cat_jax.encode --checkpoint DIR --input photo.png --out latents/ --level auto --scorer jpeg
+  python -m cat_jax.encode --checkpoint demo --input photos/ --out latents/ --level auto --target-psnr 30
 
 Images are decoded, resized (shorter side to ``--image-size``, default the checkpoint's training size) and
 centre-cropped, as in evaluation. ``--level``: a level in either spelling (index 0 / 1 / 2 or factor 8 / 16 / 32,
 ``8x`` / ``16x`` / ``32x``) or ``auto``; auto takes each image's level from ``--manifest`` (ids are paths relative
 to the input folder, as ``python -m cat_jax.score --path`` writes them) or from ``--scorer jpeg|mse`` with
 ``--thresholds LOW,HIGH`` (default: the inputs' score terciles, kept in ``thresholds.json`` so a rerun uses the
-same). The mse scorer uses this checkpoint's own 32x reconstruction error. An input the manifest lacks (its scoring
+same), or from ``--target-psnr DB`` (the coarsest level whose reconstruction reaches it). The mse scorer uses this checkpoint's own 32x reconstruction error. An input the manifest lacks (its scoring
 failed, or it is new) is skipped and recorded like a bad file (``--strict`` refuses the run instead).
 
 Real folders: a file that cannot be read or used (truncated, corrupt, too small, too large) is skipped and
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--manifest", help="score manifest for --level auto")
   p.add_argument("--scorer", choices=("jpeg", "mse"), help="complexity scorer for --level auto")
   p.add_argument("--thresholds", help="LOW,HIGH score thresholds for --scorer (default: terciles of the inputs)")
+  p.add_argument("--target-psnr", type=float, help="--level auto: each image at the coarsest level whose "
+                 "reconstruction reaches this PSNR (dB), 8x when none does (exact; one or two extra reconstructions)")
   p.add_argument("--format", choices=("npz", "array_record"), default="npz")
   p.add_argument("--image-size", type=int, help="default: the checkpoint's data.image_size")
   p.add_argument("--batch-size", type=int, default=8)
@@ -141,14 +144,16 @@ def _level_assigner(args, tok, out, files, image_size: int):
   from cat_jax.complexity.assign import LevelAssigner
 
   if args.level.strip().lower() != "auto":
-    if args.manifest or args.scorer:
-      raise ValueError("--manifest and --scorer only apply with --level auto")
+    if args.manifest or args.scorer or args.target_psnr is not None:
+      raise ValueError("--manifest, --scorer and --target-psnr only apply with --level auto")
     try:
       return LevelAssigner(level=args.level)
     except ValueError as e:
       raise ValueError(f"--level must be auto or a level: {e}") from None
-  if bool(args.manifest) == bool(args.scorer):
-    raise ValueError("--level auto needs exactly one of --manifest PATH or --scorer jpeg|mse")
+  if sum((bool(args.manifest), bool(args.scorer), args.target_psnr is not None)) != 1:
+    raise ValueError("--level auto needs exactly one of --manifest PATH, --scorer jpeg|mse or --target-psnr DB")
+  if args.target_psnr is not None:
+    return LevelAssigner(target_psnr=args.target_psnr, reconstruct=lambda x, level: tok.reconstruct(x, level))
   if args.manifest:
     assign = LevelAssigner(manifest=args.manifest)
     if args.strict:

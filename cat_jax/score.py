@@ -8,6 +8,8 @@ Examples::
       --base-url http://127.0.0.1:8000/v1 --llm-model meta-llama/Llama-3.1-8B-Instruct --use-dataset-captions
   python -m cat_jax.score --text "a page of a newspaper" --llm-model llama3.1   # text-only, no image
   python -m cat_jax.score --method caption_llm --vlm-model V --llm-model L --dry-run   # show the requests
+  python -m cat_jax.score --method jpeg --source tfds:imagenet2012 --thresholds 1.2,2.4 --shard 3/8   # one of 8 parts
+  cat scores/imagenet2012-train-jpeg.shard*of8.jsonl > scores/imagenet2012-train-jpeg.jsonl    # the full manifest
 
 Writes a resumable manifest (a header with the scorer's models and prompts, then one JSON line per image; see
 ``cat_jax.complexity.manifest``) and ``<out>.thresholds.json``, locally or to any etils.epath path (gs://...).
@@ -24,6 +26,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import re
 import sys
 import tempfile
@@ -58,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--image-key", help="TFDS image feature (default 'image')")
   g.add_argument("--caption-key", help="TFDS caption feature, for --use-dataset-captions")
   g.add_argument("--limit", type=int, help="score only the first N items")
+  g.add_argument("--shard", help="I/N: score only items I, I+N, I+2N, ... (a disjoint part; the N manifests "
+                 "joined with cat are the full one; each shard resumes on its own). 'auto': I and N from "
+                 "SLURM_PROCID/SLURM_NTASKS or JAX_PROCESS_ID/JAX_NUM_PROCESSES. Needs --thresholds for jpeg/mse")
   g.add_argument("--image-size", type=int, default=256,
                  help="images are resized (shorter side) and center-cropped to this before scoring, and token "
                  "counts are for this size; 0 scores images as they are (default 256)")
@@ -106,10 +112,28 @@ def _thresholds_arg(text: str) -> tuple[float, float]:
     raise argparse.ArgumentTypeError(f"expected LOW,HIGH numbers with LOW <= HIGH: {e}") from None
 
 
-def _default_out(source: str, split: str, method: str, path: str | None) -> epath.Path:
+def _default_out(source: str, split: str, method: str, path: str | None,
+                 shard: tuple[int, int] = (0, 1)) -> epath.Path:
   name = storage.as_path(path).expanduser().resolve().name if source == "folder" and path else source
   name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{name}-{split}")
-  return epath.Path("scores") / f"{name}-{method}.jsonl"
+  suffix = f".shard{shard[0]}of{shard[1]}" if shard[1] > 1 else ""
+  return epath.Path("scores") / f"{name}-{method}{suffix}.jsonl"
+
+
+def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int]:
+  """``--shard``: None -> (0, 1); ``"I/N"``; ``"auto"`` -> SLURM's or JAX's process index and count."""
+  if text is None:
+    return 0, 1
+  if text == "auto":
+    for index_key, count_key in (("SLURM_PROCID", "SLURM_NTASKS"), ("JAX_PROCESS_ID", "JAX_NUM_PROCESSES")):
+      if index_key in environ and count_key in environ:
+        return parse_shard(f"{environ[index_key]}/{environ[count_key]}")
+    raise ValueError("--shard auto needs SLURM_PROCID and SLURM_NTASKS, or JAX_PROCESS_ID and JAX_NUM_PROCESSES; "
+                     "or give --shard I/N")
+  index, sep, count = text.partition("/")
+  if not sep or not index.strip().isdigit() or not count.strip().isdigit() or not 0 <= int(index) < int(count):
+    raise ValueError(f"--shard must be I/N with 0 <= I < N (e.g. 0/8) or auto, got {text!r}")
+  return int(index), int(count)
 
 
 def _client(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ChatClient:
@@ -159,7 +183,8 @@ def _run(args: argparse.Namespace, source, scorer, out: epath.Path) -> runner.Ru
   return runner.score_source(
       source, scorer, out, workers=args.workers, limit=args.limit, retry_failures=args.retry_failures,
       thresholds=args.thresholds, budget_tokens=args.budget_tokens, image_size=args.image_size or 256,
-      progress=not args.no_progress, header=_llm_header(client) if isinstance(client, ChatClient) else None)
+      progress=not args.no_progress, header=_llm_header(client) if isinstance(client, ChatClient) else None,
+      shard=parse_shard(args.shard))
 
 
 def _abbreviate_images(value: Any) -> Any:
@@ -265,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       header = runner.manifest_header(scorer, **_llm_header(scorer.client))
       print(dry_run_text(scorer, source[0], header))
       return 0
-    out = storage.as_path(args.out) if args.out else _default_out(source_name, args.split, args.method, args.path)
+    out = (storage.as_path(args.out) if args.out else
+           _default_out(source_name, args.split, args.method, args.path, parse_shard(args.shard)))
     summary = _run(args, source, scorer, out)
   except KeyboardInterrupt:
     print("interrupted; rerun the same command to resume", file=sys.stderr)
@@ -273,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (runner.TooManyFailures, EndpointError) as e:
     print(f"error: {e}\nfix the cause and rerun the same command to resume", file=sys.stderr)
     return 1
-  except manifest_lib.ManifestMismatch as e:
+  except (manifest_lib.ManifestMismatch, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   _report(summary, out)

@@ -314,23 +314,26 @@ class Tokenizer:
   # -- levels ------------------------------------------------------------------------------------------------------
   def assign_levels(self, images: ImagesLike, levels: Any = None, *, ids: Sequence[str] | None = None,
                     manifest: str | os.PathLike | Mapping[str, int] | None = None, scorer: Any = None,
-                    thresholds: Sequence[float] | None = None) -> np.ndarray:
-    """Level index of every image: from one level, a per-image sequence, or ``"auto"`` (manifest or scorer).
+                    thresholds: Sequence[float] | None = None, target_psnr: float | None = None) -> np.ndarray:
+    """Level index of every image: one level, a per-image sequence, or ``"auto"`` (manifest, scorer or target).
 
     A level is an index 0 / 1 / 2 or a factor 8 / 16 / 32 / '8x' / '16x' / '32x' (``cat_jax.levels.parse_level``).
     ``levels=None`` means ``"auto"`` when a manifest or scorer is given. With a manifest, ``ids`` name the images
     (the manifest's ids). With a scorer (``.method`` and ``.score(item) -> {"score": ...}``, see
     ``cat_jax.complexity``), ``thresholds`` map scores to levels (default ``(3, 6)`` for the LLM methods; raw
-    scores such as JPEG bpp need explicit thresholds).
+    scores such as JPEG bpp need explicit thresholds). With ``target_psnr``, each image gets the coarsest level whose
+    reconstruction reaches that PSNR in dB, 8x when none does (exact: ``complexity.assign.coarsest_level_meeting``).
     """
     n = len(images)
     if levels is None:
-      if manifest is None and scorer is None:
-        raise ValueError("levels=None needs a manifest or a scorer for automatic levels; pass levels=<0|1|2> "
-                         "(8x|16x|32x), a level per image, or levels='auto' with manifest= or scorer=")
+      if manifest is None and scorer is None and target_psnr is None:
+        raise ValueError("levels=None needs a manifest, a scorer or a target PSNR for automatic levels; pass "
+                         "levels=<0|1|2> (8x|16x|32x), a level per image, or levels='auto' with manifest=, scorer= "
+                         "or target_psnr=")
       levels = "auto"
     if isinstance(levels, str) and levels.strip().lower() == "auto":
-      return self._auto_levels(images, ids=ids, manifest=manifest, scorer=scorer, thresholds=thresholds)
+      return self._auto_levels(images, ids=ids, manifest=manifest, scorer=scorer, thresholds=thresholds,
+                               target_psnr=target_psnr)
     if isinstance(levels, (str, int, np.integer)):
       return np.full(n, L.parse_level(levels), np.int32)
     arr = np.asarray(levels)
@@ -338,22 +341,25 @@ class Tokenizer:
       raise ValueError(f"expected one level per image ({n}), got shape {arr.shape}")
     return np.array([L.parse_level(lvl) for lvl in arr.tolist()], np.int32)
 
-  def _auto_levels(self, images, *, ids, manifest, scorer, thresholds) -> np.ndarray:
+  def _auto_levels(self, images, *, ids, manifest, scorer, thresholds, target_psnr=None) -> np.ndarray:
     from cat_jax.complexity.assign import LevelAssigner
 
     n = len(images)
-    if manifest is None and scorer is None:
-      raise ValueError("levels='auto' needs manifest= (with ids=) or scorer=")
+    if manifest is None and scorer is None and target_psnr is None:
+      raise ValueError("levels='auto' needs manifest= (with ids=), scorer= or target_psnr=")
     if manifest is not None and (ids is None or len(ids) != n):
       raise ValueError(f"levels from a manifest need ids= with one id per image ({n})")
-    assign = LevelAssigner(manifest=manifest, scorer=scorer, thresholds=thresholds)
-    return assign([str(i) for i in ids] if ids is not None else [str(k) for k in range(n)], as_model_images(images, warn_unit_range=False))
+    assign = LevelAssigner(manifest=manifest, scorer=scorer, thresholds=thresholds, target_psnr=target_psnr,
+                           reconstruct=(lambda x, level: self.reconstruct(x, level)) if target_psnr is not None
+                           else None)
+    names = [str(i) for i in ids] if ids is not None else [str(k) for k in range(n)]
+    return assign(names, as_model_images(images, warn_unit_range=False))
 
   # -- encode / decode ---------------------------------------------------------------------------------------------
   def encode(self, images: ImagesLike, levels: Any = None, *, ids: Sequence[str] | None = None,
              manifest: str | os.PathLike | Mapping[str, int] | None = None, scorer: Any = None,
-             thresholds: Sequence[float] | None = None, rng: jax.Array | None = None,
-             value_range: tuple[float, float] = (-1.0, 1.0)) -> Latents:
+             thresholds: Sequence[float] | None = None, target_psnr: float | None = None,
+             rng: jax.Array | None = None, value_range: tuple[float, float] = (-1.0, 1.0)) -> Latents:
     """Latents of ``images`` (see the module docstring for what is accepted) at their levels, in input order.
 
     ``levels``: an int level for all, one level per image, or ``"auto"`` / None (see ``assign_levels``).
@@ -361,7 +367,7 @@ class Tokenizer:
     """
     items = as_model_images(images, value_range=value_range)
     level_arr = self.assign_levels(items, levels, ids=ids, manifest=manifest, scorer=scorer,
-                                   thresholds=thresholds)
+                                   thresholds=thresholds, target_psnr=target_psnr)
     sizes = [x.shape[:2] for x in items]
     items = [_pad_to_multiple(x) for x in items]
     out: list[np.ndarray | None] = [None] * len(items)

@@ -679,3 +679,23 @@ def test_level_assigner_one_level_a_manifest_or_a_scorer(tmp_path):
     LevelAssigner(scorer=JpegScorer(image_size=None))
   with pytest.raises(ValueError, match="only apply"):
     LevelAssigner(level=1, thresholds=(1, 2))
+
+
+def test_quality_target_reconstructs_coarse_to_fine_and_stops_early():
+  """coarsest_level_meeting: 32x for all, 16x only for the images that missed, never 8x."""
+  from cat_jax.complexity.assign import LevelAssigner, coarsest_level_meeting
+
+  rng = np.random.default_rng(1)
+  images = [rng.uniform(-1, 1, (8, 8, 3)).astype(np.float32) for _ in range(3)]
+  error = {2: [0.0, 0.5, 0.5], 1: [None, 0.0, 0.5]}  # image 0 exact at 32x, 1 at 16x, 2 never
+  calls = []
+
+  def reconstruct(batch, level):
+    calls.append((level, len(batch)))
+    todo = [i for i in range(3) if error[level][i] is not None]
+    return [np.clip(images[i] + error[level][i], -1, 1) for i in todo]
+
+  np.testing.assert_array_equal(coarsest_level_meeting(images, 40.0, reconstruct), [2, 1, 0])
+  assert calls == [(2, 3), (1, 2)]
+  with pytest.raises(ValueError, match="needs the tokenizer's reconstruct"):
+    LevelAssigner(target_psnr=30)

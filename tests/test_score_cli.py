@@ -264,3 +264,31 @@ def test_jpeg_cli_writes_to_an_object_store(object_store, capsys):
   assert sorted(store.store) == [out[5:], out[5:] + ".thresholds.json"] and store.writes[out[5:]] == 1
   levels = load_levels(out)
   assert len(levels) == 8 and levels["embedded/validation/000000"] == 2 and levels["embedded/validation/000007"] == 0
+
+
+def test_shards_partition_a_full_run(tmp_path, capsys):
+  """--shard 0/2 and 1/2 score disjoint parts whose union is the full run (same ids, scores and levels); cat joins
+  them into a manifest the one reader takes."""
+  base = ["--method", "jpeg", "--split", "test", "--limit", "9", "--image-size", "64", "--thresholds", "1.5,3",
+          "--no-progress"]
+  assert score.main(base + ["--out", str(tmp_path / "full.jsonl")]) == 0
+  parts = [tmp_path / f"part{i}.jsonl" for i in range(2)]
+  for i, part in enumerate(parts):
+    assert score.main(base + ["--shard", f"{i}/2", "--out", str(part)]) == 0
+  full = {r["id"]: (r["score"], r["level"]) for r in read_lines(tmp_path / "full.jsonl")}
+  shards = [{r["id"]: (r["score"], r["level"]) for r in read_lines(p)} for p in parts]
+  assert len(full) == 9 and len(shards[0]) == 5 and len(shards[1]) == 4 and not set(shards[0]) & set(shards[1])
+  assert shards[0] | shards[1] == full
+  joined = tmp_path / "joined.jsonl"
+  joined.write_text(parts[0].read_text() + parts[1].read_text())  # what `cat part*.jsonl` does
+  assert load_levels(joined) == {i: level for i, (_, level) in full.items()}
+  # A rerun of one shard resumes it; 'auto' reads the launcher's variables; quantile thresholds are refused.
+  assert score.main(base + ["--shard", "1/2", "--out", str(parts[1])]) == 0
+  assert "skipped (already in manifest) 4" in capsys.readouterr().err
+  assert score.parse_shard("auto", {"SLURM_PROCID": "3", "SLURM_NTASKS": "8"}) == (3, 8)
+  assert score.parse_shard("auto", {"JAX_PROCESS_ID": "1", "JAX_NUM_PROCESSES": "2"}) == (1, 2)
+  assert score.main(base[:-3] + ["--no-progress", "--shard", "0/2", "--out", str(tmp_path / "q.jsonl")]) == 2
+  assert "needs fixed --thresholds" in capsys.readouterr().err
+  for bad in ("2/2", "x/2", "3"):
+    assert score.main(base + ["--shard", bad, "--out", str(tmp_path / "bad.jsonl")]) == 2
+    assert "--shard must be I/N" in capsys.readouterr().err

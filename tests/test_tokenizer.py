@@ -136,7 +136,7 @@ def test_clear_errors(workdir, tok, tmp_path):
     tok.encode(x, 5)
   with pytest.raises(ValueError, match="a level must be"):
     tok.encode(x, "12x")
-  with pytest.raises(ValueError, match="manifest or a scorer"):
+  with pytest.raises(ValueError, match="a manifest, a scorer or a target PSNR"):
     tok.encode(x)
   with pytest.raises(ValueError, match="not in the manifest"):
     tok.encode(x, "auto", ids=["a", "b"], manifest={"a": 0})
@@ -506,3 +506,28 @@ def test_bad_files_go_through_score_encode_and_evaluate(workdir, tmp_path, capsy
   results = json.loads((tmp_path / "eval" / "results.json").read_text())
   assert results["num_images"] == 4 and results["rows"]["adaptive"]["num_images"] == 4
   assert any("2 of 6 images left out" in note for note in results["notes"])
+
+
+def test_target_psnr_gives_the_coarsest_level_that_reaches_it(workdir, tok, tmp_path, capsys):
+  """Checked against reconstructing every image at every level."""
+  from cat_jax.metrics.image_quality import reported_psnr
+
+  x = _images(12)
+  psnr = np.stack([np.asarray(reported_psnr(x, tok.reconstruct(x, level))) for level in range(3)], axis=1)
+  target = float(np.median(psnr[:, 1]))  # some images reach it at 32x or 16x, some at 8x only
+  want = np.array([next((lvl for lvl in (2, 1) if p[lvl] >= target), 0) for p in psnr])
+  assert len(set(want.tolist())) >= 2
+  np.testing.assert_array_equal(tok.assign_levels(x, "auto", target_psnr=target), want)
+  np.testing.assert_array_equal(tok.encode(x, target_psnr=target).levels, want)
+  # encode --target-psnr writes the same levels.
+  folder = tmp_path / "in"
+  folder.mkdir()
+  for i, image in enumerate(x):
+    Image.fromarray(np.round((image + 1) * 127.5).astype(np.uint8)).save(folder / f"{i:02d}.png")
+  assert encode_cli.main(["--checkpoint", workdir, "--input", str(folder), "--out", str(tmp_path / "out"),
+                          "--level", "auto", "--target-psnr", str(target), "--no-reconstructions"]) == 0
+  rows = read_index(tmp_path / "out")
+  np.testing.assert_array_equal([rows[f"{i:02d}.png"]["level"] for i in range(12)], want)
+  assert encode_cli.main(["--checkpoint", workdir, "--input", str(folder), "--out", str(tmp_path / "o2"),
+                          "--level", "16x", "--target-psnr", "30"]) == 2
+  assert "only apply with --level auto" in capsys.readouterr().err

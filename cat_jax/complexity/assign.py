@@ -1,5 +1,6 @@
 """The level of each image, the one place it is decided for ``Tokenizer.encode(levels=...)`` and ``encode --level``:
-one level for all, the levels of a score manifest, or a complexity scorer's score mapped through thresholds.
+one level for all, the levels of a score manifest, a complexity scorer's score mapped through thresholds, or a
+quality target (the coarsest level whose reconstruction reaches a PSNR).
 
   assign = LevelAssigner(scorer=JpegScorer(image_size=None), thresholds=(1.2, 2.5))
   levels = assign(ids, images)  # (N,) int32 level indices; images in [-1, 1], HWC
@@ -23,18 +24,43 @@ def score_images(scorer: Any, ids: Sequence[str], images: Sequence[np.ndarray]) 
   return [float(scorer.score({"id": str(i), "image": from_model_range(x)})["score"]) for i, x in zip(ids, images)]
 
 
+def coarsest_level_meeting(images: Sequence[np.ndarray], target_psnr: float, reconstruct) -> np.ndarray:
+  """For each image ([-1, 1] HWC), the coarsest level whose reconstruction reaches ``target_psnr`` dB (the reported
+  PSNR: 8-bit levels, capped at 50 dB), 8x when none does. Exact: reconstructs at 32x, then the images that missed
+  at 16x; 8x needs no check. ``reconstruct(images, level)`` -> their reconstructions. Costs one to two
+  reconstructions per image (on top of the encode at the chosen level)."""
+  from cat_jax.metrics.image_quality import reported_psnr
+
+  levels = np.zeros(len(images), np.int32)
+  todo = list(range(len(images)))
+  for level in range(L.NUM_LEVELS - 1, 0, -1):
+    if not todo:
+      break
+    recon = reconstruct([images[i] for i in todo], level)
+    met = [float(reported_psnr(images[i][None], np.asarray(r)[None])[0]) >= target_psnr for i, r in zip(todo, recon)]
+    levels[[i for i, ok in zip(todo, met) if ok]] = level
+    todo = [i for i, ok in zip(todo, met) if not ok]
+  return levels
+
+
 class LevelAssigner:
   """Exactly one of ``level`` (an index or factor, ``cat_jax.levels.parse_level``), ``manifest`` (a path or an
-  {id: level} mapping) or ``scorer`` (``.method`` and ``.score({"id", "image"}) -> {"score": ...}``, see
+  {id: level} mapping), ``scorer`` (``.method`` and ``.score({"id", "image"}) -> {"score": ...}``, see
   ``cat_jax.complexity.scorers``) with ``thresholds`` (default ``(3, 6)`` for the LLM methods; raw scores such as
-  JPEG bits per pixel need explicit ones)."""
+  JPEG bits per pixel need explicit ones), or ``target_psnr`` with ``reconstruct(images, level)`` (a tokenizer's:
+  ``coarsest_level_meeting``)."""
 
   def __init__(self, *, level: Any = None, manifest: str | os.PathLike | Mapping[str, Any] | None = None,
-               scorer: Any = None, thresholds: Sequence[float] | None = None):
-    given = [name for name, value in (("level", level), ("manifest", manifest), ("scorer", scorer))
-             if value is not None]
+               scorer: Any = None, thresholds: Sequence[float] | None = None, target_psnr: float | None = None,
+               reconstruct=None):
+    given = [name for name, value in (("level", level), ("manifest", manifest), ("scorer", scorer),
+                                      ("target_psnr", target_psnr)) if value is not None]
     if len(given) != 1:
-      raise ValueError(f"give exactly one of a level, a manifest or a scorer, got {given or 'none'}")
+      raise ValueError(f"give exactly one of a level, a manifest, a scorer or a target PSNR, got {given or 'none'}")
+    self.target_psnr = None if target_psnr is None else float(target_psnr)
+    self.reconstruct = reconstruct
+    if target_psnr is not None and reconstruct is None:
+      raise ValueError("a target PSNR needs the tokenizer's reconstruct(images, level)")
     self.level = None if level is None else L.parse_level(level)
     self.manifest = None
     if manifest is not None:
@@ -68,4 +94,6 @@ class LevelAssigner:
     if self.manifest is not None:
       self.require(ids)
       return np.array([self.manifest[str(i)] for i in ids], np.int32)
+    if self.target_psnr is not None:
+      return coarsest_level_meeting(images, self.target_psnr, self.reconstruct)
     return complexity_thresholds.levels_for_scores(score_images(self.scorer, ids, images), self.thresholds)

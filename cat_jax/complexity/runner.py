@@ -76,8 +76,12 @@ def score_source(source: Sequence[dict[str, Any]], scorer: Scorer, out: str | os
                  thresholds: tuple[float, float] | None = None, budget_tokens: float | None = None,
                  image_size: int = 256, progress: bool = True, max_consecutive_failures: int = 20,
                  on_record: Callable[[dict[str, Any]], None] | None = None,
-                 header: dict[str, Any] | None = None) -> RunSummary:
+                 header: dict[str, Any] | None = None, shard: tuple[int, int] = (0, 1)) -> RunSummary:
   """Scores ``source[0:limit]`` into the manifest ``out``, skipping ids it already holds, then finalizes levels.
+
+  ``shard=(i, n)``: only items ``i, i + n, i + 2n, ...`` (a deterministic, disjoint part: the n shards' manifests
+  together are the whole run, and ``cat`` joins them, as the one reader skips their headers). Shards need thresholds
+  known up front (explicit, or the LLM default), so that every shard maps scores to levels alike.
 
   Items are read and scored on ``workers`` threads, with at most ``2 * workers`` items in flight. Levels are
   written with each record when the thresholds are known up front (explicit ``thresholds``, or the LLM default
@@ -95,8 +99,14 @@ def score_source(source: Sequence[dict[str, Any]], scorer: Scorer, out: str | os
   """
   if workers < 1:
     raise ValueError(f"workers must be >= 1, got {workers}")
+  index, count = (int(v) for v in shard)
+  if not 0 <= index < count:
+    raise ValueError(f"shard must be I/N with 0 <= I < N, got {index}/{count}")
   method = scorer.method
-  run_header = manifest_header(scorer, **(header or {}))
+  if count > 1 and thresholds is None and (budget_tokens is not None or method not in thresholds_lib.LLM_METHODS):
+    raise ValueError(f"a sharded {method} run needs fixed --thresholds LOW,HIGH: thresholds chosen from one shard's "
+                     "scores (terciles, a token budget) would differ between shards; score a sample first for them")
+  run_header = manifest_header(scorer, **(header or {}), **({"shard": f"{index}/{count}"} if count > 1 else {}))
   manifest_lib.check_header(out, run_header)
   skip = manifest_lib.ids_to_skip(out, method, retry_failures=retry_failures)
   if thresholds is None and budget_tokens is None and method in thresholds_lib.LLM_METHODS:
@@ -106,11 +116,11 @@ def score_source(source: Sequence[dict[str, Any]], scorer: Scorer, out: str | os
     mode = "given" if thresholds is not None else None
   n = len(source) if limit is None else min(limit, len(source))
   summary = RunSummary()
-  todo: Sequence[int] = range(n)
+  todo: Sequence[int] = range(index, n, count)
   if skip and hasattr(source, "ids"):  # resume without reading a single skipped image
     ids = source.ids()
-    todo = [i for i in range(n) if str(ids[i]) not in skip]
-    summary.skipped = n - len(todo)
+    todo = [i for i in range(index, n, count) if str(ids[i]) not in skip]
+    summary.skipped = len(range(index, n, count)) - len(todo)
   consecutive = 0
   bar = tqdm(total=len(todo), disable=not progress, unit="img", desc=f"score:{method}", dynamic_ncols=True)
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="score")
