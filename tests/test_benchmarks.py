@@ -188,3 +188,13 @@ def test_the_suite_times_the_trainers_step_with_the_configs_discriminator_dtype(
   config.disc.dtype = "int8"
   with pytest.raises(ValueError, match="disc.dtype must be one of"):
     train.make_train_step(config)
+
+
+def test_score_concurrency_runs_and_counts_every_request():
+  cmd = [sys.executable, "benchmarks/score_concurrency.py", "--images", "4", "--workers", "1,2", "--latency_s", "0.01"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+  lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert proc.returncode == 0 and [line["workers"] for line in lines] == [1, 2], proc.stderr[-2000:]
+  for line in lines:  # three requests per image (caption, perception answers, score), all scored
+    assert line["images"] == 4 and line["requests"] == 12 and line["images_per_s"] > 0
+  assert lines[0]["max_in_flight"] == 1
