@@ -7,10 +7,12 @@ r"""Encodes images with a CAT checkpoint: latents (npz or array_record) and reco
 
 Images are decoded, resized (shorter side to ``--image-size``, default the checkpoint's training size) and
 centre-cropped, as in evaluation. ``--level``: a level in either spelling (index 0 / 1 / 2 or factor 8 / 16 / 32,
-``8x`` / ``16x`` / ``32x``) or ``auto``; auto takes each image's level from ``--manifest`` (ids are paths relative
-to the input folder, as ``python -m cat_jax.score --path`` writes them) or from ``--scorer jpeg|mse`` with
-``--thresholds LOW,HIGH`` (default: the inputs' score terciles, kept in ``thresholds.json`` so a rerun uses the
-same), or from ``--target-psnr DB`` (the coarsest level whose reconstruction reaches it). The mse scorer uses this checkpoint's own 32x reconstruction error. An input the manifest lacks (its scoring
+``8x`` / ``16x`` / ``32x``) or ``auto``. Auto alone uses the tokenizer's calibrated default (``auto_levels`` in its
+config.json: JPEG thresholds at a token budget; the shipped ``demo`` has one); or each image's level comes from
+``--manifest`` (ids are paths relative to the input folder, as ``python -m cat_jax.score --path`` writes them), from
+``--scorer jpeg|mse`` with ``--thresholds LOW,HIGH`` (default: the inputs' score terciles, kept in
+``thresholds.json`` so a rerun uses the same; mse is this checkpoint's own 32x reconstruction error), or from
+``--target-psnr DB`` (the coarsest level whose reconstruction reaches it). An input the manifest lacks (its scoring
 failed, or it is new) is skipped and recorded like a bad file (``--strict`` refuses the run instead).
 
 Real folders: a file that cannot be read or used (truncated, corrupt, too small, too large) is skipped and
@@ -150,8 +152,15 @@ def _level_assigner(args, tok, out, files, image_size: int):
       return LevelAssigner(level=args.level)
     except ValueError as e:
       raise ValueError(f"--level must be auto or a level: {e}") from None
-  if sum((bool(args.manifest), bool(args.scorer), args.target_psnr is not None)) != 1:
-    raise ValueError("--level auto needs exactly one of --manifest PATH, --scorer jpeg|mse or --target-psnr DB")
+  given = sum((bool(args.manifest), bool(args.scorer), args.target_psnr is not None))
+  if given > 1:
+    raise ValueError("--level auto takes one of --manifest PATH, --scorer jpeg|mse or --target-psnr DB")
+  if given == 0:  # the tokenizer's own calibrated default
+    if tok.auto_levels is None:
+      raise ValueError("--level auto needs --manifest PATH, --scorer jpeg|mse or --target-psnr DB: this tokenizer "
+                       "ships no calibrated default (auto_levels in its config.json)")
+    from cat_jax.complexity.assign import auto_assigner
+    return auto_assigner(tok.auto_levels)
   if args.target_psnr is not None:
     return LevelAssigner(target_psnr=args.target_psnr, reconstruct=lambda x, level: tok.reconstruct(x, level))
   if args.manifest:

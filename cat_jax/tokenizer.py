@@ -311,6 +311,35 @@ class Tokenizer:
       return None
     return scaling.to_dict() if hasattr(scaling, "to_dict") else dict(scaling)
 
+  @property
+  def auto_levels(self) -> dict[str, Any] | None:
+    """The knob-free ``levels="auto"`` this tokenizer ships (``config.json``'s ``auto_levels``: a JPEG scorer and
+    thresholds calibrated to a token budget), or None."""
+    block = self.config.get("auto_levels") if hasattr(self.config, "get") else None
+    if block is None:
+      return None
+    return block.to_dict() if hasattr(block, "to_dict") else dict(block)
+
+  def calibrate_auto_levels(self, images: ImagesLike, *, image_size: int | None = None,
+                            budget_tokens: float | None = None) -> dict[str, Any]:
+    """Sets (and returns) ``auto_levels`` from ``images``, a sample of what it will tokenize: JPEG thresholds at
+    ``image_size`` (default the training size) such that they average ``budget_tokens`` (default: fixed 16x).
+    ``save_pretrained`` keeps it."""
+    from cat_jax.complexity.assign import calibrate_auto_levels
+
+    size = image_size or self.image_size
+    if not size:
+      raise ValueError("pass image_size= (the tokenizer's config has no data.image_size)")
+    block = calibrate_auto_levels(as_model_images(images), image_size=size, budget_tokens=budget_tokens)
+    if self.config is None:
+      self.config = {}
+    if hasattr(self.config, "unlock"):  # a locked ConfigDict
+      with self.config.unlocked():
+        self.config["auto_levels"] = block
+    else:
+      self.config["auto_levels"] = block
+    return block
+
   # -- levels ------------------------------------------------------------------------------------------------------
   def assign_levels(self, images: ImagesLike, levels: Any = None, *, ids: Sequence[str] | None = None,
                     manifest: str | os.PathLike | Mapping[str, int] | None = None, scorer: Any = None,
@@ -346,7 +375,12 @@ class Tokenizer:
 
     n = len(images)
     if manifest is None and scorer is None and target_psnr is None:
-      raise ValueError("levels='auto' needs manifest= (with ids=), scorer= or target_psnr=")
+      if self.auto_levels is None:
+        raise ValueError("levels='auto' needs manifest= (with ids=), scorer= or target_psnr=: this tokenizer has no "
+                         "calibrated default (calibrate one with tok.calibrate_auto_levels(images))")
+      from cat_jax.complexity.assign import auto_assigner
+      return auto_assigner(self.auto_levels)([str(k) for k in range(n)],
+                                             as_model_images(images, warn_unit_range=False))
     if manifest is not None and (ids is None or len(ids) != n):
       raise ValueError(f"levels from a manifest need ids= with one id per image ({n})")
     assign = LevelAssigner(manifest=manifest, scorer=scorer, thresholds=thresholds, target_psnr=target_psnr,

@@ -531,3 +531,43 @@ def test_target_psnr_gives_the_coarsest_level_that_reaches_it(workdir, tok, tmp_
   assert encode_cli.main(["--checkpoint", workdir, "--input", str(folder), "--out", str(tmp_path / "o2"),
                           "--level", "16x", "--target-psnr", "30"]) == 2
   assert "only apply with --level auto" in capsys.readouterr().err
+
+
+def test_knob_free_auto_levels_of_the_shipped_tokenizer(tok, tmp_path, capsys):
+  """levels="auto" alone: the demo's calibrated JPEG thresholds (config.json's auto_levels) send flat images to 32x
+  and dense text to 8x or 16x; calibrate_auto_levels meets its token budget and save_pretrained keeps it."""
+  from cat_jax.complexity.assign import auto_assigner
+  from cat_jax.data import EmbeddedSource, PreprocessConfig, preprocess
+
+  demo = Tokenizer.from_pretrained("demo")
+  assert demo.auto_levels["scorer"] == "jpeg" and demo.auto_levels["budget_tokens"] == 16
+  source = EmbeddedSource("validation", num_images=48, image_size=64)  # as the demo trained
+  prep = PreprocessConfig(image_size=64, min_size=1)
+  images = [preprocess(source[i]["image"], prep) for i in range(len(source))]
+  kinds = [source.kind(i).name for i in range(len(source))]
+  levels = demo.encode(images, levels="auto").levels
+  np.testing.assert_array_equal(levels, auto_assigner(demo.auto_levels)([str(i) for i in range(48)], images))
+  assert all(level == 2 for level, kind in zip(levels, kinds) if kind == "flat")
+  assert all(level in (0, 1) for level, kind in zip(levels, kinds) if kind == "dense_text")
+  assert {"flat", "dense_text"} <= set(kinds)
+
+  with pytest.raises(ValueError, match="no calibrated default"):
+    tok.encode(_images(2), "auto")  # the runlocal tokenizer ships none
+  block = tok.calibrate_auto_levels(images, image_size=64)
+  tokens = np.array([64, 16, 4])[tok.encode(images, "auto").levels]  # tokens of a 64x64 image at 8x, 16x, 32x
+  assert sum(block["level_counts"]) == 48 and abs(tokens.mean() - 16) <= 4  # the fixed-16x budget, to granularity
+  tok.save_pretrained(tmp_path / "with_auto")
+  assert Tokenizer.from_pretrained(tmp_path / "with_auto").auto_levels == block
+
+  folder = tmp_path / "in"
+  folder.mkdir()
+  for i in (0, 1):
+    Image.fromarray(to_uint8(images[i])).save(folder / f"{i}.png")
+  assert encode_cli.main(["--checkpoint", "demo", "--input", str(folder), "--out", str(tmp_path / "out"),
+                          "--level", "auto", "--no-reconstructions"]) == 0
+  rows = read_index(tmp_path / "out")
+  assert [rows[f"{i}.png"]["level"] for i in (0, 1)] == levels[:2].tolist()
+
+
+def to_uint8(image):
+  return np.round((np.asarray(image) + 1) * 127.5).astype(np.uint8)

@@ -97,3 +97,31 @@ class LevelAssigner:
     if self.target_psnr is not None:
       return coarsest_level_meeting(images, self.target_psnr, self.reconstruct)
     return complexity_thresholds.levels_for_scores(score_images(self.scorer, ids, images), self.thresholds)
+
+
+def calibrate_auto_levels(images: Sequence[np.ndarray], *, image_size: int,
+                          budget_tokens: float | None = None) -> dict[str, Any]:
+  """A tokenizer's knob-free ``levels="auto"``: JPEG bits per pixel of each image resized to ``image_size``, with
+  thresholds such that ``images`` ([-1, 1] HWC, a sample of the training distribution) average ``budget_tokens``
+  (default: the fixed-16x count at ``image_size``). The dict goes into the tokenizer's ``config.json`` as
+  ``auto_levels``; ``auto_assigner`` turns it back into a ``LevelAssigner``."""
+  from cat_jax.complexity.scorers import JpegScorer
+
+  hw = (int(image_size), int(image_size))
+  budget = float(L.num_tokens(hw, 1) if budget_tokens is None else budget_tokens)
+  scores = score_images(JpegScorer(image_size=int(image_size)), [str(k) for k in range(len(images))], images)
+  thresholds = complexity_thresholds.budget_thresholds(scores, budget, image_hw=hw)
+  levels = complexity_thresholds.levels_for_scores(scores, thresholds)
+  return {"scorer": "jpeg", "image_size": int(image_size), "thresholds": [float(t) for t in thresholds],
+          "budget_tokens": budget, "calibration_images": len(images),
+          "level_counts": np.bincount(levels, minlength=L.NUM_LEVELS).tolist()}
+
+
+def auto_assigner(auto_levels: Mapping[str, Any]) -> LevelAssigner:
+  """The ``LevelAssigner`` of a tokenizer's ``auto_levels`` (``calibrate_auto_levels``)."""
+  from cat_jax.complexity.scorers import JpegScorer
+
+  if auto_levels.get("scorer") != "jpeg":
+    raise ValueError(f"unknown auto_levels scorer {auto_levels.get('scorer')!r} (this version knows 'jpeg')")
+  return LevelAssigner(scorer=JpegScorer(image_size=int(auto_levels["image_size"])),
+                       thresholds=tuple(auto_levels["thresholds"]))
