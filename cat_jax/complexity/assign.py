@@ -36,8 +36,14 @@ def coarsest_level_meeting(images: Sequence[np.ndarray], target_psnr: float, rec
   for level in range(L.NUM_LEVELS - 1, 0, -1):
     if not todo:
       break
-    recon = reconstruct([images[i] for i in todo], level)
-    met = [float(reported_psnr(images[i][None], np.asarray(r)[None])[0]) >= target_psnr for i, r in zip(todo, recon)]
+    recon = [np.asarray(r) for r in reconstruct([images[i] for i in todo], level)]
+    psnr = np.empty(len(todo))
+    by_shape: dict[tuple, list[int]] = {}
+    for k, i in enumerate(todo):  # one batched PSNR per image size
+      by_shape.setdefault(images[i].shape, []).append(k)
+    for ks in by_shape.values():
+      psnr[ks] = np.asarray(reported_psnr(np.stack([images[todo[k]] for k in ks]), np.stack([recon[k] for k in ks])))
+    met = (psnr >= target_psnr).tolist()
     levels[[i for i, ok in zip(todo, met) if ok]] = level
     todo = [i for i, ok in zip(todo, met) if not ok]
   return levels
