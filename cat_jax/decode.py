@@ -18,9 +18,7 @@ from typing import Sequence
 
 from cat_jax import cli
 from cat_jax import storage
-
-TOKENIZER_FILE = "tokenizer.json"  # written by encode: which tokenizer made the latents
-
+from cat_jax.data.latents import TOKENIZER_FILE
 
 def build_parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(prog="python -m cat_jax.decode", description=__doc__,

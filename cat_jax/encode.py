@@ -200,7 +200,9 @@ def _record_tokenizer(out, args, tok) -> None:
   into the same ``out`` must use the same one."""
   checkpoint = os.path.abspath(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
   info = {"checkpoint": checkpoint, "use_ema": not args.no_ema, "step": tok.step}
-  path = out / "tokenizer.json"
+  from cat_jax.data.latents import TOKENIZER_FILE
+
+  path = out / TOKENIZER_FILE
   if path.exists():
     before = json.loads(path.read_text())
     if before != info:

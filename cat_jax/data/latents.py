@@ -32,6 +32,7 @@ from cat_jax import storage
 from cat_jax.data.pipeline import LevelSchedule, int_proportions, process_index_and_count
 
 STATISTICS_FILE = "latent_stats.json"
+TOKENIZER_FILE = "tokenizer.json"  # in an encode folder: which tokenizer made the latents (decode reads it)
 # np.load parses the npz header with ast.literal_eval, which CPython 3.11 does not make safe across threads (grain's
 # read threads): it failed the demo with "SystemError: AST constructor recursion depth mismatch". Reads are tiny.
 _NPZ_LOCK = threading.Lock()
