@@ -221,8 +221,11 @@ def _one_line(e: BaseException) -> str:
 
 
 def run_cli(train_and_evaluate: Callable[[ml_collections.ConfigDict, str], Any], *, logger: logging.Logger,
-            usage: str, config_help: str, argv=None) -> int:
+            usage: str, config_help: str, argv=None,
+            check_config: Callable[[ml_collections.ConfigDict], None] | None = None) -> int:
   """``--config FILE[:variant] --workdir DIR`` (plus ``--config.x=y`` overrides) -> ``train_and_evaluate``.
+
+  ``check_config(config)`` raises ValueError for a config the trainer cannot run; its message becomes the one line.
 
   ``--config`` also takes a shipped config by name (``cat:demo``, ``dit``). Bad flags, config keys and workdirs end in
   one line on stderr and exit status 2. ``logger`` (the trainer's) and this module's log at INFO on process 0,
@@ -271,6 +274,11 @@ def run_cli(train_and_evaluate: Callable[[ml_collections.ConfigDict, str], Any],
     if storage.is_local(flags_.workdir) and storage.as_path(flags_.workdir).exists() and \
         not storage.as_path(flags_.workdir).is_dir():
       fail(f"--workdir {flags_.workdir} is a file; give a directory (new, or a run's to resume it)")
+    if check_config is not None:
+      try:
+        check_config(flags_.config)
+      except ValueError as e:
+        fail(str(e))
     maybe_initialize_distributed()
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and grain log every file they touch at INFO
     for log in (logger, logging.getLogger("cat_jax.loop")):

@@ -34,7 +34,7 @@ def _run(*args, cwd):
   return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("module", ["cat_jax.train", "cat_jax.train_dit"])
+@pytest.mark.parametrize("module", ["cat_jax.train", "cat_jax.train_dit", "cat_jax.train_predictor"])
 def test_trainer_help_lists_its_flags(module, tmp_path):
   out = _run(module, "--help", cwd=tmp_path).stdout
   assert "--config:" in out and "--workdir:" in out and "--config.KEY=VALUE" in out
@@ -51,8 +51,15 @@ def test_trainer_errors_are_one_line_with_exit_status_2(tmp_path):
       (["--config", "cat:runlocal"], "--config and --workdir are required"),
       (["--config=cat:runlocal", "--workdir", "w", "--config.batch_size=abc"], "invalid literal for int()"),
   ]
-  for args, expected in cases:
-    result = _run("cat_jax.train", *args, cwd=tmp_path)
+  cases = [("cat_jax.train", args, expected) for args, expected in cases] + [
+      ("cat_jax.train_predictor", ["--config", "predictor", "--workdir", "w"], "set --config.teacher"),
+      ("cat_jax.train_predictor", ["--config", "predictor", "--workdir", "w", "--config.teacher=grade"],
+       "needs data.source=embedded"),
+      ("cat_jax.train_predictor", ["--config", "predictor:demo", "--workdir", "w", "--config.teacher=nosuch.jsonl"],
+       "no such score manifest"),
+  ]
+  for module, args, expected in cases:
+    result = _run(module, *args, cwd=tmp_path)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2, (args, result.stderr[-2000:])
     assert "Traceback" not in result.stderr and len(errors) == 1 and expected in errors[0], (args, result.stderr)

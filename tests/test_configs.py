@@ -9,6 +9,7 @@ from cat_jax import configs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS = {"cat": ("imagenet", "demo", "runlocal", "sd3", "sdxl"), "dit": ("imagenet", "demo", "runlocal"),
+            "predictor": ("imagenet", "demo", "runlocal"),
             "reproduce": ("nested", "fixed8x", "fixed16x", "fixed32x")}
 
 
@@ -30,7 +31,7 @@ def test_every_variant_loads_by_name_and_through_the_repository_file(name):
 def test_bad_specs_name_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     configs.load(str(tmp_path / "missing.py:demo"))
-  with pytest.raises(ValueError, match=r"use one of \['cat', 'dit', 'reproduce'\]"):
+  with pytest.raises(ValueError, match=r"use one of \['cat', 'dit', 'predictor', 'reproduce'\]"):
     configs.load("catt:demo")
   with pytest.raises(ValueError, match="unknown config variant"):
     configs.load("cat:nope")

@@ -66,7 +66,8 @@ def prepare_image(image: Any, image_size: int | None, *, path: str = "<image>") 
   return Image.fromarray(resize_and_crop(im, image_size))
 
 
-def _prepare_item(item: dict[str, Any], image_size: int | None) -> Image.Image:
+def prepare_item(item: dict[str, Any], image_size: int | None) -> Image.Image:
+  """``prepare_image`` of a source item (``{"id", "image", "path"?}``), naming it in errors."""
   return prepare_image(item["image"], image_size, path=str(item.get("path") or item.get("id", "<image>")))
 
 
@@ -91,7 +92,7 @@ class JpegScorer:
     return {"method": self.method, "quality": self.quality, "image_size": self.image_size}
 
   def score(self, item: dict[str, Any]) -> dict[str, Any]:
-    return {"score": jpeg_bpp(_prepare_item(item, self.image_size), self.quality)}
+    return {"score": jpeg_bpp(prepare_item(item, self.image_size), self.quality)}
 
 
 def lowpass_reconstruct(images: np.ndarray, factor: int = 32) -> np.ndarray:
@@ -137,7 +138,7 @@ class MseScorer:
     return {"method": self.method, "image_size": self.image_size, "reconstruction": measure}
 
   def score(self, item: dict[str, Any]) -> dict[str, Any]:
-    im = _prepare_item(item, self.image_size)
+    im = prepare_item(item, self.image_size)
     x = np.asarray(im, np.float32)[None] / 127.5 - 1.0
     if self.reconstruct_fn is None:
       recon = lowpass_reconstruct(x, self.proxy_factor)
@@ -216,7 +217,7 @@ class CaptionLLMScorer:
     """
     if not self._needs_vlm(item):
       return [("score", self.llm_model, user_message(prompts.score_prompt(item["caption"])))]
-    im = _prepare_item(item, self.image_size)
+    im = prepare_item(item, self.image_size)
     placeholders = {k: f"<{k} answer from {self.vlm_model}>" for k in prompts.PERCEPTION_KEYS}
     return [("caption", self.vlm_model, user_message(prompts.CAPTION_PROMPT, [im])),
             ("perception", self.vlm_model, user_message(prompts.PERCEPTION_PROMPT, [im])),
@@ -226,7 +227,7 @@ class CaptionLLMScorer:
   def describe(self, item: dict[str, Any]) -> tuple[str, dict[str, str], str | None]:
     """(caption, perception answers found, fallback note or None) of one item's image, from the VLM."""
     assert self.vlm_model is not None
-    im = _prepare_item(item, self.image_size)
+    im = prepare_item(item, self.image_size)
     caption = _ask(self.client, self.vlm_model, user_message(prompts.CAPTION_PROMPT, [im]),
                    prompts.parse_caption, self.parse_retries, self.max_tokens)
     try:

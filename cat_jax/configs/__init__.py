@@ -1,4 +1,5 @@
-"""The configs, as code (ml_collections): ``cat`` (the tokenizer), ``dit`` (the DiT), ``reproduce`` (docs/reproduction.md).
+"""The configs, as code (ml_collections): ``cat`` (the tokenizer), ``dit`` (the DiT), ``predictor`` (the level
+predictor), ``reproduce`` (docs/reproduction.md).
 
 ``load("cat:demo")`` is the one loader: a config name with an optional argument (its ``get_config(arg)``), or a path
 ``path/to/file.py[:arg]`` for a config file of your own. The files in the repository's ``configs/`` only re-export
@@ -13,7 +14,7 @@ import os
 
 import ml_collections
 
-NAMES = ("cat", "dit", "reproduce")
+NAMES = ("cat", "dit", "predictor", "reproduce")
 
 
 def load(spec: str) -> ml_collections.ConfigDict:

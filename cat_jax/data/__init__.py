@@ -6,5 +6,5 @@ from cat_jax.data.pipeline import (make_eval_dataset, make_eval_iterator, make_g
                                    make_train_dataset, make_train_iterator)
 from cat_jax.data.preprocess import (BadImageError, PreprocessConfig, decode_image,
                                      from_model_range, preprocess, to_model_range)
-from cat_jax.data.sources import (ChartQASource, FolderSource, Source, TfdsSource, get_source,
+from cat_jax.data.sources import (ChartQASource, FolderSource, Source, Subset, TfdsSource, get_source,
                                   source_ids, source_labels)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -318,6 +318,36 @@ class TfdsSource:
 
   def __repr__(self) -> str:
     return f"TfdsSource({self.name!r}, split={self.split!r}, {len(self)} images)"
+
+
+class Subset:
+  """Some records of a source, in their order (keeps ids, built-in levels and kinds)."""
+
+  def __init__(self, source, indices: Sequence[int]):
+    self._source, self._indices = source, list(indices)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int):
+    if not 0 <= int(index) < len(self._indices):
+      raise IndexError(index)
+    return self._source[self._indices[int(index)]]
+
+  def ids(self) -> list[str]:
+    every = source_ids(self._source)
+    return [every[i] for i in self._indices]
+
+  def __getattr__(self, name):  # builtin_levels, kind: forwarded when the source has them
+    attr = getattr(self._source, name)
+    if name == "builtin_levels":
+      return lambda: {i: attr()[i] for i in self.ids()}
+    if name == "kind":
+      return lambda k: attr(self._indices[k])
+    return attr
+
+  def __repr__(self) -> str:
+    return f"{self._source!r}[{len(self._indices)} records]"
 
 
 def get_source(name: str, split: str = "train", **kwargs: Any) -> Source:

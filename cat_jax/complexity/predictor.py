@@ -1,0 +1,223 @@
+"""A learned level predictor: a tiny CNN trained to reproduce an expensive teacher's complexity score in one cheap pass.
+
+The teacher is any score manifest (``python -m cat_jax.score``: caption_llm, a tokenizer's reconstruction MSE, JPEG)
+or the embedded data's grade; ``python -m cat_jax.train_predictor`` trains it (``cat_jax/configs/predictor.py``).
+The network regresses the teacher's standardised score (the log for MSE), so only the ranking matters: levels come
+from thresholds on its output, calibrated at a token budget like every other measure.
+
+  pred = LevelPredictor.load("/tmp/pred/predictor")     # or Tokenizer.from_pretrained("demo").level_predictor
+  scores = pred.predict(images)                          # [-1, 1] HWC arrays, any size; higher = more complex
+  levels = levels_for_scores(scores, pred.thresholds)    # thresholds calibrated at the fixed-16x mean tokens
+
+Images are prepared as every scorer prepares them (``scorers.prepare_image``: the shorter side resized to the
+predictor's ``image_size``, centre-cropped square).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cat_jax.complexity import thresholds as complexity_thresholds
+
+CONFIG_FILE = "predictor.json"
+WEIGHTS_FILE = "predictor.safetensors"
+
+
+class PredictorNet(nn.Module):
+  """Stride-2 3x3 convolutions, then the mean and standard deviation of the last features over the image (how much
+  detail, and how unevenly spread), then a small MLP to one score. ~32k parameters at the default widths."""
+
+  widths: Sequence[int] = (16, 32, 64)
+  hidden: int = 64
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:  # (N, H, W, 3) in [-1, 1] -> (N,)
+    for width in self.widths:
+      x = nn.gelu(nn.Conv(width, (3, 3), strides=2)(x))
+    x = jnp.concatenate([x.mean((1, 2)), x.std((1, 2))], axis=-1)
+    return nn.Dense(1)(nn.gelu(nn.Dense(self.hidden)(x)))[:, 0]
+
+
+# -- teachers and agreement ---------------------------------------------------------------------------------------
+def teacher_transform(method: str | None, scores: np.ndarray) -> np.ndarray:
+  """What the network regresses before standardising: log10 for MSE (spread over decades), the score otherwise."""
+  scores = np.asarray(scores, np.float64)
+  return np.log10(np.maximum(scores, 1e-10)) if method == "mse" else scores
+
+
+def ranks(x: Sequence[float]) -> np.ndarray:
+  """Ranks 0..n-1, ties given their average rank."""
+  x = np.asarray(x, np.float64)
+  order = np.argsort(x, kind="stable")
+  r = np.empty(len(x))
+  r[order] = np.arange(len(x))
+  _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+  sums = np.bincount(inverse, weights=r)
+  return sums[inverse] / counts[inverse]
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+  """Spearman's rank correlation (ties averaged)."""
+  ra, rb = ranks(a), ranks(b)
+  ra, rb = ra - ra.mean(), rb - rb.mean()
+  denom = math.sqrt(float(np.sum(ra * ra) * np.sum(rb * rb)))
+  return float(np.sum(ra * rb) / denom) if denom else 0.0
+
+
+def mix_thresholds(scores: Sequence[float], level_counts: Sequence[int]) -> tuple[float, float]:
+  """Thresholds that split ``scores`` into the proportions of ``level_counts`` (8x, 16x, 32x): how the predictor's
+  levels are compared with its teacher's, whatever budget the teacher's own thresholds were set for."""
+  p = np.asarray(level_counts, np.float64) / max(1, int(np.sum(level_counts)))
+  s = np.asarray(scores, np.float64)
+  low = np.quantile(s, p[2], method="inverted_cdf") if p[2] > 0 else s.min() - 1.0
+  high = np.quantile(s, p[2] + p[1], method="inverted_cdf") if p[2] + p[1] > 0 else s.min() - 1.0
+  return float(low), float(max(low, high))
+
+
+def agreement(predicted: Sequence[float], teacher_scores: Sequence[float], teacher_levels: Sequence[int],
+              thresholds: Sequence[float], majority_level: int) -> dict[str, float]:
+  """How well predicted scores reproduce a teacher: Spearman on scores, exact-level accuracy of the predicted levels
+  (``thresholds``) against the teacher's, and the trivial predictor's accuracy (``majority_level`` for all)."""
+  teacher_levels = np.asarray(teacher_levels)
+  levels = complexity_thresholds.levels_for_scores(predicted, thresholds)
+  return {"images": int(len(teacher_levels)), "spearman": round(spearman(predicted, teacher_scores), 4),
+          "exact_level": round(float(np.mean(levels == teacher_levels)), 4),
+          "majority_exact_level": round(float(np.mean(teacher_levels == majority_level)), 4),
+          "within_one_level": round(float(np.mean(np.abs(levels - teacher_levels) <= 1)), 4)}
+
+
+# -- the predictor ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class LevelPredictor:
+  """A trained ``PredictorNet`` with what it needs at use time.
+
+  ``thresholds``: score thresholds (low, high) calibrated at ``budget_tokens`` mean tokens on its training data (the
+  knob-free default); ``teacher``: what it reproduces; ``info``: the training run's figures (validation agreement).
+  """
+
+  params: Any
+  image_size: int
+  widths: tuple[int, ...] = (16, 32, 64)
+  hidden: int = 64
+  thresholds: tuple[float, float] | None = None
+  budget_tokens: float | None = None
+  teacher: str = ""
+  info: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    self.net = PredictorNet(widths=tuple(self.widths), hidden=int(self.hidden))
+    self._apply = jax.jit(lambda p, x: self.net.apply({"params": p}, x))
+
+  def prepare(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    """[-1, 1] HWC images of any size -> (N, image_size, image_size, 3), as the scorers prepare images."""
+    from PIL import Image
+
+    from cat_jax.complexity.scorers import prepare_image
+    from cat_jax.data.preprocess import from_model_range, to_model_range
+
+    s = self.image_size
+    out = []
+    for x in images:
+      x = np.asarray(x, np.float32)
+      if x.shape != (s, s, 3):
+        x = to_model_range(np.asarray(prepare_image(Image.fromarray(from_model_range(x)), s)))
+      out.append(x)
+    return np.stack(out) if out else np.zeros((0, s, s, 3), np.float32)
+
+  def predict(self, images: Sequence[np.ndarray] | np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+    """(N,) float64 scores of [-1, 1] HWC images (higher = more complex). Batches are padded to a power of two so
+    few shapes compile."""
+    x = self.prepare(list(images))
+    scores = []
+    for start in range(0, len(x), batch_size):
+      chunk = x[start:start + batch_size]
+      padded = 1 << (len(chunk) - 1).bit_length()
+      chunk = np.concatenate([chunk, np.zeros((padded - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+      scores.append(np.asarray(self._apply(self.params, chunk))[:len(x[start:start + batch_size])])
+    return np.concatenate(scores).astype(np.float64) if scores else np.zeros(0)
+
+  def levels(self, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """Level indices at the calibrated thresholds."""
+    if self.thresholds is None:
+      raise ValueError("this predictor has no calibrated thresholds; map its scores with levels_for_scores(scores, "
+                       "(low, high)) or calibrate them (python -m cat_jax.train_predictor does at the end)")
+    return complexity_thresholds.levels_for_scores(self.predict(images), self.thresholds)
+
+  def config(self) -> dict[str, Any]:
+    return {"image_size": int(self.image_size), "widths": [int(w) for w in self.widths], "hidden": int(self.hidden),
+            "thresholds": None if self.thresholds is None else [float(t) for t in self.thresholds],
+            "budget_tokens": self.budget_tokens, "teacher": self.teacher, "info": self.info}
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any], params: Any) -> "LevelPredictor":
+    th = config.get("thresholds")
+    return cls(params=params, image_size=int(config["image_size"]), widths=tuple(config.get("widths", (16, 32, 64))),
+               hidden=int(config.get("hidden", 64)), thresholds=None if th is None else tuple(float(t) for t in th),
+               budget_tokens=config.get("budget_tokens"), teacher=str(config.get("teacher", "")),
+               info=dict(config.get("info") or {}))
+
+  def save(self, folder: str | os.PathLike) -> None:
+    """``predictor.json`` + ``predictor.safetensors`` in ``folder`` (a tokenizer folder keeps them beside its own)."""
+    from cat_jax import weights
+
+    folder = pathlib.Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    weights.save_tree(folder / WEIGHTS_FILE, jax.device_get(self.params))
+    tmp = folder / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(self.config(), indent=2, sort_keys=True))
+    os.replace(tmp, folder / CONFIG_FILE)
+
+  @classmethod
+  def load(cls, folder: str | os.PathLike) -> "LevelPredictor":
+    """A folder written by ``save`` (a ``train_predictor`` workdir's ``predictor/``, or a tokenizer folder)."""
+    from cat_jax import weights
+
+    folder = pathlib.Path(folder).expanduser()
+    if (folder / "predictor" / CONFIG_FILE).is_file():  # a train_predictor workdir
+      folder = folder / "predictor"
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+      raise FileNotFoundError(f"{folder} holds no level predictor ({CONFIG_FILE} + {WEIGHTS_FILE}); train one with "
+                              "python -m cat_jax.train_predictor")
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    predictor = cls.from_config(config, jax.tree.map(jnp.asarray, weights.load_tree(folder / WEIGHTS_FILE)))
+    expected = jax.eval_shape(predictor.net.init, jax.random.key(0),
+                              jnp.zeros((1, predictor.image_size, predictor.image_size, 3)))["params"]
+    if jax.tree.structure(expected) != jax.tree.structure(predictor.params) or any(
+        a.shape != b.shape for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(predictor.params))):
+      raise ValueError(f"{folder / WEIGHTS_FILE} does not match the network {folder / CONFIG_FILE} describes")
+    return predictor
+
+
+class PredictorScorer:
+  """The predictor as a complexity scorer (``python -m cat_jax.score --method predictor``)."""
+
+  method = "predictor"
+
+  def __init__(self, predictor: LevelPredictor, *, image_size: int | None = 256):
+    self.predictor = predictor
+    self.image_size = image_size
+
+  def config(self) -> dict[str, Any]:
+    return {"method": self.method, "image_size": self.image_size, "predictor_image_size": self.predictor.image_size,
+            "teacher": self.predictor.teacher}
+
+  def score(self, item: dict[str, Any]) -> dict[str, Any]:
+    from cat_jax.complexity.scorers import prepare_item
+    from cat_jax.data.preprocess import to_model_range
+
+    x = to_model_range(np.asarray(prepare_item(item, self.image_size)))
+    return {"score": float(self.predictor.predict([x])[0])}
+
+  def scores(self, images: Sequence[np.ndarray]) -> list[float]:
+    """Batched scores of [-1, 1] HWC images (what ``assign.score_images`` uses)."""
+    return self.predictor.predict(images).tolist()

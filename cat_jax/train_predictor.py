@@ -1,0 +1,291 @@
+r"""Trains the level predictor: ``python -m cat_jax.train_predictor --config configs/predictor.py[:variant]
+--workdir DIR``.
+
+Read top to bottom: the teacher's scores -> state and the jitted step -> the loop (``cat_jax.loop``: mesh,
+checkpoints with the data iterator, preemption, NaN guard) -> calibration and validation -> ``<workdir>/predictor``.
+
+The network (``cat_jax.complexity.predictor``) regresses the teacher's standardised score on training images; at
+the end its thresholds are calibrated so that ``calibration_images`` training images average ``budget_tokens`` mean
+tokens (the knob-free default), and its agreement with the teacher on ``data.eval_split`` is measured: Spearman on
+scores, exact level (at thresholds matching the teacher's level mix) against the majority level. Attach the result
+to a tokenizer with ``Tokenizer.set_level_predictor`` (or ``scripts/attach_predictor.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from cat_jax import levels as L
+from cat_jax import loop
+from cat_jax import parallel
+from cat_jax import storage
+from cat_jax.complexity import predictor as predictor_lib
+from cat_jax.complexity import thresholds as complexity_thresholds
+
+logger = logging.getLogger("cat_jax.train_predictor")
+
+
+# -- the teacher ----------------------------------------------------------------------------------------------------
+def teacher_records(spec: str, source, split: str, *, image_size: int, workdir: str
+                    ) -> tuple[dict[str, float], dict[str, int], str]:
+  """``({id: score}, {id: level}, method)`` of the teacher ``spec`` on ``source`` (see configs/predictor.py); an
+  'mse:' teacher is scored at ``image_size`` into ``workdir``."""
+  from cat_jax.data import load_levels
+  from cat_jax.data.level_map import load_records
+
+  if spec == "grade":
+    if not hasattr(source, "kind"):
+      raise ValueError("teacher 'grade' needs the embedded dataset (its generator's complexity grade)")
+    ids = source.ids()
+    kinds = [source.kind(k) for k in range(len(ids))]
+    return ({i: float(k.grade) for i, k in zip(ids, kinds)}, {i: int(k.level) for i, k in zip(ids, kinds)}, "grade")
+  if spec.startswith("mse:"):
+    path = score_mse_teacher(spec[len("mse:"):], source, split, image_size=image_size, workdir=workdir)
+  else:
+    path = spec
+  from cat_jax.complexity.manifest import read_header
+
+  header = read_header(path) or {}
+  method = (header.get("scorer") or {}).get("method")
+  records = load_records(path)
+  load_levels(path)  # the same checks as training's reader
+  return {i: float(r["score"]) for i, r in records.items()}, {i: int(r["level"]) for i, r in records.items()}, method
+
+
+def score_mse_teacher(tokenizer: str, source, split: str, *, image_size: int, workdir: str) -> str:
+  """Scores ``source`` with ``tokenizer``'s 32x reconstruction MSE into ``<workdir>/teacher-<split>.jsonl`` (once; a
+  rerun resumes or reuses it) and returns its path."""
+  from cat_jax.complexity import runner
+  from cat_jax.complexity.scorers import MseScorer
+  from cat_jax.tokenizer import load_tokenizer
+
+  out = storage.as_path(workdir) / f"teacher-{split}.jsonl"
+  if jax.process_count() > 1:
+    raise ValueError("score the teacher once with python -m cat_jax.score --method mse --checkpoint TOKENIZER and "
+                     "set teacher to the manifest: a multi-process run does not score its own")
+  tok = load_tokenizer(tokenizer)
+  scorer = MseScorer(image_size=image_size,
+                     reconstruct_fn=lambda x: tok.reconstruct(x, L.NUM_LEVELS - 1, clip=True, value_range=(-1, 1)))
+  logger.info("Scoring the teacher (%s's 32x reconstruction MSE) on %d images into %s", tokenizer, len(source), out)
+  runner.score_source(source, scorer, out, workers=1, image_size=image_size, progress=False,
+                      header={"tokenizer": tokenizer})
+  return str(out)
+
+
+def covered(source, scores: dict[str, float], what: str):
+  """The records of ``source`` the teacher scored (a few failed scores leave images out, logged)."""
+  from cat_jax.data import Subset, source_ids
+
+  ids = source_ids(source)
+  keep = [k for k, i in enumerate(ids) if i in scores]
+  if not keep:
+    raise ValueError(f"the teacher scored none of the {len(ids)} images of {source!r} ({what}): wrong manifest for "
+                     "this source or split?")
+  if len(keep) < len(ids):
+    logger.warning("%d of %d %s images have no teacher score; left out", len(ids) - len(keep), len(ids), what)
+    return Subset(source, keep)
+  return source
+
+
+# -- state and step -------------------------------------------------------------------------------------------------
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  all_finite: jax.Array
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  o = config.optimizer
+  schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(1, o.warmup_steps), max(2, config.num_steps))
+  return optax.chain(optax.clip_by_global_norm(o.grad_clip), optax.adamw(schedule, weight_decay=o.weight_decay))
+
+
+def init_train_state(rng, *, net: predictor_lib.PredictorNet, tx, image_size: int) -> TrainState:
+  params = net.init(rng, jnp.zeros((1, image_size, image_size, 3)))["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=jax.tree.map(jnp.copy, params), all_finite=jnp.ones((), bool))
+
+
+def train_step(state: TrainState, images, targets, *, net, tx, ema_decay: float) -> tuple[TrainState, dict]:
+  """One regression update (mean squared error on standardised teacher scores) + EMA."""
+  def loss_fn(params):
+    return jnp.mean((net.apply({"params": params}, images) - targets) ** 2)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+  ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params,
+                    all_finite=state.all_finite & finite), {"loss": loss, "grad_norm": grad_norm}
+
+
+# -- calibration and validation -------------------------------------------------------------------------------------
+def predict_source(predictor: predictor_lib.LevelPredictor, source, limit: int, *, min_size: int = 1
+                   ) -> tuple[list[str], np.ndarray]:
+  """(ids, scores) of the first ``limit`` records of ``source`` (centre crops at the predictor's size)."""
+  from cat_jax.data import Subset, make_eval_iterator
+
+  source = Subset(source, range(min(int(limit), len(source))))
+  ids, scores = [], []
+  for batch in make_eval_iterator(source, levels=0, batch_size=256, image_size=predictor.image_size,
+                                  process_index=0, process_count=1, min_size=min_size):
+    valid = np.asarray(batch["mask"], bool)
+    ids += [str(i) for i in np.asarray(batch["id"])[valid]]
+    scores.append(predictor.predict(np.asarray(batch["image"])[valid]))
+  return ids, np.concatenate(scores) if scores else np.zeros(0)
+
+
+def measure_agreement(predictor, source, teacher_scores: dict[str, float], teacher_thresholds, mix, majority: int, *,
+                      limit: int, min_size: int = 1) -> dict[str, float]:
+  """``predictor_lib.agreement`` of ``predictor`` with a teacher on ``source``: the teacher's levels are its scores
+  at ``teacher_thresholds`` (its level mix on the training images), the predictor's at ``mix``."""
+  ids, predicted = predict_source(predictor, source, limit, min_size=min_size)
+  scores = [teacher_scores[i] for i in ids]
+  return predictor_lib.agreement(predicted, scores, complexity_thresholds.levels_for_scores(scores, teacher_thresholds),
+                                 mix, majority)
+
+
+def finish(params, config, workdir: str, source, teacher: tuple, eval_source, eval_teacher) -> predictor_lib.LevelPredictor:
+  """Calibrates the thresholds, measures agreement with the teacher, writes ``<workdir>/predictor``."""
+  scores, levels, method = teacher
+  size = int(config.data.image_size)
+  predictor = predictor_lib.LevelPredictor(params=jax.device_get(params), image_size=size,
+                                           widths=tuple(config.model.widths), hidden=config.model.hidden,
+                                           teacher=str(config.teacher))
+  ids, predicted = predict_source(predictor, source, config.calibration_images, min_size=config.data.min_size)
+  budget = float(config.budget_tokens or L.num_tokens((size, size), 1))
+  predictor.thresholds = complexity_thresholds.budget_thresholds(predicted, budget, image_hw=(size, size))
+  predictor.budget_tokens = budget
+  teacher_counts = np.bincount([levels[i] for i in ids], minlength=L.NUM_LEVELS)
+  # Levels to compare: the teacher's level mix on these training images, as thresholds on its scores and on ours.
+  teacher_thresholds = predictor_lib.mix_thresholds([scores[i] for i in ids], teacher_counts)
+  mix = predictor_lib.mix_thresholds(predicted, teacher_counts)
+  majority = int(np.argmax(teacher_counts))
+  info: dict[str, Any] = {
+      "teacher": {"spec": str(config.teacher), "method": method, "level_counts": teacher_counts.tolist(),
+                  "thresholds": list(teacher_thresholds)},
+      "calibration": {"images": len(ids), "budget_tokens": budget,
+                      "level_counts": complexity_thresholds.level_counts(predicted, predictor.thresholds)},
+      "teacher_mix_thresholds": list(mix)}
+  train_scores = [scores[i] for i in ids]
+  info["train"] = predictor_lib.agreement(
+      predicted, train_scores, complexity_thresholds.levels_for_scores(train_scores, teacher_thresholds), mix, majority)
+  if eval_source is not None:
+    info["validation"] = measure_agreement(predictor, eval_source, eval_teacher[0], teacher_thresholds, mix, majority,
+                                           limit=config.data.eval_images, min_size=config.data.min_size)
+  predictor.info = info
+  if jax.process_index() == 0:
+    predictor.save(storage.as_path(workdir) / "predictor")
+    logger.info("Predictor written to %s/predictor: %s", workdir, json.dumps(info))
+  return predictor
+
+
+# -- the loop -------------------------------------------------------------------------------------------------------
+def check_config(config) -> None:
+  """Raises ValueError, naming the fix, for a config this trainer cannot run."""
+  teacher = config.teacher
+  if not teacher:
+    raise ValueError("set --config.teacher: 'mse:<tokenizer>', 'grade' (embedded data) or a score manifest path")
+  if teacher == "grade" and config.data.source != "embedded":
+    raise ValueError(f"--config.teacher=grade needs data.source=embedded (got {config.data.source!r}); use "
+                     "'mse:<tokenizer>' or a score manifest")
+  if teacher != "grade" and not teacher.startswith("mse:") and not storage.as_path(teacher).exists():
+    raise ValueError(f"--config.teacher={teacher}: no such score manifest; write one with python -m cat_jax.score, "
+                     "or use 'mse:<tokenizer>' or 'grade'")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> predictor_lib.LevelPredictor:
+  """Trains to ``config.num_steps`` (resuming from ``workdir``), then calibrates, validates and saves."""
+  from cat_jax.data import get_source, make_global_batch, make_train_iterator
+  from cat_jax.metric_writers import MetricWriter
+
+  check_config(config)
+  is_main = jax.process_index() == 0
+  storage.as_path(workdir).mkdir(parents=True, exist_ok=True)
+  writer = MetricWriter(workdir, enabled=is_main)
+
+  # The teacher's scores, standardised (on the log scale for MSE).
+  source = get_source(config.data.source, config.data.split, **config.data.source_kwargs)
+  teacher = teacher_records(config.teacher, source, config.data.split, image_size=config.data.image_size,
+                            workdir=workdir)
+  source = covered(source, teacher[0], "training")
+  ids = list(teacher[0])
+  values = predictor_lib.teacher_transform(teacher[2], np.array([teacher[0][i] for i in ids]))
+  mean, std = float(values.mean()), float(values.std() or 1.0)
+  target_of = {i: np.float32((v - mean) / std) for i, v in zip(ids, values)}
+
+  mesh = loop.make_mesh(config)
+  process_batch = config.batch_size // jax.process_count()
+  net, tx = predictor_lib.PredictorNet(widths=tuple(config.model.widths), hidden=config.model.hidden), make_optimizer(config)
+  init_rng = jax.random.key(config.seed)
+  init_fn = functools.partial(init_train_state, net=net, tx=tx, image_size=config.data.image_size)
+  abstract_state, state_shardings = loop.sharded_shapes(init_fn, init_rng, mesh, min_size=config.fsdp_min_size)
+  train_iter = make_train_iterator(source, levels=0, batch_size=process_batch, image_size=config.data.image_size,
+                                   seed=config.seed, num_workers=config.data.num_workers,
+                                   min_size=config.data.min_size, on_bad_image=config.data.on_bad_image)
+  checkpoints = loop.Checkpoints(workdir, config)
+  state, train_iter, _ = checkpoints.restore_or_init(config, abstract_state, state_shardings, init_fn, init_rng,
+                                                     train_iter)
+  if is_main:
+    logger.info("Level predictor: %s parameters; teacher %s (%s) on %d images; mesh %s; global batch %d",
+                f"{sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)):,}", config.teacher,
+                teacher[2], len(ids), dict(mesh.shape), config.batch_size)
+
+  rep, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  jit_step = jax.jit(functools.partial(train_step, net=net, tx=tx, ema_decay=config.ema_decay),
+                     in_shardings=(state_shardings, batch_sharding, batch_sharding),
+                     out_shardings=(state_shardings, rep), donate_argnums=0)
+  start = int(jax.device_get(state.step))
+  log = loop.TrainLog(writer, num_steps=config.num_steps, start=start, batch_size=config.batch_size,
+                      loss_key="train/loss", enabled=is_main)
+
+  def one_step(state, step):
+    batch = next(train_iter)
+    batch["target"] = np.array([target_of[str(i)] for i in np.asarray(batch["id"])], np.float32)
+    batch = make_global_batch(batch, batch_sharding)
+    state, metrics = jit_step(state, batch["image"], batch["target"])
+    return state, 0, metrics
+
+  state = loop.run_steps(state, start=start, config=config, train_iter=train_iter, train_step=one_step,
+                         checkpoints=checkpoints, log=log, closing=(writer,))
+  if int(jax.device_get(state.step)) < config.num_steps:  # preempted: the next run resumes and finishes
+    return None
+  eval_source = eval_teacher = None
+  eval_spec = config.eval_teacher or (config.teacher if config.teacher == "grade" or config.teacher.startswith("mse:")
+                                      else None)
+  if eval_spec and config.data.eval_images:
+    from cat_jax.data import Subset
+    eval_source = get_source(config.data.source, config.data.eval_split, **config.data.source_kwargs)
+    eval_source = Subset(eval_source, range(min(int(config.data.eval_images), len(eval_source))))
+    eval_teacher = teacher_records(eval_spec, eval_source, config.data.eval_split, image_size=config.data.image_size,
+                                   workdir=workdir)
+    eval_source = covered(eval_source, eval_teacher[0], "validation")
+  return finish(state.ema_params, config, workdir, source, teacher, eval_source, eval_teacher)
+
+
+# -- command line ---------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+  return loop.run_cli(train_and_evaluate, logger=logger, argv=argv, config_help="configs/predictor.py[:variant]",
+                      check_config=check_config,
+                      usage="python -m cat_jax.train_predictor --config configs/predictor.py[:demo|runlocal] "
+                            "--workdir DIR")
+
+
+if __name__ == "__main__":
+  main()
