@@ -48,7 +48,8 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["cat_jax", "cat_jax.*"]),
     # The shipped pretrained tokenizer (Tokenizer.from_pretrained("demo")): a few MB, no download.
-    package_data={"cat_jax": ["pretrained/README.md", "pretrained/*/config.json", "pretrained/*/model.safetensors"]},
+    package_data={"cat_jax": ["pretrained/README.md", "pretrained/*/config.json", "pretrained/*/model.safetensors",
+                               "pretrained/*/predictor.json", "pretrained/*/predictor.safetensors"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

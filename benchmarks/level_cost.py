@@ -2,7 +2,9 @@
 
 Measured on the shipped ``demo`` tokenizer (or ``--tokenizer``) and embedded validation images at its training size:
   encode             ``tok.encode(x, "16x")``: the reference
-  jpeg               the JPEG scorer alone (bits per pixel; what knob-free ``levels="auto"`` computes)
+  jpeg               the JPEG scorer alone (bits per pixel), one image at a time as ``score --method jpeg`` runs it
+  predictor          the tokenizer's level predictor on the whole batch (what knob-free ``levels="auto"`` runs)
+  predictor_each     the predictor one image at a time, as ``score --method predictor`` runs it
   auto               ``tok.assign_levels(x, "auto")``: the tokenizer's calibrated default, if it has one
   target_psnr        ``tok.assign_levels(x, "auto", target_psnr=P)``: the exact search (32x, then 16x for misses)
 Each is run ``--repeats`` times after a warm-up; the figure is the median images/s with its range, and
@@ -25,7 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from cat_jax.complexity.assign import score_images  # noqa: E402
+from cat_jax.complexity.predictor import PredictorScorer  # noqa: E402
 from cat_jax.complexity.scorers import JpegScorer  # noqa: E402
+from cat_jax.data.preprocess import from_model_range  # noqa: E402
 from cat_jax.data import EmbeddedSource, PreprocessConfig, preprocess  # noqa: E402
 from cat_jax.tokenizer import load_tokenizer  # noqa: E402
 
@@ -53,9 +57,14 @@ def main() -> None:
   prep = PreprocessConfig(image_size=size, min_size=1)
   x = np.stack([preprocess(source[i]["image"], prep) for i in range(len(source))])
   ids = [str(i) for i in range(len(x))]
+  x_uint8 = [from_model_range(image) for image in x]
   jpeg = JpegScorer(image_size=size)
-  runs = {"encode": lambda: tok.encode(x, "16x"), "jpeg": lambda: score_images(jpeg, ids, x),
-          "target_psnr": lambda: tok.assign_levels(x, "auto", target_psnr=args.target_psnr)}
+  runs = {"encode": lambda: tok.encode(x, "16x"), "jpeg": lambda: score_images(jpeg, ids, x)}
+  if tok.level_predictor is not None:
+    scorer = PredictorScorer(tok.level_predictor, image_size=None)
+    runs["predictor"] = lambda: tok.level_predictor.predict(x)
+    runs["predictor_each"] = lambda: [scorer.score({"id": i, "image": u}) for i, u in zip(ids, x_uint8)]
+  runs["target_psnr"] = lambda: tok.assign_levels(x, "auto", target_psnr=args.target_psnr)
   if tok.auto_levels is not None:
     runs["auto"] = lambda: tok.assign_levels(x, "auto")
   reference = None

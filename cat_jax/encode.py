@@ -8,7 +8,8 @@ r"""Encodes images with a CAT checkpoint: latents (npz or array_record) and reco
 Images are decoded, resized (shorter side to ``--image-size``, default the checkpoint's training size) and
 centre-cropped, as in evaluation. ``--level``: a level in either spelling (index 0 / 1 / 2 or factor 8 / 16 / 32,
 ``8x`` / ``16x`` / ``32x``) or ``auto``. Auto alone uses the tokenizer's calibrated default (``auto_levels`` in its
-config.json: JPEG thresholds at a token budget; the shipped ``demo`` has one); or each image's level comes from
+config.json: its level predictor's, or JPEG's, thresholds at a token budget; the shipped ``demo`` ships a predictor;
+``--thresholds`` replaces them); or each image's level comes from
 ``--manifest`` (ids are paths relative to the input folder, as ``python -m cat_jax.score --path`` writes them), from
 ``--scorer jpeg|mse`` with ``--thresholds LOW,HIGH`` (default: the inputs' score terciles, kept in
 ``thresholds.json`` so a rerun uses the same; mse is this checkpoint's own 32x reconstruction error), or from
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--level", default="16x", help="0/1/2 or 8x/16x/32x (8/16/32), or auto (default 16x)")
   p.add_argument("--manifest", help="score manifest for --level auto")
   p.add_argument("--scorer", choices=("jpeg", "mse"), help="complexity scorer for --level auto")
-  p.add_argument("--thresholds", help="LOW,HIGH score thresholds for --scorer (default: terciles of the inputs)")
+  p.add_argument("--thresholds", help="LOW,HIGH score thresholds for --scorer (default: terciles of the inputs), or "
+                 "instead of the calibrated ones of the tokenizer's own --level auto")
   p.add_argument("--target-psnr", type=float, help="--level auto: each image at the coarsest level whose "
                  "reconstruction reaches this PSNR (dB), 8x when none does (exact; one or two extra reconstructions)")
   p.add_argument("--format", choices=("npz", "array_record"), default="npz")
@@ -114,7 +116,8 @@ def _scorer(args, tok):
 
   if args.scorer == "jpeg":
     return scorers.JpegScorer(image_size=None)
-  return scorers.MseScorer(image_size=None, reconstruct_fn=lambda x: tok.reconstruct(x, L.NUM_LEVELS - 1, clip=True))
+  return scorers.MseScorer(image_size=None, reconstruct_fn=lambda x: tok.reconstruct(x, L.NUM_LEVELS - 1, clip=True,
+                                                                                    value_range=(-1, 1)))
 
 
 def _thresholds(args, out, scorer, files, image_size: int) -> tuple[float, float]:
@@ -160,7 +163,9 @@ def _level_assigner(args, tok, out, files, image_size: int):
       raise ValueError("--level auto needs --manifest PATH, --scorer jpeg|mse or --target-psnr DB: this tokenizer "
                        "ships no calibrated default (auto_levels in its config.json)")
     from cat_jax.complexity.assign import auto_assigner
-    return auto_assigner(tok.auto_levels)
+    from cat_jax.complexity.thresholds import parse_thresholds
+    return auto_assigner(tok.auto_levels, predictor=tok.level_predictor,
+                         thresholds=parse_thresholds(args.thresholds) if args.thresholds else None)
   if args.target_psnr is not None:
     return LevelAssigner(target_psnr=args.target_psnr, reconstruct=lambda x, level: tok.reconstruct(x, level))
   if args.manifest:

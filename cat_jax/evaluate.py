@@ -19,8 +19,10 @@ Settings ("rows"):
                                     paper's comparison of complexity measures at equal cost. Measures: ``random``,
                                     ``jpeg`` (JPEG bits per pixel), ``mse`` (this checkpoint's 32x reconstruction
                                     MSE), ``grade`` (embedded data only: the generator's 1-9 complexity grade, an
-                                    oracle standing in for the caption-LLM score) and any ``--score-manifest
-                                    name=PATH`` (e.g. caption_llm scores from ``python -m cat_jax.score``).
+                                    oracle standing in for the caption-LLM score), ``predictor`` (the
+                                    tokenizer's learned level predictor, when it ships one) and any
+                                    ``--score-manifest name=PATH`` (e.g. caption_llm scores from
+                                    ``python -m cat_jax.score``).
 A row's reconstruction of an image is the one at that image's level, so every row measures the same images.
 Images/s: encode + decode throughput per level measured on this machine (compilation excluded); a mixed row's
 figure is derived as ``N / sum_l(n_l / ips_l)``.
@@ -50,7 +52,7 @@ from cat_jax.data.level_map import is_level_spelling
 
 logger = logging.getLogger("cat_jax.evaluate")
 
-BUILTIN_MEASURES = ("random", "jpeg", "mse", "grade")
+BUILTIN_MEASURES = ("random", "jpeg", "mse", "grade", "predictor")
 SKIPPED_RFID = ("rFID skipped: no --inception-weights. Convert the pytorch-fid Inception weights once with "
                 "`python -m cat_jax.convert inception --out PATH` (needs pt_inception-2015-12-05-6726825d.pth in "
                 "the torch hub cache or --torch-weights FILE) and pass --inception-weights PATH.")
@@ -67,40 +69,10 @@ def load_config_file(spec: str):
   return configs.load(spec)
 
 
-class _Subset:
-  """Some records of a source, in their order (keeps ids, built-in levels and kinds)."""
-
-  def __init__(self, source, indices: Sequence[int]):
-    self._source, self._indices = source, list(indices)
-
-  def __len__(self) -> int:
-    return len(self._indices)
-
-  def __getitem__(self, index: int):
-    if not 0 <= int(index) < len(self._indices):
-      raise IndexError(index)
-    return self._source[self._indices[int(index)]]
-
-  def ids(self) -> list[str]:
-    from cat_jax.data import source_ids
-    every = source_ids(self._source)
-    return [every[i] for i in self._indices]
-
-  def __getattr__(self, name):  # builtin_levels, kind: forwarded when the source has them
-    attr = getattr(self._source, name)
-    if name == "builtin_levels":
-      return lambda: {i: attr()[i] for i in self.ids()}
-    if name == "kind":
-      return lambda k: attr(self._indices[k])
-    return attr
-
-  def __repr__(self) -> str:
-    return f"{self._source!r}[{len(self._indices)} records]"
-
-
-def _Head(source, n: int) -> _Subset:  # noqa: N802 (reads as the class it returns)
+def _Head(source, n: int):  # noqa: N802 (reads as the class it returns)
   """The first ``n`` records of a source."""
-  return _Subset(source, range(min(int(n), len(source))))
+  from cat_jax.data import Subset
+  return Subset(source, range(min(int(n), len(source))))
 
 
 def make_source(data: str | None, split: str | None, config) -> tuple[Any, str, str]:
@@ -230,6 +202,9 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
                      "from --score-manifest name=PATH)")
   if "grade" in measures and not hasattr(source, "kind"):
     raise ValueError("measure 'grade' needs the embedded dataset (its generator's complexity grade)")
+  if "predictor" in measures and getattr(tok, "level_predictor", None) is None:
+    raise ValueError("measure 'predictor' needs a tokenizer with a level predictor (Tokenizer.set_level_predictor, "
+                     "python -m cat_jax.train_predictor)")
   all_ids = source_ids(source)
   image_hw = (image_size, image_size)
   tokens = np.array([L.num_tokens(image_hw, lvl) for lvl in range(L.NUM_LEVELS)], np.int64)
@@ -251,7 +226,8 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
     keep = [k for k, i in enumerate(all_ids) if i not in left_out]
     if not keep:
       raise ValueError(f"no evaluated image is in every manifest given ({', '.join(missing)})")
-    source = _Subset(source, keep)
+    from cat_jax.data import Subset
+    source = Subset(source, keep)
     notes.append(f"{len(left_out)} of {len(all_ids)} images left out: not in every manifest given (failed or missing "
                  f"scores), e.g. {sorted(left_out)[:5]}; --strict refuses such a run instead")
     all_ids = source_ids(source)
@@ -283,7 +259,7 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
     np.asarray(tok.reconstruct_batch(warm, lvl))
   grid: list[list[np.ndarray]] = [[] for _ in range(L.NUM_LEVELS + 1)]
   seen_ids: list[str] = []
-  scores: dict[str, dict[str, float]] = {m: {} for m in measures if m in ("jpeg", "mse")}
+  scores: dict[str, dict[str, float]] = {m: {} for m in measures if m in ("jpeg", "mse", "predictor")}
   model_batches: list[tuple[list[str], list[Measurements]]] = []  # for the budget rows, added after the pass
   for batch in make_eval_iterator(source, levels=0, batch_size=tok.batch_size, image_size=image_size,
                                   process_index=0, process_count=1):
@@ -330,6 +306,8 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
     if "mse" in scores:  # the 32x reconstruction's error: the cheap measure needs the coarsest level only
       scores["mse"].update((i, float(np.mean(((y - x) / 2.0) ** 2)))
                            for i, x, y in zip(batch_ids, originals, recons[L.NUM_LEVELS - 1]))
+    if "predictor" in scores:
+      scores["predictor"].update(zip(batch_ids, tok.level_predictor.predict(originals).tolist()))
     take = num_grid_images - len(grid[0])
     if take > 0:
       grid[0] += list(originals[:take])
@@ -401,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="extra complexity measure from a score manifest, e.g. caption_llm=scores.jsonl (repeatable)")
   p.add_argument("--measures", default=None,
                  help=f"comma-separated built-in measures of {BUILTIN_MEASURES} (default random,jpeg,mse, plus "
-                 "grade on the embedded dataset); 'none' for no comparison")
+                 "grade on the embedded dataset and predictor when the tokenizer has one); 'none' for no comparison")
   p.add_argument("--budget-tokens", type=float, help="mean tokens per image for the measure comparison "
                  "(default: the fixed-16x count)")
   p.add_argument("--num-images", type=int, help="evaluate the first N images only")
@@ -479,7 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError("--num-images must be >= 1")
       source = _Head(source, args.num_images)
     if args.measures is None:
-      measures = ["random", "jpeg", "mse"] + (["grade"] if hasattr(source, "kind") else [])
+      measures = (["random", "jpeg", "mse"] + (["grade"] if hasattr(source, "kind") else []) +
+                  (["predictor"] if tok.level_predictor is not None else []))
     elif args.measures == "none":
       measures = []
     else:

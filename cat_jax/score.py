@@ -4,6 +4,7 @@ Examples::
 
   python -m cat_jax.score --method jpeg                       # the embedded demo images
   python -m cat_jax.score --method jpeg --path ~/photos       # an image folder
+  python -m cat_jax.score --method predictor --checkpoint demo   # the demo tokenizer's learned level predictor
   python -m cat_jax.score --method caption_llm --source tfds:coco_captions --split validation \\
       --base-url http://127.0.0.1:8000/v1 --llm-model meta-llama/Llama-3.1-8B-Instruct --use-dataset-captions
   python -m cat_jax.score --text "a page of a newspaper" --llm-model llama3.1   # text-only, no image
@@ -44,7 +45,7 @@ from cat_jax.complexity import scorers
 from cat_jax.complexity.llm import ChatClient, EndpointError, api_key_from_env, base_url_from_env, redact_url
 from cat_jax.levels import NUM_LEVELS, num_tokens
 
-METHODS = ("caption_llm", "jpeg", "mse")
+METHODS = ("caption_llm", "jpeg", "mse", "predictor")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,10 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--retry-failures", action="store_true", help="rescore items recorded as failures")
   g.add_argument("--workers", type=int, default=4, help="concurrent items (default 4)")
   g.add_argument("--no-progress", action="store_true", help="no progress bar")
-  g = p.add_argument_group("jpeg / mse")
+  g = p.add_argument_group("jpeg / mse / predictor")
   g.add_argument("--jpeg-quality", type=int, default=scorers.DEFAULT_JPEG_QUALITY)
   g.add_argument("--checkpoint", help="a tokenizer (training workdir, tokenizer folder or 'demo'): --method mse then "
-                                      "measures its 32x reconstruction error")
+                                      "measures its 32x reconstruction error; --method predictor uses its level "
+                                      "predictor (or give a train_predictor workdir / predictor folder)")
   g.add_argument("--proxy-factor", type=int, default=32, help="downsampling factor of the MSE proxy")
   g = p.add_argument_group("caption_llm (OpenAI-compatible chat-completions endpoint)")
   g.add_argument("--base-url", help=f"endpoint root (env CAT_LLM_BASE_URL / OPENAI_BASE_URL, default "
@@ -162,8 +164,15 @@ def _make_scorer(args: argparse.Namespace, parser: argparse.ArgumentParser):
       except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: --checkpoint: {e}\n")
       return scorers.MseScorer(image_size=image_size,
-                               reconstruct_fn=lambda x: tok.reconstruct(x, NUM_LEVELS - 1, clip=True))
+                               reconstruct_fn=lambda x: tok.reconstruct(x, NUM_LEVELS - 1, clip=True,
+                                                                        value_range=(-1, 1)))
     return scorers.MseScorer(image_size=image_size, proxy_factor=args.proxy_factor)
+  if args.method == "predictor":
+    try:
+      from cat_jax.complexity.predictor import PredictorScorer  # imported late: jax is not needed otherwise
+      return PredictorScorer(load_level_predictor(args.checkpoint or "demo"), image_size=image_size)
+    except (FileNotFoundError, ValueError) as e:
+      parser.exit(2, f"error: --checkpoint: {e}\n")
   if not args.llm_model:
     parser.error("--method caption_llm needs --llm-model")
   if not args.vlm_model and not args.use_dataset_captions:
@@ -171,6 +180,19 @@ def _make_scorer(args: argparse.Namespace, parser: argparse.ArgumentParser):
   return scorers.CaptionLLMScorer(_client(args, parser), llm_model=args.llm_model, vlm_model=args.vlm_model,
                                   use_dataset_captions=args.use_dataset_captions, image_size=image_size,
                                   parse_retries=args.parse_retries, max_tokens=args.max_tokens)
+
+
+def load_level_predictor(spec: str):
+  """A level predictor: a tokenizer's (``demo``, a tokenizer folder), or a train_predictor workdir / its folder."""
+  from cat_jax.complexity.predictor import LevelPredictor
+  from cat_jax.tokenizer import PRETRAINED, PRETRAINED_DIR
+
+  path = PRETRAINED_DIR / spec if spec in PRETRAINED else storage.as_path(spec)
+  try:
+    return LevelPredictor.load(path)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{spec} has no level predictor: give a tokenizer that ships one ('demo'), a "
+                            "train_predictor workdir or its predictor/ folder") from None
 
 
 def text_id(prompt: str) -> str:

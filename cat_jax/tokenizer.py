@@ -12,10 +12,11 @@ own latent grid ``(H / f, W / f, C)`` (the posterior mean, or a sample with ``rn
 
 Inputs (``as_model_images``): a batch array (N, H, W, C), a list of images, one PIL image or one file path; each
 image a PIL image, a path, or an array in the convention of ``cat_jax.data.preprocess``: uint8 [0, 255], uint16, or
-floats (any float dtype) in ``value_range`` (default [-1, 1]; values outside it, NaN and inf raise ``ValueError``
-naming the image); gray and RGBA are converted as ``preprocess`` does (RGBA on white). Any height and width >= 1:
-images are padded at the bottom and right (edge pixels) to a multiple of 32, and decoded images are cropped back, so
-outputs have their inputs' sizes.
+floats (any float dtype) in ``value_range`` (default [-1, 1], with a warning once when every float image given is in
+[0, 1]; an explicit ``value_range`` is trusted; values outside it, NaN and inf raise ``ValueError`` naming the
+image); gray and RGBA are converted as ``preprocess`` does (RGBA on white). Any height and width >= 1: images are
+padded at the bottom and right (edge pixels) to a multiple of 32, and decoded images are cropped back, so outputs
+have their inputs' sizes.
 
 Images of mixed levels and sizes are bucketed internally: each (level, padded size) runs in batches of at most
 ``batch_size`` images and at most ``max_batch_pixels`` pixels (large images go one at a time: bounded memory), of the
@@ -118,9 +119,10 @@ class Latents:
 _warned_unit_range = False
 
 
-def as_model_images(images: ImagesLike, *, value_range: tuple[float, float] = (-1.0, 1.0),
+def as_model_images(images: ImagesLike, *, value_range: tuple[float, float] | None = None,
                     warn_unit_range: bool = True) -> list[np.ndarray]:
-  """The images as float32 (H, W, 3) arrays in [-1, 1] (see the module docstring for what is accepted)."""
+  """The images as float32 (H, W, 3) arrays in [-1, 1] (see the module docstring for what is accepted).
+  ``value_range`` None means [-1, 1] and warns once when every float image is in [0, 1]; given, it is trusted."""
   from PIL import Image
 
   from cat_jax.data.preprocess import image_to_model_range
@@ -138,9 +140,11 @@ def as_model_images(images: ImagesLike, *, value_range: tuple[float, float] = (-
     items = list(images)
   if not items:
     raise ValueError("no images given")
+  explicit = value_range is not None
+  value_range = tuple(value_range) if explicit else (-1.0, 1.0)
   out = [image_to_model_range(x, value_range=value_range, what=f"image {i}") for i, x in enumerate(items)]
   floats = [np.asarray(x) for x in items if isinstance(x, np.ndarray) and x.dtype.kind in "fV"]
-  if (warn_unit_range and floats and len(floats) == len(items) and tuple(value_range) == (-1.0, 1.0)
+  if (warn_unit_range and not explicit and floats and len(floats) == len(items)
       and not _warned_unit_range
       and all(float(np.min(x)) >= 0.0 for x in floats)):
     import warnings
@@ -177,12 +181,15 @@ class Tokenizer:
     mesh: a ``('data', 'fsdp')`` mesh; default every local device on 'data'.
     step: the checkpoint step the parameters come from (informational).
     config: the run's config (informational; ``from_checkpoint`` sets it).
+    level_predictor: a ``cat_jax.complexity.predictor.LevelPredictor`` for knob-free ``levels="auto"`` (see
+      ``set_level_predictor``; ``from_pretrained`` loads the one a folder ships).
   """
 
   def __init__(self, model: NestedVAE, params: Any, *, batch_size: int | None = None,
                mesh: jax.sharding.Mesh | None = None, step: int | None = None, config: Any = None,
-               max_batch_pixels: int = MAX_BATCH_PIXELS):
+               max_batch_pixels: int = MAX_BATCH_PIXELS, level_predictor: Any = None):
     self.model = model
+    self.level_predictor = level_predictor
     self.max_batch_pixels = int(max_batch_pixels)
     self.mesh = mesh if mesh is not None else parallel.make_mesh({"data": -1, "fsdp": 1})
     n = self.mesh.size
@@ -267,8 +274,12 @@ class Tokenizer:
     model = build_model(config.model)
     params = weights.read_params(path)
     check_params_match(model, params, f"{path}")
+    predictor = None
+    if (config.get("auto_levels") or {}).get("scorer") == "predictor":
+      from cat_jax.complexity.predictor import LevelPredictor
+      predictor = LevelPredictor.load(path)
     return cls(model, jax.tree.map(jnp.asarray, params), batch_size=batch_size, mesh=mesh,
-               step=config.get("step"), config=config)
+               step=config.get("step"), config=config, level_predictor=predictor)
 
   def export_config(self) -> dict[str, Any]:
     """The run's config as a dict, with the model's actual fields and the step (what ``config.json`` holds)."""
@@ -279,19 +290,23 @@ class Tokenizer:
     return config
 
   def save_pretrained(self, path: str | os.PathLike) -> None:
-    """Writes ``config.json`` and ``model.safetensors`` (these parameters) for ``from_pretrained``.
+    """Writes ``config.json`` and ``model.safetensors`` (these parameters) for ``from_pretrained``, and the level
+    predictor's ``predictor.json`` + ``predictor.safetensors`` when it has one.
 
     For a release that fine-tunes with its GAN state (raw generator + discriminator), use
     ``python -m cat_jax.convert release --src WORKDIR --out DIR``.
     """
     from cat_jax import weights
 
+    if self.level_predictor is not None:
+      self.level_predictor.save(path)
     weights.write_folder(path, self.export_config(), jax.device_get(self.params))
 
   def with_params(self, params: Any) -> "Tokenizer":
     """The same tokenizer with other parameters (e.g. raw vs EMA)."""
     return Tokenizer(self.model, params, batch_size=self.batch_size, mesh=self.mesh, step=self.step,
-                     config=self.config, max_batch_pixels=self.max_batch_pixels)
+                     config=self.config, max_batch_pixels=self.max_batch_pixels,
+                     level_predictor=self.level_predictor)
 
   @property
   def image_size(self) -> int | None:
@@ -313,37 +328,63 @@ class Tokenizer:
 
   @property
   def auto_levels(self) -> dict[str, Any] | None:
-    """The knob-free ``levels="auto"`` this tokenizer ships (``config.json``'s ``auto_levels``: a JPEG scorer and
-    thresholds calibrated to a token budget), or None."""
+    """The knob-free ``levels="auto"`` this tokenizer ships (``config.json``'s ``auto_levels``: a scorer, the level
+    predictor or JPEG, and thresholds calibrated to a token budget), or None."""
     block = self.config.get("auto_levels") if hasattr(self.config, "get") else None
     if block is None:
       return None
     return block.to_dict() if hasattr(block, "to_dict") else dict(block)
 
-  def calibrate_auto_levels(self, images: ImagesLike, *, image_size: int | None = None,
-                            budget_tokens: float | None = None) -> dict[str, Any]:
-    """Sets (and returns) ``auto_levels`` from ``images``, a sample of what it will tokenize: JPEG thresholds at
-    ``image_size`` (default the training size) such that they average ``budget_tokens`` (default: fixed 16x).
-    ``save_pretrained`` keeps it."""
-    from cat_jax.complexity.assign import calibrate_auto_levels
-
-    size = image_size or self.image_size
-    if not size:
-      raise ValueError("pass image_size= (the tokenizer's config has no data.image_size)")
-    block = calibrate_auto_levels(as_model_images(images), image_size=size, budget_tokens=budget_tokens)
+  def _set_auto_levels(self, block: dict[str, Any]) -> None:
     if self.config is None:
       self.config = {}
-    if hasattr(self.config, "unlock"):  # a locked ConfigDict
+    if hasattr(self.config, "unlocked"):  # a locked ConfigDict
       with self.config.unlocked():
         self.config["auto_levels"] = block
     else:
       self.config["auto_levels"] = block
+
+  def calibrate_auto_levels(self, images: ImagesLike, *, image_size: int | None = None,
+                            budget_tokens: float | None = None) -> dict[str, Any]:
+    """Sets (and returns) ``auto_levels`` from ``images``, a sample of what it will tokenize: thresholds on the level
+    predictor's scores (JPEG bits per pixel without one) at ``image_size`` (default the predictor's, else the
+    training size) such that they average ``budget_tokens`` (default: fixed 16x). ``save_pretrained`` keeps it."""
+    from cat_jax.complexity.assign import calibrate_auto_levels
+
+    size = image_size or (self.level_predictor.image_size if self.level_predictor is not None else self.image_size)
+    if not size:
+      raise ValueError("pass image_size= (the tokenizer's config has no data.image_size)")
+    block = calibrate_auto_levels(as_model_images(images), image_size=size, budget_tokens=budget_tokens,
+                                  predictor=self.level_predictor)
+    self._set_auto_levels(block)
+    return block
+
+  def set_level_predictor(self, predictor: Any, images: ImagesLike | None = None, *,
+                          budget_tokens: float | None = None) -> dict[str, Any]:
+    """Makes ``predictor`` (a ``LevelPredictor``, or its folder) this tokenizer's knob-free ``levels="auto"``, with
+    its own calibrated thresholds, or thresholds calibrated on ``images`` at ``budget_tokens``. Returns the new
+    ``auto_levels``; ``save_pretrained`` writes the predictor beside the model."""
+    from cat_jax.complexity.predictor import LevelPredictor
+
+    if not isinstance(predictor, LevelPredictor):
+      predictor = LevelPredictor.load(predictor)
+    self.level_predictor = predictor
+    if images is not None:
+      return self.calibrate_auto_levels(images, budget_tokens=budget_tokens)
+    if predictor.thresholds is None:
+      raise ValueError("the predictor has no calibrated thresholds: pass images= to calibrate them here")
+    calibration = (predictor.info or {}).get("calibration", {})
+    block = {"scorer": "predictor", "image_size": predictor.image_size, "teacher": predictor.teacher,
+             "thresholds": [float(t) for t in predictor.thresholds], "budget_tokens": predictor.budget_tokens,
+             "calibration_images": calibration.get("images"), "level_counts": calibration.get("level_counts")}
+    self._set_auto_levels(block)
     return block
 
   # -- levels ------------------------------------------------------------------------------------------------------
   def assign_levels(self, images: ImagesLike, levels: Any = None, *, ids: Sequence[str] | None = None,
                     manifest: str | os.PathLike | Mapping[str, int] | None = None, scorer: Any = None,
-                    thresholds: Sequence[float] | None = None, target_psnr: float | None = None) -> np.ndarray:
+                    thresholds: Sequence[float] | None = None, target_psnr: float | None = None,
+                    budget_tokens: float | None = None) -> np.ndarray:
     """Level index of every image: one level, a per-image sequence, or ``"auto"`` (manifest, scorer or target).
 
     A level is an index 0 / 1 / 2 or a factor 8 / 16 / 32 / '8x' / '16x' / '32x' (``cat_jax.levels.parse_level``).
@@ -352,6 +393,9 @@ class Tokenizer:
     ``cat_jax.complexity``), ``thresholds`` map scores to levels (default ``(3, 6)`` for the LLM methods; raw
     scores such as JPEG bpp need explicit thresholds). With ``target_psnr``, each image gets the coarsest level whose
     reconstruction reaches that PSNR in dB, 8x when none does (exact: ``complexity.assign.coarsest_level_meeting``).
+    With none of these, ``"auto"`` is the tokenizer's own default (``auto_levels``: its level predictor, or JPEG, at
+    thresholds calibrated to the fixed-16x mean tokens); ``thresholds`` or ``budget_tokens`` (mean tokens per image
+    at the default's ``image_size``, over these images) then override its thresholds.
     """
     n = len(images)
     if levels is None:
@@ -362,7 +406,9 @@ class Tokenizer:
       levels = "auto"
     if isinstance(levels, str) and levels.strip().lower() == "auto":
       return self._auto_levels(images, ids=ids, manifest=manifest, scorer=scorer, thresholds=thresholds,
-                               target_psnr=target_psnr)
+                               target_psnr=target_psnr, budget_tokens=budget_tokens)
+    if budget_tokens is not None:
+      raise ValueError("budget_tokens applies to levels='auto'")
     if isinstance(levels, (str, int, np.integer)):
       return np.full(n, L.parse_level(levels), np.int32)
     arr = np.asarray(levels)
@@ -370,7 +416,8 @@ class Tokenizer:
       raise ValueError(f"expected one level per image ({n}), got shape {arr.shape}")
     return np.array([L.parse_level(lvl) for lvl in arr.tolist()], np.int32)
 
-  def _auto_levels(self, images, *, ids, manifest, scorer, thresholds, target_psnr=None) -> np.ndarray:
+  def _auto_levels(self, images, *, ids, manifest, scorer, thresholds, target_psnr=None,
+                   budget_tokens=None) -> np.ndarray:
     from cat_jax.complexity.assign import LevelAssigner
 
     n = len(images)
@@ -379,8 +426,12 @@ class Tokenizer:
         raise ValueError("levels='auto' needs manifest= (with ids=), scorer= or target_psnr=: this tokenizer has no "
                          "calibrated default (calibrate one with tok.calibrate_auto_levels(images))")
       from cat_jax.complexity.assign import auto_assigner
-      return auto_assigner(self.auto_levels)([str(k) for k in range(n)],
-                                             as_model_images(images, warn_unit_range=False))
+      return auto_assigner(self.auto_levels, predictor=self.level_predictor, thresholds=thresholds,
+                           budget_tokens=budget_tokens)([str(k) for k in range(n)],
+                                                        as_model_images(images, warn_unit_range=False))
+    if budget_tokens is not None:
+      raise ValueError("budget_tokens overrides the tokenizer's default levels='auto'; with a manifest, scorer or "
+                       "target PSNR it does not apply")
     if manifest is not None and (ids is None or len(ids) != n):
       raise ValueError(f"levels from a manifest need ids= with one id per image ({n})")
     assign = LevelAssigner(manifest=manifest, scorer=scorer, thresholds=thresholds, target_psnr=target_psnr,
@@ -393,7 +444,8 @@ class Tokenizer:
   def encode(self, images: ImagesLike, levels: Any = None, *, ids: Sequence[str] | None = None,
              manifest: str | os.PathLike | Mapping[str, int] | None = None, scorer: Any = None,
              thresholds: Sequence[float] | None = None, target_psnr: float | None = None,
-             rng: jax.Array | None = None, value_range: tuple[float, float] = (-1.0, 1.0)) -> Latents:
+             budget_tokens: float | None = None, rng: jax.Array | None = None,
+             value_range: tuple[float, float] | None = None) -> Latents:
     """Latents of ``images`` (see the module docstring for what is accepted) at their levels, in input order.
 
     ``levels``: an int level for all, one level per image, or ``"auto"`` / None (see ``assign_levels``).
@@ -401,7 +453,7 @@ class Tokenizer:
     """
     items = as_model_images(images, value_range=value_range)
     level_arr = self.assign_levels(items, levels, ids=ids, manifest=manifest, scorer=scorer,
-                                   thresholds=thresholds, target_psnr=target_psnr)
+                                   thresholds=thresholds, target_psnr=target_psnr, budget_tokens=budget_tokens)
     sizes = [x.shape[:2] for x in items]
     items = [_pad_to_multiple(x) for x in items]
     out: list[np.ndarray | None] = [None] * len(items)
@@ -429,7 +481,7 @@ class Tokenizer:
     return _stack_like(out)
 
   def reconstruct(self, images: ImagesLike, levels: Any = None, *, clip: bool = True,
-                  value_range: tuple[float, float] = (-1.0, 1.0), **level_kwargs):
+                  value_range: tuple[float, float] | None = None, **level_kwargs):
     """``decode(encode(images, levels))`` in one compiled call per bucket (posterior mean); each output has its
     input's size."""
     items = as_model_images(images, value_range=value_range)

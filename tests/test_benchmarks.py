@@ -204,6 +204,7 @@ def test_level_cost_runs_every_way_of_choosing_levels():
   cmd = [sys.executable, "benchmarks/level_cost.py", "--images", "4", "--repeats", "1"]
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
   lines = {line["what"]: line for line in map(json.loads, (l for l in proc.stdout.splitlines() if l.startswith("{")))}
-  assert proc.returncode == 0 and list(lines) == ["encode", "jpeg", "target_psnr", "auto"], proc.stderr[-2000:]
+  assert proc.returncode == 0 and list(lines) == ["encode", "jpeg", "predictor", "predictor_each", "target_psnr",
+                                                  "auto"], proc.stderr[-2000:]
   assert lines["encode"]["over_encode"] == 1.0 and all(line["images_per_s"] > 0 for line in lines.values())
   assert sum(lines["target_psnr"]["level_counts"]) == 4

@@ -18,9 +18,12 @@ from cat_jax.complexity import thresholds as complexity_thresholds
 
 
 def score_images(scorer: Any, ids: Sequence[str], images: Sequence[np.ndarray]) -> list[float]:
-  """``scorer``'s score of each image ([-1, 1] HWC arrays, given to the scorer as uint8 as scorers take them)."""
+  """``scorer``'s score of each image ([-1, 1] HWC arrays, given to the scorer as uint8 as scorers take them; a
+  scorer with a batched ``scores(images)``, the level predictor, takes them all at once)."""
   from cat_jax.data.preprocess import from_model_range
 
+  if hasattr(scorer, "scores"):
+    return list(scorer.scores(images))
   return [float(scorer.score({"id": str(i), "image": from_model_range(x)})["score"]) for i, x in zip(ids, images)]
 
 
@@ -53,12 +56,13 @@ class LevelAssigner:
   """Exactly one of ``level`` (an index or factor, ``cat_jax.levels.parse_level``), ``manifest`` (a path or an
   {id: level} mapping), ``scorer`` (``.method`` and ``.score({"id", "image"}) -> {"score": ...}``, see
   ``cat_jax.complexity.scorers``) with ``thresholds`` (default ``(3, 6)`` for the LLM methods; raw scores such as
-  JPEG bits per pixel need explicit ones), or ``target_psnr`` with ``reconstruct(images, level)`` (a tokenizer's:
+  JPEG bits per pixel need explicit ones) or ``budget_tokens`` (thresholds chosen per call so its images average
+  that many tokens at ``image_size``), or ``target_psnr`` with ``reconstruct(images, level)`` (a tokenizer's:
   ``coarsest_level_meeting``)."""
 
   def __init__(self, *, level: Any = None, manifest: str | os.PathLike | Mapping[str, Any] | None = None,
                scorer: Any = None, thresholds: Sequence[float] | None = None, target_psnr: float | None = None,
-               reconstruct=None):
+               reconstruct=None, budget_tokens: float | None = None, image_size: int | None = None):
     given = [name for name, value in (("level", level), ("manifest", manifest), ("scorer", scorer),
                                       ("target_psnr", target_psnr)) if value is not None]
     if len(given) != 1:
@@ -76,9 +80,15 @@ class LevelAssigner:
         from cat_jax.data import load_levels
         self.manifest = load_levels(os.fspath(manifest))
     self.scorer = scorer
-    if thresholds is not None and scorer is None:
-      raise ValueError("thresholds only apply to levels from a scorer's scores")
-    if scorer is not None and thresholds is None:
+    if (thresholds is not None or budget_tokens is not None) and scorer is None:
+      raise ValueError("thresholds and budget_tokens only apply to levels from a scorer's scores")
+    if thresholds is not None and budget_tokens is not None:
+      raise ValueError("give thresholds or budget_tokens, not both")
+    self.budget_tokens = None if budget_tokens is None else float(budget_tokens)
+    self.image_size = image_size
+    if self.budget_tokens is not None and not image_size:
+      raise ValueError("budget_tokens needs the image_size its token counts are at")
+    if scorer is not None and thresholds is None and budget_tokens is None:
       if getattr(scorer, "method", None) not in complexity_thresholds.LLM_METHODS:
         raise ValueError(f"scorer {getattr(scorer, 'method', scorer)!r} gives raw scores: pass thresholds=(low, "
                          "high) (e.g. from `python -m cat_jax.score`'s .thresholds.json)")
@@ -102,32 +112,55 @@ class LevelAssigner:
       return np.array([self.manifest[str(i)] for i in ids], np.int32)
     if self.target_psnr is not None:
       return coarsest_level_meeting(images, self.target_psnr, self.reconstruct)
-    return complexity_thresholds.levels_for_scores(score_images(self.scorer, ids, images), self.thresholds)
+    scores = score_images(self.scorer, ids, images)
+    thresholds = self.thresholds
+    if self.budget_tokens is not None:
+      hw = (int(self.image_size), int(self.image_size))
+      thresholds = complexity_thresholds.budget_thresholds(scores, self.budget_tokens, image_hw=hw)
+    return complexity_thresholds.levels_for_scores(scores, thresholds)
 
 
-def calibrate_auto_levels(images: Sequence[np.ndarray], *, image_size: int,
-                          budget_tokens: float | None = None) -> dict[str, Any]:
-  """A tokenizer's knob-free ``levels="auto"``: JPEG bits per pixel of each image resized to ``image_size``, with
-  thresholds such that ``images`` ([-1, 1] HWC, a sample of the training distribution) average ``budget_tokens``
-  (default: the fixed-16x count at ``image_size``). The dict goes into the tokenizer's ``config.json`` as
-  ``auto_levels``; ``auto_assigner`` turns it back into a ``LevelAssigner``."""
-  from cat_jax.complexity.scorers import JpegScorer
-
+def calibrate_auto_levels(images: Sequence[np.ndarray], *, image_size: int, budget_tokens: float | None = None,
+                          predictor: Any = None) -> dict[str, Any]:
+  """A tokenizer's knob-free ``levels="auto"``: scores of ``images`` ([-1, 1] HWC, a sample of the training
+  distribution) by the level ``predictor`` (``cat_jax.complexity.predictor.LevelPredictor``), or without one JPEG bits
+  per pixel at ``image_size``, with thresholds such that the images average ``budget_tokens`` (default: the
+  fixed-16x count at ``image_size``). The dict goes into the tokenizer's ``config.json`` as ``auto_levels``;
+  ``auto_assigner`` turns it back into a ``LevelAssigner``."""
   hw = (int(image_size), int(image_size))
   budget = float(L.num_tokens(hw, 1) if budget_tokens is None else budget_tokens)
-  scores = score_images(JpegScorer(image_size=int(image_size)), [str(k) for k in range(len(images))], images)
+  scorer = _auto_scorer("predictor" if predictor is not None else "jpeg", int(image_size), predictor)
+  scores = score_images(scorer, [str(k) for k in range(len(images))], images)
   thresholds = complexity_thresholds.budget_thresholds(scores, budget, image_hw=hw)
   levels = complexity_thresholds.levels_for_scores(scores, thresholds)
-  return {"scorer": "jpeg", "image_size": int(image_size), "thresholds": [float(t) for t in thresholds],
-          "budget_tokens": budget, "calibration_images": len(images),
-          "level_counts": np.bincount(levels, minlength=L.NUM_LEVELS).tolist()}
+  block = {"scorer": scorer.method, "image_size": int(image_size), "thresholds": [float(t) for t in thresholds],
+           "budget_tokens": budget, "calibration_images": len(images),
+           "level_counts": np.bincount(levels, minlength=L.NUM_LEVELS).tolist()}
+  if predictor is not None:
+    block["teacher"] = predictor.teacher
+  return block
 
 
-def auto_assigner(auto_levels: Mapping[str, Any]) -> LevelAssigner:
-  """The ``LevelAssigner`` of a tokenizer's ``auto_levels`` (``calibrate_auto_levels``)."""
+def _auto_scorer(name: str, image_size: int, predictor: Any = None):
   from cat_jax.complexity.scorers import JpegScorer
 
-  if auto_levels.get("scorer") != "jpeg":
-    raise ValueError(f"unknown auto_levels scorer {auto_levels.get('scorer')!r} (this version knows 'jpeg')")
-  return LevelAssigner(scorer=JpegScorer(image_size=int(auto_levels["image_size"])),
-                       thresholds=tuple(auto_levels["thresholds"]))
+  if name == "jpeg":
+    return JpegScorer(image_size=image_size)
+  if name == "predictor":
+    if predictor is None:
+      raise ValueError("auto_levels uses a level predictor but the tokenizer has none (its folder lacks "
+                       "predictor.json / predictor.safetensors)")
+    from cat_jax.complexity.predictor import PredictorScorer
+    return PredictorScorer(predictor, image_size=None)
+  raise ValueError(f"unknown auto_levels scorer {name!r} (this version knows 'predictor' and 'jpeg')")
+
+
+def auto_assigner(auto_levels: Mapping[str, Any], *, predictor: Any = None, thresholds: Sequence[float] | None = None,
+                  budget_tokens: float | None = None) -> LevelAssigner:
+  """The ``LevelAssigner`` of a tokenizer's ``auto_levels`` (``calibrate_auto_levels``); ``thresholds`` or
+  ``budget_tokens`` replace its calibrated thresholds."""
+  size = int(auto_levels["image_size"])
+  scorer = _auto_scorer(auto_levels.get("scorer"), size, predictor)
+  if thresholds is None and budget_tokens is None:
+    thresholds = tuple(auto_levels["thresholds"])
+  return LevelAssigner(scorer=scorer, thresholds=thresholds, budget_tokens=budget_tokens, image_size=size)
