@@ -40,7 +40,6 @@ def teacher_records(spec: str, source, split: str, *, image_size: int, workdir: 
                     ) -> tuple[dict[str, float], dict[str, int], str]:
   """``({id: score}, {id: level}, method)`` of the teacher ``spec`` on ``source`` (see configs/predictor.py); an
   'mse:' teacher is scored at ``image_size`` into ``workdir``."""
-  from cat_jax.data import load_levels
   from cat_jax.data.level_map import load_records
 
   if spec == "grade":
@@ -57,8 +56,7 @@ def teacher_records(spec: str, source, split: str, *, image_size: int, workdir: 
 
   header = read_header(path) or {}
   method = (header.get("scorer") or {}).get("method")
-  records = load_records(path)
-  load_levels(path)  # the same checks as training's reader
+  records = load_records(path)  # the one reader: an unfinished or malformed manifest is refused
   return {i: float(r["score"]) for i, r in records.items()}, {i: int(r["level"]) for i, r in records.items()}, method
 
 
@@ -161,7 +159,8 @@ def measure_agreement(predictor, source, teacher_scores: dict[str, float], teach
                                  mix, majority)
 
 
-def finish(params, config, workdir: str, source, teacher: tuple, eval_source, eval_teacher) -> predictor_lib.LevelPredictor:
+def finish(params, config, workdir: str, source, teacher: tuple, eval_source, eval_teacher
+           ) -> predictor_lib.LevelPredictor:
   """Calibrates the thresholds, measures agreement with the teacher, writes ``<workdir>/predictor``."""
   scores, levels, method = teacher
   size = int(config.data.image_size)
@@ -232,7 +231,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> predi
 
   mesh = loop.make_mesh(config)
   process_batch = config.batch_size // jax.process_count()
-  net, tx = predictor_lib.PredictorNet(widths=tuple(config.model.widths), hidden=config.model.hidden), make_optimizer(config)
+  net = predictor_lib.PredictorNet(widths=tuple(config.model.widths), hidden=config.model.hidden)
+  tx = make_optimizer(config)
   init_rng = jax.random.key(config.seed)
   init_fn = functools.partial(init_train_state, net=net, tx=tx, image_size=config.data.image_size)
   abstract_state, state_shardings = loop.sharded_shapes(init_fn, init_rng, mesh, min_size=config.fsdp_min_size)

@@ -122,3 +122,20 @@ def test_score_and_evaluate_take_the_predictor(tmp_path, capsys):
                         "predictor,random", "--bootstrap", "0", "--no-baselines", "--out", str(tmp_path / "ev")]) == 0
   rows = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"]
   assert abs(rows["budget:predictor"]["mean_tokens"] - 16) <= 4  # the budget, to the granularity of 24 images
+
+
+def test_agreement_script_on_unseen_photos():
+  """scripts/predictor_agreement.py: the demo's predictor against its teacher on photos it never saw."""
+  import pathlib
+  import subprocess
+  import sys
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  proc = subprocess.run([sys.executable, "scripts/predictor_agreement.py", "--predictor", "demo", "--data", "heldout",
+                         "--teacher", "mse:demo", "--num-images", "24"], capture_output=True, text=True, cwd=root,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  # Measured on these 24 crops: Spearman ~0.97; the majority level is right for about a third.
+  assert result["images"] == 24 and result["spearman"] > 0.8, result
+  assert result["exact_level"] > result["majority_exact_level"], result
