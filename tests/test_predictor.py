@@ -53,6 +53,12 @@ def test_predictor_learns_its_teacher_far_past_the_majority_level(tmp_path):
   images, _ = _embedded(8)
   np.testing.assert_allclose(loaded.predict(images), predictor.predict(images), rtol=1e-6, atol=1e-6)
   assert loaded.thresholds == pytest.approx(predictor.thresholds)
+  # Attached to a tokenizer, it is that tokenizer's knob-free levels="auto", at its calibrated thresholds.
+  tok = Tokenizer.from_pretrained("demo")
+  block = tok.set_level_predictor(workdir)
+  assert block["scorer"] == "predictor" and block["thresholds"] == pytest.approx(predictor.thresholds)
+  np.testing.assert_array_equal(tok.assign_levels(images, "auto"),
+                                levels_for_scores(predictor.predict(images), predictor.thresholds))
   # Re-running the finished run resumes at its last step and writes the same predictor again.
   again = train_predictor.train_and_evaluate(config, workdir)
   np.testing.assert_allclose(again.predict(images), predictor.predict(images), rtol=1e-6, atol=1e-6)

@@ -1,4 +1,4 @@
-r"""The learned level predictor (python -m cat_jax.train_predictor; docs/guide.md, "Choosing levels").
+r"""The learned level predictor (python -m cat_jax.train_predictor; docs/guide.md, "The level predictor").
 
   python -m cat_jax.train_predictor --config configs/predictor.py:demo --workdir /tmp/pred   # embedded, CPU, ~4 min
   python -m cat_jax.train_predictor --config configs/predictor.py:demo --config.teacher=grade --workdir /tmp/pred_g
