@@ -333,6 +333,10 @@ def test_all_levels_mode_draws_every_level_from_every_image(demo_source):
     assert len(ids) == NUM_IMAGES == len(set(demo_source.ids()) & ids)
   weighted = train_iter(demo_source, 0, 1, level_mode="all", level_weights=[2, 1, 1])
   assert Counter(int(next(weighted)["level"]) for _ in range(16)) == {0: 8, 1: 4, 2: 4}
+  spelled = train_iter(demo_source, 0, 1, level_mode="all", level_weights="2,1,1")  # as the command line gives it
+  assert Counter(int(next(spelled)["level"]) for _ in range(16)) == {0: 8, 1: 4, 2: 4}
+  with pytest.raises(ValueError, match="e.g. '2,1,1'"):
+    train_iter(demo_source, 0, 1, level_mode="all", level_weights="equal")
   with pytest.raises(ValueError, match="level_mode"):
     train_iter(demo_source, 0, 1, level_mode="random")
   # A fixed level (the CLI's --config.data.levels=16x on the demo config) wins over 'all': a fixed-rate baseline.

@@ -32,7 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # levels (the embedded dataset only).
   # `level_mode`: 'content' is the paper's: each image trains only at its complexity level, so each batch costs
   # that level's compute and the mix follows the data (simple images: the cheap 32x path). 'all': every level
-  # trains on every image, a level drawn per batch (`level_weights`, equal by default), independent of content:
+  # trains on every image, a level drawn per batch (`level_weights`, equal by default; e.g. '2,1,1' for half the
+  # batches at 8x), independent of content:
   # each path sees the whole distribution (what evaluating every level on every image asks for) and no scores
   # are needed to train; a third of the steps then run the costliest (8x) path whatever the data.
   # `eval_levels`: the levels the in-training evaluation reconstructs, e.g. '8x' or '16x,32x' (None: every level).

@@ -210,9 +210,12 @@ def _proportions(levels: np.ndarray, level_weights: LevelWeights) -> list[float]
   counts = np.bincount(levels, minlength=NUM_LEVELS)
   if level_weights is None or (isinstance(level_weights, str) and level_weights == "proportional"):
     return [float(c) for c in counts]
-  if isinstance(level_weights, str):
-    raise ValueError(f"level_weights must be 'proportional', a level or {NUM_LEVELS} weights, "
-                     f"got {level_weights!r}")
+  if isinstance(level_weights, str):  # from the command line: --config.data.level_weights=2,1,1
+    try:
+      level_weights = [float(w) for w in level_weights.split(",")]
+    except ValueError:
+      raise ValueError(f"level_weights must be 'proportional', a level or {NUM_LEVELS} weights (e.g. '2,1,1'), "
+                       f"got {level_weights!r}") from None
   weights = [float(w) for w in level_weights]
   if len(weights) != NUM_LEVELS or any(w < 0 or not math.isfinite(w) for w in weights) or not any(weights):
     raise ValueError(f"level_weights must be {NUM_LEVELS} non-negative weights (levels 0, 1, 2 "
