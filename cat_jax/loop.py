@@ -8,9 +8,9 @@ checkpoint, or a jitted init with ``out_shardings`` that materialises each shard
 non-finite state) and ``Preemption`` (SIGTERM: save and exit at the next step) -> ``run_cli`` (flags, distributed
 init, logging). The model-specific parts, state, step function and evaluation, stay in each trainer.
 
-A train state is a ``flax.struct.dataclass`` with at least ``step``, ``params``, ``ema_params`` and ``all_finite``;
-checkpoints hold it without its EMA params, the EMA params as their own item (what inference restores), and the
-data iterator (``cat_jax.checkpoint``).
+A train state is a ``flax.struct.dataclass`` with at least ``step``, ``params``, ``ema_params`` and ``all_finite``
+(``TrainState``: the DiT's and the level predictor's); checkpoints hold it without its EMA params, the EMA params as
+their own item (what inference restores), and the data iterator (``cat_jax.checkpoint``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import signal
 import sys
 from typing import Any, Callable, Sequence
 
+import flax
 import jax
 import ml_collections
 import numpy as np
@@ -28,6 +29,16 @@ from cat_jax import checkpoint as ckpt
 from cat_jax import parallel
 
 logger = logging.getLogger("cat_jax.loop")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """The train state of a single-network trainer (the DiT, the level predictor); the tokenizer's adds its GAN."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  all_finite: jax.Array  # False from the first step whose loss or gradient was not finite
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:

@@ -14,9 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -35,13 +33,7 @@ logger = logging.getLogger("cat_jax.train_dit")
 
 
 # -- state and optimiser --------------------------------------------------------------------------------------------
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  ema_params: Any
-  all_finite: jax.Array  # False from the first step whose loss or gradient was not finite
+TrainState = loop.TrainState
 
 
 def make_optimizer(config) -> optax.GradientTransformation:

@@ -18,7 +18,6 @@ import json
 import logging
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -96,13 +95,7 @@ def covered(source, scores: dict[str, float], what: str):
 
 
 # -- state and step -------------------------------------------------------------------------------------------------
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  ema_params: Any
-  all_finite: jax.Array
+TrainState = loop.TrainState
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
