@@ -116,8 +116,7 @@ def _scorer(args, tok):
 
   if args.scorer == "jpeg":
     return scorers.JpegScorer(image_size=None)
-  return scorers.MseScorer(image_size=None, reconstruct_fn=lambda x: tok.reconstruct(x, L.NUM_LEVELS - 1, clip=True,
-                                                                                    value_range=(-1, 1)))
+  return scorers.MseScorer.of_tokenizer(tok, image_size=None)
 
 
 def _thresholds(args, out, scorer, files, image_size: int) -> tuple[float, float]:

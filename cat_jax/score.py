@@ -157,15 +157,12 @@ def _make_scorer(args: argparse.Namespace, parser: argparse.ArgumentParser):
     return scorers.JpegScorer(quality=args.jpeg_quality, image_size=image_size)
   if args.method == "mse":
     if args.checkpoint:  # the error of a trained tokenizer at its coarsest level (32x)
-      from cat_jax.levels import NUM_LEVELS
       from cat_jax.tokenizer import load_tokenizer
       try:
         tok = load_tokenizer(args.checkpoint)
       except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: --checkpoint: {e}\n")
-      return scorers.MseScorer(image_size=image_size,
-                               reconstruct_fn=lambda x: tok.reconstruct(x, NUM_LEVELS - 1, clip=True,
-                                                                        value_range=(-1, 1)))
+      return scorers.MseScorer.of_tokenizer(tok, image_size=image_size)
     return scorers.MseScorer(image_size=image_size, proxy_factor=args.proxy_factor)
   if args.method == "predictor":
     try:

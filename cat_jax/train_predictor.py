@@ -70,9 +70,7 @@ def score_mse_teacher(tokenizer: str, source, split: str, *, image_size: int, wo
   if jax.process_count() > 1:
     raise ValueError("score the teacher once with python -m cat_jax.score --method mse --checkpoint TOKENIZER and "
                      "set teacher to the manifest: a multi-process run does not score its own")
-  tok = load_tokenizer(tokenizer)
-  scorer = MseScorer(image_size=image_size,
-                     reconstruct_fn=lambda x: tok.reconstruct(x, L.NUM_LEVELS - 1, clip=True, value_range=(-1, 1)))
+  scorer = MseScorer.of_tokenizer(load_tokenizer(tokenizer), image_size=image_size)
   logger.info("Scoring the teacher (%s's 32x reconstruction MSE) on %d images into %s", tokenizer, len(source), out)
   runner.score_source(source, scorer, out, workers=1, image_size=image_size, progress=False,
                       header={"tokenizer": tokenizer})

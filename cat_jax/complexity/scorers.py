@@ -133,6 +133,14 @@ class MseScorer:
     self.image_size = image_size
     self.proxy_factor = proxy_factor
 
+  @classmethod
+  def of_tokenizer(cls, tok: Any, *, image_size: int | None = 256) -> "MseScorer":
+    """The error of a trained tokenizer (a ``cat_jax.Tokenizer``) at its coarsest level, 32x."""
+    from cat_jax.levels import NUM_LEVELS
+
+    return cls(image_size=image_size, reconstruct_fn=lambda x: tok.reconstruct(x, NUM_LEVELS - 1, clip=True,
+                                                                               value_range=(-1, 1)))
+
   def config(self) -> dict[str, Any]:
     measure = "reconstruct_fn" if self.reconstruct_fn is not None else f"lowpass proxy 1/{self.proxy_factor}"
     return {"method": self.method, "image_size": self.image_size, "reconstruction": measure}
