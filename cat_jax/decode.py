@@ -59,7 +59,8 @@ def _batches(path, chunk: int):
   for start in range(0, len(dataset), chunk):
     items = [dataset[i] for i in range(start, min(start + chunk, len(dataset)))]
     yield ([item["id"] for item in items],
-           Latents([item["latent"] for item in items], np.array([item["level"] for item in items])))
+           Latents([item["latent"] for item in items], np.array([item["level"] for item in items]),
+                   code_only=np.array([item["code_only"] for item in items])))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--strict", action="store_true", help="with --manifest: refuse the run when the manifest lacks an "
                  "input (default: skip it and record why in index.jsonl, exit status 1)")
   p.add_argument("--no-reconstructions", action="store_true")
+  p.add_argument("--no-keep-code", action="store_true",
+                 help="every latent is the encoder's own, decoded by the learned path (as a generative model trained "
+                      "on them samples); default: an image the learned path reconstructs worse than the model's DCT "
+                      "patch code keeps the code (index.jsonl: \"code_only\": true)")
   p.add_argument("--no-ema", action="store_true", help="raw parameters instead of the EMA")
   p.add_argument("--labels", choices=("none", "subfolder"), default="none",
                  help="subfolder: each image's class is its top-level folder (ImageNet layout), stored as 'label' "
@@ -252,10 +256,11 @@ def encode_folder(args, tok, out, files, image_size: int) -> dict:
           counts["failed"] += 1
       if ids:
         levels = level_of(ids, images)
-        latents = tok.encode(images, levels)
+        latents = tok.encode(images, levels, keep_code=False if args.no_keep_code else None)
         recons = tok.decode(latents) if writer.reconstructions else [None] * len(ids)
-        for image_id, latent, level, recon in zip(ids, latents.values, latents.levels, recons):
-          writer.encoded(image_id, latent, int(level), recon, label_of(image_id))
+        for image_id, latent, level, recon, code_only in zip(ids, latents.values, latents.levels, recons,
+                                                             latents.code_only_flags()):
+          writer.encoded(image_id, latent, int(level), recon, label_of(image_id), code_only=bool(code_only))
           counts["levels"][int(level)] += 1
           counts["tokens"] += int(latent.shape[0] * latent.shape[1])
         counts["encoded"] += len(ids)

@@ -8,7 +8,9 @@ r"""Evaluates a CAT checkpoint: fixed 8x / 16x / 32x, adaptive levels, and compl
   python -m cat_jax.evaluate --workdir DIR --data tfds:celeb_a --split test
 
 Protocol. Images are read by the evaluation pipeline (shorter side resized to ``image_size``, centre crop, [-1, 1]).
-Every image is reconstructed at all three levels from the posterior mean, clipped to [-1, 1]; metrics follow
+Every image is reconstructed at all three levels from the posterior mean, as the tokenizer returns it (with a
+patch code: per image the learned path or, where that is worse, the code; ``Tokenizer(keep_code=)``), clipped to
+[-1, 1]; metrics follow
 ``cat_jax.metrics.evaluator`` (8-bit quantisation, per-image PSNR/SSIM, LPIPS-VGG, rFID from float64 statistics).
 Settings ("rows"):
   fixed_8x / fixed_16x / fixed_32x  every image at one level;

@@ -39,6 +39,7 @@ import numpy as np
 
 from cat_jax import levels as L
 from cat_jax import parallel
+from cat_jax.models import nested_vae
 from cat_jax.models.nested_vae import NestedVAE, abstract_params, build_model, crop_latent, pad_latent
 
 ImagesLike = Any  # (N, H, W, C) array, a sequence of images (arrays, PIL images, paths), one PIL image or one path
@@ -53,11 +54,16 @@ _MODEL_FIELDS = tuple(f for f in NestedVAE.__dataclass_fields__ if f not in ("pa
 
 @dataclasses.dataclass
 class Latents:
-  """Per-image latents: ``values[i]`` has shape ``(H_i / f_i, W_i / f_i, C)``, ``f_i = FACTORS[levels[i]]``."""
+  """Per-image latents: ``values[i]`` has shape ``(H_i / f_i, W_i / f_i, C)``, ``f_i = FACTORS[levels[i]]``.
+
+  ``code_only[i]`` (one bit per image, None = all False): image i's latent is the fixed DCT patch code the model
+  starts from and decodes as that code alone, because the learned path reconstructed it worse (``Tokenizer``'s
+  ``keep_code``; ``nested_vae.reconstruct``)."""
 
   values: list[np.ndarray]
   levels: np.ndarray
   image_sizes: list[tuple[int, int]] | None = None  # the encoded images' (H, W) when not a multiple of the factor
+  code_only: np.ndarray | None = None
 
   def __post_init__(self):
     self.levels = np.asarray(self.levels, np.int32).reshape(-1)
@@ -69,9 +75,13 @@ class Latents:
       self.image_sizes = [(int(h), int(w)) for h, w in self.image_sizes]
       if len(self.image_sizes) != len(self.values):
         raise ValueError(f"{len(self.values)} latents but {len(self.image_sizes)} image sizes")
+    if self.code_only is not None:
+      self.code_only = np.asarray(self.code_only, bool).reshape(-1)
+      if len(self.code_only) != len(self.values):
+        raise ValueError(f"{len(self.values)} latents but {len(self.code_only)} code_only flags")
 
   def save(self, path: str | os.PathLike) -> None:
-    """One ``.npz`` file (local or ``gs://``) with every latent, its level and its image's size."""
+    """One ``.npz`` file (local or ``gs://``) with every latent, its level, its image's size and its code bit."""
     import io
 
     from cat_jax import storage
@@ -79,7 +89,8 @@ class Latents:
     arrays = {f"latent_{i}": np.asarray(v, np.float32) for i, v in enumerate(self.values)}
     sizes = [self.image_hw(i) for i in range(len(self))]
     buf = io.BytesIO()
-    np.savez(buf, levels=self.levels, image_sizes=np.asarray(sizes, np.int64).reshape(-1, 2), **arrays)
+    np.savez(buf, levels=self.levels, image_sizes=np.asarray(sizes, np.int64).reshape(-1, 2),
+             code_only=self.code_only_flags(), **arrays)
     storage.write_bytes(path, buf.getvalue())
 
   @classmethod
@@ -94,10 +105,15 @@ class Latents:
         raise ValueError(f"{path} is not a file written by Latents.save")
       levels = npz["levels"]
       return cls([npz[f"latent_{i}"] for i in range(len(levels))], levels,
-                 [tuple(hw) for hw in npz["image_sizes"].tolist()])
+                 [tuple(hw) for hw in npz["image_sizes"].tolist()],
+                 npz["code_only"] if "code_only" in npz else None)  # files written before the bit existed
 
   def __len__(self) -> int:
     return len(self.values)
+
+  def code_only_flags(self) -> np.ndarray:
+    """``code_only`` as a bool array, all False when None."""
+    return np.zeros(len(self), bool) if self.code_only is None else self.code_only
 
   @property
   def factors(self) -> np.ndarray:
@@ -183,12 +199,19 @@ class Tokenizer:
     config: the run's config (informational; ``from_checkpoint`` sets it).
     level_predictor: a ``cat_jax.complexity.predictor.LevelPredictor`` for knob-free ``levels="auto"`` (see
       ``set_level_predictor``; ``from_pretrained`` loads the one a folder ships).
+    keep_code: per image, keep the fixed DCT patch code the model starts from when the learned path reconstructs
+      the image worse (one bit per image, ``Latents.code_only``; ``nested_vae.reconstruct``). Default: on for
+      models with shortcuts (the only ones with a patch code). It costs ``encode`` one decode.
   """
 
   def __init__(self, model: NestedVAE, params: Any, *, batch_size: int | None = None,
                mesh: jax.sharding.Mesh | None = None, step: int | None = None, config: Any = None,
-               max_batch_pixels: int = MAX_BATCH_PIXELS, level_predictor: Any = None):
+               max_batch_pixels: int = MAX_BATCH_PIXELS, level_predictor: Any = None,
+               keep_code: bool | None = None):
     self.model = model
+    if keep_code and not model.shortcuts:
+      raise ValueError("keep_code=True keeps the patch code of a model with shortcuts; this model has none")
+    self.keep_code = bool(model.shortcuts if keep_code is None else keep_code)
     self.level_predictor = level_predictor
     self.max_batch_pixels = int(max_batch_pixels)
     self.mesh = mesh if mesh is not None else parallel.make_mesh({"data": -1, "fsdp": 1})
@@ -202,12 +225,12 @@ class Tokenizer:
     self.params = jax.device_put(params, self._replicated)
     self.step = step
     self.config = config
-    self._encode_fn = jax.jit(functools.partial(_encode, model=model), static_argnames=("level", "sample"),
-                              out_shardings=self._batch_sharding)
+    self._encode_fn = jax.jit(functools.partial(_encode, model=model),
+                              static_argnames=("level", "sample", "keep_code"), out_shardings=self._batch_sharding)
     self._decode_fn = jax.jit(functools.partial(_decode, model=model), static_argnames=("level",),
                               out_shardings=self._batch_sharding)
-    self._reconstruct_fn = jax.jit(functools.partial(_reconstruct, model=model), static_argnames=("level",),
-                                   out_shardings=self._batch_sharding)
+    self._reconstruct_fn = jax.jit(functools.partial(nested_vae.reconstruct, model=model),
+                                   static_argnames=("level", "keep_code"), out_shardings=self._batch_sharding)
 
   # -- construction ------------------------------------------------------------------------------------------------
   @classmethod
@@ -306,7 +329,7 @@ class Tokenizer:
     """The same tokenizer with other parameters (e.g. raw vs EMA)."""
     return Tokenizer(self.model, params, batch_size=self.batch_size, mesh=self.mesh, step=self.step,
                      config=self.config, max_batch_pixels=self.max_batch_pixels,
-                     level_predictor=self.level_predictor)
+                     level_predictor=self.level_predictor, keep_code=self.keep_code)
 
   @property
   def image_size(self) -> int | None:
@@ -445,65 +468,89 @@ class Tokenizer:
              manifest: str | os.PathLike | Mapping[str, int] | None = None, scorer: Any = None,
              thresholds: Sequence[float] | None = None, target_psnr: float | None = None,
              budget_tokens: float | None = None, rng: jax.Array | None = None,
-             value_range: tuple[float, float] | None = None) -> Latents:
+             value_range: tuple[float, float] | None = None, keep_code: bool | None = None) -> Latents:
     """Latents of ``images`` (see the module docstring for what is accepted) at their levels, in input order.
 
     ``levels``: an int level for all, one level per image, or ``"auto"`` / None (see ``assign_levels``).
     ``rng``: sample the posterior instead of taking its mean. ``value_range``: the range of float images.
+    ``keep_code``: override the tokenizer's (False: every latent is the encoder's, as a generative model trained on
+    them will produce).
     """
+    keep_code = self._keep_code(keep_code)
     items = as_model_images(images, value_range=value_range)
     level_arr = self.assign_levels(items, levels, ids=ids, manifest=manifest, scorer=scorer,
                                    thresholds=thresholds, target_psnr=target_psnr, budget_tokens=budget_tokens)
     sizes = [x.shape[:2] for x in items]
     items = [_pad_to_multiple(x) for x in items]
     out: list[np.ndarray | None] = [None] * len(items)
+    code_only = np.zeros(len(items), bool)
     for b, (level, idx, batch) in enumerate(self._buckets(items, level_arr)):
       key = None if rng is None else jax.random.fold_in(rng, b)
-      z = np.asarray(self._encode_fn(self.params, self._put(batch), level=level, sample=key is not None,
-                                     rng=key if key is not None else jax.random.key(0)))
+      z, kept = jax.device_get(self._encode_fn(self.params, self._put(batch), level=level, sample=key is not None,
+                                               keep_code=keep_code,
+                                               rng=key if key is not None else jax.random.key(0)))
       for slot, i in enumerate(idx):
-        out[i] = z[slot]
+        out[i], code_only[i] = np.asarray(z[slot]), kept[slot]
     padded = any(x.shape[:2] != hw for x, hw in zip(items, sizes))
-    return Latents(values=out, levels=level_arr, image_sizes=sizes if padded else None)
+    return Latents(values=out, levels=level_arr, image_sizes=sizes if padded else None,
+                   code_only=code_only if keep_code else None)
 
   def decode(self, latents: Latents, *, clip: bool = True):
     """Images (float32 in [-1, 1], input order): one (N, H, W, 3) array if all sizes agree, else a list."""
     if not isinstance(latents, Latents):
       raise TypeError(f"decode expects the Latents returned by encode, got {type(latents).__name__}")
     out: list[np.ndarray | None] = [None] * len(latents)
+    flags = latents.code_only_flags()
+    if flags.any() and not self.model.shortcuts:
+      raise ValueError("these latents keep the DCT patch code for some images (code_only), but this model has no "
+                       "patch code (shortcuts=False): decode them with the tokenizer that encoded them")
     for level, idx, batch in self._buckets(list(latents.values), latents.levels, latents=True):
       if batch.shape[-1] != self.model.z_channels:
         raise ValueError(f"latents have {batch.shape[-1]} channels, the model has {self.model.z_channels}")
-      x = np.asarray(self._decode_fn(self.params, self._put(batch), level=level))
+      code_only = np.zeros(batch.shape[0], bool)
+      code_only[:len(idx)] = flags[idx]
+      x = np.asarray(self._decode_fn(self.params, self._put(batch), self._put(code_only), level=level))
       for slot, i in enumerate(idx):
         h, w = latents.image_hw(i)
         out[i] = np.clip(x[slot, :h, :w], -1.0, 1.0) if clip else x[slot, :h, :w]
     return _stack_like(out)
 
   def reconstruct(self, images: ImagesLike, levels: Any = None, *, clip: bool = True,
-                  value_range: tuple[float, float] | None = None, **level_kwargs):
+                  value_range: tuple[float, float] | None = None, keep_code: bool | None = None, **level_kwargs):
     """``decode(encode(images, levels))`` in one compiled call per bucket (posterior mean); each output has its
     input's size."""
+    keep_code = self._keep_code(keep_code)
     items = as_model_images(images, value_range=value_range)
     level_arr = self.assign_levels(items, levels, **level_kwargs)
     sizes = [x.shape[:2] for x in items]
     items = [_pad_to_multiple(x) for x in items]
     out: list[np.ndarray | None] = [None] * len(items)
     for level, idx, batch in self._buckets(items, level_arr):
-      x = np.asarray(self._reconstruct_fn(self.params, self._put(batch), level=level))
+      x = np.asarray(self._reconstruct_fn(self.params, self._put(batch), level=level, keep_code=keep_code)[0])
       for slot, i in enumerate(idx):
         h, w = sizes[i]
         out[i] = np.clip(x[slot, :h, :w], -1.0, 1.0) if clip else x[slot, :h, :w]
     return _stack_like(out)
 
-  def reconstruct_batch(self, images: jax.Array | np.ndarray, level: int) -> jax.Array:
-    """Raw (unclipped) reconstructions of one batch of exactly ``batch_size`` images at one level."""
+  def reconstruct_batch(self, images: jax.Array | np.ndarray, level: int, *, keep_code: bool | None = None,
+                        with_code_only: bool = False):
+    """Raw (unclipped) reconstructions of one batch of exactly ``batch_size`` images at one level; with
+    ``with_code_only``, ``(reconstructions, code_only)``."""
     images = np.asarray(images, np.float32)
     if images.shape[0] != self.batch_size:
       raise ValueError(f"reconstruct_batch needs exactly batch_size={self.batch_size} images, got {images.shape[0]}")
-    return self._reconstruct_fn(self.params, self._put(images), level=L.parse_level(level))
+    recon, code_only = self._reconstruct_fn(self.params, self._put(images), level=L.parse_level(level),
+                                            keep_code=self._keep_code(keep_code))
+    return (recon, code_only) if with_code_only else recon
 
   # -- helpers -----------------------------------------------------------------------------------------------------
+  def _keep_code(self, keep_code: bool | None) -> bool:
+    if keep_code is None:
+      return self.keep_code
+    if keep_code and not self.model.shortcuts:
+      raise ValueError("keep_code=True keeps the patch code of a model with shortcuts; this model has none")
+    return bool(keep_code)
+
   def _put(self, batch: np.ndarray) -> jax.Array:
     return jax.device_put(batch, self._batch_sharding)
 
@@ -564,16 +611,25 @@ def load_tokenizer(spec: str | os.PathLike, *, batch_size: int | None = None, st
   return Tokenizer.from_checkpoint(spec, step=step, use_ema=use_ema, batch_size=batch_size, config=config)
 
 
-def _encode(params, images, rng, *, level: int, sample: bool, model: NestedVAE):
-  posterior = model.apply({"params": params}, images, level, method=NestedVAE.encode)
+def _encode(params, images, rng, *, level: int, sample: bool, keep_code: bool, model: NestedVAE):
+  """The level's latent grid and, per image, whether it is the patch code (see ``nested_vae.reconstruct``)."""
+  variables = {"params": params}
+  posterior = model.apply(variables, images, level, method=NestedVAE.encode)
   z = posterior.sample(rng) if sample else posterior.mode()
-  return crop_latent(z, level)
+  if not keep_code:
+    return crop_latent(z, level), jnp.zeros(images.shape[:1], bool)
+  learned = model.apply(variables, z, level, method=NestedVAE.decode)
+  code = model.apply(variables, images, level, method=NestedVAE.code_canvas)
+  _, code_only = nested_vae.closer_to(images, learned, model.apply(variables, code, level,
+                                                                   method=NestedVAE.decode_base))
+  return crop_latent(jnp.where(code_only[:, None, None, None], code, z), level), code_only
 
 
-def _decode(params, latents, *, level: int, model: NestedVAE):
-  return model.apply({"params": params}, pad_latent(latents, level), level, method=NestedVAE.decode)
-
-
-def _reconstruct(params, images, *, level: int, model: NestedVAE):
-  recon, _ = model.apply({"params": params}, images, level)
-  return recon
+def _decode(params, latents, code_only, *, level: int, model: NestedVAE):
+  """Images from a level's latent grids; those flagged ``code_only`` as the patch code alone."""
+  variables, canvas = {"params": params}, pad_latent(latents, level)
+  images = model.apply(variables, canvas, level, method=NestedVAE.decode)
+  if not model.shortcuts:
+    return images
+  code = model.apply(variables, canvas, level, method=NestedVAE.decode_base)
+  return jnp.where(code_only[:, None, None, None], code, images)

@@ -32,10 +32,10 @@ from cat_jax.losses import gan as gan_losses
 from cat_jax.losses.perceptual import perceptual_loss
 from cat_jax.losses.reconstruction import log_mse_loss, reconstruction_loss
 from cat_jax.metrics import image_quality
-from cat_jax.metrics.baselines import area_bicubic
+from cat_jax.metrics.baselines import area_bicubic, dct_code
 from cat_jax.models.discriminator import PatchDiscriminator
 from cat_jax.models import parse_dtype
-from cat_jax.models.nested_vae import NestedVAE, build_model, init_params
+from cat_jax.models.nested_vae import NestedVAE, build_model, init_params, reconstruct
 
 logger = logging.getLogger("cat_jax.train")
 OUTPUT_HEAD_PARAMS = ("dec_norm_out", "dec_conv_out", "dec_gate")
@@ -278,30 +278,31 @@ def make_train_step(config: ml_collections.ConfigDict, *, lpips_module=None,
                    step=step, init=init)
 
 
-def reconstruct(params, images, level, *, model):
-  """Posterior-mode reconstruction (what evaluation and the tokenizer use)."""
-  recon, _ = model.apply({"params": params}, images, level)
-  return recon
-
-
-# -- evaluation -----------------------------------------------------------------------------------------------------
 def eval_step(params, images, mask, level, *, model):
-  """Masked sums of L1, PSNR and the area+bicubic baseline's PSNR, and the clipped reconstructions.
+  """Masked sums of L1, PSNR, the no-learning baselines' PSNR (area+bicubic; with shortcuts the DCT patch code the
+  model starts from) and the share of images that kept the code, and the clipped reconstructions.
 
-  PSNR is the reported convention (``image_quality.reported_psnr``, as the evaluator measures): 8-bit levels, per
-  image, capped at 50 dB.
+  Reconstructions are the tokenizer's (``nested_vae.reconstruct``: per image, the learned path or the patch code,
+  whichever is closer). PSNR is the reported convention (``image_quality.reported_psnr``, as the evaluator
+  measures): 8-bit levels, per image, capped at 50 dB.
   """
-  recon = jnp.clip(reconstruct(params, images, level, model=model), -1.0, 1.0)
-  if isinstance(level, int):
-    baseline = area_bicubic(images, level)
-  else:  # a traced level: every branch has the image's shape
-    baseline = jax.lax.switch(level, [functools.partial(area_bicubic, level=lvl) for lvl in range(L.NUM_LEVELS)],
-                              images)
+  recon, code_only = reconstruct(params, images, level, model=model)
+  recon = jnp.clip(recon, -1.0, 1.0)
+  baselines = {"area_bicubic": area_bicubic}
+  if getattr(model, "shortcuts", False):
+    baselines["dct_code"] = functools.partial(dct_code, channels=model.z_channels)
   m = mask.astype(jnp.float32)
   l1 = jnp.mean(jnp.abs(recon - images), axis=(1, 2, 3))
   psnr = lambda y: image_quality.reported_psnr(images, y)
-  sums = {"l1": jnp.sum(l1 * m), "psnr": jnp.sum(psnr(recon) * m), "psnr_area_bicubic": jnp.sum(psnr(baseline) * m),
-          "count": jnp.sum(m)}
+  sums = {"l1": jnp.sum(l1 * m), "psnr": jnp.sum(psnr(recon) * m), "count": jnp.sum(m)}
+  for name, baseline in baselines.items():
+    if isinstance(level, int):
+      y = baseline(images, level)
+    else:  # a traced level: every branch has the image's shape
+      y = jax.lax.switch(level, [functools.partial(baseline, level=lvl) for lvl in range(L.NUM_LEVELS)], images)
+    sums[f"psnr_{name}"] = jnp.sum(psnr(y) * m)
+  if getattr(model, "shortcuts", False):
+    sums["code_share"] = jnp.sum(code_only.astype(jnp.float32) * m)
   return sums, recon
 
 
@@ -442,8 +443,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if is_main and metrics:
       names = " / ".join(L.level_name(lvl) for lvl in eval_levels)
       values = lambda key: " / ".join(f"{metrics[f'eval/level{lvl}/{key}']:.2f}" for lvl in eval_levels)
-      logger.info("step %d, eval (EMA): PSNR %s = %s dB; area+bicubic, no learning: %s dB", step, names,
-                  values("psnr"), values("psnr_area_bicubic"))
+      baselines = "; area+bicubic, no learning: %s dB" % values("psnr_area_bicubic")
+      if f"eval/level{eval_levels[0]}/psnr_dct_code" in metrics:
+        baselines += "; DCT code, no learning: %s dB; images keeping the code: %s" % (
+            values("psnr_dct_code"), " / ".join(f"{metrics[f'eval/level{lvl}/code_share']:.0%}" for lvl in eval_levels))
+      logger.info("step %d, eval (EMA): PSNR %s = %s dB%s", step, names, values("psnr"), baselines)
     return metrics
 
   def _global(batch):

@@ -126,9 +126,9 @@ def test_per_level_metrics_use_that_levels_reconstructions(workdir, tmp_path):
   tampered = tok.with_params(tok.params)
   honest = tampered._reconstruct_fn
 
-  def tampered_reconstruct(params, images, *, level):
-    recon = honest(params, images, level=level)
-    return 0.9 * images if level == 2 else recon
+  def tampered_reconstruct(params, images, *, level, keep_code):
+    recon, code_only = honest(params, images, level=level, keep_code=keep_code)
+    return (0.9 * images if level == 2 else recon), code_only
 
   tampered._reconstruct_fn = tampered_reconstruct
   source = E._Head(get_source("embedded", "validation", num_images=48, image_size=32), 12)

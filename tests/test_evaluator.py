@@ -197,6 +197,8 @@ def test_train_loop_eval_psnr_is_the_evaluators():
   recon = recon * 0.999 + 0.0007  # between the 8-bit levels
 
   class Fixed:  # a "model" whose reconstruction is ``recon`` whatever the parameters
+    shortcuts = False  # no patch code to keep
+
     def apply(self, variables, images, level):
       return jnp.asarray(recon), None
 

@@ -191,7 +191,9 @@ def test_encode_cli_npz_and_reconstructions(workdir, tok, tmp_path, capsys):
     data = np.load(out / r["latent_file"])
     assert int(data["level"]) == want[r["id"]] and int(data["factor"]) == [8, 16, 32][want[r["id"]]]
     image = preprocess((tmp_path / "in" / r["id"]).read_bytes(), PreprocessConfig(image_size=32))
-    np.testing.assert_allclose(data["latent"], tok.encode(image[None], want[r["id"]]).values[0], atol=1e-5)
+    encoded = tok.encode(image[None], want[r["id"]])
+    np.testing.assert_allclose(data["latent"], encoded.values[0], atol=1e-5)
+    assert r.get("code_only", False) == bool(encoded.code_only[0])  # the bit travels with the latent
     recon = np.asarray(Image.open(out / r["reconstruction"]))
     expected = np.round((tok.reconstruct(image[None], want[r["id"]])[0] + 1) * 127.5)
     assert np.abs(recon.astype(np.float32) - expected).max() <= 1.0
@@ -375,6 +377,65 @@ def test_the_shipped_demo_tokenizer_beats_both_no_learning_baselines_on_unseen_i
       previous = model_db
       code = np.asarray(dct_code(x, level, tok.model.z_channels))
       assert np.mean(np.abs(np.clip(recon, -1, 1) - x)) < np.mean(np.abs(code - x)), (name, level)
+
+
+def test_keep_code_is_one_bit_per_image_never_below_the_code_and_travels_with_the_latents(tmp_path):
+  """Per image the tokenizer keeps the DCT code it starts from where the learned path is worse: the output is never
+  further from the image than the code, flat images keep the code exactly, decode(encode) is reconstruct, and the
+  bit survives Latents.save/load (a file from before the bit loads as all-learned)."""
+  from cat_jax.metrics.baselines import dct_code
+  from cat_jax.models.nested_vae import NestedVAE, init_params
+
+  tok = Tokenizer.from_pretrained("demo", batch_size=8)
+  flat = np.broadcast_to(np.array([30, 140, 140], np.float32) / 127.5 - 1.0, (2, 64, 64, 3)).copy()
+  flat[1] = -0.2
+  x = np.concatenate([np.stack([generate(i, split="validation", image_size=64)[0] for i in range(16)])
+                      / 127.5 - 1.0, flat]).astype(np.float32)
+  mse = lambda y, ref=x: np.mean(np.square(np.clip(y, -1, 1) - ref), axis=(1, 2, 3))
+  for level in range(3):
+    latents = tok.encode(x, level)
+    flags = latents.code_only
+    assert flags.dtype == bool and flags[-2:].all(), (level, flags)
+    assert 0 < flags[:16].sum() < 16, (level, flags)  # the shipped demo: some images gain, some do not
+    y = tok.decode(latents)
+    np.testing.assert_allclose(y, tok.reconstruct(x, level), atol=1e-5)
+    code = np.asarray(dct_code(x, level, tok.model.z_channels))
+    np.testing.assert_allclose(y[flags], code[flags], atol=1e-5)
+    assert np.all(mse(y) <= mse(code) + 1e-7), level
+    learned = tok.reconstruct(x, level, keep_code=False)
+    assert np.all(mse(learned[~flags], x[~flags]) < mse(code[~flags], x[~flags])), level
+    assert np.all(mse(learned[flags], x[flags]) >= mse(code[flags], x[flags])), level
+    assert tok.encode(x, level, keep_code=False).code_only is None
+  latents.save(tmp_path / "bits.npz")
+  np.testing.assert_array_equal(Latents.load(tmp_path / "bits.npz").code_only, flags)
+  old = dict(np.load(tmp_path / "bits.npz"))
+  del old["code_only"]
+  np.savez(tmp_path / "old.npz", **old)
+  assert Latents.load(tmp_path / "old.npz").code_only is None
+  with pytest.raises(ValueError, match="code_only flags"):
+    Latents(latents.values, latents.levels, code_only=flags[:3])
+  # Through the command lines: the bit is in index.jsonl, decode honours it, --no-keep-code leaves it out.
+  from cat_jax import decode as decode_cli
+  (tmp_path / "in").mkdir()
+  for i in (0, 16, 17):
+    Image.fromarray(np.round((x[i] + 1) * 127.5).astype(np.uint8)).save(tmp_path / "in" / f"{i:02d}.png")
+  for extra, want in (([], True), (["--no_keep_code"], False)):
+    out = tmp_path / f"out{len(extra)}"
+    assert encode_cli.main(["--checkpoint", "demo", "--input", str(tmp_path / "in"), "--out", str(out),
+                            "--level", "32x", *extra]) == 0
+    rows = {r["id"]: r for r in map(json.loads, (out / "index.jsonl").read_text().splitlines())}
+    assert [rows[f"{i}.png"].get("code_only", False) for i in (16, 17)] == [want, want]
+    assert decode_cli.main(["--latents", str(out), "--out", str(tmp_path / f"decoded{len(extra)}")]) == 0
+    for name, row in rows.items():
+      decoded = np.asarray(Image.open(tmp_path / f"decoded{len(extra)}" / name))
+      np.testing.assert_array_equal(decoded, np.asarray(Image.open(out / row["reconstruction"])))
+  plain = NestedVAE(ch=8, ch_mult=(1,) * 6, num_res_blocks=1, z_channels=4, head_attention=False, shortcuts=False)
+  params = init_params(plain, jax.random.key(0))
+  assert Tokenizer(plain, params).keep_code is False
+  with pytest.raises(ValueError, match="shortcuts"):
+    Tokenizer(plain, params, keep_code=True)
+  with pytest.raises(ValueError, match="patch code"):
+    Tokenizer(plain, params).decode(Latents([np.zeros((4, 4, 4), np.float32)], [0], code_only=[True]))
 
 
 def test_the_command_lines_take_any_tokenizer_name(tmp_path, capsys):

@@ -84,12 +84,14 @@ class LatentWriter:
     self.index = storage.AppendFile(out / "index.jsonl")
 
   def encoded(self, image_id: str, latent: np.ndarray, level: int, recon: np.ndarray | None,
-              label: int | None = None) -> None:
+              label: int | None = None, code_only: bool = False) -> None:
+    """``code_only``: the latent is the DCT patch code, decoded as that code alone (``Latents.code_only``)."""
     from cat_jax.data.preprocess import from_model_range
 
     row = {"id": image_id, "level": level, "factor": L.FACTORS[level],
            "tokens": int(latent.shape[0] * latent.shape[1]), "latent_shape": list(latent.shape),
-           "image_size": self.image_size, **({} if label is None else {"label": int(label)})}
+           "image_size": self.image_size, **({} if label is None else {"label": int(label)}),
+           **({"code_only": True} if code_only else {})}
     data = _npz_bytes(latent, level, self.image_size, label)
     if self.records is not None:
       self.records.write(data)
@@ -131,7 +133,9 @@ def encode_source(tok, source, out, *, levels, labels, image_size: int, chunk: i
       indices = range(start, min(start + chunk, len(source)))
       records = [source[i] for i in indices]
       images = [preprocess(r["image"], config, path=str(r["id"]), rng=None) for r in records]
-      latents = tok.encode(images, [int(levels[i]) for i in indices])
+      # The encoder's own latents (no per-image patch-code bit): what a generative model trained on them
+      # produces is decoded by the network.
+      latents = tok.encode(images, [int(levels[i]) for i in indices], keep_code=False)
       for i, r, latent, level in zip(indices, records, latents.values, latents.levels):
         writer.encoded(str(r["id"]), latent, int(level), None, int(labels[i]))
       writer.flush()
@@ -181,7 +185,8 @@ class LatentDataset:
     data = self._bytes(row)
     with _NPZ_LOCK, np.load(io.BytesIO(data)) as npz:
       latent = np.asarray(npz["latent"], np.float32)
-    item = {"latent": latent, "level": np.int32(row["level"]), "id": row["id"]}
+    item = {"latent": latent, "level": np.int32(row["level"]), "id": row["id"],
+            "code_only": bool(row.get("code_only", False))}
     if "label" in row:
       item["label"] = np.int32(row["label"])
     return item

@@ -507,6 +507,17 @@ class NestedVAE(nn.Module):
                 for lvl in range(L.NUM_LEVELS)]
     return self._dispatch(level, branches, z)
 
+  def code_canvas(self, x: jax.Array, level) -> jax.Array:
+    """With shortcuts: the fixed patch code of ``x`` on the level's latent canvas, the latent that ``decode_base``
+    reads back as the no-learning reconstruction (``reconstruct`` keeps it for images the learned path does not
+    improve). Has no parameters."""
+    if not self.shortcuts:
+      raise ValueError("the patch code is the shortcut path: code_canvas needs shortcuts=True")
+    self._check_image(x)
+    branches = [lambda mdl, x, lvl=lvl: pad_latent(
+        patch_code.encode_patches(x, L.factor_for_level(lvl), mdl.z_channels), lvl) for lvl in range(L.NUM_LEVELS)]
+    return self._dispatch(level, branches, x)
+
   def decode_features(self, z: jax.Array, level) -> jax.Array:
     """The decoder trunk's output, shape (B, H, W, ch): what ``output_head`` (shared by all levels) maps to RGB."""
     self._check_canvas(z)
@@ -525,6 +536,31 @@ class NestedVAE(nn.Module):
     posterior = self.encode(x, level)
     z = posterior.mode() if rng is None else posterior.sample(rng)
     return self.decode(z, level), posterior
+
+
+def closer_to(images: jax.Array, learned: jax.Array, code: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per image, ``learned`` or ``code`` (two reconstructions of ``images``), whichever is closer after clipping to
+  [-1, 1] (mean squared error; a tie keeps the code). Returns ``(chosen, code_only)``, ``code_only`` (B,) bool."""
+  error = lambda y: jnp.mean(jnp.square(jnp.clip(y, -1.0, 1.0) - images), axis=(1, 2, 3))
+  code_only = error(code) <= error(learned)
+  return jnp.where(code_only[:, None, None, None], code, learned), code_only
+
+
+def reconstruct(params, images: jax.Array, level, *, model: NestedVAE,
+                keep_code: bool = True) -> tuple[jax.Array, jax.Array]:
+  """Posterior-mode reconstructions (unclipped) and, per image, whether it is the patch code's alone.
+
+  With shortcuts and ``keep_code``, an image the learned path reconstructs worse than the fixed patch code it starts
+  from keeps the code (``closer_to``: one bit per image, chosen at encode time, ``Latents.code_only``): flat and
+  smooth images stay exact and unseen content the residual does not fit cannot fall below the no-learning start.
+  What the tokenizer returns and evaluation measures.
+  """
+  variables = {"params": params}
+  recon, _ = model.apply(variables, images, level)
+  if not (keep_code and model.shortcuts):
+    return recon, jnp.zeros(images.shape[:1], bool)
+  canvas = model.apply(variables, images, level, method=NestedVAE.code_canvas)
+  return closer_to(images, recon, model.apply(variables, canvas, level, method=NestedVAE.decode_base))
 
 
 # The gate's logits are its 1x1 conv times this: at the shared learning rate an unscaled gate barely moved in a
