@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
   # The comparison is between level assignments and fixed rates, not GAN sharpness: no discriminator.
   c.loss.update(disc_start=10**9)
   if variant == "nested":
-    c.data.level_mode = "content"  # the paper's mode
+    c.data.update(level_mode="content", level_weights="proportional")  # the paper's mode: the data's own mix
   else:
     c.data.levels = variant.removeprefix("fixed")  # '8x' / '16x' / '32x': every image at that level
   c.log_every = 100
