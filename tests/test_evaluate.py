@@ -141,7 +141,8 @@ def test_per_level_metrics_use_that_levels_reconstructions(workdir, tmp_path):
   assert good["adaptive"]["level_counts"]["32x"] > 0
   for key in ("psnr/level0", "psnr/level1"):
     assert good["adaptive"]["per_level"][key] == bad["adaptive"]["per_level"][key]
-  assert bad["adaptive"]["per_level"]["psnr/level2"] > good["adaptive"]["per_level"]["psnr/level2"] + 5.0
+  # (0.9 x the input is ~31.5 dB on these simple images; the tokenizer's own 32x ~26.8, flat ones kept exact)
+  assert bad["adaptive"]["per_level"]["psnr/level2"] > good["adaptive"]["per_level"]["psnr/level2"] + 3.0
 
 
 def test_baseline_rows_intervals_per_kind_and_compared_tokenizers(workdir, tmp_path):
