@@ -55,6 +55,9 @@ TORCH_ONLY = textwrap.dedent("""
         for level, spelling in enumerate(("8x", 16, "32x")):
           posterior = vae.encode(job["images"], spelling)
           out[name, level] = (posterior.mean, posterior.logvar, vae.decode(job["latents"][level], level))
+          if "content" in job:  # the JAX tokenizer's per-image choice of the patch code, and decoding it
+            z, code_only = vae.encode_keeping_code(job["content"], level)
+            out[name, level, "kept"] = (z, code_only, vae.decode(z, level, code_only))
     out["jax_loaded"] = any(m.split(".")[0] in ("jax", "cat_jax") for m in sys.modules)
     torch.save(out, sys.argv[2])
 """)
@@ -109,6 +112,9 @@ def test_every_layout_and_the_shipped_tokenizer_match_jax_in_a_torch_only_proces
   tokenizers = {name: _random_tokenizer(config, seed, KERNEL_SCALE.get(name, 1.0))
                 for seed, (name, config) in enumerate(LAYOUTS.items())}
   tokenizers["demo"] = Tokenizer.from_pretrained("demo")
+  from cat_jax.data.embedded import generate
+  content = np.stack([generate(i, split="validation", image_size=SIZE)[0] for i in range(6)]) / 127.5 - 1.0
+  content = np.concatenate([content, np.full((1, SIZE, SIZE, 3), 0.3)]).astype(np.float32)
   jobs, want = {}, {}
   for name, tok in tokenizers.items():
     folder = to_torch.export(tok, tmp_path / name)
@@ -116,6 +122,7 @@ def test_every_layout_and_the_shipped_tokenizer_match_jax_in_a_torch_only_proces
     want[name] = _jax_reference(tok, images)
     jobs[name] = {"dir": str(folder), "images": _nchw(images),
                   "latents": [_nchw(want[name][level][0]) for level in range(3)]}
+  jobs["demo"]["content"] = _nchw(content)
   got = _run_torch_only(jobs, tmp_path)
   assert got.pop("jax_loaded") is False
   worst = {}
@@ -126,6 +133,13 @@ def test_every_layout_and_the_shipped_tokenizer_match_jax_in_a_torch_only_proces
         assert g.shape == w.shape, (name, level, what)
         worst[name, level, what] = float(np.abs(g - w).max())
       assert 0.1 < np.abs(want[name][level][2]).max() < 50, (name, level)  # neither near-zeros nor blown up
+  for level in range(3):  # the shipped demo keeps the code for some images (the flat one always), as in JAX
+    latents = tokenizers["demo"].encode(content, level)
+    z, code_only, decoded = got["demo", level, "kept"]
+    assert code_only.tolist() == latents.code_only.tolist() and 0 < sum(code_only.tolist()) < 7, level
+    worst["demo", level, "kept code"] = float(np.abs(z.numpy().transpose(0, 2, 3, 1) - np.stack(latents.values)).max())
+    worst["demo", level, "decode kept"] = float(np.abs(np.clip(decoded.numpy().transpose(0, 2, 3, 1), -1, 1)
+                                                       - tokenizers["demo"].decode(latents)).max())
   assert max(worst.values()) < TOL, {k: v for k, v in worst.items() if v >= TOL}
 
 

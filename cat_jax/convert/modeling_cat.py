@@ -404,10 +404,31 @@ class CATTokenizer(NestedVAE):
     self._check(x, level, "images", FACTORS[level])
     return DiagonalGaussian(*self.encode_moments(x, level))
 
-  def decode(self, z: torch.Tensor, level: int | str) -> torch.Tensor:
-    """Images (B, 3, H, W), float32, unclipped, from latents (B, C, H/f, W/f) at ``level``."""
+  def decode(self, z: torch.Tensor, level: int | str, code_only: torch.Tensor | None = None) -> torch.Tensor:
+    """Images (B, 3, H, W), float32, unclipped, from latents (B, C, H/f, W/f) at ``level``; images flagged in
+    ``code_only`` (B,) bool (from ``encode_keeping_code``, or cat_jax's ``Latents.code_only``) as the DCT patch code
+    alone."""
     level = parse_level(level)
     self._check(z, level, "latents", 1)
     if z.shape[1] != self.z_channels:
       raise ValueError(f"latents have {z.shape[1]} channels, the model {self.z_channels}")
-    return self.decode_level(z, level)
+    images = self.decode_level(z, level)
+    if code_only is None or not bool(torch.as_tensor(code_only).any()):
+      return images
+    if not self.shortcuts:
+      raise ValueError("code_only latents need a model with a patch code (shortcuts=True)")
+    return torch.where(torch.as_tensor(code_only, device=z.device).view(-1, 1, 1, 1),
+                       self.decode_base(z, level), images)
+
+  def encode_keeping_code(self, x: torch.Tensor, level: int | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What cat_jax's ``Tokenizer.encode`` returns: per image the posterior mean or, where the learned path
+    reconstructs the image worse than the DCT patch code (clipped MSE; a tie keeps the code), the code's
+    coefficients; and that bit, (B,) bool. ``decode(z, level, code_only)`` reads both back."""
+    level = parse_level(level)
+    mean = self.encode(x, level).mean
+    if not self.shortcuts:
+      return mean, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    code = encode_patches(x, FACTORS[level], self.z_channels)
+    error = lambda y: (y.clamp(-1, 1) - x).square().mean(dim=(1, 2, 3))
+    code_only = error(self.decode_base(code, level)) <= error(self.decode_level(mean, level))
+    return torch.where(code_only.view(-1, 1, 1, 1), code, mean), code_only
