@@ -29,8 +29,10 @@ def get_config(arg: str | None = None):
   c.ema_decay = 0.98
   # The comparison is between level assignments and fixed rates, not GAN sharpness: no discriminator.
   c.loss.update(disc_start=10**9)
+  # The data's own level mix (the demo's 2 : 1 : 1 does not apply: the paper's mode, and one-level models).
+  c.data.level_weights = "proportional"
   if variant == "nested":
-    c.data.update(level_mode="content", level_weights="proportional")  # the paper's mode: the data's own mix
+    c.data.level_mode = "content"  # the paper's mode
   else:
     c.data.levels = variant.removeprefix("fixed")  # '8x' / '16x' / '32x': every image at that level
   c.log_every = 100
