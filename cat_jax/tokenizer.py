@@ -209,9 +209,8 @@ class Tokenizer:
                max_batch_pixels: int = MAX_BATCH_PIXELS, level_predictor: Any = None,
                keep_code: bool | None = None):
     self.model = model
-    if keep_code and not model.shortcuts:
-      raise ValueError("keep_code=True keeps the patch code of a model with shortcuts; this model has none")
-    self.keep_code = bool(model.shortcuts if keep_code is None else keep_code)
+    self.keep_code = bool(model.shortcuts)  # the default, then the argument (checked)
+    self.keep_code = self._keep_code(keep_code)
     self.level_predictor = level_predictor
     self.max_batch_pixels = int(max_batch_pixels)
     self.mesh = mesh if mesh is not None else parallel.make_mesh({"data": -1, "fsdp": 1})

@@ -278,6 +278,7 @@ def make_train_step(config: ml_collections.ConfigDict, *, lpips_module=None,
                    step=step, init=init)
 
 
+# -- evaluation -----------------------------------------------------------------------------------------------------
 def eval_step(params, images, mask, level, *, model):
   """Masked sums of L1, PSNR, the no-learning baselines' PSNR (area+bicubic; with shortcuts the DCT patch code the
   model starts from) and the share of images that kept the code, and the clipped reconstructions.
@@ -289,7 +290,7 @@ def eval_step(params, images, mask, level, *, model):
   recon, code_only = reconstruct(params, images, level, model=model)
   recon = jnp.clip(recon, -1.0, 1.0)
   baselines = {"area_bicubic": area_bicubic}
-  if getattr(model, "shortcuts", False):
+  if model.shortcuts:
     baselines["dct_code"] = functools.partial(dct_code, channels=model.z_channels)
   m = mask.astype(jnp.float32)
   l1 = jnp.mean(jnp.abs(recon - images), axis=(1, 2, 3))
@@ -301,7 +302,7 @@ def eval_step(params, images, mask, level, *, model):
     else:  # a traced level: every branch has the image's shape
       y = jax.lax.switch(level, [functools.partial(baseline, level=lvl) for lvl in range(L.NUM_LEVELS)], images)
     sums[f"psnr_{name}"] = jnp.sum(psnr(y) * m)
-  if getattr(model, "shortcuts", False):
+  if model.shortcuts:
     sums["code_share"] = jnp.sum(code_only.astype(jnp.float32) * m)
   return sums, recon
 
