@@ -48,6 +48,16 @@ def test_embedded_records_have_images_and_kind_specific_captions():
     source[len(source)]
 
 
+def test_embedded_generates_every_kind_at_small_sizes():
+  # Train image 53 is a bar chart with 12 points and 3 series: bars under a pixel wide at 32x32 (once a crash).
+  for size in (16, 32):
+    for i in (13, 53, 69, 85):
+      for split in ("train", "validation"):
+        image, _, kind = generate(i, split=split, image_size=size)
+        assert image.shape == (size, size, 3), (i, split, kind.name)
+  assert generate(53, image_size=32)[2].name == "chart"
+
+
 def test_embedded_simple_images_are_really_simpler_by_jpeg_size():
   sizes = {k.name: [] for k in KINDS}
   for i in range(len(KINDS) * 6):

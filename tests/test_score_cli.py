@@ -12,7 +12,6 @@ import pytest
 from PIL import Image, ImageDraw
 
 from cat_jax import score
-from cat_jax.complexity import manifest as manifest_lib
 from cat_jax.complexity import prompts
 from cat_jax.data import load_levels
 from fake_chat_server import Reply, dead_base_url

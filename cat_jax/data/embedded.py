@@ -272,7 +272,7 @@ def _chart(rng, size):
       width = step * 0.8 / n_series
       for i, (x, y) in enumerate(pts):
         x0 = x - step * 0.4 + s * width
-        draw.rectangle((x0, y, x0 + width - 1, bottom), fill=rgb)
+        draw.rectangle((x0, y, x0 + max(width - 1, 0), bottom), fill=rgb)  # >= 1 px at small sizes
         if n_series == 1:
           draw.text((x, y - 2), f"{values[s, i] * y_max:.0f}", fill="black", font=small, anchor="md")
     elif kind == "line":

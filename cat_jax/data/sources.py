@@ -248,7 +248,7 @@ def _tfds_prepare_instructions(name: str, builder: Any, data_dir: str | None) ->
            "so prepare it once (on a machine with network access if needed):"]
   manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
   if manual:
-    lines.append(f"  1. This dataset needs a manual download into the manual_dir "
+    lines.append("  1. This dataset needs a manual download into the manual_dir "
                  f"(default <data_dir>/downloads/manual):\n     " + manual.strip().replace("\n", "\n     "))
     lines.append(f"  2. tfds build {name}{dd} --manual_dir=<that folder> --file_format=array_record")
   else:
