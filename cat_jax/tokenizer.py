@@ -618,10 +618,9 @@ def _encode(params, images, rng, *, level: int, sample: bool, keep_code: bool, m
   if not keep_code:
     return crop_latent(z, level), jnp.zeros(images.shape[:1], bool)
   learned = model.apply(variables, z, level, method=NestedVAE.decode)
-  code = model.apply(variables, images, level, method=NestedVAE.code_canvas)
-  _, code_only = nested_vae.closer_to(images, learned, model.apply(variables, code, level,
-                                                                   method=NestedVAE.decode_base))
-  return crop_latent(jnp.where(code_only[:, None, None, None], code, z), level), code_only
+  canvas, code = nested_vae.code_reconstruction(params, images, level, model=model)
+  _, code_only = nested_vae.closer_to(images, learned, code)
+  return crop_latent(jnp.where(code_only[:, None, None, None], canvas, z), level), code_only
 
 
 def _decode(params, latents, code_only, *, level: int, model: NestedVAE):

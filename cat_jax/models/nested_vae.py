@@ -555,12 +555,18 @@ def reconstruct(params, images: jax.Array, level, *, model: NestedVAE,
   smooth images stay exact and unseen content the residual does not fit cannot fall below the no-learning start.
   What the tokenizer returns and evaluation measures.
   """
-  variables = {"params": params}
-  recon, _ = model.apply(variables, images, level)
+  recon, _ = model.apply({"params": params}, images, level)
   if not (keep_code and model.shortcuts):
     return recon, jnp.zeros(images.shape[:1], bool)
+  _, code = code_reconstruction(params, images, level, model=model)
+  return closer_to(images, recon, code)
+
+
+def code_reconstruction(params, images: jax.Array, level, *, model: NestedVAE) -> tuple[jax.Array, jax.Array]:
+  """With shortcuts: the fixed patch code of ``images`` on the level's latent canvas and its reconstruction."""
+  variables = {"params": params}
   canvas = model.apply(variables, images, level, method=NestedVAE.code_canvas)
-  return closer_to(images, recon, model.apply(variables, canvas, level, method=NestedVAE.decode_base))
+  return canvas, model.apply(variables, canvas, level, method=NestedVAE.decode_base)
 
 
 # The gate's logits are its 1x1 conv times this: at the shared learning rate an unscaled gate barely moved in a
