@@ -134,12 +134,13 @@ class Preemption:
 
 
 def mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
-  """Averages fetched step metrics overall ('train/x') and per level ('train/level{l}/x')."""
+  """Averages fetched step metrics overall ('train/x') and per level ('train/level{l}/x'; none for level None)."""
   out: dict[str, list[float]] = {}
   for level, m in jax.device_get(pending):
     for k, v in m.items():
       out.setdefault(f"train/{k}", []).append(float(v))
-      out.setdefault(f"train/level{level}/{k}", []).append(float(v))
+      if level is not None:
+        out.setdefault(f"train/level{level}/{k}", []).append(float(v))
   return {k: float(np.mean(v)) for k, v in out.items()}
 
 
@@ -159,7 +160,7 @@ class TrainLog:
     self.timer = StepTimer(start)
     self.pending: list[tuple[int, dict]] = []
 
-  def add(self, level: int, metrics: dict) -> None:
+  def add(self, level: int | None, metrics: dict) -> None:
     self.pending.append((level, metrics))
 
   def write(self, step: int) -> dict[str, float]:
@@ -181,13 +182,13 @@ class TrainLog:
 
 
 def run_steps(state, *, start: int, config: ml_collections.ConfigDict, train_iter,
-              train_step: Callable[[Any, int], tuple[Any, int, dict]], checkpoints: Checkpoints, log: TrainLog,
+              train_step: Callable[[Any, int], tuple[Any, int | None, dict]], checkpoints: Checkpoints, log: TrainLog,
               closing: Sequence[Any] = (), periodic: Callable[[Any, int], dict | None] | None = None,
               before: Callable[[Any], None] | None = None):
   """The train loop of cat_jax.train and cat_jax.train_dit, from step ``start + 1`` to ``config.num_steps``.
 
   ``before(state)`` runs first (the tokenizer's step-0 evaluation). Each step: ``train_step(state, step) -> (state,
-  level, metrics)``; metrics logged every ``config.log_every`` steps (after a finiteness check of the state);
+  level, metrics)`` (level None: a model without levels); metrics logged every ``config.log_every`` steps (after a finiteness check of the state);
   ``periodic(state, step)`` (evaluation, sample grids) may return metrics, which are saved with a checkpoint; a
   checkpoint every ``config.checkpoint_every`` steps and at the end; on SIGTERM a checkpoint and a clean exit.
   ``checkpoints``, ``log`` and ``closing`` (writers) are closed at the end, also after an error (``before``'s too).

@@ -251,7 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> predi
     batch["target"] = np.array([target_of[str(i)] for i in np.asarray(batch["id"])], np.float32)
     batch = make_global_batch(batch, batch_sharding)
     state, metrics = jit_step(state, batch["image"], batch["target"])
-    return state, 0, metrics
+    return state, None, metrics  # no levels: only train/x is logged
 
   state = loop.run_steps(state, start=start, config=config, train_iter=train_iter, train_step=one_step,
                          checkpoints=checkpoints, log=log, closing=(writer,))

@@ -81,3 +81,9 @@ def test_an_error_still_closes_checkpoints_writers_and_log(where):
                    closing=(Recorder(calls, "writer"),), before=fail if where == "before" else None)
   assert calls[-3:] == [("close", "checkpoints"), ("close", "writer"), ("close", "log")]
   assert not [c for c in calls if c[0] == "save"]
+
+
+def test_metrics_are_averaged_overall_and_per_level_and_a_model_without_levels_logs_none():
+  with_levels = loop.mean_metrics([(0, {"loss": 1.0}), (2, {"loss": 6.0}), (0, {"loss": 5.0})])
+  assert with_levels == {"train/loss": 4.0, "train/level0/loss": 3.0, "train/level2/loss": 6.0}
+  assert loop.mean_metrics([(None, {"loss": 1.0}), (None, {"loss": 2.0})]) == {"train/loss": 1.5}
