@@ -174,14 +174,15 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
                    inception_fn: Callable | None = None, lpips_fn: Callable | None = None,
                    num_grid_images: int = 8, seed: int = 0, extra: Mapping[str, Any] | None = None,
                    compare: Mapping[str, tuple[Any, int]] | None = None, baselines: bool = True,
-                   bootstrap: int = 1000, strict: bool = False) -> dict:
+                   bootstrap: int = 1000, strict: bool = False, paired_against: str = "fixed_16x") -> dict:
   """Evaluates ``tok`` on ``source`` in one pass over the data and writes every output file; returns the results.
 
   ``compare``: {row name: (another Tokenizer, level)}, e.g. separately trained fixed-rate models or a converted SD
   VAE, each evaluated on the same images at one level. ``baselines``: add the no-learning rows (area+bicubic, and
   the DCT patch code with the model's latent channels: ``cat_jax.metrics.baselines``).
   ``bootstrap``: resamples for the 95% intervals over images (0: none). Images a manifest lacks (failed scores) are
-  left out of every row and listed in the notes; ``strict`` raises instead.
+  left out of every row and listed in the notes; ``strict`` raises instead. ``paired_against``: the row every other
+  row's PSNR difference is paired against (default the model's fixed 16x; e.g. a separately trained fixed 16x model).
 
   Each batch is reconstructed at every level and each (reconstruction source, level) is measured once; a row picks,
   per image, the measurement at its level. Budget rows need every image's score first (their thresholds come from
@@ -251,6 +252,9 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
                      "generator's complexity grade; no --manifest given)"))
   else:
     notes.append("no adaptive row: pass --manifest (a score manifest with levels, from python -m cat_jax.score)")
+  if paired_against not in {r.name for r in rows}:
+    raise ValueError(f"--paired-against {paired_against!r} is not a row of this evaluation; use one of "
+                     f"{[r.name for r in rows]}")
   deferred = bool(measures or external)
 
   measurer = ReconstructionEvaluator(_padded(inception_fn, tok.batch_size), _padded(lpips_fn, tok.batch_size))
@@ -360,7 +364,7 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
       entry["thresholds"] = list(row.thresholds)
     results["rows"][row.name] = entry
   reports.add_intervals_and_breakdown(results, {n: ev.per_image for n, ev in evaluators.items()}, seen_ids, source,
-                                      bootstrap, seed)
+                                      bootstrap, seed, reference=paired_against)
   reports.write_reports(results, grid, out_dir)
   return results
 
@@ -398,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-baselines", action="store_true", help="leave out the no-learning rows (area+bicubic, DCT patch code)")
   p.add_argument("--strict", action="store_true", help="refuse the run when a manifest lacks an image (default: "
                  "leave such images out of every row and list them)")
+  p.add_argument("--paired-against", default="fixed_16x", metavar="ROW",
+                 help="the row each PSNR difference is paired against (default fixed_16x, the model's own; e.g. a "
+                      "--compare name such as a separately trained fixed 16x model)")
   p.add_argument("--bootstrap", type=int, default=1000, help="resamples for 95%% intervals over images (0: none)")
   p.add_argument("--num-grid-images", type=int, default=8)
   p.add_argument("--seed", type=int, default=0, help="seed of the random measure")
@@ -480,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         score_manifests=_parse_named(args.score_manifest), measures=measures, budget_tokens=args.budget_tokens,
         inception_fn=inception_fn, lpips_fn=lpips_fn, num_grid_images=args.num_grid_images, seed=args.seed,
         compare=_parse_compare(args.compare, tok.batch_size), baselines=not args.no_baselines,
-        bootstrap=args.bootstrap, strict=args.strict,
+        bootstrap=args.bootstrap, strict=args.strict, paired_against=args.paired_against,
         extra={"workdir": os.path.abspath(args.workdir) if storage.is_local(args.workdir) else args.workdir,
                "training": training_summary(config, tok.step),
                "command": "python -m cat_jax.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)})

@@ -14,7 +14,7 @@ from cat_jax import levels as L
 from cat_jax import storage
 
 FIXED_ROWS = tuple(f"fixed_{f}x" for f in L.FACTORS)
-PAIRED_REFERENCE = FIXED_ROWS[1]  # each row's PSNR difference is paired against fixed 16x
+PAIRED_REFERENCE = FIXED_ROWS[1]  # by default each row's PSNR difference is paired against fixed 16x
 
 
 def bootstrap_interval(values: np.ndarray, resamples: np.ndarray) -> list[float]:
@@ -24,24 +24,28 @@ def bootstrap_interval(values: np.ndarray, resamples: np.ndarray) -> list[float]
 
 
 def add_intervals_and_breakdown(results: dict, per_image: Mapping[str, Mapping[str, Sequence[float]]],
-                                ids: Sequence[str], source, bootstrap: int, seed: int) -> None:
+                                ids: Sequence[str], source, bootstrap: int, seed: int,
+                                reference: str = PAIRED_REFERENCE) -> None:
   """Adds to ``results['rows']`` bootstrap 95% intervals over images of each row's PSNR/SSIM/LPIPS and of its PSNR
-  difference to fixed 16x (paired: the same resampled images), and the mean PSNR per kind of image where the source
-  names kinds. ``per_image``: {row: {metric: values in the order of ``ids``}}."""
+  difference to the ``reference`` row (``psnr_minus_reference``, paired: the same resampled images; the row's name
+  in ``results['paired_reference']``), and the mean PSNR per kind of image where the source names kinds.
+  ``per_image``: {row: {metric: values in the order of ``ids``}}."""
   per_image = {name: {k: np.asarray(v) for k, v in values.items() if len(v)} for name, values in per_image.items()}
-  reference = per_image.get(PAIRED_REFERENCE, {}).get("psnr")
+  reference_psnr = per_image.get(reference, {}).get("psnr")
   if bootstrap > 0:
     resamples = np.random.default_rng(seed).integers(0, len(ids), size=(bootstrap, len(ids)))
     results["bootstrap_resamples"] = bootstrap
+    if reference_psnr is not None:
+      results["paired_reference"] = reference
     for name, values in per_image.items():
       row = results["rows"][name]
       for metric in ("psnr", "ssim", "lpips"):
         if metric in values:
           row[f"{metric}_ci95"] = bootstrap_interval(values[metric], resamples)
-      if reference is not None and name != PAIRED_REFERENCE:
-        diff = values["psnr"] - reference
-        row["psnr_minus_fixed_16x"] = float(diff.mean())
-        row["psnr_minus_fixed_16x_ci95"] = bootstrap_interval(diff, resamples)
+      if reference_psnr is not None and name != reference:
+        diff = values["psnr"] - reference_psnr
+        row["psnr_minus_reference"] = float(diff.mean())
+        row["psnr_minus_reference_ci95"] = bootstrap_interval(diff, resamples)
   kind_of = kinds_of(source, ids)
   if kind_of is not None:
     from cat_jax.data.embedded import KIND_NAMES
@@ -92,17 +96,17 @@ def _cell(row: Mapping[str, Any], key: str, fmt: str) -> str:
   return text
 
 
-def _table(rows: Mapping[str, dict], names: Sequence[str]) -> list[str]:
+def _table(rows: Mapping[str, dict], names: Sequence[str], reference: str | None) -> list[str]:
   cols = [c for c in _COLUMNS if any(c[0] in rows[n] for n in names)]
-  paired = any("psnr_minus_fixed_16x" in rows[n] for n in names)
-  header = [c[1] for c in cols] + (["PSNR - fixed 16x"] if paired else [])
+  paired = any("psnr_minus_reference" in rows[n] for n in names)
+  header = [c[1] for c in cols] + ([f"PSNR - {reference}"] if paired else [])
   lines = ["| setting | " + " | ".join(header) + " | images at 8x/16x/32x |",
            "|---|" + "---:|" * len(header) + "---|"]
   for n in names:
     r = rows[n]
     cells = [_cell(r, key, fmt) for key, _, fmt in cols]
     if paired:
-      cells.append(_cell(r, "psnr_minus_fixed_16x", "{:+.2f}"))
+      cells.append(_cell(r, "psnr_minus_reference", "{:+.2f}"))
     counts = "/".join(str(r["level_counts"][f"{f}x"]) for f in L.FACTORS)
     lines.append(f"| {n} | " + " | ".join(cells) + f" | {counts} |")
   return lines
@@ -129,11 +133,13 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     lines += ["Trained with " + ", ".join(f"{k}={v}" for k, v in results["training"].items()) + ".", ""]
   if results.get("bootstrap_resamples"):
     lines += [f"PSNR: mean of per-image PSNR capped at 50 dB; [brackets]: 95% bootstrap interval over images "
-              f"({results['bootstrap_resamples']} resamples; the difference to fixed 16x is paired).", ""]
-  lines += _table(rows, main)
+              f"({results['bootstrap_resamples']} resamples; the difference to "
+              f"{results.get('paired_reference', 'the reference')} is paired).", ""]
+  reference = results.get("paired_reference")
+  lines += _table(rows, main, reference)
   if budget:
     lines += ["", f"## Complexity measures at {results['budget_tokens']:g} mean tokens per image (budget mode)", ""]
-    lines += _table(rows, budget)
+    lines += _table(rows, budget, reference)
   if results.get("kinds"):
     lines += ["", "## PSNR per kind of image", ""] + _kinds_table(results)
   for key, text in results.get("skipped", {}).items():

@@ -153,8 +153,9 @@ def test_baseline_rows_intervals_per_kind_and_compared_tokenizers(workdir, tmp_p
   rows = results["rows"]
   # A compared tokenizer is evaluated on the same images: the same model at 16x is fixed 16x, paired difference 0.
   assert rows["same_at_16x"]["psnr"] == pytest.approx(rows["fixed_16x"]["psnr"], abs=1e-4)
-  assert rows["same_at_16x"]["psnr_minus_fixed_16x"] == pytest.approx(0.0, abs=1e-4)
-  assert rows["adaptive"]["psnr_minus_fixed_16x"] == pytest.approx(
+  assert results["paired_reference"] == "fixed_16x"
+  assert rows["same_at_16x"]["psnr_minus_reference"] == pytest.approx(0.0, abs=1e-4)
+  assert rows["adaptive"]["psnr_minus_reference"] == pytest.approx(
       rows["adaptive"]["psnr"] - rows["fixed_16x"]["psnr"], abs=1e-4)
   for name, row in rows.items():
     lo, hi = row["psnr_ci95"]
@@ -166,6 +167,24 @@ def test_baseline_rows_intervals_per_kind_and_compared_tokenizers(workdir, tmp_p
     assert rows[f"{baseline}_8x"]["psnr"] > rows[f"{baseline}_16x"]["psnr"] > rows[f"{baseline}_32x"]["psnr"]
   md = (tmp_path / "results.md").read_text()
   assert "95% bootstrap interval" in md and "| dct_code_16x |" in md and "| same_at_16x |" in md
+
+
+def test_paired_differences_against_any_row():
+  from cat_jax import reports
+
+  ids = [f"i{k}" for k in range(5)]
+  psnr = {"fixed_16x": [20.0, 30.0, 25.0, 40.0, 22.0], "trained_16x": [21.0, 30.5, 26.0, 40.0, 23.0],
+          "adaptive": [19.0, 33.0, 25.0, 41.0, 22.0]}
+  results = {"rows": {n: {"level_counts": {"8x": 0, "16x": 5, "32x": 0}} for n in psnr}}
+  reports.add_intervals_and_breakdown(results, {n: {"psnr": v} for n, v in psnr.items()}, ids, source=None,
+                                      bootstrap=50, seed=0, reference="trained_16x")
+  rows = results["rows"]
+  assert results["paired_reference"] == "trained_16x" and "psnr_minus_reference" not in rows["trained_16x"]
+  assert rows["fixed_16x"]["psnr_minus_reference"] == pytest.approx(-0.7)
+  assert rows["adaptive"]["psnr_minus_reference"] == pytest.approx(-0.1)
+  lo, hi = rows["fixed_16x"]["psnr_minus_reference_ci95"]  # every image's difference is -1, -0.5 or 0
+  assert -1.0 <= lo <= -0.7 <= hi <= 0.0
+  assert "| PSNR - trained_16x |" in reports._table(rows, list(rows), "trained_16x")[0]
 
 
 def test_an_untrained_shortcut_model_is_the_dct_code_row(tmp_path):
@@ -235,3 +254,5 @@ def test_clear_errors(workdir, tmp_path, capsys):
   folder.mkdir()
   Image.fromarray(generate(0, image_size=32, split="test")[0]).save(folder / "0.png")
   assert "'grade' needs the embedded" in error(base[:-2] + ["--data", f"folder:{folder}", "--measures", "grade"])
+  message = error(base + ["--paired-against", "fixed_64x"])
+  assert "'fixed_64x' is not a row" in message and "dct_code_16x" in message
