@@ -133,7 +133,7 @@ class Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
+def mean_metrics(pending: list[tuple[int | None, dict]]) -> dict[str, float]:
   """Averages fetched step metrics overall ('train/x') and per level ('train/level{l}/x'; none for level None)."""
   out: dict[str, list[float]] = {}
   for level, m in jax.device_get(pending):
@@ -188,7 +188,8 @@ def run_steps(state, *, start: int, config: ml_collections.ConfigDict, train_ite
   """The train loop of cat_jax.train and cat_jax.train_dit, from step ``start + 1`` to ``config.num_steps``.
 
   ``before(state)`` runs first (the tokenizer's step-0 evaluation). Each step: ``train_step(state, step) -> (state,
-  level, metrics)`` (level None: a model without levels); metrics logged every ``config.log_every`` steps (after a finiteness check of the state);
+  level, metrics)`` (level None: a model without levels); metrics logged every ``config.log_every`` steps (after a
+  finiteness check of the state);
   ``periodic(state, step)`` (evaluation, sample grids) may return metrics, which are saved with a checkpoint; a
   checkpoint every ``config.checkpoint_every`` steps and at the end; on SIGTERM a checkpoint and a clean exit.
   ``checkpoints``, ``log`` and ``closing`` (writers) are closed at the end, also after an error (``before``'s too).
