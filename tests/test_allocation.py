@@ -1,0 +1,88 @@
+"""The rate-distortion level choice (complexity/allocation.py) against brute force over every assignment."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from cat_jax.complexity import allocation
+
+
+def _small_set(seed, n=7):
+  """Qualities rising with tokens at image-specific rates, at mixed image sizes (so token costs differ per image)."""
+  rng = np.random.default_rng(seed)
+  sizes = [(64, 64), (96, 160), (64, 128), (256, 256), (40, 33)]
+  hw = [sizes[k] for k in rng.integers(0, len(sizes), n)]
+  tokens = allocation.tokens_table(hw)
+  base = rng.uniform(20, 35, n)
+  slope = rng.uniform(0.0, 4.0, n)  # dB per doubling of tokens
+  quality = base[:, None] + slope[:, None] * np.log2(tokens / tokens[:, 2:3]) + rng.normal(0, 0.3, (n, 3))
+  return quality, tokens
+
+
+def _all_assignments(n):
+  return np.array(list(itertools.product(range(3), repeat=n)), np.int32)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_best_within_budget_equals_brute_force(seed):
+  quality, tokens = _small_set(seed)
+  combos = _all_assignments(len(quality))
+  q = quality[np.arange(len(quality)), combos].mean(1)
+  t = tokens[np.arange(len(quality)), combos].mean(1)
+  for budget in (t.min(), np.median(t), tokens[:, 1].mean(), t.max()):
+    levels = allocation.best_within_budget(quality, tokens, budget)
+    assert allocation.mean_of(tokens, levels) <= budget + 1e-9
+    best = q[t <= budget + 1e-9].max()
+    assert allocation.mean_of(quality, levels) == pytest.approx(best, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fewest_tokens_for_equals_brute_force(seed):
+  quality, tokens = _small_set(seed)
+  combos = _all_assignments(len(quality))
+  q = quality[np.arange(len(quality)), combos].mean(1)
+  t = tokens[np.arange(len(quality)), combos].mean(1)
+  for target in (q.min(), quality[:, 1].mean(), np.quantile(q, 0.9), q.max()):
+    levels = allocation.fewest_tokens_for(quality, tokens, target)
+    assert allocation.mean_of(quality, levels) >= target - 1e-9
+    assert allocation.mean_of(tokens, levels) == pytest.approx(t[q >= target - 1e-9].min())
+
+
+def test_unreachable_quality_gives_every_image_its_best_level_and_low_budget_is_refused():
+  quality, tokens = _small_set(0)
+  levels = allocation.fewest_tokens_for(quality, tokens, quality.max(1).mean() + 1.0)
+  np.testing.assert_array_equal(levels, quality.argmax(1))
+  with pytest.raises(ValueError, match="below"):
+    allocation.best_within_budget(quality, tokens, tokens[:, 2].mean() - 1)
+
+
+def test_at_price_is_per_image_and_calibrate_price_meets_the_budget():
+  quality, tokens = _small_set(1, n=40)
+  levels = allocation.at_price(quality, tokens, 1.0)
+  alone = np.concatenate([allocation.at_price(quality[i:i + 1], tokens[i:i + 1], 1.0) for i in range(40)])
+  np.testing.assert_array_equal(levels, alone)
+  # Price 0: the best quality; an enormous price: the fewest tokens.
+  np.testing.assert_array_equal(allocation.at_price(quality, tokens, 0.0), quality.argmax(1))
+  np.testing.assert_array_equal(allocation.at_price(quality, tokens, 1e6), np.full(40, 2))
+  budget = tokens[:, 1].mean()
+  price = allocation.calibrate_price(quality, tokens, budget)
+  spent = allocation.mean_of(tokens, allocation.at_price(quality, tokens, price))
+  assert spent <= budget + 1e-9
+  # The price is the lowest that fits: a little less overspends.
+  assert price == 0.0 or allocation.mean_of(tokens, allocation.at_price(quality, tokens, price * (1 - 1e-6))) > budget
+  # At its own mean tokens the per-image price rule is never better than the exact knapsack.
+  exact = allocation.best_within_budget(quality, tokens, spent)
+  assert allocation.mean_of(quality, exact) >= allocation.mean_of(quality, allocation.at_price(quality, tokens, price))
+
+
+def test_ties_go_to_fewer_tokens_and_bad_tables_are_refused():
+  tokens = allocation.tokens_table([(64, 64)] * 3)
+  flat = np.full((3, 3), 40.0)
+  np.testing.assert_array_equal(allocation.best_within_budget(flat, tokens, 64), [2, 2, 2])
+  np.testing.assert_array_equal(allocation.at_price(flat, tokens, 0.0), [2, 2, 2])
+  with pytest.raises(ValueError, match="NaN"):
+    allocation.at_price(np.full((3, 3), np.nan), tokens, 1.0)
+  with pytest.raises(ValueError, match="shape"):
+    allocation.at_price(flat[:, :2], tokens, 1.0)
+  np.testing.assert_array_equal(allocation.image_tokens((600, 400)), [76 * 52, 38 * 26, 19 * 13])
