@@ -59,21 +59,28 @@ def test_unreachable_quality_gives_every_image_its_best_level_and_low_budget_is_
 
 def test_at_price_is_per_image_and_calibrate_price_meets_the_budget():
   quality, tokens = _small_set(1, n=40)
-  levels = allocation.at_price(quality, tokens, 1.0)
-  alone = np.concatenate([allocation.at_price(quality[i:i + 1], tokens[i:i + 1], 1.0) for i in range(40)])
+  levels = allocation.at_price(quality, tokens, 0.05)
+  alone = np.concatenate([allocation.at_price(quality[i:i + 1], tokens[i:i + 1], 0.05) for i in range(40)])
   np.testing.assert_array_equal(levels, alone)
   # Price 0: the best quality; an enormous price: the fewest tokens.
   np.testing.assert_array_equal(allocation.at_price(quality, tokens, 0.0), quality.argmax(1))
   np.testing.assert_array_equal(allocation.at_price(quality, tokens, 1e6), np.full(40, 2))
   budget = tokens[:, 1].mean()
   price = allocation.calibrate_price(quality, tokens, budget)
-  spent = allocation.mean_of(tokens, allocation.at_price(quality, tokens, price))
+  chosen = allocation.at_price(quality, tokens, price)
+  spent = allocation.mean_of(tokens, chosen)
   assert spent <= budget + 1e-9
   # The price is the lowest that fits: a little less overspends.
   assert price == 0.0 or allocation.mean_of(tokens, allocation.at_price(quality, tokens, price * (1 - 1e-6))) > budget
-  # At its own mean tokens the per-image price rule is never better than the exact knapsack.
+  # The price rule is the knapsack's Lagrangian: at its own mean tokens nothing beats it (exact on the hull).
   exact = allocation.best_within_budget(quality, tokens, spent)
-  assert allocation.mean_of(quality, exact) >= allocation.mean_of(quality, allocation.at_price(quality, tokens, price))
+  assert allocation.mean_of(quality, exact) == pytest.approx(allocation.mean_of(quality, chosen), abs=1e-9)
+  # Priced by rate (tokens per 256x256 pixels) one price serves every size: a 64x64 and a 512x512 image pay the
+  # same per pixel, and the rate table is their tokens scaled by their pixels.
+  rate = allocation.rate_table(2)
+  sizes = [(64, 64), (512, 512)]
+  np.testing.assert_allclose(allocation.tokens_table(sizes) * 65536 / np.array([[64 * 64], [512 * 512]]), rate)
+  np.testing.assert_array_equal(rate[0], [1024, 256, 64])
 
 
 def test_ties_go_to_fewer_tokens_and_bad_tables_are_refused():

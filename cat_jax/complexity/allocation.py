@@ -9,10 +9,13 @@ table:
                                                 multiple-choice knapsack, solved by dynamic programming);
   fewest_tokens_for(quality, tokens, target)    the fewest mean tokens whose mean quality is >= target (the same
                                                 programme read the other way);
-  at_price(quality, tokens, price)              per image, argmax_l quality[l] - price * log2(tokens[l]): a level
-                                                is worth its tokens when each doubling of tokens buys more than
-                                                ``price`` quality. Independent of the other images, so one image
-                                                gets the same level alone, in a batch or in a folder.
+  at_price(quality, cost, price)                per image, argmax_l quality[l] - price * cost[l]: a level is worth
+                                                its extra tokens when it buys more than ``price`` quality per token.
+                                                Independent of the other images, so one image gets the same level
+                                                alone, in a batch or in a folder. With ``cost = rate_table(N)``
+                                                (tokens per 256x256 pixels: 1024 / 256 / 64) one price serves every
+                                                image size: 8x must buy 768 * price over 16x, 16x 192 * price over
+                                                32x.
 
 The knapsack's levels depend on the whole set (they are the ceiling any per-image rule can reach at that budget);
 ``at_price`` is the per-image rule the tokenizer's knob-free ``levels="auto"`` uses, with qualities predicted by its
@@ -132,29 +135,38 @@ def fewest_tokens_for(quality, tokens, target_quality: float) -> np.ndarray:
   return (L.NUM_LEVELS - 1 - _rebuild(choice, cost, int(reached[0]))).astype(np.int32)
 
 
-def at_price(quality, tokens, price: float) -> np.ndarray:
-  """(N,) int32: per image, the level maximising ``quality - price * log2(tokens)``; ties go to fewer tokens."""
-  quality, tokens = _check(quality, tokens)
-  net = quality - float(price) * np.log2(tokens)
-  order = np.argsort(tokens, axis=1, kind="stable")  # fewest tokens first, so argmax's ties pick it
+def at_price(quality, cost, price: float) -> np.ndarray:
+  """(N,) int32: per image, the level maximising ``quality - price * cost``; ties go to the lower cost. ``cost``:
+  tokens (the Lagrangian of a token budget over images of one size) or ``rate_table`` (tokens per 256x256 pixels:
+  the same price for an image of any size)."""
+  quality, cost = _check(quality, cost)
+  net = quality - float(price) * cost
+  order = np.argsort(cost, axis=1, kind="stable")  # cheapest first, so argmax's ties pick it
   picked = np.argmax(np.take_along_axis(net, order, axis=1), axis=1)
   return np.take_along_axis(order, picked[:, None], axis=1)[:, 0].astype(np.int32)
 
 
-def calibrate_price(quality, tokens, budget_tokens: float) -> float:
-  """The lowest price at which ``at_price`` spends at most ``budget_tokens`` mean tokens on these images (exact:
-  the mean tokens only change where some image's choice changes, at prices where two of its net qualities tie)."""
-  quality, tokens = _check(quality, tokens)
-  logs = np.log2(tokens.astype(np.float64))
+def rate_table(n: int) -> np.ndarray:
+  """(n, 3) tokens per 256x256 pixels at each level (1024 / 256 / 64), whatever the image size: the rate a price
+  for images of any size is paid in."""
+  return np.tile(image_tokens((256, 256)), (n, 1))
+
+
+def calibrate_price(quality, cost, budget_tokens: float, tokens=None) -> float:
+  """The lowest price at which ``at_price(quality, cost, price)`` spends at most ``budget_tokens`` mean ``tokens``
+  (default: ``cost``) on these images. Exact: the choice only changes at prices where two of an image's net
+  qualities tie, so those prices are the candidates."""
+  quality, cost = _check(quality, cost)
+  tokens = cost if tokens is None else _check(quality, tokens)[1]
   breaks = [0.0]
   for a in range(L.NUM_LEVELS):
     for b in range(a + 1, L.NUM_LEVELS):
-      d = logs[:, a] - logs[:, b]
+      d = cost[:, b] - cost[:, a]
       ok = d != 0
-      breaks += ((quality[ok, a] - quality[ok, b]) / d[ok]).tolist()
+      breaks += ((quality[ok, b] - quality[ok, a]) / d[ok]).tolist()
   candidates = np.unique(np.maximum(np.asarray(breaks), 0.0))
   for price in candidates:  # mean tokens fall as the price rises: the first that fits
-    if float(np.take_along_axis(tokens, at_price(quality, tokens, price)[:, None], 1).mean()) <= budget_tokens + 1e-9:
+    if mean_of(tokens, at_price(quality, cost, price)) <= budget_tokens + 1e-9:
       return float(price)
   raise ValueError(f"no price brings these images to {budget_tokens:g} mean tokens (their 32x mean is "
                    f"{tokens.min(axis=1).mean():g})")
