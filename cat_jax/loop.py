@@ -222,6 +222,9 @@ def run_steps(state, *, start: int, config: ml_collections.ConfigDict, train_ite
   return state
 
 
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
 def _one_line(e: BaseException) -> str:
   """A flag or config error as one line (ml_collections' messages span lines and quote a typo's suggestion)."""
   import re
@@ -275,6 +278,10 @@ def run_cli(train_and_evaluate: Callable[[ml_collections.ConfigDict, str], Any],
       args[at] = ("--config=" if at == i else "") + configs.resolve_spec(spec)
     try:
       return flags_(args)
+    except SystemExit as e:  # absl's --help (--helpshort, --helpfull, -h) exits 1 after printing the usage
+      if e.code == 1 and any(a.split("=")[0] in HELP_FLAGS for a in args[1:]):
+        sys.exit(0)
+      raise
     except Exception as e:  # absl and ml_collections raise several types for a bad flag, file or override
       fail(_one_line(e))
 

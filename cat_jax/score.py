@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (runner.TooManyFailures, EndpointError) as e:
     print(f"error: {e}\nfix the cause and rerun the same command to resume", file=sys.stderr)
     return 1
-  except (manifest_lib.ManifestMismatch, ValueError) as e:
+  except (manifest_lib.ManifestMismatch, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   _report(summary, out)

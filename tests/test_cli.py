@@ -36,7 +36,9 @@ def _run(*args, cwd):
 
 @pytest.mark.parametrize("module", ["cat_jax.train", "cat_jax.train_dit", "cat_jax.train_predictor"])
 def test_trainer_help_lists_its_flags(module, tmp_path):
-  out = _run(module, "--help", cwd=tmp_path).stdout
+  result = _run(module, "--help", cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]  # absl's --help exits 1 by itself
+  out = result.stdout
   assert "--config:" in out and "--workdir:" in out and "--config.KEY=VALUE" in out
 
 
@@ -49,6 +51,9 @@ def test_trainer_errors_are_one_line_with_exit_status_2(tmp_path):
       (["--config", "missing.py", "--workdir", "w"], "config file missing.py does not exist"),
       (["--config", "cat:runlocal", "--workdir", "a_file"], "is a file; give a directory"),
       (["--config", "cat:runlocal"], "--config and --workdir are required"),
+      # the repository's path to a shipped config names it from any directory (no configs/cat.py here)
+      (["--config", "configs/cat.py:nosuch", "--workdir", "w"], "unknown config variant 'nosuch'"),
+      (["--config", "configs/cat.py:demo", "--workdir", "a_file"], "is a file; give a directory"),
       (["--config=cat:runlocal", "--workdir", "w", "--config.batch_size=abc"], "invalid literal for int()"),
   ]
   cases = [("cat_jax.train", args, expected) for args, expected in cases] + [
@@ -57,6 +62,10 @@ def test_trainer_errors_are_one_line_with_exit_status_2(tmp_path):
        "needs data.source=embedded"),
       ("cat_jax.train_predictor", ["--config", "predictor:demo", "--workdir", "w", "--config.teacher=nosuch.jsonl"],
        "no such score manifest"),
+      ("cat_jax.train_predictor", ["--config", "configs/predictor.py:demo", "--workdir", "w",
+                                   "--config.teacher=nosuch.jsonl"], "no such score manifest"),
+      ("cat_jax.train_dit", ["--config", "configs/dit.py:demo", "--workdir", "w", "--config.nosuchkey=1"],
+       "no such key: nosuchkey"),
   ]
   for module, args, expected in cases:
     result = _run(module, *args, cwd=tmp_path)
@@ -71,3 +80,27 @@ def test_sample_on_a_tokenizer_workdir_says_it_needs_a_dit_workdir(runlocal_work
 
   assert sample.main(["--workdir", runlocal_workdir, "--out", "unused.png"]) == 2
   assert "not a python -m cat_jax.train_dit workdir" in capsys.readouterr().err
+
+
+MISSING = "/nonexistent/cat_jax_missing"
+
+
+@pytest.mark.parametrize("module,args,names", [
+    ("score", ["--method", "jpeg", "--path", MISSING], "image folder"),
+    ("encode", ["--checkpoint", "demo", "--input", MISSING, "--out", "{tmp}/out"], "--input"),
+    ("encode", ["--checkpoint", MISSING, "--input", "{tmp}/images", "--out", "{tmp}/out"], MISSING),
+    ("decode", ["--latents", MISSING, "--out", "{tmp}/out"], "--latents"),
+    ("evaluate", ["--workdir", "demo", "--data", "folder:" + MISSING, "--out", "{tmp}/out"], "image folder"),
+    ("evaluate", ["--workdir", MISSING], MISSING),
+    ("sample", ["--workdir", MISSING, "--out", "{tmp}/g.png"], MISSING),
+])
+def test_a_missing_folder_or_file_is_one_error_line_with_exit_status_2(module, args, names, tmp_path, capsys):
+  from PIL import Image
+
+  (tmp_path / "images").mkdir()
+  Image.new("RGB", (40, 40)).save(tmp_path / "images" / "a.png")
+  main = importlib.import_module(f"cat_jax.{module}").main
+  rc = main([a.replace("{tmp}", str(tmp_path)) for a in args])
+  err = capsys.readouterr().err
+  errors = [line for line in err.splitlines() if line.startswith("error: ")]
+  assert rc == 2 and "Traceback" not in err and len(errors) == 1 and names in errors[0], err

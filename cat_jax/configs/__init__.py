@@ -3,7 +3,8 @@ predictor), ``reproduce`` (docs/reproduction.md).
 
 ``load("cat:demo")`` is the one loader: a config name with an optional argument (its ``get_config(arg)``), or a path
 ``path/to/file.py[:arg]`` for a config file of your own. The files in the repository's ``configs/`` only re-export
-these, so ``python -m cat_jax.train --config configs/cat.py:demo`` and ``cat_jax/configs/cat.py:demo`` are the same.
+these, so ``python -m cat_jax.train --config configs/cat.py:demo`` and ``cat_jax/configs/cat.py:demo`` are the same;
+from any other directory, where no ``configs/cat.py`` exists, that path still names the shipped ``cat``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,20 @@ import ml_collections
 NAMES = ("cat", "dit", "predictor", "reproduce")
 
 
+def shipped_name(path: str) -> str | None:
+  """The shipped config a path names when no such file exists here: ``configs/cat.py`` (or ``cat_jax/configs/cat.py``)
+  run outside the repository root -> ``cat``; None for any other path."""
+  parent, base = os.path.split(os.path.normpath(path))
+  stem, ext = os.path.splitext(base)
+  if ext == ".py" and stem in NAMES and os.path.basename(parent) == "configs" and not os.path.isfile(path):
+    return stem
+  return None
+
+
 def load(spec: str) -> ml_collections.ConfigDict:
   """``"cat"``, ``"cat:demo"``, ``"configs/cat.py:runlocal"`` or ``"/my/config.py:arg"`` -> the ConfigDict."""
   name, _, arg = str(spec).partition(":")
+  name = shipped_name(name) or name
   if name in NAMES:
     module = importlib.import_module(f"cat_jax.configs.{name}")
   elif name.endswith(".py"):
@@ -38,6 +50,7 @@ def resolve_spec(spec: str) -> str:
   """``"cat:demo"`` -> ``"<package>/configs/cat.py:demo"`` (a file path, as ml_collections' ``--config`` flag takes);
   anything else unchanged."""
   name, sep, arg = str(spec).partition(":")
+  name = shipped_name(name) or name
   if name not in NAMES:
     return spec
   return os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py") + sep + arg
