@@ -26,6 +26,7 @@ PARITY = [
     "pytorch-fid>=0.3.0",
     "scikit-image>=0.22",
     "diffusers>=0.30",  # the SD VAE converter's parity tests (AutoencoderKL, its single-file key mapping)
+    "piq==0.8.0",  # MS-SSIM, HaarPSI and GMSD parity (tests/test_image_metrics.py)
 ]
 
 LLM = ["openai>=1.40"]  # the caption + LLM score's OpenAI-compatible client

@@ -90,3 +90,137 @@ def test_bad_shapes_raise():
     image_quality.ssim(small, small)
   with pytest.raises(ValueError):
     image_quality.psnr(np.zeros((1, 8, 8, 3)), np.zeros((1, 8, 8, 1)))
+
+
+# ---- MS-SSIM, HaarPSI and GMSD against piq 0.8.0, and the registry ----
+
+# Parity tolerance, from float32 arithmetic. piq runs in float64 here, so the difference is our float32 rounding
+# (u = 2^-24 = 6e-8 per operation). Each per-pixel quantity comes out of a short chain of operations (colour
+# conversion, pooling, filters of at most 121 taps): it is off by at most ~100 u times the largest slope of the
+# per-pixel map that follows, which is bounded by the constants: GMSD's similarity 0.65 / sqrt(T) = 13
+# (T = 170 / 255^2), HaarPSI's 0.65 / sqrt(30) = 0.12 per grey level on coefficients up to 4 * 255, with 4.2 more
+# for its sigmoid; SSIM's contrast term divides variance errors (~25 u of E[x^2] <= 1) by sigma_x^2 + sigma_y^2 + C2
+# > C2 = 9e-4. So per pixel <= 100 u * 13 = 8e-5 (GMSD), 100 u * 0.12 * 1020 * 4.2 = 3e-3 (HaarPSI, relative), and
+# 25 u / 9e-4 = 2e-3 (MS-SSIM) at the very worst. The measures are means over N >= 32 * 32 pixels (64x64, halved)
+# of such errors, independent roundings whose mean shrinks as 1 / sqrt(N) (Higham, Accuracy and Stability of
+# Numerical Algorithms, 2nd ed., section 2.8): <= 1e-4 at 32 * 32, through final steps whose slopes are <= 1 (GMSD,
+# a standard deviation), <= 2 (MS-SSIM, powers with weights summing to 1 of scale means >= 0.5) and <= 0.48 (HaarPSI
+# in its logit form, 2 logit / 4.2^2 with logit <= 4.2). Below 1e-4 then; we allow 5e-5 as the worst case is not
+# reached by every pixel at once. A one-pixel misalignment of HaarPSI's Haar filters moves it by 3e-3, a 1% change
+# of GMSD's T by 2.5e-4: both fail.
+PIQ_ATOL = 5e-5
+PIQ_FUNCTIONS = {"ms_ssim": "multi_scale_ssim", "haarpsi": "haarpsi", "gmsd": "gmsd"}
+SIZES = [(64, 64), (256, 256), (96, 160)]
+
+
+def _piq(name, x, y, **kwargs):
+  """piq's value of [0, 1] NHWC float32 images, computed in float64."""
+  import piq
+  import torch
+  to_torch = lambda a: torch.from_numpy(np.asarray(a, np.float64)).permute(0, 3, 1, 2)
+  fn = getattr(piq, PIQ_FUNCTIONS[name])
+  return fn(to_torch(x), to_torch(y), data_range=1.0, reduction="none", **kwargs).numpy()
+
+
+def _piq_ms_ssim_weights(height, width):
+  """piq's scale_weights for our small-image rule (None: piq's defaults, all five scales)."""
+  import torch
+  scales = image_quality.ms_ssim_scales(height, width)
+  return {} if scales == 5 else {"scale_weights": torch.tensor(image_quality.MS_SSIM_WEIGHTS[:scales])}
+
+
+def _photos(height, width, count=2, kinds=(4, 7)):
+  """Embedded photos (and dense text) in [0, 1], cropped to height x width."""
+  from cat_jax.data.embedded import generate
+  side = max(height, width)
+  indices = [kind + 8 * i for i in range(count) for kind in kinds][:count]
+  images = [generate(index, split="validation", image_size=side)[0][:height, :width] for index in indices]
+  return np.stack(images).astype(np.float32) / 255
+
+
+def _distort(rng, x):
+  """Per-image noise and a tone shift, clipped to [0, 1]."""
+  noise = rng.uniform(0.01, 0.1, (x.shape[0], 1, 1, 1))
+  return np.clip(0.95 * x + 0.02 + noise * rng.standard_normal(x.shape), 0, 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", list(PIQ_FUNCTIONS))
+@pytest.mark.parametrize("height,width", SIZES)
+def test_matches_piq_on_random_and_natural_images(name, height, width):
+  rng = np.random.default_rng(height + width)
+  count = 1 if height * width > 100 ** 2 else 2  # piq's float64 MS-SSIM takes seconds per 256x256 image
+  random = rng.random((count, height, width, 3)).astype(np.float32)
+  x = np.concatenate([random, _photos(height, width, count)])
+  y = _distort(rng, x)
+  kwargs = _piq_ms_ssim_weights(height, width) if name == "ms_ssim" else {}
+  ref = _piq(name, x, y, **kwargs)
+  with jax.default_matmul_precision("highest"):
+    ours = np.asarray(getattr(image_quality, name)(x, y))
+  assert ours.shape == (2 * count,) and ours.dtype == np.float32
+  assert np.ptp(ref) > 1e-3  # the images differ, so a constant would fail
+  np.testing.assert_allclose(ours, ref, atol=PIQ_ATOL, rtol=0)
+
+
+def test_ms_ssim_scale_count_adapts_to_small_images(caplog):
+  assert [image_quality.ms_ssim_scales(s, s) for s in (10, 11, 32, 64, 160, 161, 256)] == [0, 1, 2, 3, 4, 5, 5]
+  assert image_quality.ms_ssim_scales(96, 160) == 4  # the shorter side decides
+  x = _photos(32, 32)
+  y = _distort(np.random.default_rng(5), x)
+  import piq
+  with pytest.raises(ValueError, match="161x161"):  # piq itself refuses: 5 scales need 161 px
+    _piq("ms_ssim", x, y)
+  with caplog.at_level("WARNING", logger=image_quality.__name__):
+    ours = np.asarray(image_quality.ms_ssim(x, y))
+  assert "uses 2 of its 5 scales" in caplog.text
+  # The value is piq's with the first two weights (which piq normalises to sum 1).
+  np.testing.assert_allclose(ours, _piq("ms_ssim", x, y, **_piq_ms_ssim_weights(32, 32)), atol=PIQ_ATOL, rtol=0)
+  assert piq.__version__ == "0.8.0"
+  with pytest.raises(ValueError, match="at least 11x11"):
+    image_quality.ms_ssim(x[:, :10], y[:, :10])
+  with pytest.raises(ValueError, match="at least 16x16"):
+    image_quality.haarpsi(x[:, :15], y[:, :15])
+
+
+@pytest.mark.parametrize("name", list(image_quality.MEASURES))
+def test_identical_images_give_the_best_value(name):
+  x = np.concatenate([_photos(64, 64), np.random.default_rng(6).random((1, 64, 64, 3), np.float32)]) * 2 - 1
+  measure = image_quality.MEASURES[name]
+  values = np.asarray(image_quality.quality(name, x, x))
+  # HaarPSI is (log(sigmoid(4.2) / sigmoid(-4.2)) / 4.2)^2 = 1 up to a few roundings of the logs (<= 1e-6).
+  np.testing.assert_allclose(values, measure.best, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(image_quality.MEASURES))
+def test_more_blur_is_worse(name):
+  from scipy.ndimage import gaussian_filter
+  x = _photos(96, 96, count=3, kinds=(4, 6, 7)) * 2 - 1
+  blurred = [gaussian_filter(x, sigma=(0, s, s, 0)) for s in (0.7, 1.5, 3.0)]
+  values = np.stack([np.asarray(image_quality.oriented(name, image_quality.quality(name, x, b)))
+                     for b in blurred])  # (strength, image), higher is better
+  assert np.all(np.diff(values, axis=0) < 0), values
+
+
+def test_jit_and_registry():
+  rng = np.random.default_rng(7)
+  x = _photos(64, 64) * 2 - 1
+  y = np.clip(x + 0.1 * rng.standard_normal(x.shape), -1, 1).astype(np.float32)
+  names = tuple(image_quality.MEASURES)
+  jitted = jax.jit(lambda a, b: image_quality.qualities(names, a, b))(x, y)
+  eager = image_quality.qualities(names, x, y)
+  for name in names:
+    np.testing.assert_allclose(np.asarray(jitted[name]), np.asarray(eager[name]), rtol=1e-6, atol=1e-7)
+  assert set(image_quality.CHEAP_MEASURES) <= set(names)
+  assert [n for n in names if not image_quality.MEASURES[n].higher_is_better] == ["gmsd"]
+  np.testing.assert_array_equal(np.asarray(image_quality.oriented("gmsd", eager["gmsd"])), -eager["gmsd"])
+  # quality() rounds to 8-bit levels as reported_psnr does: the same PSNR, and images off by under half a level,
+  # or outside [-1, 1], measure as their levels.
+  np.testing.assert_allclose(np.asarray(eager["psnr"]), np.asarray(image_quality.reported_psnr(x, y)), atol=1e-4)
+  levels = np.array(image_quality.quantize_to_uint8_levels(x))
+  levels[:, :4] = np.where(levels[:, :4] > 0, 1.0, -1.0)
+  nudged = levels + rng.uniform(-0.45, 0.45, x.shape) / 127.5
+  nudged[:, :4] *= 1.5
+  for name in names:
+    np.testing.assert_array_equal(np.asarray(image_quality.quality(name, nudged, y)),
+                                  np.asarray(image_quality.quality(name, levels, y)))
+  with pytest.raises(ValueError, match="unknown measure 'lpips'; the measures are psnr, ssim"):
+    image_quality.quality("lpips", x, y)
