@@ -1,6 +1,9 @@
 """The text legibility set and measure: deterministic, read by the recogniser, lowered by blur, chance when shuffled."""
 
 import io
+import json
+import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -126,3 +129,20 @@ def test_a_missing_recogniser_says_what_to_install(monkeypatch):
   with pytest.raises(ImportError, match=r"pip install 'cat_jax\[ocr\]'"):
     G.rapidocr_recogniser()
   G.rapidocr_recogniser.cache_clear()
+
+
+def _report(*args):
+  root = pathlib.Path(__file__).resolve().parents[1]
+  return subprocess.run([sys.executable, "scripts/legibility_report.py", *args], capture_output=True, text=True,
+                        cwd=root, timeout=600)
+
+
+def test_the_report_script_ranks_the_originals_above_a_32x_baseline_and_names_a_bad_row():
+  proc = _report("--rows", "original,area_bicubic", "--num-images", "2")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert set(result["rows"]) == {"original", "area_bicubic"} and result["rows"]["original"]["-"]["all"]["images"] == 2
+  original = result["rows"]["original"]["-"]["all"]["one_minus_ned"]
+  assert original >= 0.9 and result["rows"]["area_bicubic"]["32x"]["all"]["one_minus_ned"] < original - 0.5
+  bad = _report("--rows", "original,jpeg")
+  assert bad.returncode == 2 and "error: --rows: unknown row(s) jpeg" in bad.stderr and "Traceback" not in bad.stderr
