@@ -5,8 +5,10 @@ r"""Encodes images with a CAT checkpoint: latents (npz or array_record) and reco
   python -m cat_jax.encode --checkpoint DIR --input photo.png --out latents/ --level auto --scorer jpeg
   python -m cat_jax.encode --checkpoint demo --input photos/ --out latents/ --level auto --target-psnr 30
 
-Images are decoded, resized (shorter side to ``--image-size``, default the checkpoint's training size) and
-centre-cropped, as in evaluation. ``--level``: a level in either spelling (index 0 / 1 / 2 or factor 8 / 16 / 32,
+Images are encoded at their native size (the tokenizer pads each to a multiple of 32 and crops the result back),
+or resized on request: ``--image-size N`` (shorter side to N, centre crop N x N, as in training and the paper's
+evaluation) or ``--max-side N`` (longer side at most N, aspect kept). ``index.jsonl`` records each image's
+``original_size`` and ``encoded_size`` (height, width); ``python -m cat_jax.decode`` writes the original size back. ``--level``: a level in either spelling (index 0 / 1 / 2 or factor 8 / 16 / 32,
 ``8x`` / ``16x`` / ``32x``) or ``auto``. Auto alone uses the tokenizer's calibrated default (``auto_levels`` in its
 config.json: its level predictor's, or JPEG's, thresholds at a token budget; the shipped ``demo`` ships a predictor;
 ``--thresholds`` replaces them); or each image's level comes from
@@ -16,8 +18,9 @@ config.json: its level predictor's, or JPEG's, thresholds at a token budget; the
 ``--target-psnr DB`` (the coarsest level whose reconstruction reaches it). An input the manifest lacks (its scoring
 failed, or it is new) is skipped and recorded like a bad file (``--strict`` refuses the run instead).
 
-Real folders: a file that cannot be read or used (truncated, corrupt, too small, too large) is skipped and
-recorded in ``index.jsonl`` with the reason; the exit status is 1 when any was skipped (``--on-bad-image raise``
+Real folders: a file that cannot be read or used (truncated, corrupt, smaller than 32 pixels a side, too large) is
+skipped and recorded in ``index.jsonl`` with the reason (checked before the manifest, so a bad file the manifest
+lacks is recorded as bad); the exit status is 1 when any was skipped (``--on-bad-image raise``
 stops at the first one instead, status 2). Rerunning the same command skips every image already encoded and
 retries the skipped ones; in ``index.jsonl`` the last row of an id is the current one. Images are processed a
 chunk at a time, with a progress bar (rate, ETA). ``--out`` may be any etils.epath location (gs://...) with
@@ -28,7 +31,8 @@ Outputs in ``--out``:
   ``latents.array_record``     (array_record format) one record per image: the same npz, bytes (a resumed run
                                writes ``latents-<n>.array_record``; each row names its ``record_file``);
   ``reconstructions/<id>.png`` unless ``--no-reconstructions``;
-  ``index.jsonl``              one line per image: id, level, factor, tokens, latent shape, files; or id and error;
+  ``index.jsonl``              one line per image: id, level, factor, tokens, latent shape, original_size,
+                               encoded_size, files; or id and error;
   ``tokenizer.json``           which tokenizer encoded them (``python -m cat_jax.decode`` reads it).
 """
 
@@ -66,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--target-psnr", type=float, help="--level auto: each image at the coarsest level whose "
                  "reconstruction reaches this PSNR (dB), 8x when none does (exact; one or two extra reconstructions)")
   p.add_argument("--format", choices=("npz", "array_record"), default="npz")
-  p.add_argument("--image-size", type=int, help="default: the checkpoint's data.image_size")
+  cli.add_sizing_arguments(p)
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--chunk", type=int, default=256, help="images decoded and encoded at a time")
   p.add_argument("--on-bad-image", choices=ON_BAD_IMAGE, default="skip",
@@ -98,15 +102,16 @@ def list_inputs(path: str) -> list[tuple[str, pathlib.Path]]:
   raise FileNotFoundError(f"--input {path} is neither an image file nor a folder")
 
 
-def load_image(path: pathlib.Path, image_size: int) -> np.ndarray:
-  """The model input of one file; raises BadImageError (unreadable, corrupt, truncated, tiny or huge)."""
-  from cat_jax.data.preprocess import BadImageError, PreprocessConfig, preprocess
+def load_image(path: pathlib.Path, sizing) -> tuple[np.ndarray, tuple[int, int]]:
+  """The model input of one file at ``sizing`` (``preprocess.Sizing``) and its original (height, width); raises
+  BadImageError (unreadable, corrupt, truncated, tiny or huge)."""
+  from cat_jax.data.preprocess import BadImageError, load_sized
 
   try:
     data = path.read_bytes()
   except OSError as e:
     raise BadImageError(str(path), f"cannot read file ({type(e).__name__}: {e.strerror or e})") from e
-  return preprocess(data, PreprocessConfig(image_size=image_size, on_bad_image="raise"), path=str(path), rng=None)
+  return load_sized(data, sizing, path=str(path))
 
 
 def _chunks(items: list, size: int):
@@ -123,7 +128,7 @@ def _scorer(args, tok):
   return scorers.MseScorer.of_tokenizer(tok, image_size=None)
 
 
-def _thresholds(args, out, scorer, files, image_size: int) -> tuple[float, float]:
+def _thresholds(args, out, scorer, files, sizing) -> tuple[float, float]:
   """--thresholds, else those of an earlier run of this --out, else the terciles of every input's score."""
   from cat_jax.complexity import thresholds as complexity_thresholds
   from cat_jax.complexity.assign import score_images
@@ -137,7 +142,7 @@ def _thresholds(args, out, scorer, files, image_size: int) -> tuple[float, float
   scores = []
   for image_id, path in files:
     try:
-      scores += score_images(scorer, [image_id], [load_image(path, image_size)])
+      scores += score_images(scorer, [image_id], [load_image(path, sizing)[0]])
     except BadImageError:
       continue  # recorded by the encoding pass
   if not scores:
@@ -147,7 +152,7 @@ def _thresholds(args, out, scorer, files, image_size: int) -> tuple[float, float
   return thresholds
 
 
-def _level_assigner(args, tok, out, files, image_size: int):
+def _level_assigner(args, tok, out, files, sizing):
   """``--level`` as a ``LevelAssigner``: one level, a manifest's levels (every input must be listed) or a scorer's."""
   from cat_jax.complexity.assign import LevelAssigner
 
@@ -177,7 +182,20 @@ def _level_assigner(args, tok, out, files, image_size: int):
       assign.require([i for i, _ in files], f"the manifest {args.manifest}")
     return assign
   scorer = _scorer(args, tok)
-  return LevelAssigner(scorer=scorer, thresholds=_thresholds(args, out, scorer, files, image_size))
+  return LevelAssigner(scorer=scorer, thresholds=_thresholds(args, out, scorer, files, sizing))
+
+
+def _describe_levels(args) -> str:
+  """What ``--level`` and its companions choose, in words (a command's first lines)."""
+  if args.level.strip().lower() != "auto":
+    return f"every image at {args.level}"
+  if args.manifest:
+    return f"auto, from the manifest {args.manifest}"
+  if args.scorer:
+    return f"auto, from {args.scorer} scores" + (f" at thresholds {args.thresholds}" if args.thresholds else "")
+  if args.target_psnr is not None:
+    return f"auto, the coarsest level reaching {args.target_psnr:g} dB"
+  return "auto, the tokenizer's calibrated default"
 
 
 def _labels(args, out, files):
@@ -220,7 +238,7 @@ def _record_tokenizer(out, args, tok) -> None:
   storage.write_text(path, json.dumps(info) + "\n")
 
 
-def encode_folder(args, tok, out, files, image_size: int) -> dict:
+def encode_folder(args, tok, out, files, sizing) -> dict:
   """Encodes every file not yet encoded in ``out``; returns the run's counts."""
   import tqdm
 
@@ -230,37 +248,43 @@ def encode_folder(args, tok, out, files, image_size: int) -> dict:
   done = {i for i, row in read_index(out).items() if "error" not in row}
   todo = [(i, p) for i, p in files if i not in done]
   label_of = _labels(args, out, files)
-  level_of = _level_assigner(args, tok, out, files, image_size)
+  level_of = _level_assigner(args, tok, out, files, sizing)
   counts = {"encoded": 0, "failed": 0, "already": len(files) - len(todo), "levels": [0] * L.NUM_LEVELS,
             "tokens": 0}
-  writer = LatentWriter(out, image_size, file_format=args.format,
+  writer = LatentWriter(out, None, file_format=args.format,
                         reconstructions=not args.no_reconstructions)
   bar = tqdm.tqdm(total=len(todo), unit="img", desc="encode", dynamic_ncols=True, file=sys.stderr,
                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
   try:
     for chunk in _chunks(todo, max(1, args.chunk)):
-      ids, images = [], []
+      ids, images, originals = [], [], []
       for image_id, path in chunk:
-        if level_of.manifest is not None and image_id not in level_of.manifest:
-          writer.failed(image_id, f"not in the manifest {args.manifest} (its scoring failed, or the file is new: "
-                                  "score it, or pass a fixed --level)")
-          counts["failed"] += 1
-          continue
         try:
-          images.append(load_image(path, image_size))
-          ids.append(image_id)
+          image, original = load_image(path, sizing)
         except BadImageError as e:
           if args.on_bad_image == "raise":
             raise
           writer.failed(image_id, e.reason)
           counts["failed"] += 1
+          continue
+        if level_of.manifest is not None and image_id not in level_of.manifest:
+          writer.failed(image_id, f"not in the manifest {args.manifest} (its scoring failed, or the file is new: "
+                                  "score it, or pass a fixed --level)")
+          counts["failed"] += 1
+          continue
+        images.append(image)
+        originals.append(original)
+        ids.append(image_id)
       if ids:
         levels = level_of(ids, images)
         latents = tok.encode(images, levels, keep_code=False if args.no_keep_code else None)
         recons = tok.decode(latents) if writer.reconstructions else [None] * len(ids)
-        for image_id, latent, level, recon, code_only in zip(ids, latents.values, latents.levels, recons,
-                                                             latents.code_only_flags()):
-          writer.encoded(image_id, latent, int(level), recon, label_of(image_id), code_only=bool(code_only))
+        for image_id, latent, level, recon, code_only, image, original in zip(
+            ids, latents.values, latents.levels, recons, latents.code_only_flags(), images, originals):
+          writer.encoded(image_id, latent, int(level), recon, label_of(image_id), code_only=bool(code_only),
+                         original_size=original, encoded_size=image.shape[:2],
+                         resized=None if original == image.shape[:2] else "image_size" if sizing.image_size
+                         else "max_side")
           counts["levels"][int(level)] += 1
           counts["tokens"] += int(latent.shape[0] * latent.shape[1])
         counts["encoded"] += len(ids)
@@ -275,20 +299,21 @@ def encode_folder(args, tok, out, files, image_size: int) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  from cat_jax.data.preprocess import BadImageError
+  from cat_jax.data.preprocess import BadImageError, describe_sizes
 
   try:
     from cat_jax.tokenizer import load_tokenizer
 
     files = list_inputs(args.input)
+    sizing = cli.sizing(args)
+    print(f"encode: {args.input}: {describe_sizes([p for _, p in files])}; {sizing.describe()}; levels: "
+          f"{_describe_levels(args)}",
+          file=sys.stderr, flush=True)
     tok = load_tokenizer(args.checkpoint, use_ema=not args.no_ema, batch_size=args.batch_size)
-    image_size = args.image_size or tok.image_size
-    if not image_size:
-      raise ValueError("the checkpoint's config has no data.image_size; pass --image-size")
     out = storage.as_path(os.path.expanduser(args.out) if storage.is_local(args.out) else args.out)
     out.mkdir(parents=True, exist_ok=True)
     _record_tokenizer(out, args, tok)
-    counts = encode_folder(args, tok, out, files, image_size)
+    counts = encode_folder(args, tok, out, files, sizing)
   except BadImageError as e:
     print(f"error: {e} (--on-bad-image raise; rerun to continue after fixing or removing it)", file=sys.stderr)
     return 2

@@ -65,9 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--shard", help="I/N: score only items I, I+N, I+2N, ... (a disjoint part; the N manifests "
                  "joined with cat are the full one; each shard resumes on its own). 'auto': I and N from "
                  "SLURM_PROCID/SLURM_NTASKS or JAX_PROCESS_ID/JAX_NUM_PROCESSES. Needs --thresholds for jpeg/mse")
-  g.add_argument("--image-size", type=int, default=256,
-                 help="images are resized (shorter side) and center-cropped to this before scoring, and token "
-                 "counts are for this size; 0 scores images as they are (default 256)")
+  cli.add_sizing_arguments(p)  # default: each image scored at its native size, as encode encodes it
   g = p.add_argument_group("output and levels")
   g.add_argument("--out", help="manifest path, local or gs://... (default scores/<source>-<split>-<method>.jsonl)")
   g.add_argument("--thresholds", type=_thresholds_arg, metavar="LOW,HIGH",
@@ -151,8 +149,36 @@ def _llm_header(client: ChatClient) -> dict[str, Any]:
   return {"endpoint": redact_url(client.base_url)}
 
 
+class _MaxSide:
+  """A scorer that sees every image resized to at most ``max_side`` on its longer side (``--max-side``)."""
+
+  def __init__(self, scorer, max_side: int):
+    from cat_jax.data.preprocess import Sizing
+
+    self.inner, self.sizing = scorer, Sizing(max_side=max_side)
+    self.method = scorer.method
+
+  def config(self) -> dict[str, Any]:
+    inner = self.inner.config() if hasattr(self.inner, "config") else {"method": self.method}
+    return {**inner, "max_side": self.sizing.max_side}
+
+  def score(self, item: dict[str, Any]) -> dict[str, Any]:
+    from cat_jax.data.preprocess import open_checked
+
+    image = open_checked(item["image"], path=str(item.get("path") or item.get("id", "<image>")))
+    return self.inner.score({**item, "image": Image.fromarray(self.sizing.apply(image))})
+
+  def __getattr__(self, name):  # client, planned_requests, ... of the scorer it wraps
+    return getattr(self.inner, name)
+
+
 def _make_scorer(args: argparse.Namespace, parser: argparse.ArgumentParser):
-  image_size = args.image_size or None
+  scorer = _make_sized_scorer(args, parser)
+  return _MaxSide(scorer, args.max_side) if args.max_side else scorer
+
+
+def _make_sized_scorer(args: argparse.Namespace, parser: argparse.ArgumentParser):
+  image_size = args.image_size  # None: native size
   if args.method == "jpeg":
     return scorers.JpegScorer(quality=args.jpeg_quality, image_size=image_size)
   if args.method == "mse":
@@ -190,6 +216,14 @@ def load_level_predictor(spec: str):
   except FileNotFoundError:
     raise FileNotFoundError(f"{spec} has no level predictor: give a tokenizer that ships one ('demo'), a "
                             "train_predictor workdir or its predictor/ folder") from None
+
+
+def _describe_source(source, name: str, args: argparse.Namespace) -> str:
+  """The data a run scores, in words (its first line): the folder's image count and sizes, or the source's."""
+  if hasattr(source, "root") and hasattr(source, "ids"):  # a folder: sizes from the files' headers
+    from cat_jax.data.preprocess import describe_sizes
+    return f"{source.root}: " + describe_sizes([os.path.join(source.root, i) for i in source.ids()])
+  return f"{name} ({args.split}): {len(source)} images"
 
 
 def text_id(prompt: str) -> str:
@@ -305,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     kwargs = {k: getattr(args, k) for k in ("path", "captions_file", "data_dir", "image_key", "caption_key")
               if getattr(args, k)}
     source = get_source(source_name, args.split, **kwargs)
+    print(f"score: {_describe_source(source, source_name, args)}; {cli.sizing(args).describe()}; method "
+          f"{args.method}", file=sys.stderr, flush=True)
     if args.dry_run:
       header = runner.manifest_header(scorer, **_llm_header(scorer.client))
       print(dry_run_text(scorer, source[0], header))

@@ -18,9 +18,15 @@ image); gray and RGBA are converted as ``preprocess`` does (RGBA on white). Any 
 padded at the bottom and right (edge pixels) to a multiple of 32, and decoded images are cropped back, so outputs
 have their inputs' sizes.
 
-Images of mixed levels and sizes are bucketed internally: each (level, padded size) runs in batches of at most
-``batch_size`` images and at most ``max_batch_pixels`` pixels (large images go one at a time: bounded memory), of the
-number of images actually given (rounded up to the device count), and outputs come back in input order. Batches are
+Images of mixed levels and sizes are bucketed internally: each (level, padded shape) runs in batches of at most
+``batch_size`` images and at most ``max_batch_pixels`` pixels (large images go one at a time: bounded memory), and
+outputs come back in input order. Compiles stay bounded on folders of many sizes (``shape_buckets``, the default):
+each side is computed at the next size of a short ladder (``bucket_side``: 32, 64, 96, 128, 192, 256, 384, 512, 768,
+..., i.e. 32 * 2^k and 32 * 3 * 2^(k-1); at most 1.5x a side's multiple of 32, 2.25x the pixels in the worst case), edge
+padded as above, and every batch of a shape has one size (the last one filled with zeros), so a batch of 3 after a
+batch of 8 compiles nothing new. Latents are cropped back to the image's own grid (``ceil(side / 32) * 32 / f``
+positions a side) and decoded images to the image. ``shape_buckets=False``: each multiple of 32 is its own shape and
+a batch holds the images given (rounded up to the device count). Batches are
 split over all local devices along the batch axis; parameters are replicated. Single process only.
 """
 
@@ -170,6 +176,23 @@ def as_model_images(images: ImagesLike, *, value_range: tuple[float, float] | No
   return out
 
 
+def bucket_side(side: int) -> int:
+  """The side an image side of ``side`` pixels is computed at with shape buckets: the smallest of 32 * 2^k and
+  32 * 3 * 2^(k-1) (32, 64, 96, 128, 192, 256, 384, 512, 768, ...) that holds it."""
+  power = L.MAX_FACTOR
+  while True:
+    for bucket in (power, power * 3 // 2):
+      if bucket % L.MAX_FACTOR == 0 and bucket >= side:
+        return bucket
+    power *= 2
+
+
+def _pad_edge(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+  """Bottom and right edge padding of an (H, W, C) array to ``hw``."""
+  ph, pw = hw[0] - x.shape[0], hw[1] - x.shape[1]
+  return np.pad(x, ((0, ph), (0, pw), (0, 0)), mode="edge") if ph or pw else x
+
+
 def _pad_to_multiple(x: np.ndarray, multiple: int = L.MAX_FACTOR) -> np.ndarray:
   """Bottom and right edge padding of an (H, W, C) image to multiples of ``multiple``."""
   h, w = x.shape[:2]
@@ -202,13 +225,16 @@ class Tokenizer:
     keep_code: per image, keep the fixed DCT patch code the model starts from when the learned path reconstructs
       the image worse (one bit per image, ``Latents.code_only``; ``nested_vae.reconstruct``). Default: on for
       models with shortcuts (the only ones with a patch code). It costs ``encode`` one decode.
+    shape_buckets: pad sizes to a short ladder of shapes and fill every batch (bounded compiles on folders of many
+      sizes; see the module docstring), or compute each multiple of 32 as its own shape with the images given.
   """
 
   def __init__(self, model: NestedVAE, params: Any, *, batch_size: int | None = None,
                mesh: jax.sharding.Mesh | None = None, step: int | None = None, config: Any = None,
                max_batch_pixels: int = MAX_BATCH_PIXELS, level_predictor: Any = None,
-               keep_code: bool | None = None):
+               keep_code: bool | None = None, shape_buckets: bool = True):
     self.model = model
+    self.shape_buckets = bool(shape_buckets)
     self.keep_code = bool(model.shortcuts)  # the default, then the argument (checked)
     self.keep_code = self._keep_code(keep_code)
     self.level_predictor = level_predictor
@@ -328,7 +354,7 @@ class Tokenizer:
     """The same tokenizer with other parameters (e.g. raw vs EMA)."""
     return Tokenizer(self.model, params, batch_size=self.batch_size, mesh=self.mesh, step=self.step,
                      config=self.config, max_batch_pixels=self.max_batch_pixels,
-                     level_predictor=self.level_predictor, keep_code=self.keep_code)
+                     level_predictor=self.level_predictor, keep_code=self.keep_code, shape_buckets=self.shape_buckets)
 
   @property
   def image_size(self) -> int | None:
@@ -488,8 +514,10 @@ class Tokenizer:
       z, kept = jax.device_get(self._encode_fn(self.params, self._put(batch), level=level, sample=key is not None,
                                                keep_code=keep_code,
                                                rng=key if key is not None else jax.random.key(0)))
-      for slot, i in enumerate(idx):
-        out[i], code_only[i] = np.asarray(z[slot]), kept[slot]
+      f = L.FACTORS[level]
+      for slot, i in enumerate(idx):  # the image's own grid (its bucket may be larger)
+        out[i] = np.asarray(z[slot, :items[i].shape[0] // f, :items[i].shape[1] // f])
+        code_only[i] = kept[slot]
     padded = any(x.shape[:2] != hw for x, hw in zip(items, sizes))
     return Latents(values=out, levels=level_arr, image_sizes=sizes if padded else None,
                    code_only=code_only if keep_code else None)
@@ -553,20 +581,29 @@ class Tokenizer:
   def _put(self, batch: np.ndarray) -> jax.Array:
     return jax.device_put(batch, self._batch_sharding)
 
+  def _bucket_shape(self, shape: tuple[int, ...], factor: int) -> tuple[int, ...]:
+    """The shape an (H, W, C) image (``factor`` 1) or latent grid of a level (its factor) is computed at."""
+    if not self.shape_buckets:
+      return tuple(shape)
+    return (bucket_side(shape[0] * factor) // factor, bucket_side(shape[1] * factor) // factor) + tuple(shape[2:])
+
   def _buckets(self, items: list[np.ndarray], level_arr: np.ndarray, *, latents: bool = False):
     """Yields ``(level, indices, batch)`` per (level, shape) bucket: at most ``batch_size`` images and
-    ``max_batch_pixels`` pixels (at least one image) at a time, zero-padded only to a multiple of the device count."""
+    ``max_batch_pixels`` pixels (at least one image) at a time. With ``shape_buckets`` each item is edge padded to its
+    bucket's shape and every batch of a bucket has the same size (zeros after the real items); without, a batch is
+    zero-padded only to a multiple of the device count."""
     groups: dict[tuple, list[int]] = {}
     for i, (x, lvl) in enumerate(zip(items, level_arr)):
-      groups.setdefault((int(lvl), x.shape), []).append(i)
+      groups.setdefault((int(lvl), self._bucket_shape(x.shape, L.FACTORS[int(lvl)] if latents else 1)), []).append(i)
     devices = self.mesh.size
     for (level, shape), indices in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
       pixels = shape[0] * shape[1] * (L.FACTORS[level] ** 2 if latents else 1)  # of the image
       per_call = max(1, min(self.batch_size, self.max_batch_pixels // max(pixels, 1)))
       for s in range(0, len(indices), per_call):
         idx = indices[s:s + per_call]
-        batch = np.zeros((devices * math.ceil(len(idx) / devices),) + tuple(shape), np.float32)
-        batch[:len(idx)] = np.stack([items[i] for i in idx])
+        rows = per_call if self.shape_buckets else len(idx)
+        batch = np.zeros((devices * math.ceil(rows / devices),) + tuple(shape), np.float32)
+        batch[:len(idx)] = np.stack([_pad_edge(items[i], shape[:2]) for i in idx])
         yield level, idx, batch
 
   def compiled_count(self) -> dict[str, int]:

@@ -186,11 +186,12 @@ def test_encode_cli_npz_and_reconstructions(workdir, tok, tmp_path, capsys):
                           "--level", "auto", "--manifest", str(manifest)]) == 0
   index = [json.loads(l) for l in (out / "index.jsonl").read_text().splitlines()]
   assert [r["id"] for r in index] == names
-  from cat_jax.data.preprocess import PreprocessConfig, preprocess
+  from cat_jax.data.preprocess import to_model_range
   for r in index:
     data = np.load(out / r["latent_file"])
     assert int(data["level"]) == want[r["id"]] and int(data["factor"]) == [8, 16, 32][want[r["id"]]]
-    image = preprocess((tmp_path / "in" / r["id"]).read_bytes(), PreprocessConfig(image_size=32))
+    assert r["original_size"] == r["encoded_size"] == [48, 48] and "resized" not in r  # the native size
+    image = to_model_range(np.asarray(Image.open(tmp_path / "in" / r["id"]).convert("RGB")))
     encoded = tok.encode(image[None], want[r["id"]])
     np.testing.assert_allclose(data["latent"], encoded.values[0], atol=1e-5)
     assert r.get("code_only", False) == bool(encoded.code_only[0])  # the bit travels with the latent
@@ -229,7 +230,7 @@ def test_encode_cli_array_record_and_errors(workdir, tmp_path, capsys):
   reader.close()
   assert len(records) == 1
   data = np.load(io.BytesIO(records[0]))
-  assert data["latent"].shape == (2, 2, 4) and int(data["factor"]) == 16
+  assert data["latent"].shape == (4, 4, 4) and int(data["factor"]) == 16  # 48 x 48, padded to 64
   assert not (out / "reconstructions").exists()
 
   capsys.readouterr()
@@ -531,9 +532,18 @@ def test_batches_hold_the_images_given_and_large_images_go_one_at_a_time(workdir
   one._put = lambda batch: shapes.append(batch.shape) or put(batch)
   one.encode(_images(1), 0)
   one.encode(_images(11), 0)
-  assert [s[0] for s in shapes] == [1, 8, 3]  # no padding of one image to batch_size
+  assert [s[0] for s in shapes] == [8, 8, 8]  # shape buckets: one batch size, so one compile
+  assert one.compiled_count()["encode"] == 1
   shapes.clear()
   one.max_batch_pixels = 2 * 64 * 64
+  one.reconstruct(_images(5, 64), 1)
+  assert [s[0] for s in shapes] == [2, 2, 2]
+  shapes.clear()
+  one.shape_buckets = False  # exact: a batch holds the images given
+  one.encode(_images(1), 0)
+  one.encode(_images(11), 0)
+  assert [s[0] for s in shapes] == [1, 8, 3]
+  shapes.clear()
   one.reconstruct(_images(5, 64), 1)
   assert [s[0] for s in shapes] == [2, 2, 1]
 
@@ -566,7 +576,8 @@ def test_bad_files_go_through_score_encode_and_evaluate(workdir, tmp_path, capsy
   assert "encoded 4 images" in capsys.readouterr().out
   errors = {i: r["error"] for i, r in read_index(out).items() if "error" in r}
   assert sorted(i for i, r in read_index(out).items() if "error" not in r) == names
-  assert set(errors) == {"broken.jpg", "tiny.png"} and all("not in the manifest" in e for e in errors.values())
+  # each with its real reason, not the manifest's lack of it
+  assert "cannot" in errors["broken.jpg"] and "smaller than min_size" in errors["tiny.png"], errors
 
   assert evaluate_cli.main(["--workdir", workdir, "--data", f"folder:{folder}", "--manifest", str(scores),
                             "--measures", "jpeg", "--out", str(tmp_path / "eval"), "--bootstrap", "0"]) == 0

@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import threading
-from typing import Any
+from typing import Any, Sequence
 
 import grain
 import numpy as np
@@ -39,11 +39,12 @@ _NPZ_LOCK = threading.Lock()
 
 
 # -- writing (python -m cat_jax.encode, train_dit) --------------------------------------------------------------------------------------------------------
-def _npz_bytes(latent: np.ndarray, level: int, image_size: int, label: int | None = None) -> bytes:
+def _npz_bytes(latent: np.ndarray, level: int, image_size, label: int | None = None) -> bytes:
+  """``image_size``: the side of a square image (the training pipeline's) or an (H, W) pair."""
   buf = io.BytesIO()
   extra = {} if label is None else {"label": np.int32(label)}
   np.savez(buf, latent=latent.astype(np.float32), level=np.int32(level), factor=np.int32(L.FACTORS[level]),
-           image_size=np.int32(image_size), **extra)
+           image_size=np.asarray(image_size, np.int32), **extra)
   return buf.getvalue()
 
 
@@ -68,9 +69,12 @@ def _record_file(out) -> str:
 
 class LatentWriter:
   """Writes encoded images into ``out``: each latent (``latents/<id>.npz``, or a record of ``latents.array_record``
-  with ``file_format='array_record'``), its reconstruction PNG if given, and its ``index.jsonl`` row."""
+  with ``file_format='array_record'``), its reconstruction PNG if given, and its ``index.jsonl`` row.
 
-  def __init__(self, out, image_size: int, *, file_format: str = "npz", reconstructions: bool = True):
+  ``image_size``: the side every image was resized and cropped to (the training pipeline's), or None when each image
+  has its own size (``encoded``'s ``encoded_size``)."""
+
+  def __init__(self, out, image_size: int | None, *, file_format: str = "npz", reconstructions: bool = True):
     self.out, self.image_size = out, image_size
     self.reconstructions = reconstructions
     self.records = None
@@ -84,15 +88,24 @@ class LatentWriter:
     self.index = storage.AppendFile(out / "index.jsonl")
 
   def encoded(self, image_id: str, latent: np.ndarray, level: int, recon: np.ndarray | None,
-              label: int | None = None, code_only: bool = False) -> None:
-    """``code_only``: the latent is the DCT patch code, decoded as that code alone (``Latents.code_only``)."""
+              label: int | None = None, code_only: bool = False, *, original_size: Sequence[int] | None = None,
+              encoded_size: Sequence[int] | None = None, resized: str | None = None) -> None:
+    """``code_only``: the latent is the DCT patch code, decoded as that code alone (``Latents.code_only``).
+    ``original_size`` / ``encoded_size``: the file's (height, width) and the encoded image's (the tokenizer pads it to
+    a multiple of 32 and crops it back); ``resized``: how the one became the other when they differ ('image_size':
+    shorter side and centre crop, 'max_side': aspect kept), for ``python -m cat_jax.decode`` to restore it."""
     from cat_jax.data.preprocess import from_model_range
 
+    sizes = {}
+    if encoded_size is not None:
+      sizes = {"encoded_size": [int(v) for v in encoded_size],
+               "original_size": [int(v) for v in (original_size if original_size is not None else encoded_size)],
+               **({"resized": resized} if resized else {})}
     row = {"id": image_id, "level": level, "factor": L.FACTORS[level],
            "tokens": int(latent.shape[0] * latent.shape[1]), "latent_shape": list(latent.shape),
-           "image_size": self.image_size, **({} if label is None else {"label": int(label)}),
-           **({"code_only": True} if code_only else {})}
-    data = _npz_bytes(latent, level, self.image_size, label)
+           **({"image_size": self.image_size} if self.image_size is not None else {}), **sizes,
+           **({} if label is None else {"label": int(label)}), **({"code_only": True} if code_only else {})}
+    data = _npz_bytes(latent, level, self.image_size if encoded_size is None else encoded_size, label)
     if self.records is not None:
       self.records.write(data)
       row.update(record_file=self.record_file, record=self.count)

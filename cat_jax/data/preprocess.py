@@ -180,6 +180,73 @@ def resize_and_crop(img: Image.Image, size: int, rng: np.random.Generator | None
   return np.asarray(out, dtype=np.uint8)
 
 
+@dataclasses.dataclass(frozen=True)
+class Sizing:
+  """The size a command line computes an image at: its own (native, the default: fully convolutional tokenizers
+  take any size), ``image_size`` (shorter side resized to it, centre crop: the square of training and the paper's
+  evaluation) or ``max_side`` (resized so the longer side is at most it, aspect ratio kept; smaller images are left
+  as they are)."""
+  image_size: int | None = None
+  max_side: int | None = None
+
+  def __post_init__(self):
+    for name in ("image_size", "max_side"):
+      value = getattr(self, name)
+      if value is not None and (isinstance(value, bool) or int(value) < 1):
+        raise ValueError(f"{name} must be a positive number of pixels, got {value!r}")
+    if self.image_size is not None and self.max_side is not None:
+      raise ValueError("give image_size (shorter side, centre crop) or max_side (longer side), not both")
+
+  @property
+  def native(self) -> bool:
+    return self.image_size is None and self.max_side is None
+
+  def describe(self) -> str:
+    if self.image_size is not None:
+      return f"shorter side resized to {self.image_size}, centre crop {self.image_size}x{self.image_size}"
+    if self.max_side is not None:
+      return f"resized to at most {self.max_side} on the longer side, aspect kept"
+    return "native size (no resize)"
+
+  def apply(self, img: Image.Image) -> np.ndarray:
+    """RGB PIL image -> uint8 (H, W, 3) at this size."""
+    if self.image_size is not None:
+      return resize_and_crop(img, self.image_size)
+    if self.max_side is not None and max(img.size) > self.max_side:
+      scale = self.max_side / max(img.size)
+      size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+      img = img.resize(size, Image.BICUBIC, reducing_gap=3.0)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_sized(data: Any, sizing: Sizing, *, path: str = "<image>", min_size: int = DEFAULT_MIN_SIZE,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
+  """Encoded image -> (float32 (H, W, 3) in [-1, 1] at ``sizing``, the original (height, width)), or
+  ``BadImageError`` (unreadable, truncated, shorter side below ``min_size``, more than ``max_pixels``)."""
+  img = open_checked(data, path=path, min_size=min_size, max_pixels=max_pixels)  # no JPEG draft: the true size
+  return to_model_range(sizing.apply(img)), (img.height, img.width)
+
+
+def describe_sizes(paths, limit: int = 2000) -> str:
+  """"N files, K sizes, from a x b to c x d (width x height)" from the image files' headers (the first ``limit``),
+  for a command's first lines; unreadable files are left out (each command reports them with their reason)."""
+  sizes = []
+  for path in list(paths)[:limit]:
+    try:
+      with Image.open(path) as img:
+        sizes.append(img.size)
+    except Exception:  # noqa: BLE001
+      continue
+  n = len(paths)
+  if not sizes:
+    return f"{n} files, none readable"
+  pixels = [w * h for w, h in sizes]
+  small, large = sizes[int(np.argmin(pixels))], sizes[int(np.argmax(pixels))]
+  note = f" among the first {limit}" if n > limit else ""
+  return (f"{n} files, {len(set(sizes))} sizes{note} from {small[0]}x{small[1]} to {large[0]}x{large[1]} "
+          "(width x height)")
+
+
 def to_model_range(image: np.ndarray) -> np.ndarray:
   """uint8 [0, 255] -> float32 [-1, 1]."""
   return image.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
