@@ -208,3 +208,24 @@ def test_level_cost_runs_every_way_of_choosing_levels():
                                                   "auto"], proc.stderr[-2000:]
   assert lines["encode"]["over_encode"] == 1.0 and all(line["images_per_s"] > 0 for line in lines.values())
   assert sum(lines["target_psnr"]["level_counts"]) == 4
+
+
+def test_measure_cost_times_every_measure_against_psnr(capsys):
+  """benchmarks/measure_cost.py: every registry measure timed in the same interleaved rounds as PSNR, with its
+  ratio and the mean value of the (blurred) batch; no timing is asserted."""
+  from benchmarks import measure_cost
+  from cat_jax.metrics import image_quality
+
+  results = measure_cost.main(["--batch", "2", "--size", "32", "--repeats", "2", "--steps", "1"])
+  assert [r["measure"] for r in results] == list(image_quality.MEASURES)  # psnr, the reference, first
+  for r in results:
+    assert (r["batch"], r["image_size"], r["rounds"]) == (2, 32, 2)
+    assert 0 < r["ms_per_image_min"] <= r["ms_per_image"] <= r["ms_per_image_max"] and _ratio_ok(r["over_psnr"])
+  assert results[0]["over_psnr"] == {"median": 1.0, "min": 1.0, "max": 1.0}
+  values = {r["measure"]: r["mean_value_vs_blur"] for r in results}
+  assert 20 < values["psnr"] < 50 and 0 < values["gmsd"] < 0.3 and 0.5 < values["haarpsi"] < 1  # blurred, not equal
+  assert "| haarpsi |" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    measure_cost.main(["--measures", "psnr,lpips"])
+  with pytest.raises(SystemExit):
+    measure_cost.main(["--size", "8"])  # under SSIM's 11x11

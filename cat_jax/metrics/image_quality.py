@@ -29,6 +29,7 @@ orients it (``oriented``), ``CHEAP_MEASURES`` are those cheap enough for the tra
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable, NamedTuple
 
@@ -93,19 +94,19 @@ def gaussian_kernel_1d(sigma: float = SSIM_SIGMA, truncate: float = SSIM_TRUNCAT
   return taps / taps.sum()
 
 
-def _depthwise(x: jax.Array, kernel: np.ndarray, padding=((0, 0), (0, 0))) -> jax.Array:
-  """Each channel of NHWC ``x`` cross-correlated with the 2-D ``kernel`` (zero ``padding`` per side of H and W),
-  in full float32."""
-  channels = x.shape[-1]
-  k = jnp.tile(jnp.asarray(kernel, x.dtype)[:, :, None, None], (1, 1, 1, channels))
-  return jax.lax.conv_general_dilated(
-      x, k, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels,
-      precision=jax.lax.Precision.HIGHEST)
+def _correlate(x: jax.Array, taps, axis: int, padding: tuple[int, int] = (0, 0)) -> jax.Array:
+  """NHWC ``x`` cross-correlated along ``axis`` (1: H, 2: W) with the 1-D ``taps``, after zero ``padding`` (before,
+  after) on that axis; 'valid' positions only. Sums of shifted slices: exact float32 products and sums, and on a
+  CPU 20x faster than XLA's grouped convolutions."""
+  if padding != (0, 0):
+    x = jnp.pad(x, [(0, 0)] * axis + [padding] + [(0, 0)] * (3 - axis))
+  n = x.shape[axis] - len(taps) + 1
+  return sum(float(t) * jax.lax.slice_in_dim(x, i, i + n, axis=axis) for i, t in enumerate(taps) if t != 0)
 
 
 def _separable_valid_filter(x: jax.Array, taps: np.ndarray) -> jax.Array:
   """Depthwise 'valid' filtering of NHWC ``x`` with ``taps`` along H and then W."""
-  return _depthwise(_depthwise(x, taps[:, None]), taps[None, :])
+  return _correlate(_correlate(x, taps, 1), taps, 2)
 
 
 def _ssim_maps(x: jax.Array, y: jax.Array, taps: np.ndarray) -> tuple[jax.Array, jax.Array]:
@@ -127,6 +128,7 @@ def _ssim_maps(x: jax.Array, y: jax.Array, taps: np.ndarray) -> tuple[jax.Array,
   return (2 * ux * uy + c1) / (ux * ux + uy * uy + c1) * cs, cs
 
 
+@functools.partial(jax.jit, static_argnames=("value_range", "sigma"))
 def ssim(x: jax.Array, y: jax.Array, *, value_range: tuple[float, float] = (-1.0, 1.0),
          sigma: float = SSIM_SIGMA) -> jax.Array:
   """Structural similarity per image, (B,): Gaussian window (sigma 1.5, 11 taps), population
@@ -208,6 +210,7 @@ def ms_ssim_scales(height: int, width: int) -> int:
 _warned_ms_ssim_sizes = set()
 
 
+@jax.jit
 def ms_ssim(x: jax.Array, y: jax.Array) -> jax.Array:
   """Multi-scale SSIM per image, (B,), of [0, 1] NHWC images, as ``piq.multi_scale_ssim(x, y, data_range=1.)``:
   at each scale the SSIM statistics of an 11-tap Gaussian window (sigma 1.5, 'valid' positions), per channel;
@@ -242,9 +245,9 @@ def ms_ssim(x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 GMSD_T = 170 / 255 ** 2
-_PREWITT_X = np.array([[-1.0, 0.0, 1.0]] * 3) / 3
 
 
+@jax.jit
 def gmsd(x: jax.Array, y: jax.Array) -> jax.Array:
   """Gradient magnitude similarity deviation per image, (B,), of [0, 1] NHWC images (Xue et al. 2013), as
   ``piq.gmsd(x, y, data_range=1.)``: the luminance Y of YIQ, halved (``_halve``), Prewitt gradient magnitudes
@@ -253,8 +256,10 @@ def gmsd(x: jax.Array, y: jax.Array) -> jax.Array:
   """
   x, y = _check_unit_pair(x, y, "GMSD", 2)
   lum = _halve(jnp.concatenate([_rgb_to_yiq(x)[..., :1], _rgb_to_yiq(y)[..., :1]], axis=-1))
-  grad_sq = sum(jnp.square(_depthwise(lum, kernel, ((1, 1), (1, 1)))) for kernel in (_PREWITT_X, _PREWITT_X.T))
-  magnitude = jnp.sqrt(grad_sq)
+  # Prewitt: [1, 1, 1] / 3 across the direction of [-1, 0, 1].
+  grad_x = _correlate(_correlate(lum, (1 / 3,) * 3, 1, (1, 1)), (-1.0, 0.0, 1.0), 2, (1, 1))
+  grad_y = _correlate(_correlate(lum, (-1.0, 0.0, 1.0), 1, (1, 1)), (1 / 3,) * 3, 2, (1, 1))
+  magnitude = jnp.sqrt(jnp.square(grad_x) + jnp.square(grad_y))
   gms = _similarity(magnitude[..., :1], magnitude[..., 1:], GMSD_T)
   deviation = gms - _mean_per_image(gms)[:, None, None, None]
   return jnp.sqrt(_mean_per_image(jnp.square(deviation)))
@@ -265,13 +270,7 @@ HAARPSI_C = 30.0
 HAARPSI_ALPHA = 4.2
 
 
-def _haar_kernel(size: int) -> np.ndarray:
-  """piq.functional.haar_filter: 1/size over a size x size square, the lower half negated."""
-  kernel = np.ones((size, size)) / size
-  kernel[size // 2:] *= -1
-  return kernel
-
-
+@jax.jit
 def haarpsi(x: jax.Array, y: jax.Array) -> jax.Array:
   """Haar wavelet-based perceptual similarity per image, (B,), of [0, 1] NHWC images (Reisenhofer et al. 2018),
   as ``piq.haarpsi(x, y, data_range=1.)``: YIQ on [0, 255], halved (``_halve``); Haar filters of sizes 2, 4, 8
@@ -286,18 +285,21 @@ def haarpsi(x: jax.Array, y: jax.Array) -> jax.Array:
   lum = jnp.concatenate([x_yiq[..., :1], y_yiq[..., :1]], axis=-1)  # channels: x, y
   magnitudes = []  # per scale, (horizontal, vertical): |coefficients| of x and y as two channels
   for scale in range(HAARPSI_SCALES):
+    # piq.functional.haar_filter: 1 / size over a size x size square, its lower half negated (horizontal), and its
+    # transpose (vertical); padded as MATLAB's conv2(..., 'same').
     size = 2 ** (scale + 1)
-    padding = ((size // 2 - 1, size // 2),) * 2
-    kernel = _haar_kernel(size)
-    magnitudes.append([jnp.abs(_depthwise(lum, k, padding)) for k in (kernel, kernel.T)])
+    signs, mean = (1.0,) * (size // 2) + (-1.0,) * (size // 2), (1 / size,) * size
+    padding = (size // 2 - 1, size // 2)
+    magnitudes.append([jnp.abs(_correlate(_correlate(lum, a, 1, padding), b, 2, padding))
+                       for a, b in ((signs, mean), (mean, signs))])
   sims, weights = [], []
   for orientation in range(2):
     fine = [magnitudes[scale][orientation] for scale in range(HAARPSI_SCALES - 1)]
     sims.append(sum(_similarity(m[..., :1], m[..., 1:], HAARPSI_C) for m in fine) / len(fine))
     weights.append(jnp.max(magnitudes[-1][orientation], axis=-1, keepdims=True))
   if colour:
-    mean_2x2 = np.full((2, 2), 0.25)
-    iq_x, iq_y = (jnp.abs(_depthwise(v[..., 1:], mean_2x2, ((0, 1), (0, 1)))) for v in (x_yiq, y_yiq))
+    iq_x, iq_y = (jnp.abs(_correlate(_correlate(v[..., 1:], (0.5, 0.5), 1, (0, 1)), (0.5, 0.5), 2, (0, 1)))
+                  for v in (x_yiq, y_yiq))  # piq: a 2x2 mean, stride 1, after a zero row and column below, right
     sims.append(jnp.mean(_similarity(iq_x, iq_y, HAARPSI_C), axis=-1, keepdims=True))
     weights.append((weights[0] + weights[1]) / 2)
   sim, weight = jnp.concatenate(sims, axis=-1), jnp.concatenate(weights, axis=-1)
@@ -330,8 +332,9 @@ MEASURES = {
     "haarpsi": Measure(haarpsi, True, "", 1.0, 2 ** (HAARPSI_SCALES + 1)),
     "gmsd": Measure(gmsd, False, "", 0.0, 2),
 }
-# Cheap enough for the train loop's eval (benchmarks/measure_cost.py: each costs at most a few times PSNR).
-CHEAP_MEASURES = ("psnr", "ssim", "gmsd")
+# Cheap enough for the train loop's eval: at most ~3x PSNR's time per 256² image (benchmarks/measure_cost.py;
+# SSIM and MS-SSIM cost ~7-8x, docs/guide.md).
+CHEAP_MEASURES = ("psnr", "gmsd", "haarpsi")
 
 
 def _measure(name: str) -> Measure:
