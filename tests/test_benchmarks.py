@@ -210,6 +210,27 @@ def test_level_cost_runs_every_way_of_choosing_levels():
   assert sum(lines["target_psnr"]["level_counts"]) == 4
 
 
+def test_encode_mixed_sizes_counts_compiles_before_and_after(tmp_path):
+  """Four photos with sides up to 200: each way encodes and decodes them all; with buckets one program per bucket
+  shape and entry point (one batch size), without at least one per padded shape; the buckets' extra padding changes
+  the reconstructions of the real pixels a little (the convolutions' zero padding sits further out), not the
+  images' sizes. No timing is asserted."""
+  out = tmp_path / "mixed.json"
+  cmd = [sys.executable, "benchmarks/encode_mixed_sizes.py", "--num-images", "4", "--min-side", "100", "--max-side",
+         "200", "--json", str(out)]
+  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=compile_flags())
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(out.read_text())
+  exact, bucketed = r["exact"], r["bucketed"]
+  assert bucketed["compiles_encode"] == bucketed["compiles_decode"] == r["distinct_bucket_shapes"]
+  assert exact["compiles_encode"] >= r["distinct_padded_shapes"] >= r["distinct_bucket_shapes"]
+  assert r["bucket_pixels_over_padded"] >= 1.0 and r["ratio"]["compiles"] >= 1.0
+  for way in (exact, bucketed):
+    assert 0 < way["compile_s"] and way["images_per_s"] > 0 and 15 < way["mean_psnr"] < 50
+  assert abs(r["psnr_change_db"]) < 0.5 and r["max_pixel_difference"] < 1.0
+
+
 def test_measure_cost_times_every_measure_against_psnr(capsys):
   """benchmarks/measure_cost.py: every registry measure timed in the same interleaved rounds as PSNR, with its
   ratio and the mean value of the (blurred) batch; no timing is asserted."""
