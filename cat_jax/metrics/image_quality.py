@@ -207,10 +207,9 @@ def ms_ssim_scales(height: int, width: int) -> int:
   return scales
 
 
-_warned_ms_ssim_sizes = set()
+_warned_ms_ssim_sizes = set()  # the sizes whose smaller scale count was logged
 
 
-@jax.jit
 def ms_ssim(x: jax.Array, y: jax.Array) -> jax.Array:
   """Multi-scale SSIM per image, (B,), of [0, 1] NHWC images, as ``piq.multi_scale_ssim(x, y, data_range=1.)``:
   at each scale the SSIM statistics of an 11-tap Gaussian window (sigma 1.5, 'valid' positions), per channel;
@@ -219,17 +218,23 @@ def ms_ssim(x: jax.Array, y: jax.Array) -> jax.Array:
   and raised to its scale's weight, multiplied, then averaged over channels.
 
   Images smaller than 161 px on a side use ``ms_ssim_scales(h, w)`` scales (where piq raises instead) with the
-  first weights renormalised, and a warning is logged once per size. At least 11x11.
+  first weights renormalised, and a warning is logged once per size. At least 11x11. Jitted.
   """
   x, y = _check_unit_pair(x, y, "MS-SSIM", SSIM_WINDOW)
+  scales = ms_ssim_scales(*x.shape[1:3])
+  if scales < len(MS_SSIM_WEIGHTS) and x.shape[1:3] not in _warned_ms_ssim_sizes:
+    _warned_ms_ssim_sizes.add(x.shape[1:3])
+    logger.warning("MS-SSIM at %dx%d uses %d of its 5 scales (5 need 161x161 or more), weights renormalised",
+                   x.shape[1], x.shape[2], scales)
+  return _ms_ssim(x, y)
+
+
+@jax.jit
+def _ms_ssim(x: jax.Array, y: jax.Array) -> jax.Array:
   scales = ms_ssim_scales(*x.shape[1:3])
   weights = np.asarray(MS_SSIM_WEIGHTS[:scales])
   if scales < len(MS_SSIM_WEIGHTS):
     weights = weights / weights.sum()
-    if x.shape[1:3] not in _warned_ms_ssim_sizes:
-      _warned_ms_ssim_sizes.add(x.shape[1:3])
-      logger.warning("MS-SSIM at %dx%d uses %d of its 5 scales (5 need 161x161 or more), weights renormalised",
-                      x.shape[1], x.shape[2], scales)
   taps = gaussian_kernel_1d()
   per_scale = []
   for scale in range(scales):
