@@ -189,6 +189,7 @@ def test_ms_ssim_scale_count_adapts_to_small_images(caplog):
 @pytest.mark.parametrize("name", list(image_quality.MEASURES))
 def test_identical_images_give_the_best_value(name):
   x = np.concatenate([_photos(64, 64), np.random.default_rng(6).random((1, 64, 64, 3), np.float32)]) * 2 - 1
+  x = np.concatenate([x, -np.ones_like(x[:1])])  # and a black image (HaarPSI: no weights at all; piq gives inf)
   measure = image_quality.MEASURES[name]
   values = np.asarray(image_quality.quality(name, x, x))
   # HaarPSI is (log(sigmoid(4.2) / sigmoid(-4.2)) / 4.2)^2 = 1 up to a few roundings of the logs (<= 1e-6).

@@ -282,7 +282,8 @@ def haarpsi(x: jax.Array, y: jax.Array) -> jax.Array:
   on Y (MATLAB's conv2 'same' alignment, zero padding), horizontal and vertical; per orientation the similarity
   (C = 30) of the magnitudes of the two finest scales, weighted by the larger magnitude at the coarsest; for
   colour, the similarity of |I| and |Q| after a 2x2 mean, weighted by the mean of both weights; the weighted mean
-  of sigmoid(4.2 * similarity), mapped back by (logit / 4.2)^2. 1 for identical images. At least 16x16.
+  of sigmoid(4.2 * similarity), mapped back by (logit / 4.2)^2. 1 for identical images (also two black ones,
+  where piq gives inf). At least 16x16.
   """
   x, y = _check_unit_pair(x, y, "HaarPSI", 2 ** (HAARPSI_SCALES + 1))
   colour = x.shape[-1] == 3
@@ -314,7 +315,9 @@ def haarpsi(x: jax.Array, y: jax.Array) -> jax.Array:
   eps = float(np.finfo(np.float32).eps)
   agree = _sum_per_image(jax.nn.sigmoid(HAARPSI_ALPHA * sim) * weight) + eps
   disagree = _sum_per_image(jax.nn.sigmoid(-HAARPSI_ALPHA * sim) * weight)
-  return jnp.square((jnp.log(agree) - jnp.log(disagree)) / HAARPSI_ALPHA)
+  # No weight anywhere only when both images are black (with the zero padding any other image has edges): equal
+  # images, 1, where piq gives inf.
+  return jnp.where(disagree > 0, jnp.square((jnp.log(agree) - jnp.log(disagree)) / HAARPSI_ALPHA), 1.0)
 
 
 # ---- The registry: every quality that is reported or optimised, by name ----
