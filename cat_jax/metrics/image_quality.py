@@ -18,8 +18,9 @@ images clipped to [-1, 1] and rounded to 8-bit levels (as an image written to PN
 
 MS-SSIM, HaarPSI and GMSD take RGB (or grey) NHWC images in [0, 1] and equal ``piq`` 0.8.0's
 ``multi_scale_ssim``, ``haarpsi`` and ``gmsd`` (``data_range=1.``, ``reduction='none'``); GMSD is a distortion
-(0 for identical images, lower is better). One difference: piq's MS-SSIM refuses images under 161 px a side; ours
-uses the scales that fit (``ms_ssim_scales``) with renormalised weights and logs a warning once per size.
+(0 for identical images, lower is better). Two differences: piq's MS-SSIM refuses images under 161 px a side; ours
+uses the scales that fit (``ms_ssim_scales``) with renormalised weights and logs a warning once per size. And
+HaarPSI of two black images is 1 (piq: inf).
 
 The registry (``MEASURES``, ``quality``, ``qualities``): every quality that is reported or optimised goes through
 it by name. ``quality(name, originals, reconstructions)`` takes our [-1, 1] images, rounds them to 8-bit levels as
