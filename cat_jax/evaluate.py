@@ -1,4 +1,4 @@
-r"""Evaluates a CAT checkpoint: fixed 8x / 16x / 32x, adaptive levels, and complexity measures at one token budget.
+r"""Evaluates a CAT checkpoint: fixed 8x / 16x / 32x, adaptive levels, and level choices at one token budget.
 
   python -m cat_jax.evaluate --workdir /tmp/cat_demo                            # the run's own eval data
   python -m cat_jax.evaluate --config configs/cat.py:demo --workdir /tmp/cat_demo --data embedded \
@@ -16,15 +16,24 @@ Settings ("rows"):
   fixed_8x / fixed_16x / fixed_32x  every image at one level;
   adaptive                          each image at its level from ``--manifest`` (or the embedded dataset's built-in
                                     levels when no manifest is given);
-  budget:<measure>                  levels from a complexity measure's scores with thresholds chosen so the mean
+  budget:<scorer>                   levels from a complexity scorer's scores with thresholds chosen so the mean
                                     token count matches ``--budget-tokens`` (default: the fixed-16x count), i.e. the
-                                    paper's comparison of complexity measures at equal cost. Measures: ``random``,
-                                    ``jpeg`` (JPEG bits per pixel), ``mse`` (this checkpoint's 32x reconstruction
-                                    MSE), ``grade`` (embedded data only: the generator's 1-9 complexity grade, an
-                                    oracle standing in for the caption-LLM score), ``predictor`` (the
+                                    paper's comparison of complexity measures at equal cost. Scorers (``--scorers``):
+                                    ``random``, ``jpeg`` (JPEG bits per pixel), ``mse`` (this checkpoint's 32x
+                                    reconstruction MSE), ``grade`` (embedded data only: the generator's 1-9 complexity
+                                    grade, an oracle standing in for the caption-LLM score), ``predictor`` (the
                                     tokenizer's learned level predictor, when it ships one) and any
                                     ``--score-manifest name=PATH`` (e.g. caption_llm scores from
-                                    ``python -m cat_jax.score``).
+                                    ``python -m cat_jax.score``);
+  budget:oracle:<m>                 the exact best mean quality in measure m at the same budget (a knapsack over each
+                                    image's measured quality at every level: the ceiling of any level choice);
+  budget:rd:<m>                     the same from the quality predictor's predicted qualities (``--allocate-by``);
+  auto                              the tokenizer's knob-free ``levels="auto"`` at its own mean tokens.
+Every row reports PSNR, SSIM and ``--measures`` (MS-SSIM, HaarPSI, GMSD by default: no weights needed), with
+bootstrap intervals and per kind of image. ``results.json``'s ``allocation`` puts every choice between its floor
+(fixed 16x) and its ceiling (the oracle) on all images, without flat and gradient images and on photos alone: paired
+differences with intervals, the share of the oracle's gain, the share of images at each level, and the mean tokens
+each choice needs to reach the fixed-16x mean quality.
 A row's reconstruction of an image is the one at that image's level, so every row measures the same images.
 Images/s: encode + decode throughput per level measured on this machine (compilation excluded); a mixed row's
 figure is derived as ``N / sum_l(n_l / ips_l)``.
@@ -54,7 +63,9 @@ from cat_jax.data.level_map import is_level_spelling
 
 logger = logging.getLogger("cat_jax.evaluate")
 
-BUILTIN_MEASURES = ("random", "jpeg", "mse", "grade", "predictor")
+BUILTIN_SCORERS = ("random", "jpeg", "mse", "grade", "predictor")
+QUALITY_MEASURES = ("psnr", "ssim", "ms_ssim", "haarpsi", "gmsd")  # image_quality.MEASURES: every one needs no weights
+ALLOCATE_BY = ("psnr", "haarpsi")  # the oracle's measures: the one everyone reports and the one closest to people
 SKIPPED_RFID = ("rFID skipped: no --inception-weights. Convert the pytorch-fid Inception weights once with "
                 "`python -m cat_jax.convert inception --out PATH` (needs pt_inception-2015-12-05-6726825d.pth in "
                 "the torch hub cache or --torch-weights FILE) and pass --inception-weights PATH.")
@@ -113,6 +124,17 @@ def _padded(fn: Callable | None, batch: int) -> Callable | None:
   return call
 
 
+def _with_progress(batches, total: int):
+  """The evaluation's batches, with a progress bar on stderr (images done, rate, time left)."""
+  import tqdm
+
+  with tqdm.tqdm(total=total, unit="img", desc="evaluate", file=sys.stderr, dynamic_ncols=True,
+                 mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
+    for batch in batches:
+      yield batch
+      bar.update(int(np.sum(batch["mask"])))
+
+
 # -- level assignments ----------------------------------------------------------------------------------------------
 def _manifest_scores(path: str, known_ids: Sequence[str]) -> dict[str, float]:
   """{id: score} of a finished score manifest (read by ``cat_jax.data.level_map.load_records``, the one reader);
@@ -167,10 +189,91 @@ def _budget_rows(scores: Mapping[str, Mapping[str, float]], ids: Sequence[str], 
   return rows
 
 
+def _quality_table(model_batches, measure: str) -> np.ndarray:
+  """(N, 3) the model's quality of every evaluated image at each level in ``measure``, higher is better."""
+  from cat_jax.metrics.image_quality import oriented
+
+  def values(m):
+    return m.psnr if measure == "psnr" else m.ssim if measure == "ssim" else m.measures[measure]
+  return np.concatenate([np.stack([oriented(measure, values(m)) for m in per_level], axis=1)
+                         for _, per_level in model_batches])
+
+
+def _allocation_rows(tables, predicted, ids: Sequence[str], budget: float, image_hw, tok) -> list[_Row]:
+  """``budget:oracle:<m>`` (the exact best choice in measure m at the budget: the ceiling), ``budget:rd:<m>`` (the
+  same from the quality predictor's predictions) and ``auto`` (the tokenizer's knob-free price rule)."""
+  from cat_jax.complexity import allocation
+
+  tokens = allocation.tokens_table([image_hw] * len(ids))
+  rows = [_Row(f"budget:oracle:{m}", dict(zip(ids, allocation.best_within_budget(q, tokens, budget).tolist())),
+               f"the exact best mean {m} at {budget:g} mean tokens (a knapsack over measured qualities: the ceiling)")
+          for m, q in tables.items()]
+  rows += [_Row(f"budget:rd:{m}", dict(zip(ids, allocation.best_within_budget(p, tokens, budget).tolist())),
+                f"the best mean {m} at {budget:g} mean tokens by the level predictor's predicted qualities")
+           for m, p in predicted.items() if m in tables]
+  auto = tok.auto_levels or {}
+  if auto.get("rule") == "price" and auto.get("measure") in predicted:
+    levels = allocation.at_price(predicted[auto["measure"]], allocation.rate_table(len(ids)), auto["price"])
+    rows.append(_Row("auto", dict(zip(ids, levels.tolist())), f"the tokenizer's levels='auto': predicted "
+                     f"{auto['measure']} less {auto['price']:.3g} per token per 256x256 pixels, per image"))
+  return rows
+
+
+def _allocation_report(tables, predicted, scores, rows, ids: Sequence[str], source, budget: float, image_hw,
+                       bootstrap: int, seed: int) -> dict:
+  """Every level choice between its floor (fixed 16x) and its ceiling (the exact choice) at the same budget, on all
+  images, without flat and gradient images and on photos alone (kinds of the embedded data): each choice remade on
+  the subset (``complexity.allocation.compare``), the share of the oracle's gain it gets, and the mean tokens each
+  needs to reach the fixed-16x mean quality (the paper's equal-quality framing)."""
+  from cat_jax.complexity import allocation
+  from cat_jax.complexity import thresholds as complexity_thresholds
+
+  kinds = reports.kinds_of(source, ids)
+  everything = np.ones(len(ids), bool)
+  subsets = {"all": everything}
+  if kinds is not None:
+    kinds = np.asarray(kinds)
+    subsets["without flat and gradient"] = ~np.isin(kinds, ["flat", "gradient"])
+    subsets["photos"] = kinds == "photo"
+  auto = next((r for r in rows if r.name == "auto"), None)
+  tokens_all = allocation.tokens_table([image_hw] * len(ids))
+  report = {}
+  for subset, sel in subsets.items():
+    if not sel.any():
+      continue
+    tokens, sub_ids = tokens_all[sel], [i for i, keep in zip(ids, sel) if keep]
+    at_budget = {m: (lambda b, q=q[sel]: allocation.best_within_budget(q, tokens, b)) for m, q in tables.items()}
+    by_prediction = {m: (lambda b, p=p[sel]: allocation.best_within_budget(p, tokens, b))
+                     for m, p in predicted.items() if m in tables}
+    by_score = {name: (lambda b, s=[per_id[i] for i in sub_ids]: complexity_thresholds.levels_for_scores(
+        s, complexity_thresholds.budget_thresholds(s, b, image_hw=image_hw))) for name, per_id in scores.items()}
+    choices = {"fixed_16x": np.ones(int(sel.sum()), np.int32)}
+    choices |= {f"oracle:{m}": f(budget) for m, f in at_budget.items()}
+    choices |= {f"rd:{m}": f(budget) for m, f in by_prediction.items()}
+    choices |= {name: f(budget) for name, f in by_score.items()}
+    if auto is not None:
+      choices["auto (own tokens)"] = auto.levels(sub_ids)
+    entry = {"images": int(sel.sum()), "choices": allocation.compare({m: q[sel] for m, q in tables.items()}, tokens,
+                                                                     choices, bootstrap=bootstrap, seed=seed)}
+    for m, q in tables.items():
+      oracle_gain = entry["choices"][f"oracle:{m}"][f"{m}_minus_fixed_16x"]
+      for name, row in entry["choices"].items():
+        row[f"{m}_share_of_oracle_gain"] = row[f"{m}_minus_fixed_16x"] / oracle_gain if oracle_gain > 0 else None
+      target = float(q[sel][:, 1].mean())
+      makers = {f"oracle:{m}": at_budget[m]} | {f"rd:{k}": f for k, f in by_prediction.items()} | by_score
+      entry[f"tokens_for_fixed_16x_{m}"] = {
+          name: allocation.tokens_to_match(f, q[sel], tokens, target) for name, f in makers.items()}
+      entry[f"tokens_for_fixed_16x_{m}"][f"oracle:{m}"] = allocation.mean_of(
+          tokens, allocation.fewest_tokens_for(q[sel], tokens, target))
+    report[subset] = entry
+  return report
+
+
 # -- the evaluation -------------------------------------------------------------------------------------------------
 def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, image_size: int,
                    manifest: str | None = None, score_manifests: Mapping[str, str] | None = None,
-                   measures: Sequence[str] = ("random", "jpeg", "mse"), budget_tokens: float | None = None,
+                   scorers: Sequence[str] = ("random", "jpeg", "mse"), budget_tokens: float | None = None,
+                   measures: Sequence[str] = QUALITY_MEASURES, allocate_by: Sequence[str] = ALLOCATE_BY,
                    inception_fn: Callable | None = None, lpips_fn: Callable | None = None,
                    num_grid_images: int = 8, seed: int = 0, extra: Mapping[str, Any] | None = None,
                    compare: Mapping[str, tuple[Any, int]] | None = None, baselines: bool = True,
@@ -199,15 +302,24 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
 
   out_dir = storage.as_path(out_dir)  # local or an object store (gs://...)
   out_dir.mkdir(parents=True, exist_ok=True)
-  unknown = set(measures) - set(BUILTIN_MEASURES)
+  from cat_jax.metrics.image_quality import MEASURES
+
+  unknown = set(scorers) - set(BUILTIN_SCORERS)
   if unknown:
-    raise ValueError(f"unknown measures {sorted(unknown)}; built-in measures are {BUILTIN_MEASURES} (others come "
+    raise ValueError(f"unknown scorers {sorted(unknown)}; built-in scorers are {BUILTIN_SCORERS} (others come "
                      "from --score-manifest name=PATH)")
-  if "grade" in measures and not hasattr(source, "kind"):
-    raise ValueError("measure 'grade' needs the embedded dataset (its generator's complexity grade)")
-  if "predictor" in measures and getattr(tok, "level_predictor", None) is None:
-    raise ValueError("measure 'predictor' needs a tokenizer with a level predictor (Tokenizer.set_level_predictor, "
+  unknown = [m for m in list(measures) + list(allocate_by) if m not in MEASURES]
+  if unknown:
+    raise ValueError(f"unknown quality measures {unknown}; the measures are {', '.join(MEASURES)} (complexity "
+                     "scorers such as jpeg or grade go to --scorers)")
+  measures = tuple(dict.fromkeys(["psnr", "ssim", *measures, *allocate_by]))  # PSNR and SSIM are always measured
+  if "grade" in scorers and not hasattr(source, "kind"):
+    raise ValueError("scorer 'grade' needs the embedded dataset (its generator's complexity grade)")
+  if "predictor" in scorers and getattr(tok, "level_predictor", None) is None:
+    raise ValueError("scorer 'predictor' needs a tokenizer with a level predictor (Tokenizer.set_level_predictor, "
                      "python -m cat_jax.train_predictor)")
+  predictor = getattr(tok, "level_predictor", None)
+  predicts = set(predictor.measures) if predictor is not None else set()  # its tables feed rd rows and auto
   all_ids = source_ids(source)
   image_hw = (image_size, image_size)
   tokens = np.array([L.num_tokens(image_hw, lvl) for lvl in range(L.NUM_LEVELS)], np.int64)
@@ -255,20 +367,22 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
   if paired_against not in {r.name for r in rows}:
     raise ValueError(f"--paired-against {paired_against!r} is not a row of this evaluation; use one of "
                      f"{[r.name for r in rows]}")
-  deferred = bool(measures or external)
-
-  measurer = ReconstructionEvaluator(_padded(inception_fn, tok.batch_size), _padded(lpips_fn, tok.batch_size))
-  evaluators = {r.name: ReconstructionEvaluator(inception_fn, lpips_fn) for r in rows}
+  new_evaluator = lambda: ReconstructionEvaluator(inception_fn, lpips_fn, measures=measures)
+  measurer = ReconstructionEvaluator(_padded(inception_fn, tok.batch_size), _padded(lpips_fn, tok.batch_size),
+                                     measures=measures)
+  evaluators = {r.name: new_evaluator() for r in rows}
   seconds = np.zeros(L.NUM_LEVELS)
   warm = np.zeros((tok.batch_size, image_size, image_size, 3), np.float32)
   for lvl in range(L.NUM_LEVELS):  # compile outside the timed region
     np.asarray(tok.reconstruct_batch(warm, lvl))
   grid: list[list[np.ndarray]] = [[] for _ in range(L.NUM_LEVELS + 1)]
   seen_ids: list[str] = []
-  scores: dict[str, dict[str, float]] = {m: {} for m in measures if m in ("jpeg", "mse", "predictor")}
+  scores: dict[str, dict[str, float]] = {m: {} for m in scorers if m in ("jpeg", "mse", "predictor")}
   model_batches: list[tuple[list[str], list[Measurements]]] = []  # for the budget rows, added after the pass
-  for batch in make_eval_iterator(source, levels=0, batch_size=tok.batch_size, image_size=image_size,
-                                  process_index=0, process_count=1):
+  predicted: dict[str, list[np.ndarray]] = {m: [] for m in predicts}  # the quality predictor's tables, per batch
+  for batch in _with_progress(make_eval_iterator(source, levels=0, batch_size=tok.batch_size,
+                                                 image_size=image_size, process_index=0, process_count=1),
+                              len(source)):
     valid = np.asarray(batch["mask"], bool)
     batch_ids = [str(i) for i in np.asarray(batch["id"])[valid]]
     if not batch_ids:
@@ -305,8 +419,11 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
       per_level = [measurements(row.source, lvl) if np.any(lv == lvl) else None for lvl in range(L.NUM_LEVELS)]
       filler = next(m for m in per_level if m is not None)
       evaluators[row.name].add(Measurements.pick([m or filler for m in per_level], lv), lv, tokens[lv])
-    if deferred:
-      model_batches.append((batch_ids, [measurements("model", lvl) for lvl in range(L.NUM_LEVELS)]))
+    model_batches.append((batch_ids, [measurements("model", lvl) for lvl in range(L.NUM_LEVELS)]))
+    if predicts:
+      table = predictor.predict_quality(originals)
+      for m in predicts:
+        predicted[m].append(table[m])
     if "jpeg" in scores:
       scores["jpeg"].update((i, jpeg_bpp(Image.fromarray(from_model_range(x)))) for i, x in zip(batch_ids, originals))
     if "mse" in scores:  # the 32x reconstruction's error: the cheap measure needs the coarsest level only
@@ -322,19 +439,24 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
   if not seen_ids:
     raise ValueError(f"no readable images in {source!r}")
 
-  if deferred:  # the budget rows, from every image's score and the model's kept measurements
-    if "random" in measures:
-      scores["random"] = dict(zip(seen_ids, np.random.default_rng(seed).random(len(seen_ids)).tolist()))
-    if "grade" in measures:
-      grade_of = {i: source.kind(k).grade for k, i in enumerate(source.ids())}
-      scores["grade"] = {i: float(grade_of[i]) for i in seen_ids}
-    scores = {m: scores[m] for m in measures} | external
-    for row in _budget_rows(scores, seen_ids, budget, image_hw):
-      rows.append(row)
-      evaluators[row.name] = ReconstructionEvaluator(inception_fn, lpips_fn)
-      for batch_ids, per_level in model_batches:
-        lv = row.levels(batch_ids)
-        evaluators[row.name].add(Measurements.pick(per_level, lv), lv, tokens[lv])
+  # Rows whose levels need every image first: complexity scores at the budget, the exact (oracle) and predicted
+  # rate-distortion choices at the budget, and the tokenizer's knob-free auto levels.
+  if "random" in scorers:
+    scores["random"] = dict(zip(seen_ids, np.random.default_rng(seed).random(len(seen_ids)).tolist()))
+  if "grade" in scorers:
+    grade_of = {i: source.kind(k).grade for k, i in enumerate(source.ids())}
+    scores["grade"] = {i: float(grade_of[i]) for i in seen_ids}
+  scores = {m: scores[m] for m in scorers} | external
+  tables = {m: _quality_table(model_batches, m) for m in allocate_by}
+  predicted_tables = {m: np.concatenate(v) for m, v in predicted.items()}
+  late_rows = _budget_rows(scores, seen_ids, budget, image_hw)
+  late_rows += _allocation_rows(tables, predicted_tables, seen_ids, budget, image_hw, tok)
+  for row in late_rows:
+    rows.append(row)
+    evaluators[row.name] = new_evaluator()
+    for batch_ids, per_level in model_batches:
+      lv = row.levels(batch_ids)
+      evaluators[row.name].add(Measurements.pick(per_level, lv), lv, tokens[lv])
 
   n_total = len(seen_ids)
   ips_level = [n_total / max(s, 1e-12) for s in seconds]
@@ -356,6 +478,7 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
              "level_counts": {f"{f}x": int(c) for f, c in zip(L.FACTORS, counts)},
              "images_per_s": float(n_total / sum(c / ips_level[lvl] for lvl, c in enumerate(counts) if c)),
              "note": row.note, "per_level": {k: v for k, v in metrics.items() if not k.endswith("/all")}}
+    entry.update({m: metrics[f"{m}/all"] for m in measures if m not in ("psnr", "ssim")})
     if "lpips/all" in metrics:
       entry["lpips"] = metrics["lpips/all"]
     if "rfid/all" in metrics:
@@ -363,8 +486,11 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
     if row.thresholds is not None:
       entry["thresholds"] = list(row.thresholds)
     results["rows"][row.name] = entry
+  results["measures"] = list(measures)
   reports.add_intervals_and_breakdown(results, {n: ev.per_image for n, ev in evaluators.items()}, seen_ids, source,
                                       bootstrap, seed, reference=paired_against)
+  results["allocation"] = _allocation_report(tables, predicted_tables, scores, rows, seen_ids, source, budget,
+                                             image_hw, bootstrap, seed)
   reports.write_reports(results, grid, out_dir)
   return results
 
@@ -383,9 +509,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--manifest", help="score manifest whose levels make the adaptive row")
   p.add_argument("--score-manifest", action="append", default=[], metavar="NAME=PATH",
                  help="extra complexity measure from a score manifest, e.g. caption_llm=scores.jsonl (repeatable)")
-  p.add_argument("--measures", default=None,
-                 help=f"comma-separated built-in measures of {BUILTIN_MEASURES} (default random,jpeg,mse, plus "
-                 "grade on the embedded dataset and predictor when the tokenizer has one); 'none' for no comparison")
+  p.add_argument("--scorers", default=None,
+                 help=f"comma-separated complexity scorers of {BUILTIN_SCORERS} compared at one token budget "
+                 "(budget:<scorer> rows; default random,jpeg,mse, plus grade on the embedded dataset and predictor "
+                 "when the tokenizer has one); 'none' for no comparison")
+  p.add_argument("--measures", default=",".join(QUALITY_MEASURES),
+                 help="comma-separated quality measures every row reports (cat_jax.metrics.image_quality.MEASURES; "
+                 f"default {','.join(QUALITY_MEASURES)}; PSNR and SSIM always)")
+  p.add_argument("--allocate-by", default=",".join(ALLOCATE_BY),
+                 help="measures the exact (budget:oracle:<m>) and predicted (budget:rd:<m>) level choices maximise "
+                 f"at the budget (default {','.join(ALLOCATE_BY)})")
   p.add_argument("--budget-tokens", type=float, help="mean tokens per image for the measure comparison "
                  "(default: the fixed-16x count)")
   p.add_argument("--num-images", type=int, help="evaluate the first N images only")
@@ -465,13 +598,15 @@ def main(argv: Sequence[str] | None = None) -> int:
       if args.num_images < 1:
         raise ValueError("--num-images must be >= 1")
       source = _Head(source, args.num_images)
-    if args.measures is None:
-      measures = (["random", "jpeg", "mse"] + (["grade"] if hasattr(source, "kind") else []) +
-                  (["predictor"] if tok.level_predictor is not None else []))
-    elif args.measures == "none":
-      measures = []
+    if args.scorers is None:
+      scorers = (["random", "jpeg", "mse"] + (["grade"] if hasattr(source, "kind") else []) +
+                 (["predictor"] if tok.level_predictor is not None else []))
+    elif args.scorers == "none":
+      scorers = []
     else:
-      measures = [m.strip() for m in args.measures.split(",") if m.strip()]
+      scorers = [m.strip() for m in args.scorers.split(",") if m.strip()]
+    measures = [m.strip() for m in args.measures.split(",") if m.strip()]
+    allocate_by = [m.strip() for m in args.allocate_by.split(",") if m.strip()]
     inception_fn = lpips_fn = None
     if args.inception_weights:
       from cat_jax.models.inception import load_inception
@@ -480,11 +615,17 @@ def main(argv: Sequence[str] | None = None) -> int:
       from cat_jax.models.lpips import load_lpips
       lpips_fn = load_lpips(args.lpips_weights)
     image_size = args.image_size or int(config.data.image_size)
+    print(f"evaluate: step {tok.step} on {dataset} ({split}), {len(source)} images, each resized (shorter side) and "
+          f"centre-cropped to {image_size}x{image_size}; every image at 8x, 16x and 32x; measures "
+          f"{', '.join(dict.fromkeys(['psnr', 'ssim', *measures]))}, "
+          f"{'with' if inception_fn else 'no'} rFID, {'with' if lpips_fn else 'no'} LPIPS; level scorers "
+          f"{', '.join(scorers) or 'none'}", file=sys.stderr, flush=True)
     out = args.out or (f"eval_{args.workdir}" if args.workdir in PRETRAINED else
                        os.fspath(storage.as_path(args.workdir) / "eval"))
     results = run_evaluation(
         tok, source, out_dir=out, dataset=f"{dataset} ({split})", image_size=image_size, manifest=args.manifest,
-        score_manifests=_parse_named(args.score_manifest), measures=measures, budget_tokens=args.budget_tokens,
+        score_manifests=_parse_named(args.score_manifest), scorers=scorers, budget_tokens=args.budget_tokens,
+        measures=measures, allocate_by=allocate_by,
         inception_fn=inception_fn, lpips_fn=lpips_fn, num_grid_images=args.num_grid_images, seed=args.seed,
         compare=_parse_compare(args.compare, tok.batch_size), baselines=not args.no_baselines,
         bootstrap=args.bootstrap, strict=args.strict, paired_against=args.paired_against,

@@ -26,9 +26,10 @@ def bootstrap_interval(values: np.ndarray, resamples: np.ndarray) -> list[float]
 def add_intervals_and_breakdown(results: dict, per_image: Mapping[str, Mapping[str, Sequence[float]]],
                                 ids: Sequence[str], source, bootstrap: int, seed: int,
                                 reference: str = PAIRED_REFERENCE) -> None:
-  """Adds to ``results['rows']`` bootstrap 95% intervals over images of each row's PSNR/SSIM/LPIPS and of its PSNR
-  difference to the ``reference`` row (``psnr_minus_reference``, paired: the same resampled images; the row's name
-  in ``results['paired_reference']``), and the mean PSNR per kind of image where the source names kinds.
+  """Adds to ``results['rows']`` bootstrap 95% intervals over images of each row's measures (PSNR, SSIM, LPIPS and
+  any other in ``per_image``) and of its PSNR difference to the ``reference`` row (``psnr_minus_reference``, paired:
+  the same resampled images; the row's name in ``results['paired_reference']``), and the mean PSNR and HaarPSI
+  (``PER_KIND``) per kind of image where the source names kinds.
   ``per_image``: {row: {metric: values in the order of ``ids``}}."""
   per_image = {name: {k: np.asarray(v) for k, v in values.items() if len(v)} for name, values in per_image.items()}
   reference_psnr = per_image.get(reference, {}).get("psnr")
@@ -39,9 +40,8 @@ def add_intervals_and_breakdown(results: dict, per_image: Mapping[str, Mapping[s
       results["paired_reference"] = reference
     for name, values in per_image.items():
       row = results["rows"][name]
-      for metric in ("psnr", "ssim", "lpips"):
-        if metric in values:
-          row[f"{metric}_ci95"] = bootstrap_interval(values[metric], resamples)
+      for metric, v in values.items():
+        row[f"{metric}_ci95"] = bootstrap_interval(v, resamples)
       if reference_psnr is not None and name != reference:
         diff = values["psnr"] - reference_psnr
         row["psnr_minus_reference"] = float(diff.mean())
@@ -52,8 +52,10 @@ def add_intervals_and_breakdown(results: dict, per_image: Mapping[str, Mapping[s
     kinds = sorted(set(kind_of), key=KIND_NAMES.index)  # simplest first
     results["kinds"] = {k: int(sum(1 for x in kind_of if x == k)) for k in kinds}
     for name, values in per_image.items():
-      results["rows"][name]["psnr_per_kind"] = {
-          k: float(np.mean([v for v, x in zip(values["psnr"], kind_of) if x == k])) for k in kinds}
+      for metric in PER_KIND:
+        if metric in values:
+          results["rows"][name][f"{metric}_per_kind"] = {
+              k: float(np.mean([v for v, x in zip(values[metric], kind_of) if x == k])) for k in kinds}
 
 
 def kinds_of(source, ids: Sequence[str]) -> list[str] | None:
@@ -83,7 +85,10 @@ def write_grids(grid: list[list[np.ndarray]], out_dir, per_image: int = 8) -> No
 
 
 _COLUMNS = (("mean_tokens", "mean tokens", "{:.1f}"), ("rfid", "rFID", "{:.3f}"), ("lpips", "LPIPS", "{:.4f}"),
-            ("psnr", "PSNR", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"), ("images_per_s", "images/s", "{:.1f}"))
+            ("psnr", "PSNR", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"), ("ms_ssim", "MS-SSIM", "{:.4f}"),
+            ("haarpsi", "HaarPSI", "{:.4f}"), ("gmsd", "GMSD (lower is better)", "{:.4f}"),
+            ("images_per_s", "images/s", "{:.1f}"))
+PER_KIND = ("psnr", "haarpsi")  # the measures reported per kind of image (PSNR, and the one closest to people)
 
 
 def _cell(row: Mapping[str, Any], key: str, fmt: str) -> str:
@@ -112,13 +117,38 @@ def _table(rows: Mapping[str, dict], names: Sequence[str], reference: str | None
   return lines
 
 
-def _kinds_table(results: Mapping[str, Any]) -> list[str]:
-  """Mean PSNR per kind of image (columns simplest first) for every row: where adaptive wins and loses."""
+def _kinds_table(results: Mapping[str, Any], metric: str, fmt: str) -> list[str]:
+  """Mean ``metric`` per kind of image (columns simplest first) for every row: where adaptive wins and loses."""
   kinds = list(results["kinds"])
   lines = ["| setting | " + " | ".join(f"{k} ({results['kinds'][k]})" for k in kinds) + " |",
            "|---|" + "---:|" * len(kinds)]
   for name, row in results["rows"].items():
-    lines.append(f"| {name} | " + " | ".join(f"{row['psnr_per_kind'][k]:.2f}" for k in kinds) + " |")
+    lines.append(f"| {name} | " + " | ".join(fmt.format(row[f"{metric}_per_kind"][k]) for k in kinds) + " |")
+  return lines
+
+
+def _allocation_tables(allocation: Mapping[str, Any], budget: float) -> list[str]:
+  """Each level choice between fixed 16x and the oracle at the same budget, per subset of images."""
+  lines = ["", f"## Level choices between floor and ceiling at {budget:g} mean tokens", "",
+           "Paired differences to fixed 16x on the same images, [95% bootstrap interval]; share: of the exact "
+           "choice's gain in that measure; 'tokens for fixed-16x quality': the mean tokens each choice needs to reach "
+           "fixed 16x's mean (fixed 16x spends the budget)."]
+  for subset, entry in allocation.items():
+    measures = [k[len("tokens_for_fixed_16x_"):] for k in entry if k.startswith("tokens_for_fixed_16x_")]
+    lines += ["", f"### {subset} ({entry['images']} images)", "",
+              "| choice | mean tokens | images at 8x/16x/32x | " + " | ".join(
+                  f"{m} - fixed 16x | share of {m} gain | tokens for fixed-16x {m}" for m in measures) + " |",
+              "|---|---:|---|" + "---:|---:|---:|" * len(measures)]
+    for name, row in entry["choices"].items():
+      shares = "/".join(f"{v:.0%}" for v in row["level_share"])
+      cells = []
+      for m in measures:
+        lo, hi = row.get(f"{m}_minus_fixed_16x_ci", (np.nan, np.nan))
+        share = row.get(f"{m}_share_of_oracle_gain")
+        needed = entry[f"tokens_for_fixed_16x_{m}"].get(name)
+        cells += [f"{row[f'{m}_minus_fixed_16x']:+.4g} [{lo:+.3g}, {hi:+.3g}]",
+                  "-" if share is None else f"{share:.0%}", "-" if needed is None else f"{needed:.1f}"]
+      lines.append(f"| {name} | {row['mean_tokens']:.1f} | {shares} | " + " | ".join(cells) + " |")
   return lines
 
 
@@ -138,10 +168,15 @@ def markdown_table(results: Mapping[str, Any]) -> str:
   reference = results.get("paired_reference")
   lines += _table(rows, main, reference)
   if budget:
-    lines += ["", f"## Complexity measures at {results['budget_tokens']:g} mean tokens per image (budget mode)", ""]
+    lines += ["", f"## Level choices at {results['budget_tokens']:g} mean tokens per image (budget mode)", ""]
     lines += _table(rows, budget, reference)
+  if results.get("allocation"):
+    lines += _allocation_tables(results["allocation"], results["budget_tokens"])
   if results.get("kinds"):
-    lines += ["", "## PSNR per kind of image", ""] + _kinds_table(results)
+    for metric, fmt in (("psnr", "{:.2f}"), ("haarpsi", "{:.3f}")):
+      if all(f"{metric}_per_kind" in row for row in results["rows"].values()):
+        lines += ["", f"## {metric.upper() if metric == 'psnr' else 'HaarPSI'} per kind of image", ""]
+        lines += _kinds_table(results, metric, fmt)
   for key, text in results.get("skipped", {}).items():
     lines += ["", f"Note: {text}"]
   for text in results.get("notes", []):

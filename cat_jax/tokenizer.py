@@ -64,12 +64,16 @@ class Latents:
 
   ``code_only[i]`` (one bit per image, None = all False): image i's latent is the fixed DCT patch code the model
   starts from and decodes as that code alone, because the learned path reconstructed it worse (``Tokenizer``'s
-  ``keep_code``; ``nested_vae.reconstruct``)."""
+  ``keep_code``; ``nested_vae.reconstruct``).
+
+  ``missed_target[i]`` (None when levels came without a quality target): no level brought image i to the target
+  asked for (``target_psnr``, a mean ``target_quality``), so it got the level closest to it."""
 
   values: list[np.ndarray]
   levels: np.ndarray
   image_sizes: list[tuple[int, int]] | None = None  # the encoded images' (H, W) when not a multiple of the factor
   code_only: np.ndarray | None = None
+  missed_target: np.ndarray | None = None
 
   def __post_init__(self):
     self.levels = np.asarray(self.levels, np.int32).reshape(-1)
@@ -81,10 +85,12 @@ class Latents:
       self.image_sizes = [(int(h), int(w)) for h, w in self.image_sizes]
       if len(self.image_sizes) != len(self.values):
         raise ValueError(f"{len(self.values)} latents but {len(self.image_sizes)} image sizes")
-    if self.code_only is not None:
-      self.code_only = np.asarray(self.code_only, bool).reshape(-1)
-      if len(self.code_only) != len(self.values):
-        raise ValueError(f"{len(self.values)} latents but {len(self.code_only)} code_only flags")
+    for name in ("code_only", "missed_target"):
+      flags = getattr(self, name)
+      if flags is not None:
+        setattr(self, name, np.asarray(flags, bool).reshape(-1))
+        if len(getattr(self, name)) != len(self.values):
+          raise ValueError(f"{len(self.values)} latents but {len(getattr(self, name))} {name} flags")
 
   def save(self, path: str | os.PathLike) -> None:
     """One ``.npz`` file (local or ``gs://``) with every latent, its level, its image's size and its code bit."""
@@ -95,8 +101,9 @@ class Latents:
     arrays = {f"latent_{i}": np.asarray(v, np.float32) for i, v in enumerate(self.values)}
     sizes = [self.image_hw(i) for i in range(len(self))]
     buf = io.BytesIO()
+    flags = {} if self.missed_target is None else {"missed_target": self.missed_target}
     np.savez(buf, levels=self.levels, image_sizes=np.asarray(sizes, np.int64).reshape(-1, 2),
-             code_only=self.code_only_flags(), **arrays)
+             code_only=self.code_only_flags(), **flags, **arrays)
     storage.write_bytes(path, buf.getvalue())
 
   @classmethod
@@ -112,7 +119,8 @@ class Latents:
       levels = npz["levels"]
       return cls([npz[f"latent_{i}"] for i in range(len(levels))], levels,
                  [tuple(hw) for hw in npz["image_sizes"].tolist()],
-                 npz["code_only"] if "code_only" in npz else None)  # files written before the bit existed
+                 npz["code_only"] if "code_only" in npz else None,  # files written before the bit existed
+                 npz["missed_target"] if "missed_target" in npz else None)
 
   def __len__(self) -> int:
     return len(self.values)
@@ -409,74 +417,120 @@ class Tokenizer:
 
   def set_level_predictor(self, predictor: Any, images: ImagesLike | None = None, *,
                           budget_tokens: float | None = None) -> dict[str, Any]:
-    """Makes ``predictor`` (a ``LevelPredictor``, or its folder) this tokenizer's knob-free ``levels="auto"``, with
-    its own calibrated thresholds, or thresholds calibrated on ``images`` at ``budget_tokens``. Returns the new
-    ``auto_levels``; ``save_pretrained`` writes the predictor beside the model."""
+    """Makes ``predictor`` (a ``LevelPredictor``, or its folder) this tokenizer's knob-free ``levels="auto"``: a
+    quality predictor's price rule (``assign.price_auto_levels``), or a score predictor's own calibrated thresholds
+    (or thresholds calibrated on ``images`` at ``budget_tokens``). Returns the new ``auto_levels``;
+    ``save_pretrained`` writes the predictor beside the model."""
+    from cat_jax.complexity.assign import price_auto_levels
     from cat_jax.complexity.predictor import LevelPredictor
 
     if not isinstance(predictor, LevelPredictor):
       predictor = LevelPredictor.load(predictor)
     self.level_predictor = predictor
-    if images is not None:
+    if predictor.qualities is not None:
+      block = price_auto_levels(predictor)
+    elif images is not None:
       return self.calibrate_auto_levels(images, budget_tokens=budget_tokens)
-    if predictor.thresholds is None:
+    elif predictor.thresholds is None:
       raise ValueError("the predictor has no calibrated thresholds: pass images= to calibrate them here")
-    calibration = (predictor.info or {}).get("calibration", {})
-    block = {"scorer": "predictor", "image_size": predictor.image_size, "teacher": predictor.teacher,
-             "thresholds": [float(t) for t in predictor.thresholds], "budget_tokens": predictor.budget_tokens,
-             "calibration_images": calibration.get("images"), "level_counts": calibration.get("level_counts")}
+    else:
+      calibration = (predictor.info or {}).get("calibration", {})
+      block = {"scorer": "predictor", "image_size": predictor.image_size, "teacher": predictor.teacher,
+               "thresholds": [float(t) for t in predictor.thresholds], "budget_tokens": predictor.budget_tokens,
+               "calibration_images": calibration.get("images"), "level_counts": calibration.get("level_counts")}
     self._set_auto_levels(block)
     return block
 
   # -- levels ------------------------------------------------------------------------------------------------------
+  def quality_table(self, images: ImagesLike, measures: Sequence[str] = ("haarpsi",), *, predicted: bool = False,
+                    value_range: tuple[float, float] | None = None) -> dict[str, np.ndarray]:
+    """{measure: (N, 3)} each image's quality at 8x / 16x / 32x at its own size, higher is better (GMSD negated):
+    measured on this tokenizer's reconstructions (``assign.quality_table``: three reconstructions per image), or
+    ``predicted`` by its quality predictor (about a tenth of an encode)."""
+    items = as_model_images(images, value_range=value_range, warn_unit_range=False)
+    if not predicted:
+      from cat_jax.complexity.assign import quality_table
+      return quality_table(items, lambda x, level: self.reconstruct(x, level), measures)
+    predictor = self.level_predictor
+    if predictor is None or predictor.qualities is None:
+      raise ValueError("predicted qualities need a quality predictor (Tokenizer.set_level_predictor; python -m "
+                       "cat_jax.train_predictor --config.teacher=quality:TOKENIZER); or pass predicted=False")
+    table = predictor.predict_quality(items)
+    missing = [m for m in measures if m not in table]
+    if missing:
+      raise ValueError(f"the quality predictor predicts {sorted(table)}, not {missing}")
+    return {m: table[m] for m in measures}
+
+  def choose_levels(self, images: ImagesLike, *, measure: str | None = None, budget_tokens: float | None = None,
+                    target_quality: float | None = None, price: float | None = None, exact: bool = False,
+                    value_range: tuple[float, float] | None = None):
+    """Levels by what more tokens buy each image (``complexity.allocation``), as an ``assign.Assignment``: the best
+    mean ``measure`` within ``budget_tokens`` mean tokens (at the images' own sizes), the fewest tokens for a mean
+    ``target_quality``, or per image at ``price`` (quality per token per 256x256 pixels); none of them: the knob-free
+    price this tokenizer ships. Qualities are predicted by the level predictor, or with ``exact`` measured on the
+    reconstructions (the ceiling any choice can reach). ``measure``: default the predictor's first (HaarPSI for the
+    shipped demo)."""
+    from cat_jax.complexity.assign import LevelAssigner
+
+    items = as_model_images(images, value_range=value_range, warn_unit_range=False)
+    auto = self.auto_levels or {}
+    measure = measure or auto.get("measure") or "haarpsi"
+    if budget_tokens is None and target_quality is None and price is None:
+      if auto.get("rule") != "price":
+        raise ValueError("give budget_tokens=, target_quality= or price=: this tokenizer ships no price")
+      price = float(auto["price"])
+    assign = LevelAssigner(qualities=lambda x: self.quality_table(x, (measure,), predicted=not exact), measure=measure,
+                           price=price, budget_tokens=budget_tokens, target_quality=target_quality)
+    return assign.assign([str(k) for k in range(len(items))], items)
+
   def assign_levels(self, images: ImagesLike, levels: Any = None, *, ids: Sequence[str] | None = None,
                     manifest: str | os.PathLike | Mapping[str, int] | None = None, scorer: Any = None,
                     thresholds: Sequence[float] | None = None, target_psnr: float | None = None,
                     budget_tokens: float | None = None) -> np.ndarray:
-    """Level index of every image: one level, a per-image sequence, or ``"auto"`` (manifest, scorer or target).
+    """Level index of every image: one level, a per-image sequence, or ``"auto"`` (the default).
 
     A level is an index 0 / 1 / 2 or a factor 8 / 16 / 32 / '8x' / '16x' / '32x' (``cat_jax.levels.parse_level``).
-    ``levels=None`` means ``"auto"`` when a manifest or scorer is given. With a manifest, ``ids`` name the images
-    (the manifest's ids). With a scorer (``.method`` and ``.score(item) -> {"score": ...}``, see
-    ``cat_jax.complexity``), ``thresholds`` map scores to levels (default ``(3, 6)`` for the LLM methods; raw
-    scores such as JPEG bpp need explicit thresholds). With ``target_psnr``, each image gets the coarsest level whose
-    reconstruction reaches that PSNR in dB, 8x when none does (exact: ``complexity.assign.coarsest_level_meeting``).
-    With none of these, ``"auto"`` is the tokenizer's own default (``auto_levels``: its level predictor, or JPEG, at
-    thresholds calibrated to the fixed-16x mean tokens); ``thresholds`` or ``budget_tokens`` (mean tokens per image
-    at the default's ``image_size``, over these images) then override its thresholds.
+    ``"auto"`` (or None) with a manifest, ``ids`` name the images (the manifest's ids). With a scorer (``.method``
+    and ``.score(item) -> {"score": ...}``, see ``cat_jax.complexity``), ``thresholds`` map scores to levels (default
+    ``(3, 6)`` for the LLM methods; raw scores such as JPEG bpp need explicit thresholds). With ``target_psnr``, each
+    image gets the coarsest level whose reconstruction reaches that PSNR in dB, 8x when none does (flagged:
+    ``Latents.missed_target``). With none of these, the tokenizer's own knob-free default (``auto_levels``: with a
+    quality predictor, each image the level its predicted qualities earn at a saved price per token, alone or in any
+    batch; ``budget_tokens`` then asks for the best predicted quality within that many mean tokens at the images'
+    own sizes).
     """
-    n = len(images)
-    if levels is None:
-      if manifest is None and scorer is None and target_psnr is None:
-        raise ValueError("levels=None needs a manifest, a scorer or a target PSNR for automatic levels; pass "
-                         "levels=<0|1|2> (8x|16x|32x), a level per image, or levels='auto' with manifest=, scorer= "
-                         "or target_psnr=")
-      levels = "auto"
-    if isinstance(levels, str) and levels.strip().lower() == "auto":
-      return self._auto_levels(images, ids=ids, manifest=manifest, scorer=scorer, thresholds=thresholds,
+    return self._assign(as_model_images(images, warn_unit_range=False), levels, ids=ids, manifest=manifest,
+                        scorer=scorer, thresholds=thresholds, target_psnr=target_psnr,
+                        budget_tokens=budget_tokens).levels
+
+  def _assign(self, items: list[np.ndarray], levels: Any = None, *, ids=None, manifest=None, scorer=None,
+              thresholds=None, target_psnr=None, budget_tokens=None):
+    from cat_jax.complexity.assign import Assignment
+
+    n = len(items)
+    if levels is None or (isinstance(levels, str) and levels.strip().lower() == "auto"):
+      return self._auto_levels(items, ids=ids, manifest=manifest, scorer=scorer, thresholds=thresholds,
                                target_psnr=target_psnr, budget_tokens=budget_tokens)
     if budget_tokens is not None:
       raise ValueError("budget_tokens applies to levels='auto'")
     if isinstance(levels, (str, int, np.integer)):
-      return np.full(n, L.parse_level(levels), np.int32)
+      return Assignment(np.full(n, L.parse_level(levels), np.int32))
     arr = np.asarray(levels)
     if arr.shape != (n,):
       raise ValueError(f"expected one level per image ({n}), got shape {arr.shape}")
-    return np.array([L.parse_level(lvl) for lvl in arr.tolist()], np.int32)
+    return Assignment(np.array([L.parse_level(lvl) for lvl in arr.tolist()], np.int32))
 
-  def _auto_levels(self, images, *, ids, manifest, scorer, thresholds, target_psnr=None,
-                   budget_tokens=None) -> np.ndarray:
-    from cat_jax.complexity.assign import LevelAssigner
+  def _auto_levels(self, items, *, ids, manifest, scorer, thresholds, target_psnr=None, budget_tokens=None):
+    from cat_jax.complexity.assign import LevelAssigner, auto_assigner
 
-    n = len(images)
+    n = len(items)
     if manifest is None and scorer is None and target_psnr is None:
       if self.auto_levels is None:
-        raise ValueError("levels='auto' needs manifest= (with ids=), scorer= or target_psnr=: this tokenizer has no "
-                         "calibrated default (calibrate one with tok.calibrate_auto_levels(images))")
-      from cat_jax.complexity.assign import auto_assigner
+        raise ValueError("this tokenizer has no knob-free levels='auto' (no level predictor or calibrated JPEG "
+                         "thresholds): pass levels=<8x|16x|32x>, manifest= with ids=, scorer= or target_psnr=, or "
+                         "calibrate one with tok.calibrate_auto_levels(images)")
       return auto_assigner(self.auto_levels, predictor=self.level_predictor, thresholds=thresholds,
-                           budget_tokens=budget_tokens)([str(k) for k in range(n)],
-                                                        as_model_images(images, warn_unit_range=False))
+                           budget_tokens=budget_tokens).assign([str(k) for k in range(n)], items)
     if budget_tokens is not None:
       raise ValueError("budget_tokens overrides the tokenizer's default levels='auto'; with a manifest, scorer or "
                        "target PSNR it does not apply")
@@ -486,7 +540,7 @@ class Tokenizer:
                            reconstruct=(lambda x, level: self.reconstruct(x, level)) if target_psnr is not None
                            else None)
     names = [str(i) for i in ids] if ids is not None else [str(k) for k in range(n)]
-    return assign(names, as_model_images(images, warn_unit_range=False))
+    return assign.assign(names, items)
 
   # -- encode / decode ---------------------------------------------------------------------------------------------
   def encode(self, images: ImagesLike, levels: Any = None, *, ids: Sequence[str] | None = None,
@@ -503,8 +557,10 @@ class Tokenizer:
     """
     keep_code = self._keep_code(keep_code)
     items = as_model_images(images, value_range=value_range)
-    level_arr = self.assign_levels(items, levels, ids=ids, manifest=manifest, scorer=scorer,
-                                   thresholds=thresholds, target_psnr=target_psnr, budget_tokens=budget_tokens)
+    assignment = self._assign(items, levels, ids=ids, manifest=manifest, scorer=scorer, thresholds=thresholds,
+                              target_psnr=target_psnr, budget_tokens=budget_tokens)
+    level_arr = assignment.levels
+    _warn_missed(assignment, len(items))
     sizes = [x.shape[:2] for x in items]
     items = [_pad_to_multiple(x) for x in items]
     out: list[np.ndarray | None] = [None] * len(items)
@@ -520,7 +576,7 @@ class Tokenizer:
         code_only[i] = kept[slot]
     padded = any(x.shape[:2] != hw for x, hw in zip(items, sizes))
     return Latents(values=out, levels=level_arr, image_sizes=sizes if padded else None,
-                   code_only=code_only if keep_code else None)
+                   code_only=code_only if keep_code else None, missed_target=assignment.missed_target)
 
   def decode(self, latents: Latents, *, clip: bool = True):
     """Images (float32 in [-1, 1], input order): one (N, H, W, 3) array if all sizes agree, else a list."""
@@ -548,7 +604,9 @@ class Tokenizer:
     input's size."""
     keep_code = self._keep_code(keep_code)
     items = as_model_images(images, value_range=value_range)
-    level_arr = self.assign_levels(items, levels, **level_kwargs)
+    assignment = self._assign(items, levels, **level_kwargs)
+    level_arr = assignment.levels
+    _warn_missed(assignment, len(items))
     sizes = [x.shape[:2] for x in items]
     items = [_pad_to_multiple(x) for x in items]
     out: list[np.ndarray | None] = [None] * len(items)
@@ -610,6 +668,13 @@ class Tokenizer:
     """How many programs each entry point has compiled (one per level and image size when bucketing works)."""
     return {"encode": self._encode_fn._cache_size(), "decode": self._decode_fn._cache_size(),
             "reconstruct": self._reconstruct_fn._cache_size()}
+
+
+def _warn_missed(assignment, n: int) -> None:
+  if assignment.num_missed:
+    import warnings
+    warnings.warn(f"{assignment.num_missed} of {n} images reach the quality target at no level: they get the level "
+                  "closest to it (flagged in Latents.missed_target)", stacklevel=3)
 
 
 def check_params_match(model: NestedVAE, params: Any, where: str) -> None:

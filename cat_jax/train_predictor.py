@@ -59,6 +59,39 @@ def teacher_records(spec: str, source, split: str, *, image_size: int, workdir: 
   return {i: float(r["score"]) for i, r in records.items()}, {i: int(r["level"]) for i, r in records.items()}, method
 
 
+def quality_teacher(tokenizer: str, source, split: str, *, image_size: int, measures, workdir: str
+                    ) -> dict[str, np.ndarray]:
+  """{id: (3 * len(measures),)} ``tokenizer``'s reconstruction quality of every image of ``source`` at each level in
+  each measure (measure-major: ``[m0@8x, m0@16x, m0@32x, m1@8x, ...]``, oriented so higher is better), measured once
+  into ``<workdir>/quality-<split>.npz`` (a rerun reuses it)."""
+  from cat_jax.complexity.assign import quality_table
+  from cat_jax.data import make_eval_iterator
+  from cat_jax.tokenizer import load_tokenizer
+
+  out = storage.as_path(workdir) / f"quality-{split}.npz"
+  measures = list(measures)
+  if out.exists():
+    with np.load(out.open("rb")) as saved:
+      if list(saved["measures"]) == measures:
+        return dict(zip(saved["ids"].tolist(), saved["values"]))
+  tok = load_tokenizer(tokenizer)
+  logger.info("Measuring the teacher (%s's quality at every level in %s) on %d images", tokenizer,
+              ", ".join(measures), len(source))
+  ids, rows = [], []
+  for batch in make_eval_iterator(source, levels=0, batch_size=256, image_size=image_size, process_index=0,
+                                  process_count=1):
+    valid = np.asarray(batch["mask"], bool)
+    images = list(np.asarray(batch["image"])[valid])
+    table = quality_table(images, lambda x, level: tok.reconstruct(x, level), measures)
+    ids += [str(i) for i in np.asarray(batch["id"])[valid]]
+    rows.append(np.concatenate([table[m] for m in measures], axis=1))
+  values = np.concatenate(rows).astype(np.float32)
+  if jax.process_index() == 0:
+    with out.open("wb") as f:
+      np.savez(f, ids=np.array(ids), values=values, measures=np.array(measures))
+  return dict(zip(ids, values))
+
+
 def score_mse_teacher(tokenizer: str, source, split: str, *, image_size: int, workdir: str) -> str:
   """Scores ``source`` with ``tokenizer``'s 32x reconstruction MSE into ``<workdir>/teacher-<split>.jsonl`` (once; a
   rerun resumes or reuses it) and returns its path."""
@@ -186,6 +219,60 @@ def finish(params, config, workdir: str, source, teacher: tuple, eval_source, ev
   return predictor
 
 
+def source_images(source, limit: int, image_size: int, *, min_size: int = 1) -> tuple[list[str], list[np.ndarray]]:
+  """(ids, [-1, 1] images) of the first ``limit`` records of ``source`` at ``image_size``."""
+  from cat_jax.data import Subset, make_eval_iterator
+
+  source = Subset(source, range(min(int(limit), len(source))))
+  ids, images = [], []
+  for batch in make_eval_iterator(source, levels=0, batch_size=256, image_size=image_size, process_index=0,
+                                  process_count=1, min_size=min_size):
+    valid = np.asarray(batch["mask"], bool)
+    ids += [str(i) for i in np.asarray(batch["id"])[valid]]
+    images += list(np.asarray(batch["image"])[valid])
+  return ids, images
+
+
+def finish_quality(params, config, workdir: str, source, values_of: dict[str, np.ndarray], stats, eval_source,
+                   eval_values_of) -> predictor_lib.LevelPredictor:
+  """A quality predictor: its price calibrated so ``calibration_images`` training images average ``budget_tokens``
+  (default fixed 16x) at that price, its agreement with the measured qualities, written to ``<workdir>/predictor``."""
+  from cat_jax.complexity import allocation
+
+  size = int(config.data.image_size)
+  measures = list(config.measures)
+  predictor = predictor_lib.LevelPredictor(
+      params=jax.device_get(params), image_size=size, widths=tuple(config.model.widths), hidden=config.model.hidden,
+      teacher=str(config.teacher), qualities={"measures": measures, "mean": [float(v) for v in stats[0]],
+                                              "std": [float(v) for v in stats[1]]})
+  budget = float(config.budget_tokens or L.num_tokens((size, size), 1))
+  ids, images = source_images(source, config.calibration_images, size, min_size=config.data.min_size)
+  predicted = predictor.predict_quality(images)[measures[0]]
+  predictor.price = allocation.calibrate_price(predicted, allocation.rate_table(len(ids)), budget,
+                                               allocation.tokens_table([(size, size)] * len(ids)))
+  predictor.budget_tokens = budget
+  levels = predictor.levels(images)
+
+  def agreement(ids, predicted):
+    measured = np.stack([values_of_all[i][:3] for i in ids])
+    return predictor_lib.quality_agreement(predicted, measured, price=predictor.price, budget_tokens=budget,
+                                           image_hw=(size, size))
+
+  values_of_all = dict(values_of) | dict(eval_values_of or {})
+  info: dict[str, Any] = {"teacher": {"spec": str(config.teacher), "method": "quality", "measures": measures},
+                          "calibration": {"images": len(ids), "budget_tokens": budget, "price": predictor.price,
+                                          "level_counts": np.bincount(levels, minlength=L.NUM_LEVELS).tolist()},
+                          "train": agreement(ids, predicted)}
+  if eval_source is not None:
+    eval_ids, eval_images = source_images(eval_source, config.data.eval_images, size, min_size=config.data.min_size)
+    info["validation"] = agreement(eval_ids, predictor.predict_quality(eval_images)[measures[0]])
+  predictor.info = info
+  if jax.process_index() == 0:
+    predictor.save(storage.as_path(workdir) / "predictor")
+    logger.info("Quality predictor written to %s/predictor: %s", workdir, json.dumps(info))
+  return predictor
+
+
 # -- the loop -------------------------------------------------------------------------------------------------------
 def check_config(config) -> None:
   """Raises ValueError, naming the fix, for a config this trainer cannot run."""
@@ -195,9 +282,15 @@ def check_config(config) -> None:
   if teacher == "grade" and config.data.source != "embedded":
     raise ValueError(f"--config.teacher=grade needs data.source=embedded (got {config.data.source!r}); use "
                      "'mse:<tokenizer>' or a score manifest")
-  if teacher != "grade" and not teacher.startswith("mse:") and not storage.as_path(teacher).exists():
+  if teacher.startswith("quality:"):
+    from cat_jax.metrics import image_quality
+    unknown = [m for m in config.measures if m not in image_quality.MEASURES]
+    if unknown or not config.measures:
+      raise ValueError(f"--config.measures={','.join(config.measures)}: a quality teacher needs measures from "
+                       f"{sorted(image_quality.MEASURES)}")
+  elif teacher != "grade" and not teacher.startswith("mse:") and not storage.as_path(teacher).exists():
     raise ValueError(f"--config.teacher={teacher}: no such score manifest; write one with python -m cat_jax.score, "
-                     "or use 'mse:<tokenizer>' or 'grade'")
+                     "or use 'quality:<tokenizer>', 'mse:<tokenizer>' or 'grade'")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> predictor_lib.LevelPredictor:
@@ -210,19 +303,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> predi
   storage.as_path(workdir).mkdir(parents=True, exist_ok=True)
   writer = MetricWriter(workdir, enabled=is_main)
 
-  # The teacher's scores, standardised (on the log scale for MSE).
+  # The teacher's scores, standardised (on the log scale for MSE), or its qualities per level, each standardised.
   source = get_source(config.data.source, config.data.split, **config.data.source_kwargs)
-  teacher = teacher_records(config.teacher, source, config.data.split, image_size=config.data.image_size,
-                            workdir=workdir)
+  quality = config.teacher.startswith("quality:")
+  if quality:
+    values_of = quality_teacher(config.teacher[len("quality:"):], source, config.data.split,
+                                image_size=config.data.image_size, measures=config.measures, workdir=workdir)
+    teacher = (values_of, {}, "quality")
+  else:
+    teacher = teacher_records(config.teacher, source, config.data.split, image_size=config.data.image_size,
+                              workdir=workdir)
   source = covered(source, teacher[0], "training")
   ids = list(teacher[0])
-  values = predictor_lib.teacher_transform(teacher[2], np.array([teacher[0][i] for i in ids]))
-  mean, std = float(values.mean()), float(values.std() or 1.0)
-  target_of = {i: np.float32((v - mean) / std) for i, v in zip(ids, values)}
+  values = np.stack([np.atleast_1d(predictor_lib.teacher_transform(teacher[2], teacher[0][i])) for i in ids])
+  mean, std = values.mean(0), values.std(0)
+  std = np.where(std > 0, std, 1.0)
+  target_of = {i: ((v - mean) / std).astype(np.float32).reshape(-1 if quality else ()) for i, v in zip(ids, values)}
 
   mesh = loop.make_mesh(config)
   process_batch = config.batch_size // jax.process_count()
-  net = predictor_lib.PredictorNet(widths=tuple(config.model.widths), hidden=config.model.hidden)
+  net = predictor_lib.PredictorNet(widths=tuple(config.model.widths), hidden=config.model.hidden,
+                                   outputs=values.shape[1])
   tx = make_optimizer(config)
   init_rng = jax.random.key(config.seed)
   init_fn = functools.partial(init_train_state, net=net, tx=tx, image_size=config.data.image_size)
@@ -248,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> predi
 
   def one_step(state, step):
     batch = next(train_iter)
-    batch["target"] = np.array([target_of[str(i)] for i in np.asarray(batch["id"])], np.float32)
+    batch["target"] = np.stack([target_of[str(i)] for i in np.asarray(batch["id"])]).astype(np.float32)
     batch = make_global_batch(batch, batch_sharding)
     state, metrics = jit_step(state, batch["image"], batch["target"])
     return state, None, metrics  # no levels: only train/x is logged
@@ -258,15 +359,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> predi
   if int(jax.device_get(state.step)) < config.num_steps:  # preempted: the next run resumes and finishes
     return None
   eval_source = eval_teacher = None
-  eval_spec = config.eval_teacher or (config.teacher if config.teacher == "grade" or config.teacher.startswith("mse:")
-                                      else None)
+  eval_spec = config.eval_teacher or (config.teacher if config.teacher == "grade" or
+                                      config.teacher.startswith(("mse:", "quality:")) else None)
   if eval_spec and config.data.eval_images:
     from cat_jax.data import Subset
     eval_source = get_source(config.data.source, config.data.eval_split, **config.data.source_kwargs)
     eval_source = Subset(eval_source, range(min(int(config.data.eval_images), len(eval_source))))
-    eval_teacher = teacher_records(eval_spec, eval_source, config.data.eval_split, image_size=config.data.image_size,
-                                   workdir=workdir)
+    if quality:
+      eval_teacher = (quality_teacher(eval_spec[len("quality:"):], eval_source, config.data.eval_split,
+                                      image_size=config.data.image_size, measures=config.measures, workdir=workdir),)
+    else:
+      eval_teacher = teacher_records(eval_spec, eval_source, config.data.eval_split,
+                                     image_size=config.data.image_size, workdir=workdir)
     eval_source = covered(eval_source, eval_teacher[0], "validation")
+  if quality:
+    return finish_quality(state.ema_params, config, workdir, source, teacher[0], (mean, std), eval_source,
+                          None if eval_teacher is None else eval_teacher[0])
   return finish(state.ema_params, config, workdir, source, teacher, eval_source, eval_teacher)
 
 

@@ -21,7 +21,7 @@ for variant in nested fixed8x fixed16x fixed32x; do
 done
 
 "$PYTHON" -m cat_jax.evaluate --workdir "$WORKDIR/nested" --split validation --num-images 400 \
-    --measures random,jpeg,mse,grade --num-grid-images 8 --out "$WORKDIR/eval" \
+    --scorers random,jpeg,mse,grade --num-grid-images 8 --out "$WORKDIR/eval" \
     --compare "trained_fixed_8x=$WORKDIR/fixed8x@8x" --compare "trained_fixed_16x=$WORKDIR/fixed16x@16x" \
     --compare "trained_fixed_32x=$WORKDIR/fixed32x@32x" --paired-against trained_fixed_16x
 echo "total: $(( $(date +%s) - start )) s"

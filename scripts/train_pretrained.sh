@@ -28,6 +28,6 @@ tok.save_pretrained(out)
 print("exported", workdir, "step", step or "latest", "to", out)
 PY
 for data in embedded heldout; do
-  "$PYTHON" -m cat_jax.evaluate --workdir demo --data "$data" --split validation --num-images 400 --measures none \
+  "$PYTHON" -m cat_jax.evaluate --workdir demo --data "$data" --split validation --num-images 400 --scorers none \
       --out "$WORKDIR/eval_demo_$data"
 done

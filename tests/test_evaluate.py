@@ -69,7 +69,7 @@ def _finite(x):
 def test_evaluate_writes_every_file_with_finite_numbers(workdir, weights, cheap_inception, tmp_path, capsys):
   inception, lpips_path = weights
   out = tmp_path / "eval"
-  rc = E.main(["--workdir", workdir, "--num_images", "8", "--measures", "random,jpeg,mse,grade",
+  rc = E.main(["--workdir", workdir, "--num_images", "8", "--scorers", "random,jpeg,mse,grade",
                "--inception_weights", inception, "--lpips_weights", lpips_path, "--out", str(out),
                "--num_grid_images", "4"])
   assert rc == 0
@@ -78,11 +78,19 @@ def test_evaluate_writes_every_file_with_finite_numbers(workdir, weights, cheap_
   rows = results["rows"]
   assert list(rows) == ["fixed_8x", "fixed_16x", "fixed_32x", "area_bicubic_8x", "area_bicubic_16x",
                         "area_bicubic_32x", "dct_code_8x", "dct_code_16x", "dct_code_32x", "adaptive",
-                        "budget:random", "budget:jpeg", "budget:mse", "budget:grade"]
+                        "budget:random", "budget:jpeg", "budget:mse", "budget:grade", "budget:oracle:psnr",
+                        "budget:oracle:haarpsi"]
   for name, row in rows.items():
-    for key in ("rfid", "lpips", "psnr", "ssim", "mean_tokens", "images_per_s"):
+    for key in ("rfid", "lpips", "psnr", "ssim", "ms_ssim", "haarpsi", "gmsd", "mean_tokens", "images_per_s"):
       assert _finite(row[key]), (name, key, row.get(key))
     assert row["num_images"] == 8
+  # The exact choice is the ceiling at the budget: fixed 16x is one of the choices it weighed.
+  for m in ("psnr", "haarpsi"):
+    assert rows[f"budget:oracle:{m}"]["mean_tokens"] <= 4 + 1e-9
+    assert rows[f"budget:oracle:{m}"][m] >= rows["fixed_16x"][m] - 1e-9
+  choices = results["allocation"]["all"]["choices"]
+  assert set(choices) >= {"fixed_16x", "oracle:psnr", "oracle:haarpsi", "random", "jpeg", "mse", "grade"}
+  assert all(choices["oracle:psnr"]["psnr"] >= c["psnr"] - 1e-9 for c in choices.values() if c["mean_tokens"] <= 4)
   assert [rows[f"fixed_{f}x"]["mean_tokens"] for f in (8, 16, 32)] == [16, 4, 1]
   # Budget mode: every measure is held to the fixed-16x mean token count.
   assert results["budget_tokens"] == 4
@@ -100,7 +108,7 @@ def test_evaluate_writes_every_file_with_finite_numbers(workdir, weights, cheap_
 
 def test_without_weights_rfid_and_lpips_are_reported_as_skipped(workdir, tmp_path, capsys):
   out = tmp_path / "eval"
-  assert E.main(["--workdir", workdir, "--num_images", "4", "--measures", "none", "--out", str(out)]) == 0
+  assert E.main(["--workdir", workdir, "--num_images", "4", "--scorers", "none", "--out", str(out)]) == 0
   results = json.loads((out / "results.json").read_text())
   assert set(results["skipped"]) == {"rfid", "lpips"}
   assert "python -m cat_jax.convert inception" in results["skipped"]["rfid"]
@@ -112,7 +120,7 @@ def test_without_weights_rfid_and_lpips_are_reported_as_skipped(workdir, tmp_pat
 def test_outputs_go_to_an_object_store(workdir, object_store, capsys):
   from cat_jax import storage
 
-  assert E.main(["--workdir", workdir, "--num_images", "4", "--measures", "none", "--out", "gs://bucket/eval",
+  assert E.main(["--workdir", workdir, "--num_images", "4", "--scorers", "none", "--out", "gs://bucket/eval",
                  "--num_grid_images", "2"]) == 0
   assert sorted(object_store.writes) == ["bucket/eval/rate_distortion.png", "bucket/eval/reconstructions_000.png",
                                          "bucket/eval/results.json", "bucket/eval/results.md"]
@@ -132,7 +140,7 @@ def test_per_level_metrics_use_that_levels_reconstructions(workdir, tmp_path):
 
   tampered._reconstruct_fn = tampered_reconstruct
   source = E._Head(get_source("embedded", "validation", num_images=48, image_size=32), 12)
-  kwargs = dict(dataset="embedded", image_size=32, measures=["grade"], num_grid_images=2)
+  kwargs = dict(dataset="embedded", image_size=32, scorers=["grade"], num_grid_images=2)
   good = E.run_evaluation(tok, source, out_dir=tmp_path / "good", **kwargs)["rows"]
   bad = E.run_evaluation(tampered, source, out_dir=tmp_path / "bad", **kwargs)["rows"]
   for name in ("fixed_8x", "fixed_16x"):
@@ -148,7 +156,7 @@ def test_per_level_metrics_use_that_levels_reconstructions(workdir, tmp_path):
 def test_baseline_rows_intervals_per_kind_and_compared_tokenizers(workdir, tmp_path):
   tok = Tokenizer.from_checkpoint(workdir)
   source = E._Head(get_source("embedded", "validation", num_images=48, image_size=32), 16)
-  results = E.run_evaluation(tok, source, out_dir=tmp_path, dataset="embedded", image_size=32, measures=[],
+  results = E.run_evaluation(tok, source, out_dir=tmp_path, dataset="embedded", image_size=32, scorers=[],
                              num_grid_images=2, compare={"same_at_16x": (tok, "16x")}, bootstrap=200)
   rows = results["rows"]
   # A compared tokenizer is evaluated on the same images: the same model at 16x is fixed 16x, paired difference 0.
@@ -196,7 +204,7 @@ def test_an_untrained_shortcut_model_is_the_dct_code_row(tmp_path):
   params = jax.jit(lambda rng: init_params(model, rng, image_size=32))(jax.random.key(0))  # faster than eager
   tok = Tokenizer(model, params, batch_size=8)
   source = E._Head(get_source("embedded", "validation", num_images=48, image_size=32), 8)
-  rows = E.run_evaluation(tok, source, out_dir=tmp_path, dataset="embedded", image_size=32, measures=[],
+  rows = E.run_evaluation(tok, source, out_dir=tmp_path, dataset="embedded", image_size=32, scorers=[],
                           num_grid_images=0, bootstrap=0)["rows"]
   for f in (8, 16, 32):
     assert rows[f"fixed_{f}x"]["psnr"] == pytest.approx(rows[f"dct_code_{f}x"]["psnr"], abs=1e-3), f
@@ -209,7 +217,7 @@ def test_folder_data(workdir, tmp_path):
   for i in range(3):
     Image.fromarray(generate(i, image_size=40, split="test")[0]).save(folder / f"{i}.png")
   out = tmp_path / "eval"
-  assert E.main(["--workdir", workdir, "--data", f"folder:{folder}", "--measures", "jpeg", "--out", str(out)]) == 0
+  assert E.main(["--workdir", workdir, "--data", f"folder:{folder}", "--scorers", "jpeg", "--out", str(out)]) == 0
   results = json.loads((out / "results.json").read_text())
   assert results["num_images"] == 3 and "adaptive" not in results["rows"]
   assert "budget:jpeg" in results["rows"] and results["notes"]
@@ -222,7 +230,7 @@ def _manifest(path, records):
 
 def test_clear_errors(workdir, tmp_path, capsys):
   ids = get_source("embedded", "validation", num_images=48, image_size=32).ids()
-  base = ["--workdir", workdir, "--num_images", "4", "--measures", "none", "--out", str(tmp_path / "o")]
+  base = ["--workdir", workdir, "--num_images", "4", "--scorers", "none", "--out", str(tmp_path / "o")]
 
   def error(argv):
     capsys.readouterr()
@@ -253,6 +261,6 @@ def test_clear_errors(workdir, tmp_path, capsys):
   folder = tmp_path / "images"
   folder.mkdir()
   Image.fromarray(generate(0, image_size=32, split="test")[0]).save(folder / "0.png")
-  assert "'grade' needs the embedded" in error(base[:-2] + ["--data", f"folder:{folder}", "--measures", "grade"])
+  assert "'grade' needs the embedded" in error(base[:-2] + ["--data", f"folder:{folder}", "--scorers", "grade"])
   message = error(base + ["--paired-against", "fixed_64x"])
   assert "'fixed_64x' is not a row" in message and "dct_code_16x" in message

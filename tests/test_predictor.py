@@ -124,7 +124,7 @@ def test_score_and_evaluate_take_the_predictor(tmp_path, capsys):
     score.main(["--method", "predictor", "--checkpoint", str(tmp_path), "--limit", "1"])
   assert exit_info.value.code == 2 and "has no level predictor" in capsys.readouterr().err
 
-  assert evaluate.main(["--workdir", "demo", "--data", "embedded", "--num-images", "24", "--measures",
+  assert evaluate.main(["--workdir", "demo", "--data", "embedded", "--num-images", "24", "--scorers",
                         "predictor,random", "--bootstrap", "0", "--no-baselines", "--out", str(tmp_path / "ev")]) == 0
   rows = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"]
   assert abs(rows["budget:predictor"]["mean_tokens"] - 16) <= 4  # the budget, to the granularity of 24 images

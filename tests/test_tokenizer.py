@@ -136,7 +136,7 @@ def test_clear_errors(workdir, tok, tmp_path):
     tok.encode(x, 5)
   with pytest.raises(ValueError, match="a level must be"):
     tok.encode(x, "12x")
-  with pytest.raises(ValueError, match="a manifest, a scorer or a target PSNR"):
+  with pytest.raises(ValueError, match="no knob-free levels=.auto."):
     tok.encode(x)
   with pytest.raises(ValueError, match="not in the manifest"):
     tok.encode(x, "auto", ids=["a", "b"], manifest={"a": 0})
@@ -580,7 +580,7 @@ def test_bad_files_go_through_score_encode_and_evaluate(workdir, tmp_path, capsy
   assert "cannot" in errors["broken.jpg"] and "smaller than min_size" in errors["tiny.png"], errors
 
   assert evaluate_cli.main(["--workdir", workdir, "--data", f"folder:{folder}", "--manifest", str(scores),
-                            "--measures", "jpeg", "--out", str(tmp_path / "eval"), "--bootstrap", "0"]) == 0
+                            "--scorers", "jpeg", "--out", str(tmp_path / "eval"), "--bootstrap", "0"]) == 0
   results = json.loads((tmp_path / "eval" / "results.json").read_text())
   assert results["num_images"] == 4 and results["rows"]["adaptive"]["num_images"] == 4
   assert any("2 of 6 images left out" in note for note in results["notes"])
@@ -621,7 +621,7 @@ def test_knob_free_auto_levels_calibrate_and_reach_the_encode_cli(tok, tmp_path)
   source = EmbeddedSource("validation", num_images=48, image_size=64)  # as the demo trained
   prep = PreprocessConfig(image_size=64, min_size=1)
   images = [preprocess(source[i]["image"], prep) for i in range(len(source))]
-  with pytest.raises(ValueError, match="no calibrated default"):
+  with pytest.raises(ValueError, match="no knob-free levels=.auto."):
     tok.encode(_images(2), "auto")  # the runlocal tokenizer ships none
   block = tok.calibrate_auto_levels(images, image_size=64)
   assert block["scorer"] == "jpeg"

@@ -175,3 +175,38 @@ def calibrate_price(quality, cost, budget_tokens: float, tokens=None) -> float:
 def mean_of(table: np.ndarray, levels: np.ndarray) -> float:
   """The mean over images of ``table[i, levels[i]]`` (a quality or tokens table)."""
   return float(np.take_along_axis(np.asarray(table), np.asarray(levels)[:, None], axis=1).mean())
+
+
+def compare(tables: dict[str, np.ndarray], tokens: np.ndarray, choices: dict[str, np.ndarray], *,
+            reference: str = "fixed_16x", bootstrap: int = 1000, seed: int = 0) -> dict[str, dict]:
+  """Every level choice (``choices``: name -> (N,) levels) judged in every measure (``tables``: name -> (N, 3), higher
+  is better) against ``reference`` on the same images: mean tokens, the share of images at each level, and per
+  measure the mean quality and the paired difference to the reference with a 95% bootstrap interval over images."""
+  n = len(tokens)
+  draws = np.random.default_rng(seed).integers(0, n, size=(bootstrap, n)) if bootstrap else None
+  ref = np.asarray(choices[reference])
+  out = {}
+  for name, levels in choices.items():
+    levels = np.asarray(levels)
+    entry = {"mean_tokens": mean_of(tokens, levels),
+             "level_share": (np.bincount(levels, minlength=L.NUM_LEVELS) / n).round(4).tolist()}
+    for m, q in tables.items():
+      diff = np.take_along_axis(q, levels[:, None], 1)[:, 0] - np.take_along_axis(q, ref[:, None], 1)[:, 0]
+      entry[m] = mean_of(q, levels)
+      entry[f"{m}_minus_{reference}"] = float(diff.mean())
+      if draws is not None:
+        entry[f"{m}_minus_{reference}_ci"] = np.quantile(diff[draws].mean(1), [0.025, 0.975]).tolist()
+    out[name] = entry
+  return out
+
+
+def tokens_to_match(choose, quality: np.ndarray, tokens: np.ndarray, target: float, *, steps: int = 64) -> float | None:
+  """The fewest mean tokens at which a choice made at a budget (``choose(budget) -> levels``, e.g. from predicted
+  qualities or a complexity score) reaches ``target`` mean ``quality`` (true qualities), searched over ``steps``
+  budgets from the 32x to the 8x mean tokens; None when none does."""
+  low, high = float(tokens[:, 2].mean()), float(tokens[:, 0].mean())
+  for budget in np.linspace(low, high, steps):
+    levels = choose(budget)
+    if mean_of(quality, levels) >= target - 1e-9:
+      return mean_of(tokens, levels)
+  return None

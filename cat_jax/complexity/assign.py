@@ -1,13 +1,17 @@
 """The level of each image, the one place it is decided for ``Tokenizer.encode(levels=...)`` and ``encode --level``:
-one level for all, the levels of a score manifest, a complexity scorer's score mapped through thresholds, or a
-quality target (the coarsest level whose reconstruction reaches a PSNR).
+one level for all, the levels of a score manifest, a complexity scorer's score mapped through thresholds, a per-image
+quality target (the coarsest level whose reconstruction reaches a PSNR), or what more tokens buy each image (its
+quality at every level, measured or predicted, chosen by ``complexity.allocation``: within a token budget, for a mean
+quality, or at a price per token).
 
   assign = LevelAssigner(scorer=JpegScorer(image_size=None), thresholds=(1.2, 2.5))
   levels = assign(ids, images)  # (N,) int32 level indices; images in [-1, 1], HWC
+  assign = LevelAssigner(qualities=tok.level_predictor.predict_quality, measure="haarpsi", budget_tokens=256)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Mapping, Sequence
 
@@ -27,16 +31,39 @@ def score_images(scorer: Any, ids: Sequence[str], images: Sequence[np.ndarray]) 
   return [float(scorer.score({"id": str(i), "image": from_model_range(x)})["score"]) for i, x in zip(ids, images)]
 
 
-def coarsest_level_meeting(images: Sequence[np.ndarray], target_psnr: float, reconstruct) -> np.ndarray:
+def quality_table(images: Sequence[np.ndarray], reconstruct, measures: Sequence[str] = ("psnr",),
+                  levels: Sequence[int] = tuple(range(L.NUM_LEVELS))) -> dict[str, np.ndarray]:
+  """{measure: (N, 3)} each image's ([-1, 1] HWC, any sizes) quality at each level, measured on its reconstruction
+  (``reconstruct(images, level)``) as every report measures it (``image_quality.quality``: 8-bit levels, PSNR capped
+  at 50 dB) and oriented so that higher is better (a distortion such as GMSD negated: ``image_quality.oriented``).
+  Levels not in ``levels`` are NaN."""
+  from cat_jax.metrics import image_quality
+
+  table = {m: np.full((len(images), L.NUM_LEVELS), np.nan) for m in measures}
+  by_shape: dict[tuple, list[int]] = {}
+  for i, x in enumerate(images):  # one batched measurement per image size
+    by_shape.setdefault(np.shape(x), []).append(i)
+  for level in levels:
+    recon = [np.asarray(r) for r in reconstruct(list(images), level)]
+    for ks in by_shape.values():
+      a, b = np.stack([images[k] for k in ks]), np.stack([recon[k] for k in ks])
+      for m in measures:
+        table[m][ks, level] = image_quality.oriented(m, np.asarray(image_quality.quality(m, a, b)))
+  return table
+
+
+def coarsest_level_meeting(images: Sequence[np.ndarray], target_psnr: float, reconstruct, *,
+                           with_missed: bool = False):
   """For each image ([-1, 1] HWC), the coarsest level whose reconstruction reaches ``target_psnr`` dB (the reported
   PSNR: 8-bit levels, capped at 50 dB), 8x when none does. Exact: reconstructs at 32x, then the images that missed
   at 16x; 8x needs no check. ``reconstruct(images, level)`` -> their reconstructions. Costs one to two
-  reconstructions per image (on top of the encode at the chosen level)."""
+  reconstructions per image (on top of the encode at the chosen level). ``with_missed``: also return which images
+  no level brings to the target (8x is then measured for the images 16x missed)."""
   from cat_jax.metrics.image_quality import reported_psnr
 
   levels = np.zeros(len(images), np.int32)
   todo = list(range(len(images)))
-  for level in range(L.NUM_LEVELS - 1, 0, -1):
+  for level in range(L.NUM_LEVELS - 1, -1 if with_missed else 0, -1):
     if not todo:
       break
     recon = [np.asarray(r) for r in reconstruct([images[i] for i in todo], level)]
@@ -49,7 +76,24 @@ def coarsest_level_meeting(images: Sequence[np.ndarray], target_psnr: float, rec
     met = (psnr >= target_psnr).tolist()
     levels[[i for i, ok in zip(todo, met) if ok]] = level
     todo = [i for i, ok in zip(todo, met) if not ok]
+  if with_missed:
+    missed = np.zeros(len(images), bool)
+    missed[todo] = True
+    return levels, missed
   return levels
+
+
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+  """Levels (N,) int32, and per image whether no level reached the target asked for (None: there was none; for a
+  mean-quality target every image is flagged when the mean is out of reach)."""
+
+  levels: np.ndarray
+  missed_target: np.ndarray | None = None
+
+  @property
+  def num_missed(self) -> int:
+    return 0 if self.missed_target is None else int(np.sum(self.missed_target))
 
 
 class LevelAssigner:
@@ -57,16 +101,41 @@ class LevelAssigner:
   {id: level} mapping), ``scorer`` (``.method`` and ``.score({"id", "image"}) -> {"score": ...}``, see
   ``cat_jax.complexity.scorers``) with ``thresholds`` (default ``(3, 6)`` for the LLM methods; raw scores such as
   JPEG bits per pixel need explicit ones) or ``budget_tokens`` (thresholds chosen per call so its images average
-  that many tokens at ``image_size``), or ``target_psnr`` with ``reconstruct(images, level)`` (a tokenizer's:
-  ``coarsest_level_meeting``)."""
+  that many tokens at ``image_size``), ``target_psnr`` with ``reconstruct(images, level)`` (a tokenizer's:
+  ``coarsest_level_meeting``), or ``qualities`` (``images -> {measure: (N, 3)}``: a tokenizer's measured qualities,
+  ``quality_table``, or its level predictor's ``predict_quality``) with ``measure`` and one of ``price`` (per image,
+  quality per token per 256x256 pixels: ``allocation.at_price``), ``budget_tokens`` (the best mean quality within
+  that many mean tokens at the images' own sizes: ``allocation.best_within_budget``) or ``target_quality`` (the
+  fewest tokens for that mean quality: ``allocation.fewest_tokens_for``).
+
+  ``assign(ids, images)`` returns an ``Assignment`` (levels, and which images no level brings to a target);
+  calling the assigner returns the levels alone."""
 
   def __init__(self, *, level: Any = None, manifest: str | os.PathLike | Mapping[str, Any] | None = None,
                scorer: Any = None, thresholds: Sequence[float] | None = None, target_psnr: float | None = None,
-               reconstruct=None, budget_tokens: float | None = None, image_size: int | None = None):
+               reconstruct=None, budget_tokens: float | None = None, image_size: int | None = None,
+               qualities=None, measure: str | None = None, price: float | None = None,
+               target_quality: float | None = None):
     given = [name for name, value in (("level", level), ("manifest", manifest), ("scorer", scorer),
-                                      ("target_psnr", target_psnr)) if value is not None]
+                                      ("target_psnr", target_psnr), ("qualities", qualities)) if value is not None]
     if len(given) != 1:
-      raise ValueError(f"give exactly one of a level, a manifest, a scorer or a target PSNR, got {given or 'none'}")
+      raise ValueError(f"give exactly one of a level, a manifest, a scorer, a target PSNR or qualities, got "
+                       f"{given or 'none'}")
+    self.qualities, self.measure = qualities, measure
+    self.price = None if price is None else float(price)
+    self.target_quality = None if target_quality is None else float(target_quality)
+    if qualities is not None:
+      rules = [n for n, v in (("price", price), ("budget_tokens", budget_tokens), ("target_quality", target_quality))
+               if v is not None]
+      if len(rules) != 1 or not measure or thresholds is not None:
+        raise ValueError(f"levels from qualities need a measure and exactly one of price, budget_tokens or "
+                         f"target_quality (got measure={measure!r}, {rules or 'no rule'})")
+      self.budget_tokens = None if budget_tokens is None else float(budget_tokens)
+      self.level = self.manifest = self.scorer = self.thresholds = self.target_psnr = None
+      self.reconstruct, self.image_size = None, image_size
+      return
+    if price is not None or target_quality is not None or measure is not None:
+      raise ValueError("price, target_quality and measure apply to levels from qualities")
     self.target_psnr = None if target_psnr is None else float(target_psnr)
     self.reconstruct = reconstruct
     if target_psnr is not None and reconstruct is None:
@@ -105,13 +174,36 @@ class LevelAssigner:
 
   def __call__(self, ids: Sequence[str], images: Sequence[np.ndarray]) -> np.ndarray:
     """(N,) int32 level indices of the images named ``ids``."""
+    return self.assign(ids, images).levels
+
+  def assign(self, ids: Sequence[str], images: Sequence[np.ndarray]) -> "Assignment":
+    """The levels of the images named ``ids`` and which of them no level brings to a target."""
+    if self.target_psnr is not None:
+      levels, missed = coarsest_level_meeting(images, self.target_psnr, self.reconstruct, with_missed=True)
+      return Assignment(levels, missed)
+    if self.qualities is not None:
+      from cat_jax.complexity import allocation
+
+      table = self.qualities(images)
+      if self.measure not in table:
+        raise ValueError(f"no {self.measure!r} qualities to choose levels by (there are {sorted(table)})")
+      q = np.asarray(table[self.measure], np.float64)
+      if self.price is not None:
+        return Assignment(allocation.at_price(q, allocation.rate_table(len(q)), self.price))
+      tokens = allocation.tokens_table([np.shape(x)[:2] for x in images])
+      if self.budget_tokens is not None:
+        return Assignment(allocation.best_within_budget(q, tokens, self.budget_tokens))
+      levels = allocation.fewest_tokens_for(q, tokens, self.target_quality)
+      missed = allocation.mean_of(q, levels) < self.target_quality - 1e-9
+      return Assignment(levels, np.full(len(levels), missed))
+    return Assignment(self._levels(ids, images))
+
+  def _levels(self, ids: Sequence[str], images: Sequence[np.ndarray]) -> np.ndarray:
     if self.level is not None:
       return np.full(len(ids), self.level, np.int32)
     if self.manifest is not None:
       self.require(ids)
       return np.array([self.manifest[str(i)] for i in ids], np.int32)
-    if self.target_psnr is not None:
-      return coarsest_level_meeting(images, self.target_psnr, self.reconstruct)
     scores = score_images(self.scorer, ids, images)
     thresholds = self.thresholds
     if self.budget_tokens is not None:
@@ -157,10 +249,34 @@ def _auto_scorer(name: str, image_size: int, predictor: Any = None):
 
 def auto_assigner(auto_levels: Mapping[str, Any], *, predictor: Any = None, thresholds: Sequence[float] | None = None,
                   budget_tokens: float | None = None) -> LevelAssigner:
-  """The ``LevelAssigner`` of a tokenizer's ``auto_levels`` (``calibrate_auto_levels``); ``thresholds`` or
-  ``budget_tokens`` replace its calibrated thresholds."""
+  """The ``LevelAssigner`` of a tokenizer's ``auto_levels``. A price rule (``"rule": "price"``, a quality
+  predictor's: ``price_auto_levels``) gives each image the level its predicted qualities earn at the saved price,
+  or with ``budget_tokens`` the best predicted mean quality within that budget at the images' own sizes. A threshold
+  rule (``calibrate_auto_levels``) maps a score through its calibrated ``thresholds``, which ``thresholds`` or
+  ``budget_tokens`` (at its ``image_size``) replace."""
+  if auto_levels.get("rule") == "price":
+    if predictor is None or getattr(predictor, "qualities", None) is None:
+      raise ValueError("auto_levels prices levels by predicted qualities but the tokenizer has no quality predictor "
+                       "(its folder lacks predictor.json / predictor.safetensors)")
+    if thresholds is not None:
+      raise ValueError("thresholds apply to score thresholds; this tokenizer's levels='auto' prices what more tokens "
+                       "buy each image: pass budget_tokens= or price= instead")
+    rule = {"budget_tokens": budget_tokens} if budget_tokens is not None else {"price": float(auto_levels["price"])}
+    return LevelAssigner(qualities=predictor.predict_quality, measure=auto_levels["measure"], **rule)
   size = int(auto_levels["image_size"])
   scorer = _auto_scorer(auto_levels.get("scorer"), size, predictor)
   if thresholds is None and budget_tokens is None:
     thresholds = tuple(auto_levels["thresholds"])
   return LevelAssigner(scorer=scorer, thresholds=thresholds, budget_tokens=budget_tokens, image_size=size)
+
+
+def price_auto_levels(predictor: Any) -> dict[str, Any]:
+  """The ``auto_levels`` of a quality predictor: each image the level that maximises its predicted quality in the
+  predictor's first measure minus ``price`` per token per 256x256 pixels (``allocation.at_price``), the price
+  calibrated when the predictor was trained (the fixed-16x mean tokens on its training images)."""
+  if getattr(predictor, "qualities", None) is None or predictor.price is None:
+    raise ValueError("a price rule needs a quality predictor with a calibrated price (python -m "
+                     "cat_jax.train_predictor --config.teacher=quality:TOKENIZER)")
+  return {"rule": "price", "scorer": "predictor", "measure": predictor.measures[0], "price": float(predictor.price),
+          "budget_tokens": predictor.budget_tokens, "image_size": int(predictor.image_size),
+          "teacher": predictor.teacher}

@@ -35,17 +35,20 @@ WEIGHTS_FILE = "predictor.safetensors"
 
 class PredictorNet(nn.Module):
   """Stride-2 3x3 convolutions, then the mean and standard deviation of the last features over the image (how much
-  detail, and how unevenly spread), then a small MLP to one score. ~32k parameters at the default widths."""
+  detail, and how unevenly spread), then a small MLP to ``outputs`` values: one score (N,), or several (N, outputs)
+  (a quality predictor: one per level and measure). ~32k parameters at the default widths."""
 
   widths: Sequence[int] = (16, 32, 64)
   hidden: int = 64
+  outputs: int = 1
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:  # (N, H, W, 3) in [-1, 1] -> (N,)
+  def __call__(self, x: jax.Array) -> jax.Array:  # (N, H, W, 3) in [-1, 1] -> (N,) or (N, outputs)
     for width in self.widths:
       x = nn.gelu(nn.Conv(width, (3, 3), strides=2)(x))
     x = jnp.concatenate([x.mean((1, 2)), x.std((1, 2))], axis=-1)
-    return nn.Dense(1)(nn.gelu(nn.Dense(self.hidden)(x)))[:, 0]
+    y = nn.Dense(self.outputs)(nn.gelu(nn.Dense(self.hidden)(x)))
+    return y[:, 0] if self.outputs == 1 else y
 
 
 # -- teachers and agreement ---------------------------------------------------------------------------------------
@@ -96,13 +99,70 @@ def agreement(predicted: Sequence[float], teacher_scores: Sequence[float], teach
           "within_one_level": round(float(np.mean(np.abs(levels - teacher_levels) <= 1)), 4)}
 
 
+def quality_agreement(predicted: np.ndarray, measured: np.ndarray, *, price: float,
+                      budget_tokens: float, image_hw: tuple[int, int]) -> dict[str, float]:
+  """How well predicted qualities (N, 3) choose levels, against the measured ones on the same images (all at
+  ``image_hw``): levels at ``price`` (exact agreement, within one level, two levels apart), Spearman of what each
+  step buys (16x -> 8x, 32x -> 16x), and at ``budget_tokens`` mean tokens the share of the exact choice's gain over
+  fixed 16x that the choice made from the predictions gets (both measured in true quality)."""
+  from cat_jax.complexity import allocation
+
+  n = len(measured)
+  rate, tokens = allocation.rate_table(n), allocation.tokens_table([image_hw] * n)
+  mine, best = allocation.at_price(predicted, rate, price), allocation.at_price(measured, rate, price)
+  fixed = float(measured[:, 1].mean())
+  oracle = allocation.mean_of(measured, allocation.best_within_budget(measured, tokens, budget_tokens))
+  chosen = allocation.mean_of(measured, allocation.best_within_budget(predicted, tokens, budget_tokens))
+  return {"images": int(n), "level_at_price": round(float(np.mean(mine == best)), 4),
+          "within_one_level": round(float(np.mean(np.abs(mine - best) <= 1)), 4),
+          "two_levels_apart": int(np.sum(np.abs(mine - best) == 2)),
+          "spearman_gain_16x_to_8x": round(spearman(predicted[:, 0] - predicted[:, 1], measured[:, 0] - measured[:, 1]), 4),
+          "spearman_gain_32x_to_16x": round(spearman(predicted[:, 1] - predicted[:, 2], measured[:, 1] - measured[:, 2]),
+                                            4),
+          "fixed_16x": round(fixed, 4), "oracle_gain": round(oracle - fixed, 4),
+          "predicted_gain": round(chosen - fixed, 4),
+          "share_of_oracle_gain": round((chosen - fixed) / (oracle - fixed), 4) if oracle > fixed else None}
+
+
 # -- the predictor ------------------------------------------------------------------------------------------------
+# A quality predictor sees an image at its own size through at most this many tiles of its ``image_size`` (evenly
+# spread over the image), predicted in batches of a fixed size so one image gets the same numbers alone or in a batch.
+MAX_TILES = 16
+TILE_BATCH = 32
+
+
+def tile_grid(image_hw: tuple[int, int], tile: int, max_tiles: int = MAX_TILES) -> list[tuple[int, int]]:
+  """Top-left corners of non-overlapping ``tile`` x ``tile`` crops covering the image's centre (at most
+  ``max_tiles``, evenly spaced through the grid); empty when the image is smaller than a tile."""
+  h, w = image_hw
+  rows, cols = h // tile, w // tile
+  if rows == 0 or cols == 0:
+    return []
+  top, left = (h - rows * tile) // 2, (w - cols * tile) // 2
+  corners = [(top + r * tile, left + c * tile) for r in range(rows) for c in range(cols)]
+  if len(corners) > max_tiles:
+    corners = [corners[k] for k in np.linspace(0, len(corners) - 1, max_tiles).round().astype(int)]
+  return corners
+
+
+def mean_over_tiles(measure: str, values: np.ndarray) -> np.ndarray:
+  """Tiles' qualities (T, 3) -> the image's (3,): PSNR through the mean squared error (what the whole image's PSNR
+  is, for tiles covering it), other measures as their mean."""
+  if measure == "psnr":
+    return -10.0 * np.log10(np.mean(10.0 ** (-np.asarray(values) / 10.0), axis=0))
+  return np.mean(values, axis=0)
+
+
 @dataclasses.dataclass
 class LevelPredictor:
   """A trained ``PredictorNet`` with what it needs at use time.
 
-  ``thresholds``: score thresholds (low, high) calibrated at ``budget_tokens`` mean tokens on its training data (the
-  knob-free default); ``teacher``: what it reproduces; ``info``: the training run's figures (validation agreement).
+  Two kinds. A *score* predictor reproduces a teacher's complexity score; ``thresholds`` (low, high) calibrated at
+  ``budget_tokens`` mean tokens on its training data map it to levels. A *quality* predictor (``qualities`` set:
+  ``{"measures": [...], "mean": [...], "std": [...]}``) predicts a tokenizer's reconstruction quality at every level
+  in each measure (``predict_quality``), from which ``complexity.allocation`` chooses levels by what more tokens buy;
+  its ``price`` (quality per token per 256x256 pixels, in its first measure) is the knob-free rule.
+  ``teacher``: what it reproduces; ``info``: the training run's figures (validation agreement).
   """
 
   params: Any
@@ -113,10 +173,18 @@ class LevelPredictor:
   budget_tokens: float | None = None
   teacher: str = ""
   info: dict = dataclasses.field(default_factory=dict)
+  qualities: dict | None = None
+  price: float | None = None
 
   def __post_init__(self):
-    self.net = PredictorNet(widths=tuple(self.widths), hidden=int(self.hidden))
+    outputs = 1 if self.qualities is None else len(self.qualities["measures"]) * 3
+    self.net = PredictorNet(widths=tuple(self.widths), hidden=int(self.hidden), outputs=outputs)
     self._apply = jax.jit(lambda p, x: self.net.apply({"params": p}, x))
+
+  @property
+  def measures(self) -> tuple[str, ...]:
+    """The measures a quality predictor predicts (empty for a score predictor)."""
+    return () if self.qualities is None else tuple(self.qualities["measures"])
 
   def prepare(self, images: Sequence[np.ndarray]) -> np.ndarray:
     """[-1, 1] HWC images of any size -> (N, image_size, image_size, 3), as the scorers prepare images."""
@@ -134,20 +202,62 @@ class LevelPredictor:
       out.append(x)
     return np.stack(out) if out else np.zeros((0, s, s, 3), np.float32)
 
+  def _run(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """The network on prepared images, in batches of exactly ``batch_size`` (the last zero-padded)."""
+    out = []
+    for start in range(0, len(x), batch_size):
+      chunk = x[start:start + batch_size]
+      padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+      out.append(np.asarray(self._apply(self.params, padded))[:len(chunk)])
+    return np.concatenate(out).astype(np.float64) if out else np.zeros((0,) if self.qualities is None else (0, 1))
+
   def predict(self, images: Sequence[np.ndarray] | np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-    """(N,) float64 scores of [-1, 1] HWC images (higher = more complex). Batches are padded to a power of two so
-    few shapes compile."""
+    """(N,) float64 scores of [-1, 1] HWC images (higher = more complex). A quality predictor's score is what 8x
+    buys over 32x in its first measure. Batches are padded to a power of two so few shapes compile."""
+    if self.qualities is not None:
+      q = self.predict_quality(images)[self.measures[0]]
+      return q[:, 0] - q[:, 2]
     x = self.prepare(list(images))
     scores = []
     for start in range(0, len(x), batch_size):
       chunk = x[start:start + batch_size]
-      padded = 1 << (len(chunk) - 1).bit_length()
-      chunk = np.concatenate([chunk, np.zeros((padded - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-      scores.append(np.asarray(self._apply(self.params, chunk))[:len(x[start:start + batch_size])])
-    return np.concatenate(scores).astype(np.float64) if scores else np.zeros(0)
+      scores.append(self._run(chunk, 1 << (len(chunk) - 1).bit_length()))
+    return np.concatenate(scores) if scores else np.zeros(0)
+
+  def predict_quality(self, images: Sequence[np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+    """{measure: (N, 3)} predicted quality of each [-1, 1] HWC image at 8x / 16x / 32x, at the image's own size:
+    the network sees up to ``MAX_TILES`` tiles of ``image_size`` at native resolution (an image smaller than a tile
+    is resized as ``prepare`` does) and the tiles' qualities are averaged (``mean_over_tiles``). Per image, so the
+    same image gets the same numbers alone or in any batch."""
+    if self.qualities is None:
+      raise ValueError("this is a score predictor: it predicts one complexity score, not qualities per level; train "
+                       "a quality predictor (python -m cat_jax.train_predictor --config.teacher=quality:TOKENIZER)")
+    s, tiles, owner = self.image_size, [], []
+    for k, x in enumerate(images):
+      x = np.asarray(x, np.float32)
+      corners = tile_grid(x.shape[:2], s)
+      tiles += [x[r:r + s, c:c + s] for r, c in corners] if corners else list(self.prepare([x]))
+      owner += [k] * max(1, len(corners))
+    raw = self._run(np.stack(tiles), TILE_BATCH) if tiles else np.zeros((0, len(self.measures) * 3))
+    values = raw * np.asarray(self.qualities["std"]) + np.asarray(self.qualities["mean"])
+    owner = np.asarray(owner)
+    out = {}
+    for m, name in enumerate(self.measures):
+      per_tile = values[:, 3 * m:3 * m + 3]
+      out[name] = np.stack([mean_over_tiles(name, per_tile[owner == k]) for k in range(len(images))]) \
+          if len(images) else np.zeros((0, 3))
+    return out
 
   def levels(self, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
-    """Level indices at the calibrated thresholds."""
+    """Level indices: a quality predictor's per image at its ``price`` (``allocation.at_price`` on its first
+    measure, priced by rate so any image size pays alike), a score predictor's at its calibrated thresholds."""
+    if self.qualities is not None:
+      from cat_jax.complexity import allocation
+
+      if self.price is None:
+        raise ValueError("this quality predictor has no calibrated price (python -m cat_jax.train_predictor sets one)")
+      q = self.predict_quality(images)[self.measures[0]]
+      return allocation.at_price(q, allocation.rate_table(len(q)), self.price)
     if self.thresholds is None:
       raise ValueError("this predictor has no calibrated thresholds; map its scores with levels_for_scores(scores, "
                        "(low, high)) or calibrate them (python -m cat_jax.train_predictor does at the end)")
@@ -156,7 +266,8 @@ class LevelPredictor:
   def config(self) -> dict[str, Any]:
     return {"image_size": int(self.image_size), "widths": [int(w) for w in self.widths], "hidden": int(self.hidden),
             "thresholds": None if self.thresholds is None else [float(t) for t in self.thresholds],
-            "budget_tokens": self.budget_tokens, "teacher": self.teacher, "info": self.info}
+            "budget_tokens": self.budget_tokens, "teacher": self.teacher, "info": self.info,
+            "qualities": self.qualities, "price": self.price}
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any], params: Any) -> "LevelPredictor":
@@ -164,7 +275,7 @@ class LevelPredictor:
     return cls(params=params, image_size=int(config["image_size"]), widths=tuple(config.get("widths", (16, 32, 64))),
                hidden=int(config.get("hidden", 64)), thresholds=None if th is None else tuple(float(t) for t in th),
                budget_tokens=config.get("budget_tokens"), teacher=str(config.get("teacher", "")),
-               info=dict(config.get("info") or {}))
+               info=dict(config.get("info") or {}), qualities=config.get("qualities"), price=config.get("price"))
 
   def save(self, folder: str | os.PathLike) -> None:
     """``predictor.json`` + ``predictor.safetensors`` in ``folder`` (a tokenizer folder keeps them beside its own)."""

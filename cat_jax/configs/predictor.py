@@ -6,6 +6,9 @@ r"""The learned level predictor (python -m cat_jax.train_predictor; docs/guide.m
       --config.teacher=scores/imagenet2012-train-caption_llm.jsonl      # the paper's score, from cat_jax.score
 
 ``teacher``: what the predictor learns to reproduce, one of
+  'quality:<tokenizer>'  that tokenizer's reconstruction quality at every level in each of ``measures`` (measured
+                      here first into <workdir>/quality-<split>.npz): levels then follow what more tokens buy each
+                      image (``complexity.allocation``), at a price calibrated to ``budget_tokens``;
   'mse:<tokenizer>'   that tokenizer's 32x reconstruction MSE ('demo', a tokenizer folder or a cat_jax.train workdir),
                       scored here first into <workdir>/teacher-<split>.jsonl (resumable);
   'grade'             the embedded dataset's complexity grade (a stand-in for the caption + LLM score);
@@ -26,6 +29,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.teacher = ml_collections.config_dict.placeholder(str)
   c.eval_teacher = ml_collections.config_dict.placeholder(str)
+  # A 'quality:<tokenizer>' teacher's measures; the first prices the knob-free levels. HaarPSI first: of the
+  # measures that need no weights it agrees best with people (docs/guide.md, "Quality measures"), and PSNR, which
+  # gives up on text, sends dense text to 32x.
+  c.measures = ("haarpsi", "psnr")
 
   # cat_jax.complexity.predictor.PredictorNet: stride-2 convolutions, mean + std pooling, an MLP (~32k parameters).
   c.model = dict(widths=(16, 32, 64), hidden=64)
@@ -51,8 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.async_checkpointing = True
 
   if variant == "demo":
-    # The embedded dataset at 64x64 (the demo tokenizer's data), taught by the demo tokenizer's own 32x error.
-    c.teacher = "mse:demo"
+    # The embedded dataset at 64x64 (the demo tokenizer's data), taught by the demo tokenizer's own qualities.
+    c.teacher = "quality:demo"
     c.data.update(source="embedded", image_size=64, num_workers=0, eval_images=400,
                   source_kwargs={"num_images": 2000, "image_size": 64})
     c.batch_size = 64

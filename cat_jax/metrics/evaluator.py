@@ -9,12 +9,14 @@ Protocol (what the numbers mean):
   over images. Each image's PSNR is capped at ``image_quality.PSNR_MAX_DB`` (50 dB; scikit-image gives
   ``inf`` for an exact match), so a few exactly reconstructed flat images cannot dominate the mean.
 - LPIPS is the mean of ``lpips_fn(originals, reconstructions)``, a (B,) distance on [-1, 1] images.
+- ``measures``: further full-reference measures of ``image_quality.MEASURES`` that need no weights (MS-SSIM,
+  HaarPSI, GMSD), per image on the same 8-bit images (``image_quality.qualities``) and averaged over images.
 - rFID is the FID between the Inception features of the originals and those of the reconstructions,
   from streaming float64 statistics (``cat_jax.metrics.fid``); it needs at least 2 images.
 
 Keys of ``result()``: ``{metric}/level{k}`` for every level that received images and ``{metric}/all``
-over all of them, for metric in psnr, ssim, lpips (with ``lpips_fn``), rfid (with ``inception_fn``),
-num_images, and tokens_per_image (when ``update`` was given token counts).
+over all of them, for metric in psnr, ssim, each of ``measures``, lpips (with ``lpips_fn``), rfid (with
+``inception_fn``), num_images, and tokens_per_image (when ``update`` was given token counts).
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ def _psnr_ssim(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
           image_quality.ssim(x, y, value_range=(-1.0, 1.0)))
 
 
+_qualities = jax.jit(image_quality.qualities, static_argnums=0)
+
+
 @dataclasses.dataclass
 class _Sums:
   """Per-level running sums; arrays of shape (NUM_LEVELS,), float64 / int64."""
@@ -50,12 +55,13 @@ class _Sums:
   lpips: np.ndarray
   tokens: np.ndarray
   images_with_tokens: np.ndarray
+  measures: np.ndarray  # (number of further measures, NUM_LEVELS)
 
   @classmethod
-  def zeros(cls) -> "_Sums":
+  def zeros(cls, num_measures: int = 0) -> "_Sums":
     f = lambda: np.zeros((levels.NUM_LEVELS,), np.float64)
     i = lambda: np.zeros((levels.NUM_LEVELS,), np.int64)
-    return cls(i(), f(), f(), f(), f(), i())
+    return cls(i(), f(), f(), f(), f(), i(), np.zeros((num_measures, levels.NUM_LEVELS), np.float64))
 
   def merge(self, other: "_Sums") -> "_Sums":
     return _Sums(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
@@ -71,6 +77,7 @@ class Measurements:
   lpips: np.ndarray | None = None
   real_features: np.ndarray | None = None
   fake_features: np.ndarray | None = None
+  measures: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # further measures, (B,) each
 
   @staticmethod
   def pick(per_level: "list[Measurements]", level: np.ndarray) -> "Measurements":
@@ -79,7 +86,10 @@ class Measurements:
     fields = {}
     for field in dataclasses.fields(Measurements):
       values = [getattr(m, field.name) for m in per_level]
-      fields[field.name] = None if values[0] is None else np.stack(values)[level, rows]
+      if field.name == "measures":
+        fields[field.name] = {k: np.stack([v[k] for v in values])[level, rows] for k in values[0]}
+      else:
+        fields[field.name] = None if values[0] is None else np.stack(values)[level, rows]
     return Measurements(**fields)
 
 
@@ -98,15 +108,19 @@ class ReconstructionEvaluator:
   """
 
   def __init__(self, inception_fn: ImagesFn | None = None, lpips_fn: PairFn | None = None, *,
-               quantize: bool = True):
+               quantize: bool = True, measures: tuple[str, ...] = ()):
     self.inception_fn = inception_fn
     self.lpips_fn = lpips_fn
     self.quantize = quantize
+    self.measures = tuple(m for m in measures if m not in ("psnr", "ssim"))  # those two are always measured
+    for m in self.measures:
+      if m not in image_quality.MEASURES:
+        raise ValueError(f"unknown measure {m!r}; the measures are {', '.join(image_quality.MEASURES)}")
     self.reset()
 
   def reset(self) -> None:
-    self._sums = _Sums.zeros()
-    self.per_image: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
+    self._sums = _Sums.zeros(len(self.measures))
+    self.per_image: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": [], **{m: [] for m in self.measures}}
     # FID statistics of the originals and of the reconstructions, created on first use: one per level, then one of
     # every image (slot NUM_LEVELS) accumulated batch by batch, not merged from the levels, so that evaluators fed the
     # same originals in the same order hold bit-identical real statistics and can share their square root.
@@ -147,7 +161,10 @@ class ReconstructionEvaluator:
       if real_features is None:
         real_features = np.asarray(self.inception_fn(x), np.float32)
       feats_fake = np.asarray(self.inception_fn(y), np.float32)
-    return Measurements(psnr, ssim, dist, real_features if feats_fake is not None else None, feats_fake)
+    further = {}
+    if self.measures:
+      further = {k: np.asarray(v, np.float64) for k, v in _qualities(self.measures, x, y).items()}
+    return Measurements(psnr, ssim, dist, real_features if feats_fake is not None else None, feats_fake, further)
 
   def add(self, measured: Measurements, level: int | Any, num_tokens: int | Any | None = None) -> None:
     """Adds a batch's ``measure``-ments at ``level`` (int or (B,) ints) with ``num_tokens`` (int or (B,))."""
@@ -162,6 +179,9 @@ class ReconstructionEvaluator:
     np.add.at(s.num_images, per_image_level, 1)
     np.add.at(s.psnr, per_image_level, measured.psnr)
     np.add.at(s.ssim, per_image_level, measured.ssim)
+    for k, m in enumerate(self.measures):
+      self.per_image[m] += measured.measures[m].tolist()
+      np.add.at(s.measures[k], per_image_level, measured.measures[m])
     if measured.lpips is not None:
       self.per_image["lpips"] += measured.lpips.tolist()
       np.add.at(s.lpips, per_image_level, measured.lpips)
@@ -232,6 +252,8 @@ class ReconstructionEvaluator:
       out[f"num_images/{name}"] = n
       out[f"psnr/{name}"] = float(s.psnr[lvs].sum() / n)
       out[f"ssim/{name}"] = float(s.ssim[lvs].sum() / n)
+      for k, m in enumerate(self.measures):
+        out[f"{m}/{name}"] = float(s.measures[k][lvs].sum() / n)
       if self.lpips_fn is not None:
         out[f"lpips/{name}"] = float(s.lpips[lvs].sum() / n)
       with_tokens = int(s.images_with_tokens[lvs].sum())

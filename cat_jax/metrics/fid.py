@@ -144,7 +144,7 @@ def sum_across_processes(tree: Any, allgather: Callable[[np.ndarray], Any] | Non
     gathered = np.asarray(allgather(words))
     if wide:
       gathered = np.ascontiguousarray(gathered).view(leaf.dtype)
-    gathered = gathered.reshape((-1,) + leaf.shape)
+    gathered = gathered.reshape(gathered.shape[:1] + leaf.shape)  # (processes, ...): also for empty leaves
     return gathered.sum(axis=0, dtype=leaf.dtype)
 
   return jax.tree.map(gather_and_sum, tree)
