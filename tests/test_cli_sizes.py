@@ -4,6 +4,7 @@ original size back; what each command says it measures in its first lines."""
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -51,7 +52,7 @@ def test_encode_and_decode_at_the_native_size(folder, tmp_path, capsys):
   first = err.splitlines()[0]
   assert first.startswith(f"encode: {folder}: 5 files, 5 sizes from 24x20 to 150x70 (width x height); native size")
   assert "levels: every image at 16x" in first
-  assert "it/s" in err or "img/s" in err  # the progress bar's rate
+  assert re.search(r"5/5 \[[0-9:]+<[0-9:]+, +[0-9.]+(img/s|s/img)", err), err  # the bar: done, time, left, rate
   rows = read_index(out)
   _check_bad_rows(rows)
   for name, (h, w) in SIZES.items():
@@ -64,6 +65,7 @@ def test_encode_and_decode_at_the_native_size(folder, tmp_path, capsys):
   assert decode_cli.main(["--latents", str(out), "--out", str(decoded)]) == 0
   captured = capsys.readouterr()
   assert captured.err.splitlines()[0].startswith(f"decode: 3 latents in {out} with ")
+  assert re.search(r"3/3 \[[0-9:]+<[0-9:]+, +[0-9.]+(img/s|s/img)", captured.err), captured.err
   for name, hw in SIZES.items():
     decoded_png = decoded / (name.rsplit(".", 1)[0] + ".png")
     assert _png_size(decoded_png) == hw
