@@ -142,3 +142,18 @@ def test_score_at_the_native_size_or_max_side(folder, tmp_path, capsys):
       assert rows[1][name]["score"] == pytest.approx(jpeg_bpp(resized), rel=1e-9)
   for r in rows:
     assert "cannot decode" in r["truncated.png"]["error"] and "smaller than min_size" in r["tiny.png"]["error"]
+
+
+def test_evaluate_says_what_it_measures_and_shows_progress(folder, tmp_path, capsys):
+  from cat_jax import evaluate as evaluate_cli
+
+  assert evaluate_cli.main(["--workdir", "demo", "--data", f"folder:{folder}", "--out", str(tmp_path / "eval"),
+                            "--bootstrap", "0", "--scorers", "none", "--no-baselines"]) == 0
+  err = capsys.readouterr().err
+  first = err.splitlines()[0]
+  assert first.startswith(f"evaluate: step 14400 on folder:{folder.name} (all), 5 images, each resized (shorter side) "
+                          "and centre-cropped to 64x64; every image at 8x, 16x and 32x; measures psnr, ssim"), first
+  assert "no rFID, no LPIPS" in first and first.endswith("level scorers none")
+  assert re.search(r"evaluate: .*3/5 \[[0-9:]+<[0-9:]+, +[0-9.]+(img/s|s/img)", err), err  # 2 files are bad
+  results = json.loads((tmp_path / "eval" / "results.json").read_text())
+  assert results["num_images"] == 3
