@@ -39,6 +39,7 @@ Outputs in ``--out``:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -198,6 +199,23 @@ def _describe_levels(args) -> str:
   return "auto, the tokenizer's calibrated default"
 
 
+@functools.lru_cache(maxsize=4)
+def _manifest_failures(path: str) -> dict[str, str]:
+  """{id: error} of the items a score manifest records as failed."""
+  from cat_jax.complexity.manifest import read_manifest
+
+  return {i: str(r["error"]) for i, r in read_manifest(path).items() if "error" in r and "level" not in r}
+
+
+def _missing_reason(manifest: str, image_id: str) -> str:
+  """Why a readable input has no level in ``manifest``: its recorded scoring failure, or that it is not listed."""
+  failure = _manifest_failures(manifest).get(image_id)
+  if failure is not None:
+    return f"its scoring failed in the manifest {manifest} ({failure}): rescore it (score --retry-failures) or pass a "\
+           "fixed --level"
+  return f"not in the manifest {manifest} (a file new since it was scored): score it, or pass a fixed --level"
+
+
 def _labels(args, out, files):
   """id -> class index (None without --labels): the sorted top-level folder names, kept in classes.json."""
   if getattr(args, "labels", "none") == "none":
@@ -268,8 +286,7 @@ def encode_folder(args, tok, out, files, sizing) -> dict:
           counts["failed"] += 1
           continue
         if level_of.manifest is not None and image_id not in level_of.manifest:
-          writer.failed(image_id, f"not in the manifest {args.manifest} (its scoring failed, or the file is new: "
-                                  "score it, or pass a fixed --level)")
+          writer.failed(image_id, _missing_reason(args.manifest, image_id))
           counts["failed"] += 1
           continue
         images.append(image)
@@ -326,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{counts['tokens'] / max(n, 1):.1f}) from step {tok.step} into {out}"
         + (f"; {counts['already']} already encoded" if counts["already"] else ""))
   if counts["failed"]:
-    print(f"skipped {counts['failed']} files that could not be used (bad, unreadable, or not in the manifest); each is "
+    print(f"skipped {counts['failed']} files that could not be used (bad, unreadable, or without a level in the "
+          "manifest); each is "
           f"in {out}/index.jsonl with the reason "
           "(rerun to retry them)", file=sys.stderr)
     return 1

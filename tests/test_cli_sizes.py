@@ -97,14 +97,17 @@ def test_resized_on_request_and_decoded_back(folder, tmp_path, flag, value):
 
 def test_a_file_the_manifest_lacks_keeps_its_real_reason(folder, tmp_path):
   manifest = tmp_path / "levels.jsonl"
-  manifest.write_text(json.dumps({"id": "wide.png", "level": 2}) + "\n")
+  manifest.write_text(json.dumps({"id": "wide.png", "level": 2}) + "\n" +
+                      json.dumps({"id": "square.png", "method": "caption_llm", "error": "EndpointError: timed out"}) + "\n")
   out = tmp_path / "latents"
   assert encode_cli.main(["--checkpoint", "demo", "--input", str(folder), "--out", str(out), "--level", "auto",
                           "--manifest", str(manifest), "--no-reconstructions"]) == 1
   rows = read_index(out)
   _check_bad_rows(rows)  # bad files say why they are bad, not that the manifest lacks them
   assert rows["wide.png"]["level"] == 2
-  assert "not in the manifest" in rows["square.png"]["error"] and "not in the manifest" in rows["sub/tall.jpg"]["error"]
+  assert "its scoring failed" in rows["square.png"]["error"] and "EndpointError: timed out" in rows["square.png"]["error"]
+  assert "not in the manifest" in rows["sub/tall.jpg"]["error"] and "new since it was scored" in rows["sub/tall.jpg"][
+      "error"]
 
 
 @pytest.mark.parametrize("argv,expected", [
