@@ -152,6 +152,19 @@ def _manifest_scores(path: str, known_ids: Sequence[str]) -> dict[str, float]:
   return scores
 
 
+def _scoring_failures(paths: Sequence[str | None]) -> dict[str, str]:
+  """{id: error} of the items these score manifests record as failed (the first manifest's reason wins)."""
+  from cat_jax.complexity.manifest import read_manifest
+
+  reasons: dict[str, str] = {}
+  for path in paths:
+    if path is not None:
+      for i, record in read_manifest(path).items():
+        if "error" in record and "level" not in record:
+          reasons.setdefault(i, str(record["error"]))
+  return reasons
+
+
 def _require_all(mapping: Mapping[str, Any], ids: Sequence[str], what: str) -> None:
   missing = [i for i in ids if i not in mapping]
   if missing:
@@ -343,8 +356,10 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
       raise ValueError(f"no evaluated image is in every manifest given ({', '.join(missing)})")
     from cat_jax.data import Subset
     source = Subset(source, keep)
+    reasons = _scoring_failures([manifest, *dict(score_manifests or {}).values()])
+    examples = [f"{i} ({reasons[i]})" if i in reasons else f"{i} (not listed)" for i in sorted(left_out)[:5]]
     notes.append(f"{len(left_out)} of {len(all_ids)} images left out: not in every manifest given (failed or missing "
-                 f"scores), e.g. {sorted(left_out)[:5]}; --strict refuses such a run instead")
+                 f"scores), e.g. {'; '.join(examples)}; --strict refuses such a run instead")
     all_ids = source_ids(source)
 
   # Rows whose levels are known before the pass: fixed levels, the no-learning baselines, compared tokenizers, adaptive.

@@ -160,3 +160,17 @@ def test_evaluate_says_what_it_measures_and_shows_progress(folder, tmp_path, cap
   assert re.search(r"evaluate: .*3/5 \[[0-9:]+<[0-9:]+, +[0-9.]+(img/s|s/img)", err), err  # 2 files are bad
   results = json.loads((tmp_path / "eval" / "results.json").read_text())
   assert results["num_images"] == 3
+
+
+def test_evaluate_lists_images_a_manifest_lacks_with_their_scoring_failure(folder, tmp_path, capsys):
+  from cat_jax import evaluate as evaluate_cli
+
+  scores = tmp_path / "scores.jsonl"
+  assert score_cli.main(["--method", "jpeg", "--path", str(folder), "--out", str(scores), "--no-progress"]) == 1
+  assert evaluate_cli.main(["--workdir", "demo", "--data", f"folder:{folder}", "--manifest", str(scores),
+                            "--out", str(tmp_path / "eval"), "--bootstrap", "0", "--scorers", "none",
+                            "--no-baselines"]) == 0
+  notes = json.loads((tmp_path / "eval" / "results.json").read_text())["notes"]
+  note = next(n for n in notes if "images left out" in n)
+  assert note.startswith("2 of 5 images left out") and "tiny.png (" in note and "truncated.png (" in note, note
+  assert "smaller than min_size=32" in note and "cannot decode" in note, note
