@@ -537,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--budget-tokens", type=float, help="mean tokens per image for the measure comparison "
                  "(default: the fixed-16x count)")
   p.add_argument("--num-images", type=int, help="evaluate the first N images only")
-  p.add_argument("--image-size", type=int, help="default: the config's data.image_size")
+  p.add_argument("--image-size", type=cli.positive_int, help="shorter side resized to this, centre crop (default: "
+                 "the config's data.image_size)")
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
   p.add_argument("--no-ema", action="store_true", help="use the raw parameters instead of the EMA")
