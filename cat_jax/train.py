@@ -279,13 +279,21 @@ def make_train_step(config: ml_collections.ConfigDict, *, lpips_module=None,
 
 
 # -- evaluation -----------------------------------------------------------------------------------------------------
+def eval_measures(height: int, width: int) -> tuple[str, ...]:
+  """The measures the train loop's eval logs on ``height`` x ``width`` images: ``image_quality.CHEAP_MEASURES``
+  (PSNR, GMSD, HaarPSI) less those whose ``min_side`` the images are under (HaarPSI needs 16x16)."""
+  return tuple(name for name in image_quality.CHEAP_MEASURES
+               if image_quality.MEASURES[name].min_side <= min(height, width))
+
+
 def eval_step(params, images, mask, level, *, model):
-  """Masked sums of L1, PSNR, the no-learning baselines' PSNR (area+bicubic; with shortcuts the DCT patch code the
-  model starts from) and the share of images that kept the code, and the clipped reconstructions.
+  """Masked sums of L1, of each ``eval_measures`` (keys ``psnr``, ``gmsd``, ``haarpsi``) of the reconstructions and
+  of the no-learning baselines (keys ``psnr_area_bicubic``, ...; with shortcuts also ``..._dct_code``, the DCT patch
+  code the model starts from), the share of images that kept the code, and the clipped reconstructions.
 
   Reconstructions are the tokenizer's (``nested_vae.reconstruct``: per image, the learned path or the patch code,
-  whichever is closer). PSNR is the reported convention (``image_quality.reported_psnr``, as the evaluator
-  measures): 8-bit levels, per image, capped at 50 dB.
+  whichever is closer). The measures are the registry's (``image_quality.qualities``): on 8-bit levels, per image,
+  PSNR capped at 50 dB, the reported convention (``image_quality.reported_psnr``, as the evaluator measures).
   """
   recon, code_only = reconstruct(params, images, level, model=model)
   recon = jnp.clip(recon, -1.0, 1.0)
@@ -294,14 +302,18 @@ def eval_step(params, images, mask, level, *, model):
     baselines["dct_code"] = functools.partial(dct_code, channels=model.z_channels)
   m = mask.astype(jnp.float32)
   l1 = jnp.mean(jnp.abs(recon - images), axis=(1, 2, 3))
-  psnr = lambda y: image_quality.reported_psnr(images, y)
-  sums = {"l1": jnp.sum(l1 * m), "psnr": jnp.sum(psnr(recon) * m), "count": jnp.sum(m)}
+  measures = eval_measures(*images.shape[1:3])
+  sums = {"l1": jnp.sum(l1 * m), "count": jnp.sum(m)}
+  reconstructions = {"": recon}
   for name, baseline in baselines.items():
     if isinstance(level, int):
-      y = baseline(images, level)
+      reconstructions[f"_{name}"] = baseline(images, level)
     else:  # a traced level: every branch has the image's shape
-      y = jax.lax.switch(level, [functools.partial(baseline, level=lvl) for lvl in range(L.NUM_LEVELS)], images)
-    sums[f"psnr_{name}"] = jnp.sum(psnr(y) * m)
+      reconstructions[f"_{name}"] = jax.lax.switch(
+          level, [functools.partial(baseline, level=lvl) for lvl in range(L.NUM_LEVELS)], images)
+  for suffix, y in reconstructions.items():
+    for measure, values in image_quality.qualities(measures, images, y).items():
+      sums[measure + suffix] = jnp.sum(values * m)
   if model.shortcuts:
     sums["code_share"] = jnp.sum(code_only.astype(jnp.float32) * m)
   return sums, recon
@@ -310,8 +322,9 @@ def eval_step(params, images, mask, level, *, model):
 def evaluate_reconstruction(eval_fn, params, eval_batches, writer=None, step: int = 0,
                             level_arg=jnp.int32, image_dir: str | None = None,
                             levels: tuple[int, ...] = tuple(range(L.NUM_LEVELS))) -> dict[str, float]:
-  """L1 and PSNR of reconstructions, and the area+bicubic baseline's PSNR, at ``levels`` (default: every level) on
-  the same images; 'eval/loss' is the mean L1 over those levels.
+  """L1 and the ``eval_measures`` (PSNR, GMSD, HaarPSI) of reconstructions and of the no-learning baselines, at
+  ``levels`` (default: every level) on the same images, as ``eval/level{k}/{key}`` for each key of ``eval_step``'s
+  sums (``eval/level0/haarpsi_area_bicubic``); 'eval/loss' is the mean L1 over those levels.
 
   ``eval_fn(params, images, mask, level) -> (sums, recon)`` is a jitted ``eval_step``; works with global arrays
   spanning several processes (only replicated sums are fetched; the image grid is all-gathered once).
@@ -347,6 +360,25 @@ def evaluate_reconstruction(eval_fn, params, eval_batches, writer=None, step: in
       from cat_jax import storage
       storage.write_png(storage.as_path(image_dir) / f"reconstructions_step{step:07d}.png", grid)
   return out
+
+
+def eval_line(metrics: dict[str, float], levels: tuple[int, ...]) -> str:
+  """The console summary of ``evaluate_reconstruction``'s metrics: per level, PSNR (and HaarPSI where measured) of the
+  model and of the no-learning baselines, and the share of images keeping the DCT code."""
+  def values(key, fmt):
+    return " / ".join(format(metrics[f"eval/level{lvl}/{key}"], fmt) for lvl in levels)
+
+  def part(suffix):
+    text = f"{values('psnr' + suffix, '.2f')} dB"
+    if f"eval/level{levels[0]}/haarpsi{suffix}" in metrics:
+      text += f", HaarPSI {values('haarpsi' + suffix, '.3f')}"
+    return text
+
+  line = f"PSNR {' / '.join(L.level_name(lvl) for lvl in levels)} = {part('')}"
+  line += f"; area+bicubic, no learning: {part('_area_bicubic')}"
+  if f"eval/level{levels[0]}/psnr_dct_code" in metrics:
+    line += f"; DCT code, no learning: {part('_dct_code')}; images keeping the code: {values('code_share', '.0%')}"
+  return line
 
 
 # -- the loop -------------------------------------------------------------------------------------------------------
@@ -433,6 +465,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                      in_shardings=(state_shardings, parallel.batch_sharding(mesh), lpips_shardings, rep) + rep_if_traced,
                      out_shardings=(state_shardings, rep), donate_argnums=0,
                      static_argnums=(4, 5) if static else (4,))
+  size = config.data.image_size
+  for name in sorted(set(image_quality.CHEAP_MEASURES) - set(eval_measures(size, size))):
+    side = image_quality.MEASURES[name].min_side
+    if is_main:
+      logger.info("The eval leaves out %s: it needs images of at least %dx%d, these are %dx%d", name, side, side,
+                  size, size)
   jit_eval = jax.jit(functools.partial(eval_step, model=model), out_shardings=(rep, parallel.batch_sharding(mesh)),
                      static_argnums=(3,) if static else ())
 
@@ -442,13 +480,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     metrics = evaluate_reconstruction(jit_eval, state.ema_params, batches, writer, step, level_arg=level_arg,
                                       image_dir=os.fspath(storage.as_path(workdir) / "images"), levels=eval_levels)
     if is_main and metrics:
-      names = " / ".join(L.level_name(lvl) for lvl in eval_levels)
-      values = lambda key: " / ".join(f"{metrics[f'eval/level{lvl}/{key}']:.2f}" for lvl in eval_levels)
-      baselines = "; area+bicubic, no learning: %s dB" % values("psnr_area_bicubic")
-      if f"eval/level{eval_levels[0]}/psnr_dct_code" in metrics:
-        baselines += "; DCT code, no learning: %s dB; images keeping the code: %s" % (
-            values("psnr_dct_code"), " / ".join(f"{metrics[f'eval/level{lvl}/code_share']:.0%}" for lvl in eval_levels))
-      logger.info("step %d, eval (EMA): PSNR %s = %s dB%s", step, names, values("psnr"), baselines)
+      logger.info("step %d, eval (EMA): %s", step, eval_line(metrics, eval_levels))
     return metrics
 
   def _global(batch):

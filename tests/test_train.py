@@ -274,7 +274,8 @@ def test_runlocal_end_to_end_in_process(runlocal_workdir, tmp_path):
   assert [r["train/gan_scale"] for r in train_rows] == [0.0, 0.5, 1.0]  # the GAN from the 4th update (disc_start=3)
   eval_rows = [r for r in rows if "eval/loss" in r]
   assert [r["step"] for r in eval_rows] == [0, 3, 6]
-  assert {f"eval/level{lvl}/psnr" for lvl in range(3)} <= set(eval_rows[-1])
+  assert {f"eval/level{lvl}/{m}{baseline}" for lvl in range(3) for m in ("psnr", "gmsd", "haarpsi")
+          for baseline in ("", "_area_bicubic", "_dct_code")} <= set(eval_rows[-1])  # 32x32: HaarPSI's 16 fit
   assert list((workdir / "tensorboard").iterdir())
   # Re-running a finished run restores and stops at once (on a copy: the run is shared).
   shutil.copytree(workdir, tmp_path / "again")
@@ -321,6 +322,64 @@ def test_eval_levels_evaluate_only_those_levels_in_any_spelling():
   assert name == "reconstructions/original_8x_32x" and grid.shape[0] == 3 * 8 + 2 * 2  # one image, 3 rows
   with pytest.raises(ValueError, match="a level must be"):  # from the config, before anything is compiled
     T.train_and_evaluate(_runlocal(**{"data.eval_levels": "4x"}), "/nonexistent/never/written")
+
+
+class _Identity:
+  """A stand-in model without shortcuts whose reconstruction is its input."""
+  shortcuts = False
+
+  def apply(self, variables, images, level):
+    return images, None
+
+
+def test_eval_logs_the_cheap_measures_per_level_for_the_model_and_both_baselines():
+  from cat_jax import levels as L
+  from cat_jax.metrics import image_quality as iq
+  from cat_jax.metrics.baselines import dct_code
+  from cat_jax.models.nested_vae import init_params
+
+  config = _runlocal()
+  size = config.data.image_size  # 32: every cheap measure fits
+  model = build_model(config.model)
+  params = init_params(model, jax.random.key(0))
+  images = _batch(3, size, seed=5)
+  batch = {"image": images, "mask": jnp.array([True, True, False])}  # the padded last image is left out
+  eval_fn = jax.jit(functools.partial(T.eval_step, model=model))
+  out = T.evaluate_reconstruction(eval_fn, params, [batch])
+  assert T.eval_measures(size, size) == iq.CHEAP_MEASURES == ("psnr", "gmsd", "haarpsi")
+  for lvl in range(L.NUM_LEVELS):
+    for baseline in ("", "_area_bicubic", "_dct_code"):
+      for m in iq.CHEAP_MEASURES:
+        assert np.isfinite(out[f"eval/level{lvl}/{m}{baseline}"])
+      assert 0.0 <= out[f"eval/level{lvl}/haarpsi{baseline}"] <= 1.0
+      assert out[f"eval/level{lvl}/gmsd{baseline}"] >= 0.0
+    # The registry's numbers (8-bit levels inside), averaged over the unmasked images; float32 sums of 2 values.
+    direct = iq.qualities(("haarpsi", "gmsd"), images[:2], dct_code(images[:2], lvl, model.z_channels))
+    assert out[f"eval/level{lvl}/haarpsi_dct_code"] == pytest.approx(float(np.mean(direct["haarpsi"])), abs=1e-6)
+    assert out[f"eval/level{lvl}/gmsd_dct_code"] == pytest.approx(float(np.mean(direct["gmsd"])), abs=1e-6)
+  # Random pixels lose detail with every halving of the grid: HaarPSI falls from 8x to 32x for both baselines.
+  for baseline in ("_area_bicubic", "_dct_code"):
+    haarpsi = [out[f"eval/level{lvl}/haarpsi{baseline}"] for lvl in range(L.NUM_LEVELS)]
+    assert haarpsi[0] > haarpsi[2]
+  line = T.eval_line(out, (0, 2))
+  assert line.count("HaarPSI") == 3 and line.count("; ") == 3 and "\n" not in line  # model, 2 baselines, code share
+
+  # A reconstruction equal to its input gets each measure's best value (HaarPSI: 1 up to float32 sums, ~1e-6;
+  # GMSD: a similarity map of exact ones).
+  sums, _ = jax.jit(lambda x, m: T.eval_step({}, x, m, 0, model=_Identity()))(images, batch["mask"])
+  assert float(sums["psnr"]) / float(sums["count"]) == iq.PSNR_MAX_DB
+  assert float(sums["haarpsi"]) / float(sums["count"]) == pytest.approx(1.0, abs=1e-5)
+  assert float(sums["gmsd"]) == 0.0
+
+  # Below a measure's min_side it is left out, the others stay: 8x8 images are under HaarPSI's 16x16.
+  assert iq.MEASURES["haarpsi"].min_side == 16 and T.eval_measures(16, 16) == iq.CHEAP_MEASURES
+  assert T.eval_measures(8, 8) == T.eval_measures(15, 64) == ("psnr", "gmsd")
+  small = {"image": _batch(2, 8, seed=6), "mask": jnp.array([True, True])}
+  out = T.evaluate_reconstruction(jax.jit(functools.partial(T.eval_step, model=_Identity()), static_argnums=3),
+                                  {}, [small], level_arg=int, levels=(0,))
+  assert {k for k in out if "haarpsi" in k} == set()
+  assert {"eval/level0/psnr", "eval/level0/gmsd", "eval/level0/gmsd_area_bicubic"} <= set(out)
+  assert "HaarPSI" not in T.eval_line(out, (0,))
 
 
 def test_incompatible_config_is_a_clear_error(runlocal_workdir, tmp_path):
