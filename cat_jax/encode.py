@@ -268,7 +268,7 @@ def encode_folder(args, tok, out, files, sizing) -> dict:
   label_of = _labels(args, out, files)
   level_of = _level_assigner(args, tok, out, files, sizing)
   counts = {"encoded": 0, "failed": 0, "already": len(files) - len(todo), "levels": [0] * L.NUM_LEVELS,
-            "tokens": 0}
+            "tokens": 0, "missed_target": 0}
   writer = LatentWriter(out, None, file_format=args.format,
                         reconstructions=not args.no_reconstructions)
   bar = tqdm.tqdm(total=len(todo), unit="img", desc="encode", dynamic_ncols=True, file=sys.stderr,
@@ -293,12 +293,15 @@ def encode_folder(args, tok, out, files, sizing) -> dict:
         originals.append(original)
         ids.append(image_id)
       if ids:
-        levels = level_of(ids, images)
-        latents = tok.encode(images, levels, keep_code=False if args.no_keep_code else None)
+        assignment = level_of.assign(ids, images)
+        missed = assignment.missed_target if assignment.missed_target is not None else np.zeros(len(ids), bool)
+        counts["missed_target"] += int(missed.sum())
+        latents = tok.encode(images, assignment.levels, keep_code=False if args.no_keep_code else None)
         recons = tok.decode(latents) if writer.reconstructions else [None] * len(ids)
-        for image_id, latent, level, recon, code_only, image, original in zip(
-            ids, latents.values, latents.levels, recons, latents.code_only_flags(), images, originals):
+        for image_id, latent, level, recon, code_only, image, original, miss in zip(
+            ids, latents.values, latents.levels, recons, latents.code_only_flags(), images, originals, missed):
           writer.encoded(image_id, latent, int(level), recon, label_of(image_id), code_only=bool(code_only),
+                         missed_target=bool(miss),
                          original_size=original, encoded_size=image.shape[:2],
                          resized=None if original == image.shape[:2] else "image_size" if sizing.image_size
                          else "max_side")
@@ -342,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"encoded {n} images ({'/'.join(L.level_name(l) for l in range(L.NUM_LEVELS))}: {mix}, mean tokens "
         f"{counts['tokens'] / max(n, 1):.1f}) from step {tok.step} into {out}"
         + (f"; {counts['already']} already encoded" if counts["already"] else ""))
+  if counts["missed_target"]:
+    print(f"WARNING: {counts['missed_target']} of {n} images reach --target-psnr {args.target_psnr:g} dB at no level: "
+          f"they are at 8x, the closest ('missed_target' in {out}/index.jsonl)", file=sys.stderr)
   if counts["failed"]:
     print(f"skipped {counts['failed']} files that could not be used (bad, unreadable, or without a level in the "
           "manifest); each is "

@@ -278,10 +278,13 @@ def _report(summary: runner.RunSummary, out: epath.Path | None) -> None:
   if summary.fallbacks:
     lines.append(f"{summary.fallbacks} scored without (all) perception answers: the VLM's answers could not be "
                  "parsed ('fallback' in their manifest rows)")
+  counts = summary.level_counts
   if summary.thresholds is not None:
-    counts = summary.level_counts
     lines.append(f"thresholds {summary.thresholds} ({summary.threshold_mode}); images at 8x/16x/32x: "
                  f"{counts[0]}/{counts[1]}/{counts[2]}; mean tokens {summary.mean_tokens:.1f}")
+  elif counts is not None:  # a scorer that chose each image's level itself (the tokenizer's knob-free auto)
+    lines.append("levels chosen per image by the scorer (the tokenizer's levels='auto'); images at 8x/16x/32x: "
+                 f"{counts[0]}/{counts[1]}/{counts[2]}")
   if out is not None:
     lines.append(f"manifest: {out}")
   print("\n".join(lines), file=sys.stderr)

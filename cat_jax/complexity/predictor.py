@@ -242,21 +242,24 @@ class LevelPredictor:
     values = raw * np.asarray(self.qualities["std"]) + np.asarray(self.qualities["mean"])
     owner = np.asarray(owner)
     out = {}
-    for m, name in enumerate(self.measures):
-      per_tile = values[:, 3 * m:3 * m + 3]
+    from cat_jax.metrics.image_quality import MEASURES, oriented
+
+    for m, name in enumerate(self.measures):  # no prediction better than identical images
+      per_tile = np.minimum(values[:, 3 * m:3 * m + 3], oriented(name, MEASURES[name].best))
       out[name] = np.stack([mean_over_tiles(name, per_tile[owner == k]) for k in range(len(images))]) \
           if len(images) else np.zeros((0, 3))
     return out
 
-  def levels(self, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+  def levels(self, images: Sequence[np.ndarray] | np.ndarray, *, qualities: dict | None = None) -> np.ndarray:
     """Level indices: a quality predictor's per image at its ``price`` (``allocation.at_price`` on its first
-    measure, priced by rate so any image size pays alike), a score predictor's at its calibrated thresholds."""
+    measure, priced by rate so any image size pays alike; ``qualities``: ``predict_quality(images)`` when already
+    computed), a score predictor's at its calibrated thresholds."""
     if self.qualities is not None:
       from cat_jax.complexity import allocation
 
       if self.price is None:
         raise ValueError("this quality predictor has no calibrated price (python -m cat_jax.train_predictor sets one)")
-      q = self.predict_quality(images)[self.measures[0]]
+      q = (qualities or self.predict_quality(images))[self.measures[0]]
       return allocation.at_price(q, allocation.rate_table(len(q)), self.price)
     if self.thresholds is None:
       raise ValueError("this predictor has no calibrated thresholds; map its scores with levels_for_scores(scores, "
@@ -310,13 +313,16 @@ class LevelPredictor:
 
 
 class PredictorScorer:
-  """The predictor as a complexity scorer (``python -m cat_jax.score --method predictor``)."""
+  """The predictor as a complexity scorer (``python -m cat_jax.score --method predictor``). A quality predictor with a
+  price gives each image its own level (``assigns_levels``: the tokenizer's knob-free ``levels="auto"``, whatever
+  else is scored with it) and records its predicted qualities; its score is what 8x buys over 32x."""
 
   method = "predictor"
 
   def __init__(self, predictor: LevelPredictor, *, image_size: int | None = 256):
     self.predictor = predictor
     self.image_size = image_size
+    self.assigns_levels = predictor.qualities is not None and predictor.price is not None
 
   def config(self) -> dict[str, Any]:
     return {"method": self.method, "image_size": self.image_size, "predictor_image_size": self.predictor.image_size,
@@ -327,7 +333,12 @@ class PredictorScorer:
     from cat_jax.data.preprocess import to_model_range
 
     x = to_model_range(np.asarray(prepare_item(item, self.image_size)))
-    return {"score": float(self.predictor.predict([x])[0])}
+    if not self.assigns_levels:
+      return {"score": float(self.predictor.predict([x])[0])}
+    table = self.predictor.predict_quality([x])
+    q = table[self.predictor.measures[0]][0]
+    return {"score": float(q[0] - q[2]), "level": int(self.predictor.levels([x], qualities=table)[0]),
+            "qualities": {m: [round(float(v), 6) for v in t[0]] for m, t in table.items()}}
 
   def scores(self, images: Sequence[np.ndarray]) -> list[float]:
     """Batched scores of [-1, 1] HWC images (what ``assign.score_images`` uses)."""

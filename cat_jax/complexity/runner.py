@@ -9,6 +9,7 @@ import math
 import os
 from typing import Any, Callable, Sequence
 
+import numpy as np
 from etils import epath
 from tqdm import tqdm  # the text bar everywhere (tqdm.auto wants ipywidgets in notebooks)
 
@@ -67,8 +68,9 @@ def _score_one(source: Sequence[dict[str, Any]], index: int, scorer: Scorer, ski
     raise  # no item can be scored: the run stops, and this item is not blamed
   except Exception as e:  # noqa: BLE001 - recorded in the manifest, never defaulted
     return {"id": item_id, "method": scorer.method, "error": f"{type(e).__name__}: {e}"}
-  level = thresholds_lib.level_for_score(score, thresholds) if thresholds is not None else None
-  return {"id": item_id, "score": score, "level": level, "method": scorer.method, **result}
+  if thresholds is not None:  # given thresholds win over a scorer's own level
+    result["level"] = thresholds_lib.level_for_score(score, thresholds)
+  return {"id": item_id, "score": score, "level": result.pop("level", None), "method": scorer.method, **result}
 
 
 def score_source(source: Sequence[dict[str, Any]], scorer: Scorer, out: str | os.PathLike, *, workers: int = 4,
@@ -103,13 +105,16 @@ def score_source(source: Sequence[dict[str, Any]], scorer: Scorer, out: str | os
   if not 0 <= index < count:
     raise ValueError(f"shard must be I/N with 0 <= I < N, got {index}/{count}")
   method = scorer.method
-  if count > 1 and thresholds is None and (budget_tokens is not None or method not in thresholds_lib.LLM_METHODS):
+  if count > 1 and thresholds is None and (budget_tokens is not None or method not in thresholds_lib.LLM_METHODS) \
+      and not getattr(scorer, "assigns_levels", False):
     raise ValueError(f"a sharded {method} run needs fixed --thresholds LOW,HIGH: thresholds chosen from one shard's "
                      "scores (terciles, a token budget) would differ between shards; score a sample first for them")
   run_header = manifest_header(scorer, **(header or {}), **({"shard": f"{index}/{count}"} if count > 1 else {}))
   manifest_lib.check_header(out, run_header)
   skip = manifest_lib.ids_to_skip(out, method, retry_failures=retry_failures)
-  if thresholds is None and budget_tokens is None and method in thresholds_lib.LLM_METHODS:
+  if thresholds is None and budget_tokens is None and getattr(scorer, "assigns_levels", False):
+    mode = "per image"  # the scorer's own level of each image (a quality predictor's price): nothing to choose later
+  elif thresholds is None and budget_tokens is None and method in thresholds_lib.LLM_METHODS:
     thresholds = thresholds_lib.DEFAULT_LLM_THRESHOLDS
     mode = "default"
   else:
@@ -173,7 +178,13 @@ def _finalize(out: str | os.PathLike, method: str, summary: RunSummary, threshol
   successes = [r for r in latest.values() if not manifest_lib.is_failure(r)]
   scores = [r["score"] for r in successes]
   image_hw = (image_size, image_size)
-  if scores:
+  if scores and mode == "per image":
+    counts = np.bincount([r["level"] for r in successes], minlength=3).tolist()
+    summary.threshold_mode, summary.level_counts = mode, counts
+    thresholds_path(out).write_text(json.dumps({"method": method, "mode": mode, "level_counts": counts,
+                                                "num_images": len(scores),
+                                                "num_failures": len(latest) - len(successes)}, indent=2) + "\n")
+  elif scores:
     if thresholds is None and budget_tokens is not None:
       thresholds, mode = thresholds_lib.budget_thresholds(scores, budget_tokens, image_hw=image_hw), "budget"
     elif thresholds is None:

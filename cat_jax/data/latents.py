@@ -89,8 +89,10 @@ class LatentWriter:
 
   def encoded(self, image_id: str, latent: np.ndarray, level: int, recon: np.ndarray | None,
               label: int | None = None, code_only: bool = False, *, original_size: Sequence[int] | None = None,
-              encoded_size: Sequence[int] | None = None, resized: str | None = None) -> None:
+              encoded_size: Sequence[int] | None = None, resized: str | None = None,
+              missed_target: bool = False) -> None:
     """``code_only``: the latent is the DCT patch code, decoded as that code alone (``Latents.code_only``).
+    ``missed_target``: no level brought the image to the quality target asked for (``Latents.missed_target``).
     ``original_size`` / ``encoded_size``: the file's (height, width) and the encoded image's (the tokenizer pads it to
     a multiple of 32 and crops it back); ``resized``: how the one became the other when they differ ('image_size':
     shorter side and centre crop, 'max_side': aspect kept), for ``python -m cat_jax.decode`` to restore it."""
@@ -104,7 +106,8 @@ class LatentWriter:
     row = {"id": image_id, "level": level, "factor": L.FACTORS[level],
            "tokens": int(latent.shape[0] * latent.shape[1]), "latent_shape": list(latent.shape),
            **({"image_size": self.image_size} if self.image_size is not None else {}), **sizes,
-           **({} if label is None else {"label": int(label)}), **({"code_only": True} if code_only else {})}
+           **({} if label is None else {"label": int(label)}), **({"code_only": True} if code_only else {}),
+           **({"missed_target": True} if missed_target else {})}
     data = _npz_bytes(latent, level, self.image_size if encoded_size is None else encoded_size, label)
     if self.records is not None:
       self.records.write(data)
