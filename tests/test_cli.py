@@ -93,6 +93,9 @@ MISSING = "/nonexistent/cat_jax_missing"
     ("evaluate", ["--workdir", "demo", "--data", "folder:" + MISSING, "--out", "{tmp}/out"], "image folder"),
     ("evaluate", ["--workdir", MISSING], MISSING),
     ("sample", ["--workdir", MISSING, "--out", "{tmp}/g.png"], MISSING),
+    ("convert.__main__", ["to_torch", "--src", MISSING, "--out", "{tmp}/t"], MISSING),
+    ("convert.__main__", ["release", "--src", MISSING, "--out", "{tmp}/r"], MISSING),
+    ("convert.__main__", ["sd_vae", "--src", MISSING, "--out", "{tmp}/s"], MISSING),
 ])
 def test_a_missing_folder_or_file_is_one_error_line_with_exit_status_2(module, args, names, tmp_path, capsys):
   from PIL import Image
