@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-ema", action="store_true", help="raw parameters instead of the EMA")
   p.add_argument("--labels", choices=("none", "subfolder"), default="none",
                  help="subfolder: each image's class is its top-level folder (ImageNet layout), stored as 'label' "
-                 "(classes in sorted order in classes.json), for python -m cat_jax.train_dit")
+                 "(classes in sorted order in classes.json), for python -m cat_jax.train_dit (needs --image-size)")
   return p
 
 
@@ -326,6 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     files = list_inputs(args.input)
     sizing = cli.sizing(args)
+    if args.labels == "subfolder" and sizing.image_size is None:
+      raise ValueError("--labels subfolder writes a DiT training set, whose latents need one size: pass --image-size "
+                       "N (the DiT config's data.image_size, e.g. 256)")
     print(f"encode: {args.input}: {describe_sizes([p for _, p in files])}; {sizing.describe()}; levels: "
           f"{_describe_levels(args)}",
           file=sys.stderr, flush=True)

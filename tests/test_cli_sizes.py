@@ -179,3 +179,13 @@ def test_evaluate_lists_images_a_manifest_lacks_with_their_scoring_failure(folde
   note = next(n for n in notes if "images left out" in n)
   assert note.startswith("2 of 5 images left out") and "tiny.png (" in note and "truncated.png (" in note, note
   assert "smaller than min_size=32" in note and "cannot decode" in note, note
+
+
+def test_a_dit_training_set_needs_one_size(folder, tmp_path, capsys):
+  """--labels subfolder (latents for train_dit, which batches them) refuses native sizes instead of writing latents
+  of many shapes."""
+  assert encode_cli.main(["--checkpoint", "demo", "--input", str(folder), "--out", str(tmp_path / "o"),
+                          "--labels", "subfolder"]) == 2
+  errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "pass --image-size N" in errors[0], errors
+  assert not (tmp_path / "o").exists()
