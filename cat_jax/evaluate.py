@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import pathlib
@@ -510,6 +511,46 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
   return results
 
 
+# -- text legibility -----------------------------------------------------------------------------------------------
+LEGIBILITY_ROWS = ("model", "dct_code", "area_bicubic")
+
+
+def reconstruction_sources(tok, rows: Sequence[str] = LEGIBILITY_ROWS) -> dict[str, Callable]:
+  """``{row: fn(images, level) -> reconstructions}``: the tokenizer's (posterior mean, as it returns it) and the
+  no-learning baselines with its numbers per latent position."""
+  import jax.numpy as jnp
+
+  from cat_jax.metrics.baselines import area_bicubic, dct_code
+
+  fns = {"model": lambda x, level: tok.reconstruct(x, level),
+         "dct_code": lambda x, level: np.asarray(dct_code(jnp.asarray(x), level, tok.model.z_channels)),
+         "area_bicubic": lambda x, level: np.asarray(area_bicubic(jnp.asarray(x), level))}
+  return {row: fns[row] for row in rows}
+
+
+def run_legibility(tok, *, out_dir, num_images: int, image_size: int, seed: int = 0,
+                   recognise: Callable | None = None) -> dict:
+  """TokBench-style text legibility (``cat_jax.metrics.legibility``) of the text set (``cat_jax.data.text_set``):
+  word accuracy and 1 - NED per level and text size group for the originals, the model and the baselines; writes
+  ``legibility.json`` and ``legibility.md`` to ``out_dir``."""
+  from cat_jax.data import text_set
+  from cat_jax.metrics import legibility
+
+  texts = text_set.text_set(num_images, seed=seed, image_size=image_size)
+  images = text_set.model_images(texts)
+  results = {"original": {"-": legibility.by_group(legibility.legibility(images, texts, recognise=recognise))}}
+  for row, fn in reconstruction_sources(tok).items():
+    results[row] = legibility.legibility_rows(fn, images, texts, original=False, recognise=recognise)
+    logger.info("legibility: %s done", row)
+  report = {"data": "text", "num_images": num_images, "image_size": image_size, "seed": seed,
+            "checkpoint_step": tok.step, "rows": results}
+  out_dir = storage.as_path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  storage.write_text(out_dir / "legibility.json", json.dumps(report, indent=2) + "\n")
+  storage.write_text(out_dir / "legibility.md", reports.legibility_table(report))
+  return report
+
+
 # -- command line ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(prog="python -m cat_jax.evaluate", description=__doc__,
@@ -519,7 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--config", help="configs/cat.py[:variant]; checked against the checkpoint's config.json "
                  "(default: the checkpoint's own config)")
   p.add_argument("--data", help="embedded | heldout | folder:PATH | chartqa:PATH | tfds:NAME (default: the config's "
-                 "source)")
+                 "source), or text: the text legibility set (word accuracy and 1 - NED by OCR per level and text "
+                 "size; --num-images default 40, --image-size default 256; needs the ocr extra)")
   p.add_argument("--split", help="split (default: the config's eval_split; 'all' for folders)")
   p.add_argument("--manifest", help="score manifest whose levels make the adaptive row")
   p.add_argument("--score-manifest", action="append", default=[], metavar="NAME=PATH",
@@ -609,6 +651,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     tok = load_tokenizer(args.workdir, batch_size=args.batch_size, step=args.step, use_ema=not args.no_ema,
                          config=config)
     config = config if config is not None else tok.config
+    if args.data == "text":
+      out = args.out or (f"eval_{args.workdir}" if args.workdir in PRETRAINED else
+                         os.fspath(storage.as_path(args.workdir) / "eval"))
+      size = args.image_size or 256
+      print(f"evaluate: text legibility of {args.num_images or 40} images at {size}x{size} (the text set, four size "
+            f"groups), levels 8x/16x/32x, rows {', '.join(LEGIBILITY_ROWS)} and the originals", file=sys.stderr)
+      report = run_legibility(tok, out_dir=out, num_images=args.num_images or 40, image_size=size, seed=args.seed)
+      print(reports.legibility_table(report))
+      print(f"wrote {out}/legibility.json, legibility.md")
+      return 0
     source, dataset, split = make_source(args.data, args.split, config)
     if args.num_images is not None:
       if args.num_images < 1:

@@ -184,6 +184,23 @@ def markdown_table(results: Mapping[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def legibility_table(report: Mapping[str, Any]) -> str:
+  """``legibility.md``: word accuracy and 1 - NED per row, level and text size group (``evaluate --data text``)."""
+  rows = report["rows"]
+  present = next(iter(rows["original"].values()))
+  groups = [g for g in present if g != "all"] + ["all"]
+  lines = [f"# Text legibility: {report['num_images']} images of the text set at {report['image_size']}x"
+           f"{report['image_size']}, checkpoint step {report['checkpoint_step']}", "",
+           "Each cell: words read exactly / 1 - normalised edit distance (PP-OCR on the true word boxes).", "",
+           "| row | level | " + " | ".join(groups) + " |", "|---|---|" + "---:|" * len(groups)]
+  for row, levels in rows.items():
+    for level, by_group in levels.items():
+      cells = [f"{by_group[g]['word_accuracy']:.0%} / {by_group[g]['one_minus_ned']:.3f}" if g in by_group else "-"
+               for g in groups]
+      lines.append(f"| {row} | {level} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def plot_rate_distortion(results: Mapping[str, Any], path: str | os.PathLike) -> None:
   """Quality vs mean tokens per image: fixed levels as a curve, adaptive and budget rows as points."""
   import matplotlib

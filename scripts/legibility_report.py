@@ -63,21 +63,16 @@ def timed(recognise):
 
 
 def reconstructions(rows, tokenizer_spec):
-  """``{row: fn(images, level)}`` for the rows other than the original."""
-  import jax.numpy as jnp
-
-  from cat_jax.metrics.baselines import area_bicubic, dct_code
+  """``{row: fn(images, level)}`` for the rows other than the original (``evaluate.reconstruction_sources``)."""
+  from cat_jax.evaluate import reconstruction_sources
   from cat_jax.tokenizer import load_tokenizer
 
-  fns = {}
-  tok = load_tokenizer(tokenizer_spec, batch_size=8) if {"dct", "tokenizer"} & set(rows) else None
-  if "dct" in rows:
-    fns["dct"] = lambda x, level: np.asarray(dct_code(jnp.asarray(x), level, tok.model.z_channels))
-  if "tokenizer" in rows:
-    fns["tokenizer"] = lambda x, level: tok.reconstruct(x, level)
-  if "area_bicubic" in rows:
-    fns["area_bicubic"] = lambda x, level: np.asarray(area_bicubic(jnp.asarray(x), level))
-  return fns
+  names = {"tokenizer": "model", "dct": "dct_code", "area_bicubic": "area_bicubic"}
+  wanted = [r for r in rows if r in names]
+  if not wanted:
+    return {}
+  fns = reconstruction_sources(load_tokenizer(tokenizer_spec, batch_size=8), [names[r] for r in wanted])
+  return {r: fns[names[r]] for r in wanted}
 
 
 def print_table(results):

@@ -264,3 +264,19 @@ def test_clear_errors(workdir, tmp_path, capsys):
   assert "'grade' needs the embedded" in error(base[:-2] + ["--data", f"folder:{folder}", "--scorers", "grade"])
   message = error(base + ["--paired-against", "fixed_64x"])
   assert "'fixed_64x' is not a row" in message and "dct_code_16x" in message
+
+
+def test_evaluate_text_legibility_per_level_and_size_group(tmp_path, capsys):
+  """evaluate --data text: the shipped demo, its DCT code and area+bicubic read by OCR on the text set; the originals'
+  large words read, more tokens read more (1 - NED over all words: 8x above 32x for the model and the code)."""
+  out = tmp_path / "text"
+  assert E.main(["--workdir", "demo", "--data", "text", "--num-images", "4", "--out", str(out)]) == 0
+  report = json.loads((out / "legibility.json").read_text())
+  rows = report["rows"]
+  assert set(rows) == {"original", "model", "dct_code", "area_bicubic"} and report["image_size"] == 256
+  assert rows["original"]["-"]["large"]["word_accuracy"] >= 0.9
+  for row in ("model", "dct_code"):
+    assert rows[row]["8x"]["all"]["one_minus_ned"] > rows[row]["32x"]["all"]["one_minus_ned"] + 0.2, rows[row]
+  md = (out / "legibility.md").read_text()
+  assert "| model | 8x |" in md and "| original | - |" in md
+  assert "legibility.md" in capsys.readouterr().out
