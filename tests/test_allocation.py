@@ -20,16 +20,17 @@ def _small_set(seed, n=7):
   return quality, tokens
 
 
-def _all_assignments(n):
-  return np.array(list(itertools.product(range(3), repeat=n)), np.int32)
+def _every_assignment(quality, tokens):
+  """The mean quality and mean tokens of every one of the 3^N assignments of levels."""
+  combos = np.array(list(itertools.product(range(3), repeat=len(quality))), np.int32)
+  rows = np.arange(len(quality))
+  return quality[rows, combos].mean(1), tokens[rows, combos].mean(1)
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_best_within_budget_equals_brute_force(seed):
   quality, tokens = _small_set(seed)
-  combos = _all_assignments(len(quality))
-  q = quality[np.arange(len(quality)), combos].mean(1)
-  t = tokens[np.arange(len(quality)), combos].mean(1)
+  q, t = _every_assignment(quality, tokens)
   for budget in (t.min(), np.median(t), tokens[:, 1].mean(), t.max()):
     levels = allocation.best_within_budget(quality, tokens, budget)
     assert allocation.mean_of(tokens, levels) <= budget + 1e-9
@@ -40,9 +41,7 @@ def test_best_within_budget_equals_brute_force(seed):
 @pytest.mark.parametrize("seed", range(6))
 def test_fewest_tokens_for_equals_brute_force(seed):
   quality, tokens = _small_set(seed)
-  combos = _all_assignments(len(quality))
-  q = quality[np.arange(len(quality)), combos].mean(1)
-  t = tokens[np.arange(len(quality)), combos].mean(1)
+  q, t = _every_assignment(quality, tokens)
   for target in (q.min(), quality[:, 1].mean(), np.quantile(q, 0.9), q.max()):
     levels = allocation.fewest_tokens_for(quality, tokens, target)
     assert allocation.mean_of(quality, levels) >= target - 1e-9
