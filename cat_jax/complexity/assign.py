@@ -31,19 +31,18 @@ def score_images(scorer: Any, ids: Sequence[str], images: Sequence[np.ndarray]) 
   return [float(scorer.score({"id": str(i), "image": from_model_range(x)})["score"]) for i, x in zip(ids, images)]
 
 
-def quality_table(images: Sequence[np.ndarray], reconstruct, measures: Sequence[str] = ("psnr",),
-                  levels: Sequence[int] = tuple(range(L.NUM_LEVELS))) -> dict[str, np.ndarray]:
+def quality_table(images: Sequence[np.ndarray], reconstruct, measures: Sequence[str] = ("psnr",)
+                  ) -> dict[str, np.ndarray]:
   """{measure: (N, 3)} each image's ([-1, 1] HWC, any sizes) quality at each level, measured on its reconstruction
   (``reconstruct(images, level)``) as every report measures it (``image_quality.quality``: 8-bit levels, PSNR capped
-  at 50 dB) and oriented so that higher is better (a distortion such as GMSD negated: ``image_quality.oriented``).
-  Levels not in ``levels`` are NaN."""
+  at 50 dB) and oriented so that higher is better (a distortion such as GMSD negated: ``image_quality.oriented``)."""
   from cat_jax.metrics import image_quality
 
-  table = {m: np.full((len(images), L.NUM_LEVELS), np.nan) for m in measures}
+  table = {m: np.zeros((len(images), L.NUM_LEVELS)) for m in measures}
   by_shape: dict[tuple, list[int]] = {}
   for i, x in enumerate(images):  # one batched measurement per image size
     by_shape.setdefault(np.shape(x), []).append(i)
-  for level in levels:
+  for level in range(L.NUM_LEVELS):
     recon = [np.asarray(r) for r in reconstruct(list(images), level)]
     for ks in by_shape.values():
       a, b = np.stack([images[k] for k in ks]), np.stack([recon[k] for k in ks])
