@@ -487,7 +487,8 @@ class Tokenizer:
                     manifest: str | os.PathLike | Mapping[str, int] | None = None, scorer: Any = None,
                     thresholds: Sequence[float] | None = None, target_psnr: float | None = None,
                     budget_tokens: float | None = None) -> np.ndarray:
-    """Level index of every image: one level, a per-image sequence, or ``"auto"`` (the default).
+    """Level index of every image: one level, a per-image sequence, a ``complexity.assign.LevelAssigner``, or
+    ``"auto"`` (the default).
 
     A level is an index 0 / 1 / 2 or a factor 8 / 16 / 32 / '8x' / '16x' / '32x' (``cat_jax.levels.parse_level``).
     ``"auto"`` (or None) with a manifest, ``ids`` name the images (the manifest's ids). With a scorer (``.method``
@@ -505,9 +506,11 @@ class Tokenizer:
 
   def _assign(self, items: list[np.ndarray], levels: Any = None, *, ids=None, manifest=None, scorer=None,
               thresholds=None, target_psnr=None, budget_tokens=None):
-    from cat_jax.complexity.assign import Assignment
+    from cat_jax.complexity.assign import Assignment, LevelAssigner
 
     n = len(items)
+    if isinstance(levels, LevelAssigner):  # the one object every way of choosing builds (as the CLIs do)
+      return levels.assign([str(i) for i in ids] if ids is not None else [str(k) for k in range(n)], items)
     if levels is None or (isinstance(levels, str) and levels.strip().lower() == "auto"):
       return self._auto_levels(items, ids=ids, manifest=manifest, scorer=scorer, thresholds=thresholds,
                                target_psnr=target_psnr, budget_tokens=budget_tokens)

@@ -107,6 +107,10 @@ def test_demo_ships_its_predictor_for_knob_free_auto(tmp_path):
   assert np.array([256, 64, 16])[demo.assign_levels(big, "auto", budget_tokens=160)].mean() <= 160
   with pytest.raises(ValueError, match="budget_tokens applies to levels='auto'"):
     demo.assign_levels(images, "16x", budget_tokens=16)
+  # The same choice as an object (what the CLIs build): levels=LevelAssigner(...).
+  from cat_jax.complexity.assign import LevelAssigner
+  assigner = LevelAssigner(qualities=demo.level_predictor.predict_quality, measure="haarpsi", price=auto["price"])
+  np.testing.assert_array_equal(demo.encode(images, levels=assigner).levels, levels)
   with pytest.raises(ValueError, match="thresholds apply"):
     demo.assign_levels(images, "auto", thresholds=(1, 2))
 
