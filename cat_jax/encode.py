@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--format", choices=("npz", "array_record"), default="npz")
   cli.add_sizing_arguments(p)
   p.add_argument("--batch-size", type=int, default=8)
-  p.add_argument("--chunk", type=int, default=256, help="images decoded and encoded at a time")
+  p.add_argument("--chunk", type=int, default=256, help="images decoded and encoded at a time (fewer when they "
+                 f"hold more than {MAX_CHUNK_PIXELS / 1e6:.0f} megapixels)")
   p.add_argument("--on-bad-image", choices=ON_BAD_IMAGE, default="skip",
                  help="skip (record in index.jsonl, exit status 1) or raise (stop at the first)")
   p.add_argument("--strict", action="store_true", help="with --manifest: refuse the run when the manifest lacks an "
@@ -115,9 +116,40 @@ def load_image(path: pathlib.Path, sizing) -> tuple[np.ndarray, tuple[int, int]]
   return load_sized(data, sizing, path=str(path))
 
 
-def _chunks(items: list, size: int):
-  for s in range(0, len(items), size):
-    yield items[s:s + size]
+# Images held in memory at a time (decoded, float32): a chunk of --chunk files ends early at this many pixels, so a
+# folder of large photos at their native size cannot fill the memory (a larger image goes alone).
+MAX_CHUNK_PIXELS = 1 << 26
+
+
+def _pixels(path: pathlib.Path, sizing) -> int:
+  """The pixels ``load_image`` will give for ``path`` (from its header; 0 for a file it cannot read)."""
+  from PIL import Image
+
+  if sizing.image_size is not None:
+    return sizing.image_size ** 2
+  try:
+    with Image.open(path) as img:
+      w, h = img.size
+  except Exception:  # noqa: BLE001 (a bad file is recorded with its reason when it is loaded)
+    return 0
+  scale = min(1.0, sizing.max_side / max(w, h)) if sizing.max_side is not None else 1.0
+  return round(w * scale) * round(h * scale)
+
+
+def _chunks(items: list, size: int, sizing, max_pixels: int | None = None):
+  """``items`` (id, path) in chunks of at most ``size`` files and ``max_pixels`` pixels (default
+  ``MAX_CHUNK_PIXELS``; at least one file)."""
+  max_pixels = MAX_CHUNK_PIXELS if max_pixels is None else max_pixels
+  chunk, pixels = [], 0
+  for item in items:
+    n = _pixels(item[1], sizing)
+    if chunk and (len(chunk) >= size or pixels + n > max_pixels):
+      yield chunk
+      chunk, pixels = [], 0
+    chunk.append(item)
+    pixels += n
+  if chunk:
+    yield chunk
 
 
 # -- levels ---------------------------------------------------------------------------------------------------------
@@ -274,7 +306,7 @@ def encode_folder(args, tok, out, files, sizing) -> dict:
   bar = tqdm.tqdm(total=len(todo), unit="img", desc="encode", dynamic_ncols=True, file=sys.stderr,
                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
   try:
-    for chunk in _chunks(todo, max(1, args.chunk)):
+    for chunk in _chunks(todo, max(1, args.chunk), sizing):
       ids, images, originals = [], [], []
       for image_id, path in chunk:
         try:

@@ -189,3 +189,27 @@ def test_a_dit_training_set_needs_one_size(folder, tmp_path, capsys):
   errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and "pass --image-size N" in errors[0], errors
   assert not (tmp_path / "o").exists()
+
+
+def test_chunks_are_bounded_in_pixels_at_native_sizes(folder, tmp_path, monkeypatch):
+  """A chunk of encode ends at MAX_CHUNK_PIXELS (from the files' headers), so large photos at their native size do not
+  fill the memory; an image above the budget goes alone. The latents do not depend on the chunks."""
+  from cat_jax.data.preprocess import Sizing
+
+  files = encode_cli.list_inputs(str(folder))
+  pixels = {i: encode_cli._pixels(p, Sizing()) for i, p in files}  # noqa: SLF001
+  assert pixels["wide.png"] == 70 * 150 and pixels["truncated.png"] == 100 * 100  # its header is intact
+  chunks = list(encode_cli._chunks(files, 10, Sizing(), max_pixels=12_000))  # noqa: SLF001
+  assert [len(c) for c in chunks] == [2, 2, 1] and sum(chunks, []) == files  # 11,896 | 10,480 | 10,500, [[i for i, _ in c] for c in chunks]
+  for chunk in chunks:
+    assert len(chunk) == 1 or sum(pixels[i] for i, _ in chunk) <= 12_000
+  assert [len(c) for c in encode_cli._chunks(files, 2, Sizing(max_side=40))] == [2, 2, 1]  # noqa: SLF001
+  monkeypatch.setattr(encode_cli, "MAX_CHUNK_PIXELS", 12_000)
+  small, whole = tmp_path / "small", tmp_path / "whole"
+  for out in (small, whole):
+    assert encode_cli.main(["--checkpoint", "demo", "--input", str(folder), "--out", str(out), "--level", "16x",
+                            "--no-reconstructions"]) == 1
+    monkeypatch.setattr(encode_cli, "MAX_CHUNK_PIXELS", 1 << 26)
+  for name in SIZES:
+    np.testing.assert_array_equal(np.load(small / "latents" / f"{name}.npz")["latent"],
+                                  np.load(whole / "latents" / f"{name}.npz")["latent"])
