@@ -23,6 +23,8 @@ from cat_jax import cli
 from cat_jax import storage
 from cat_jax.data.latents import TOKENIZER_FILE
 
+MAX_CHUNK_PIXELS = 1 << 26  # decoded pixels held at a time (as encode's chunks): a chunk ends early at this many
+
 def build_parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(prog="python -m cat_jax.decode", description=__doc__,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                  f"the one encode recorded in <latents>/{TOKENIZER_FILE})")
   p.add_argument("--no-ema", action="store_true", help="raw parameters instead of the EMA (a training workdir)")
   p.add_argument("--batch-size", type=int, default=8)
-  p.add_argument("--chunk", type=int, default=256, help="latents decoded at a time")
+  p.add_argument("--chunk", type=int, default=256, help="latents decoded at a time (fewer when their images hold "
+                 f"more than {MAX_CHUNK_PIXELS / 1e6:.0f} megapixels)")
   p.add_argument("--no-restore-size", action="store_true",
                  help="write each image at the size it was encoded at, not its original size")
   return p
@@ -73,8 +76,7 @@ def _batches(path, chunk: int):
     yield [str(i) for i in range(len(latents))], latents, [None] * len(latents)
     return
   dataset = LatentDataset(path, labelled=False)
-  for start in range(0, len(dataset), chunk):
-    span = range(start, min(start + chunk, len(dataset)))
+  for span in _spans(dataset.rows, chunk):
     items, rows = [dataset[i] for i in span], [dataset.rows[i] for i in span]
     encoded = [tuple(row["encoded_size"]) if "encoded_size" in row else
                tuple(d * int(row["factor"]) for d in item["latent"].shape[:2]) for item, row in zip(items, rows)]
@@ -82,6 +84,21 @@ def _batches(path, chunk: int):
            Latents([item["latent"] for item in items], np.array([item["level"] for item in items]),
                    image_sizes=encoded, code_only=np.array([item["code_only"] for item in items])),
            [restored_size(row) for row in rows])
+
+
+def _spans(rows: list[dict], chunk: int, max_pixels: int | None = None):
+  """Index ranges of at most ``chunk`` rows whose images (``encoded_size``, else the latent grid times the factor)
+  hold at most ``max_pixels`` (default ``MAX_CHUNK_PIXELS``; at least one row each)."""
+  max_pixels = MAX_CHUNK_PIXELS if max_pixels is None else max_pixels
+  start, pixels = 0, 0
+  for i, row in enumerate(rows):
+    h, w = row["encoded_size"] if "encoded_size" in row else (d * int(row["factor"]) for d in row["latent_shape"][:2])
+    if i > start and (i - start >= chunk or pixels + h * w > max_pixels):
+      yield range(start, i)
+      start, pixels = i, 0
+    pixels += h * w
+  if start < len(rows):
+    yield range(start, len(rows))
 
 
 def _count(path) -> int:

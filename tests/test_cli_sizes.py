@@ -213,3 +213,16 @@ def test_chunks_are_bounded_in_pixels_at_native_sizes(folder, tmp_path, monkeypa
   for name in SIZES:
     np.testing.assert_array_equal(np.load(small / "latents" / f"{name}.npz")["latent"],
                                   np.load(whole / "latents" / f"{name}.npz")["latent"])
+  # decode's chunks, the same way: from the index's encoded sizes (or latent grids of older rows)
+  rows = [{"encoded_size": [100, 100]}, {"encoded_size": [70, 150]}, {"factor": 16, "latent_shape": [4, 4, 16]},
+          {"encoded_size": [200, 200]}, {"encoded_size": [10, 10]}]
+  assert [list(r) for r in decode_cli._spans(rows, 10, max_pixels=21_000)] == [[0, 1], [2], [3], [4]]  # noqa: SLF001
+  assert [list(r) for r in decode_cli._spans(rows, 2, max_pixels=1 << 26)] == [[0, 1], [2, 3], [4]]  # noqa: SLF001
+  monkeypatch.setattr(decode_cli, "MAX_CHUNK_PIXELS", 12_000)
+  assert decode_cli.main(["--latents", str(small), "--out", str(tmp_path / "d_small")]) == 0
+  monkeypatch.setattr(decode_cli, "MAX_CHUNK_PIXELS", 1 << 26)
+  assert decode_cli.main(["--latents", str(small), "--out", str(tmp_path / "d_whole")]) == 0
+  for name in SIZES:
+    png = name.rsplit(".", 1)[0] + ".png"
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "d_small" / png)),
+                                  np.asarray(Image.open(tmp_path / "d_whole" / png)))
