@@ -7,7 +7,8 @@ Reads ``index.jsonl`` and the latents it lists (npz files or array_record), deco
 ``<out>/<id>.png`` (the id's extension replaced) at the image's original size: the tokenizer's padding is cropped off
 (``encoded_size``), and an image ``encode`` resized on request is resized back (bicubic) to its ``original_size``
 (``--max-side``) or, for ``--image-size`` (a centre crop), to the square the crop covered in the original (its shorter
-side). ``--no-restore-size`` writes the encoded size instead. Images ``encode`` skipped are listed in its index and skipped here.
+side). ``--no-restore-size`` writes the encoded size instead. Images ``encode`` skipped are listed in its index and
+skipped here.
 A ``Latents.save`` file (``.npz``) decodes too: ``--latents file.npz`` writes ``<out>/<index>.png``.
 """
 
@@ -24,6 +25,7 @@ from cat_jax import storage
 from cat_jax.data.latents import TOKENIZER_FILE
 
 MAX_CHUNK_PIXELS = 1 << 26  # decoded pixels held at a time (as encode's chunks): a chunk ends early at this many
+
 
 def build_parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(prog="python -m cat_jax.decode", description=__doc__,
@@ -78,12 +80,17 @@ def _batches(path, chunk: int):
   dataset = LatentDataset(path, labelled=False)
   for span in _spans(dataset.rows, chunk):
     items, rows = [dataset[i] for i in span], [dataset.rows[i] for i in span]
-    encoded = [tuple(row["encoded_size"]) if "encoded_size" in row else
-               tuple(d * int(row["factor"]) for d in item["latent"].shape[:2]) for item, row in zip(items, rows)]
     yield ([item["id"] for item in items],
            Latents([item["latent"] for item in items], np.array([item["level"] for item in items]),
-                   image_sizes=encoded, code_only=np.array([item["code_only"] for item in items])),
+                   image_sizes=[_encoded_size(row) for row in rows], code_only=np.array([item["code_only"] for item in items])),
            [restored_size(row) for row in rows])
+
+
+def _encoded_size(row: dict) -> tuple[int, int]:
+  """The (height, width) an index row's image was encoded at (older rows: its latent grid times its factor)."""
+  if "encoded_size" in row:
+    return tuple(row["encoded_size"])
+  return tuple(d * int(row["factor"]) for d in row["latent_shape"][:2])
 
 
 def _spans(rows: list[dict], chunk: int, max_pixels: int | None = None):
@@ -92,7 +99,7 @@ def _spans(rows: list[dict], chunk: int, max_pixels: int | None = None):
   max_pixels = MAX_CHUNK_PIXELS if max_pixels is None else max_pixels
   start, pixels = 0, 0
   for i, row in enumerate(rows):
-    h, w = row["encoded_size"] if "encoded_size" in row else (d * int(row["factor"]) for d in row["latent_shape"][:2])
+    h, w = _encoded_size(row)
     if i > start and (i - start >= chunk or pixels + h * w > max_pixels):
       yield range(start, i)
       start, pixels = i, 0
