@@ -8,15 +8,17 @@ r"""Encodes images with a CAT checkpoint: latents (npz or array_record) and reco
 Images are encoded at their native size (the tokenizer pads each to a multiple of 32 and crops the result back),
 or resized on request: ``--image-size N`` (shorter side to N, centre crop N x N, as in training and the paper's
 evaluation) or ``--max-side N`` (longer side at most N, aspect kept). ``index.jsonl`` records each image's
-``original_size`` and ``encoded_size`` (height, width); ``python -m cat_jax.decode`` writes the original size back. ``--level``: a level in either spelling (index 0 / 1 / 2 or factor 8 / 16 / 32,
-``8x`` / ``16x`` / ``32x``) or ``auto``. Auto alone uses the tokenizer's calibrated default (``auto_levels`` in its
+``original_size`` and ``encoded_size`` (height, width); ``python -m cat_jax.decode`` writes the original size back.
+
+``--level``: a level in either spelling (index 0 / 1 / 2 or factor 8 / 16 / 32, ``8x`` / ``16x`` / ``32x``) or
+``auto``. Auto alone uses the tokenizer's calibrated default (``auto_levels`` in its
 config.json: its level predictor's, or JPEG's, thresholds at a token budget; the shipped ``demo`` ships a predictor;
 ``--thresholds`` replaces them); or each image's level comes from
 ``--manifest`` (ids are paths relative to the input folder, as ``python -m cat_jax.score --path`` writes them), from
 ``--scorer jpeg|mse`` with ``--thresholds LOW,HIGH`` (default: the inputs' score terciles, kept in
 ``thresholds.json`` so a rerun uses the same; mse is this checkpoint's own 32x reconstruction error), or from
 ``--target-psnr DB`` (the coarsest level whose reconstruction reaches it). An input the manifest lacks (its scoring
-failed, or it is new) is skipped and recorded like a bad file (``--strict`` refuses the run instead).
+failed, or it is new) is skipped and recorded with that reason (``--strict`` refuses the run instead).
 
 Real folders: a file that cannot be read or used (truncated, corrupt, smaller than 32 pixels a side, too large) is
 skipped and recorded in ``index.jsonl`` with the reason (checked before the manifest, so a bad file the manifest
@@ -27,7 +29,8 @@ chunk at a time, with a progress bar (rate, ETA). ``--out`` may be any etils.epa
 ``--format npz``.
 
 Outputs in ``--out``:
-  ``latents/<id>.npz``         (npz format) ``latent`` (H/f, W/f, C) float32, ``level``, ``factor``, ``image_size``;
+  ``latents/<id>.npz``         (npz format) ``latent`` (H/f, W/f, C) float32, ``level``, ``factor``, ``image_size``
+                               (the encoded (H, W));
   ``latents.array_record``     (array_record format) one record per image: the same npz, bytes (a resumed run
                                writes ``latents-<n>.array_record``; each row names its ``record_file``);
   ``reconstructions/<id>.png`` unless ``--no-reconstructions``;
