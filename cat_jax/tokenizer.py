@@ -571,7 +571,7 @@ class Tokenizer:
     for b, (level, idx, batch) in enumerate(self._buckets(items, level_arr)):
       key = None if rng is None else jax.random.fold_in(rng, b)
       z, kept = jax.device_get(self._encode_fn(self.params, self._put(batch), level=level, sample=key is not None,
-                                               keep_code=keep_code,
+                                               keep_code=keep_code, valid=self._real_sizes(batch, sizes, idx),
                                                rng=key if key is not None else jax.random.key(0)))
       f = L.FACTORS[level]
       for slot, i in enumerate(idx):  # the image's own grid (its bucket may be larger)
@@ -614,7 +614,8 @@ class Tokenizer:
     items = [_pad_to_multiple(x) for x in items]
     out: list[np.ndarray | None] = [None] * len(items)
     for level, idx, batch in self._buckets(items, level_arr):
-      x = np.asarray(self._reconstruct_fn(self.params, self._put(batch), level=level, keep_code=keep_code)[0])
+      x = np.asarray(self._reconstruct_fn(self.params, self._put(batch), level=level, keep_code=keep_code,
+                                          valid=self._real_sizes(batch, sizes, idx))[0])
       for slot, i in enumerate(idx):
         h, w = sizes[i]
         out[i] = np.clip(x[slot, :h, :w], -1.0, 1.0) if clip else x[slot, :h, :w]
@@ -641,6 +642,13 @@ class Tokenizer:
 
   def _put(self, batch: np.ndarray) -> jax.Array:
     return jax.device_put(batch, self._batch_sharding)
+
+  def _real_sizes(self, batch: np.ndarray, sizes: list, idx: list[int]) -> jax.Array:
+    """(rows, 2) (height, width) of each batch row's own pixels (its padding left out of the keep-code choice;
+    filler rows 0)."""
+    valid = np.zeros((batch.shape[0], 2), np.int32)
+    valid[:len(idx)] = [sizes[i] for i in idx]
+    return jax.device_put(valid, self._batch_sharding)
 
   def _bucket_shape(self, shape: tuple[int, ...], factor: int) -> tuple[int, ...]:
     """The shape an (H, W, C) image (``factor`` 1) or latent grid of a level (its factor) is computed at."""
@@ -715,8 +723,9 @@ def load_tokenizer(spec: str | os.PathLike, *, batch_size: int | None = None, st
   return Tokenizer.from_checkpoint(spec, step=step, use_ema=use_ema, batch_size=batch_size, config=config)
 
 
-def _encode(params, images, rng, *, level: int, sample: bool, keep_code: bool, model: NestedVAE):
-  """The level's latent grid and, per image, whether it is the patch code (see ``nested_vae.reconstruct``)."""
+def _encode(params, images, rng, valid=None, *, level: int, sample: bool, keep_code: bool, model: NestedVAE):
+  """The level's latent grid and, per image, whether it is the patch code (see ``nested_vae.reconstruct``; ``valid``:
+  each image's own (height, width) in the padded batch)."""
   variables = {"params": params}
   posterior = model.apply(variables, images, level, method=NestedVAE.encode)
   z = posterior.sample(rng) if sample else posterior.mode()
@@ -724,7 +733,7 @@ def _encode(params, images, rng, *, level: int, sample: bool, keep_code: bool, m
     return crop_latent(z, level), jnp.zeros(images.shape[:1], bool)
   learned = model.apply(variables, z, level, method=NestedVAE.decode)
   canvas, code = nested_vae.code_reconstruction(params, images, level, model=model)
-  _, code_only = nested_vae.closer_to(images, learned, code)
+  _, code_only = nested_vae.closer_to(images, learned, code, valid)
   return crop_latent(jnp.where(code_only[:, None, None, None], canvas, z), level), code_only
 
 

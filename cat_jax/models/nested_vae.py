@@ -538,28 +538,39 @@ class NestedVAE(nn.Module):
     return self.decode(z, level), posterior
 
 
-def closer_to(images: jax.Array, learned: jax.Array, code: jax.Array) -> tuple[jax.Array, jax.Array]:
+def closer_to(images: jax.Array, learned: jax.Array, code: jax.Array,
+              valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Per image, ``learned`` or ``code`` (two reconstructions of ``images``), whichever is closer after clipping to
-  [-1, 1] (mean squared error; a tie keeps the code). Returns ``(chosen, code_only)``, ``code_only`` (B,) bool."""
-  error = lambda y: jnp.mean(jnp.square(jnp.clip(y, -1.0, 1.0) - images), axis=(1, 2, 3))
+  [-1, 1] (mean squared error; a tie keeps the code). Returns ``(chosen, code_only)``, ``code_only`` (B,) bool.
+  ``valid`` (B, 2) int: the (height, width) of each image's own pixels, top left, when the rest is padding (the
+  tokenizer's): the error is measured on those only, so the padding never decides."""
+  if valid is None:
+    error = lambda y: jnp.mean(jnp.square(jnp.clip(y, -1.0, 1.0) - images), axis=(1, 2, 3))
+  else:
+    rows = jnp.arange(images.shape[1])[None, :] < valid[:, :1]
+    cols = jnp.arange(images.shape[2])[None, :] < valid[:, 1:]
+    mask = (rows[:, :, None] & cols[:, None, :])[..., None].astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(mask, axis=(1, 2, 3)) * images.shape[3], 1.0)
+    error = lambda y: jnp.sum(jnp.square(jnp.clip(y, -1.0, 1.0) - images) * mask, axis=(1, 2, 3)) / count
   code_only = error(code) <= error(learned)
   return jnp.where(code_only[:, None, None, None], code, learned), code_only
 
 
-def reconstruct(params, images: jax.Array, level, *, model: NestedVAE,
-                keep_code: bool = True) -> tuple[jax.Array, jax.Array]:
+def reconstruct(params, images: jax.Array, level, *, model: NestedVAE, keep_code: bool = True,
+                valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Posterior-mode reconstructions (unclipped) and, per image, whether it is the patch code's alone.
 
   With shortcuts and ``keep_code``, an image the learned path reconstructs worse than the fixed patch code it starts
   from keeps the code (``closer_to``: one bit per image, chosen at encode time, ``Latents.code_only``): flat and
   smooth images stay exact and unseen content the residual does not fit cannot fall below the no-learning start.
-  What the tokenizer returns and evaluation measures.
+  What the tokenizer returns and evaluation measures. ``valid``: each image's own (height, width) when it is padded
+  (``closer_to``).
   """
   recon, _ = model.apply({"params": params}, images, level)
   if not (keep_code and model.shortcuts):
     return recon, jnp.zeros(images.shape[:1], bool)
   _, code = code_reconstruction(params, images, level, model=model)
-  return closer_to(images, recon, code)
+  return closer_to(images, recon, code, valid)
 
 
 def code_reconstruction(params, images: jax.Array, level, *, model: NestedVAE) -> tuple[jax.Array, jax.Array]:
