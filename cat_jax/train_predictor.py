@@ -63,16 +63,17 @@ def quality_teacher(tokenizer: str, source, split: str, *, image_size: int, meas
                     ) -> dict[str, np.ndarray]:
   """{id: (3 * len(measures),)} ``tokenizer``'s reconstruction quality of every image of ``source`` at each level in
   each measure (measure-major: ``[m0@8x, m0@16x, m0@32x, m1@8x, ...]``, oriented so higher is better), measured once
-  into ``<workdir>/quality-<split>.npz`` (a rerun reuses it)."""
+  into ``<workdir>/quality-<split>.npz`` (a rerun with the same tokenizer, size and measures reuses it)."""
   from cat_jax.complexity.assign import quality_table
   from cat_jax.data import make_eval_iterator
   from cat_jax.tokenizer import load_tokenizer
 
   out = storage.as_path(workdir) / f"quality-{split}.npz"
   measures = list(measures)
+  setup = np.array([tokenizer, str(image_size), *measures])
   if out.exists():
     with np.load(out.open("rb")) as saved:
-      if list(saved["measures"]) == measures:
+      if "setup" in saved and saved["setup"].tolist() == setup.tolist():
         return dict(zip(saved["ids"].tolist(), saved["values"]))
   tok = load_tokenizer(tokenizer)
   logger.info("Measuring the teacher (%s's quality at every level in %s) on %d images", tokenizer,
@@ -88,7 +89,7 @@ def quality_teacher(tokenizer: str, source, split: str, *, image_size: int, meas
   values = np.concatenate(rows).astype(np.float32)
   if jax.process_index() == 0:
     with out.open("wb") as f:
-      np.savez(f, ids=np.array(ids), values=values, measures=np.array(measures))
+      np.savez(f, ids=np.array(ids), values=values, setup=setup)
   return dict(zip(ids, values))
 
 

@@ -65,6 +65,39 @@ def test_predictor_learns_its_teacher_far_past_the_majority_level(tmp_path):
   np.testing.assert_allclose(again.predict(images), predictor.predict(images), rtol=1e-6, atol=1e-6)
 
 
+def test_quality_predictor_learns_a_tokenizers_qualities_and_calibrates_its_price(tmp_path):
+  """--config.teacher=quality:demo: the trainer measures the demo's HaarPSI and PSNR at every level once (reused on a
+  rerun), learns them past the trivial prediction (every image the training mean), calibrates a price at which its
+  training images spend at most the fixed-16x tokens, and attaches as a price rule."""
+  from cat_jax import train_predictor
+  from cat_jax.complexity import allocation
+
+  config = load_config("predictor.py", "runlocal")
+  config.update_from_flattened_dict({
+      "teacher": "quality:demo", "data.source_kwargs": {"num_images": 256, "image_size": 64}, "data.image_size": 64,
+      "data.min_size": 64, "data.eval_images": 64, "batch_size": 32, "num_steps": 200, "optimizer.warmup_steps": 20,
+      "ema_decay": 0.9, "calibration_images": 256, "log_every": 100, "checkpoint_every": 200})
+  workdir = tmp_path / "qpred"
+  predictor = train_predictor.train_and_evaluate(config, str(workdir))
+  assert predictor.measures == ("haarpsi", "psnr") and predictor.price >= 0
+  assert (workdir / "quality-train.npz").exists() and (workdir / "quality-validation.npz").exists()
+  val = predictor.info["validation"]
+  # Measured: Spearman of what 16x -> 8x buys ~0.8 after 200 steps; the same level at the price on ~0.8 of images.
+  assert val["images"] == 64 and val["spearman_gain_16x_to_8x"] > 0.5 and val["level_at_price"] > 0.5, val
+  counts = np.array(predictor.info["calibration"]["level_counts"])
+  assert counts @ np.array([64, 16, 4]) / counts.sum() <= 16 + 1e-9
+  images, _ = _embedded(64)
+  predicted = predictor.predict_quality(images)
+  measured = Tokenizer.from_pretrained("demo").quality_table(images, ("haarpsi", "psnr"))
+  for m in ("haarpsi", "psnr"):  # far closer than predicting the mean for every image
+    assert np.mean((predicted[m] - measured[m]) ** 2) < 0.5 * np.mean((measured[m] - measured[m].mean(0)) ** 2), m
+  np.testing.assert_array_equal(predictor.levels(images), allocation.at_price(
+      predicted["haarpsi"], allocation.rate_table(64), predictor.price))
+  tok = Tokenizer.from_pretrained("demo")
+  assert tok.set_level_predictor(str(workdir))["rule"] == "price"
+  np.testing.assert_array_equal(tok.assign_levels(images, "auto"), predictor.levels(images))
+
+
 def test_demo_ships_its_predictor_for_knob_free_auto(tmp_path):
   """Tokenizer.from_pretrained("demo").encode(x, levels="auto"): each image the level its predicted HaarPSI earns at
   the shipped price per token; flat images 32x, noise textures 8x or 16x, and at native size a printed page and a
