@@ -83,7 +83,7 @@ def load_config_file(spec: str):
   return configs.load(spec)
 
 
-def _Head(source, n: int):  # noqa: N802 (reads as the class it returns)
+def _first(source, n: int):
   """The first ``n`` records of a source."""
   from cat_jax.data import Subset
   return Subset(source, range(min(int(n), len(source))))
@@ -665,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.num_images is not None:
       if args.num_images < 1:
         raise ValueError("--num-images must be >= 1")
-      source = _Head(source, args.num_images)
+      source = _first(source, args.num_images)
     if args.scorers is None:
       scorers = (["random", "jpeg", "mse"] + (["grade"] if hasattr(source, "kind") else []) +
                  (["predictor"] if tok.level_predictor is not None else []))

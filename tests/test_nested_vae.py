@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from cat_jax import levels as L
+from cat_jax.models import cpu_conv
 from cat_jax.models import nested_vae as nv
 from conftest import load_config
 
@@ -120,18 +121,18 @@ def test_convolution_gradients_in_canonical_order_equal_lax(kernel, padding):
   rng = np.random.RandomState(kernel)
   x = jnp.asarray(rng.randn(2, 7, 6, 5), jnp.float32)
   w = jnp.asarray(rng.randn(kernel, kernel, 5, 4), jnp.float32)
-  g = jnp.asarray(rng.randn(*jax.eval_shape(lambda: nv.conv_general_dilated(
+  g = jnp.asarray(rng.randn(*jax.eval_shape(lambda: cpu_conv.conv_general_dilated(
       x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))).shape), jnp.float32)
 
   def grads(conv):
     out, vjp = jax.vjp(lambda x, w: conv(x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")), x, w)
     return (out, *vjp(g))
 
-  ours, ref = grads(nv.conv_general_dilated), grads(jax.lax.conv_general_dilated)
+  ours, ref = grads(cpu_conv.conv_general_dilated), grads(jax.lax.conv_general_dilated)
   for a, b in zip(ours, ref):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   # On CPU the custom gradient is the one used; a strided convolution keeps lax's.
-  jaxpr = lambda strides: str(jax.make_jaxpr(jax.grad(lambda x: nv.conv_general_dilated(
+  jaxpr = lambda strides: str(jax.make_jaxpr(jax.grad(lambda x: cpu_conv.conv_general_dilated(
       x, w, strides, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")).sum()))(x))
   assert "custom_vjp" in jaxpr((1, 1)) and "custom_vjp" not in jaxpr((2, 2))
 

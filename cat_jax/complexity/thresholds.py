@@ -41,12 +41,7 @@ def parse_thresholds(text: str) -> Thresholds:
 
 def level_for_score(score: float, thresholds: Sequence[float] = DEFAULT_LLM_THRESHOLDS) -> int:
   """Level index of a score: 2 (32x) if ``score <= low``, 1 (16x) if ``score <= high``, else 0 (8x)."""
-  low, high = check_thresholds(thresholds)
-  if score <= low:
-    return 2
-  if score <= high:
-    return 1
-  return 0
+  return int(levels_for_scores([score], thresholds)[0])
 
 
 def levels_for_scores(scores: Sequence[float], thresholds: Sequence[float]) -> np.ndarray:
