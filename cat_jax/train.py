@@ -34,7 +34,7 @@ from cat_jax.losses.reconstruction import log_mse_loss, reconstruction_loss
 from cat_jax.metrics import image_quality
 from cat_jax.metrics.baselines import area_bicubic, dct_code
 from cat_jax.models.discriminator import PatchDiscriminator
-from cat_jax.models import parse_dtype
+from cat_jax.models import with_dtypes
 from cat_jax.models.nested_vae import NestedVAE, build_model, init_params, reconstruct
 
 logger = logging.getLogger("cat_jax.train")
@@ -76,9 +76,7 @@ def make_optimizers(config) -> tuple[optax.GradientTransformation, optax.Gradien
 def make_discriminator(config) -> PatchDiscriminator:
   """``PatchDiscriminator(**config.disc)``, dtype names ('bfloat16') accepted."""
   kwargs = dict(config.disc)
-  for key in ("dtype", "param_dtype"):
-    if key in kwargs:
-      kwargs[key] = parse_dtype(kwargs[key], f"disc.{key}")
+  kwargs = with_dtypes(kwargs, "disc")
   return PatchDiscriminator(**kwargs)
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cat_jax import levels as L
-from cat_jax.models import parse_dtype
+from cat_jax.models import with_dtypes
 
 # hidden size, depth, attention heads (DiT paper, Table 1), plus two CPU-sized ones.
 SIZES = {
@@ -170,9 +170,7 @@ def build_dit(model_config) -> DiT:
     if size not in SIZES:
       raise ValueError(f"model.size must be one of {sorted(SIZES)}, got {size!r}")
     kwargs = {**SIZES[size], **kwargs}
-  for key in ("dtype", "param_dtype"):
-    if key in kwargs:
-      kwargs[key] = parse_dtype(kwargs[key], f"model.{key}")
+  kwargs = with_dtypes(kwargs, "model")
   return DiT(**kwargs)
 
 

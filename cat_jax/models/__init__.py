@@ -13,3 +13,9 @@ def parse_dtype(value, key: str):
   if value not in DTYPES:
     raise ValueError(f"{key} must be one of {sorted(DTYPES)}, got {value!r}")
   return DTYPES[value]
+
+
+def with_dtypes(kwargs: dict, prefix: str) -> dict:
+  """``kwargs`` (a module's config) with its ``dtype`` and ``param_dtype`` names parsed (``parse_dtype``); errors name
+  ``<prefix>.<key>``."""
+  return {k: parse_dtype(v, f"{prefix}.{k}") if k in ("dtype", "param_dtype") else v for k, v in kwargs.items()}

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from cat_jax import levels as L
-from cat_jax.models import parse_dtype, patch_code
+from cat_jax.models import patch_code, with_dtypes
 from cat_jax.models.cpu_conv import conv_general_dilated
 
 Dtype = Any
@@ -553,9 +553,7 @@ def _is_static_int(level) -> bool:
 def build_model(model_config) -> NestedVAE:
   """``NestedVAE(**model_config)``, accepting a ConfigDict or dict and dtype names like 'bfloat16'."""
   kwargs = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
-  for key in ("dtype", "param_dtype"):
-    if key in kwargs:
-      kwargs[key] = parse_dtype(kwargs[key], f"model.{key}")
+  kwargs = with_dtypes(kwargs, "model")
   for key in ("ch_mult", "logvar_range"):
     if key in kwargs:
       kwargs[key] = tuple(kwargs[key])
