@@ -139,7 +139,7 @@ def test_per_level_metrics_use_that_levels_reconstructions(workdir, tmp_path):
     return (0.9 * images if level == 2 else recon), code_only
 
   tampered._reconstruct_fn = tampered_reconstruct
-  source = E._Head(get_source("embedded", "validation", num_images=48, image_size=32), 12)
+  source = E._first(get_source("embedded", "validation", num_images=48, image_size=32), 12)
   kwargs = dict(dataset="embedded", image_size=32, scorers=["grade"], num_grid_images=2)
   good = E.run_evaluation(tok, source, out_dir=tmp_path / "good", **kwargs)["rows"]
   bad = E.run_evaluation(tampered, source, out_dir=tmp_path / "bad", **kwargs)["rows"]
@@ -155,7 +155,7 @@ def test_per_level_metrics_use_that_levels_reconstructions(workdir, tmp_path):
 
 def test_baseline_rows_intervals_per_kind_and_compared_tokenizers(workdir, tmp_path):
   tok = Tokenizer.from_checkpoint(workdir)
-  source = E._Head(get_source("embedded", "validation", num_images=48, image_size=32), 16)
+  source = E._first(get_source("embedded", "validation", num_images=48, image_size=32), 16)
   results = E.run_evaluation(tok, source, out_dir=tmp_path, dataset="embedded", image_size=32, scorers=[],
                              num_grid_images=2, compare={"same_at_16x": (tok, "16x")}, bootstrap=200)
   rows = results["rows"]
@@ -203,7 +203,7 @@ def test_an_untrained_shortcut_model_is_the_dct_code_row(tmp_path):
                     shortcuts=True, norm="rms")
   params = jax.jit(lambda rng: init_params(model, rng, image_size=32))(jax.random.key(0))  # faster than eager
   tok = Tokenizer(model, params, batch_size=8)
-  source = E._Head(get_source("embedded", "validation", num_images=48, image_size=32), 8)
+  source = E._first(get_source("embedded", "validation", num_images=48, image_size=32), 8)
   rows = E.run_evaluation(tok, source, out_dir=tmp_path, dataset="embedded", image_size=32, scorers=[],
                           num_grid_images=0, bootstrap=0)["rows"]
   for f in (8, 16, 32):
