@@ -248,11 +248,12 @@ def finish_quality(params, config, workdir: str, source, values_of: dict[str, np
                                               "std": [float(v) for v in stats[1]]})
   budget = float(config.budget_tokens or L.num_tokens((size, size), 1))
   ids, images = source_images(source, config.calibration_images, size, min_size=config.data.min_size)
-  predicted = predictor.predict_quality(images)[measures[0]]
+  table = predictor.predict_quality(images)
+  predicted = table[measures[0]]
   predictor.price = allocation.calibrate_price(predicted, allocation.rate_table(len(ids)), budget,
                                                allocation.tokens_table([(size, size)] * len(ids)))
   predictor.budget_tokens = budget
-  levels = predictor.levels(images)
+  levels = predictor.levels(images, qualities=table)  # the price is set now; the predictions are the same
 
   def agreement(ids, predicted):
     measured = np.stack([values_of_all[i][:3] for i in ids])
