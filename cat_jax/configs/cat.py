@@ -15,6 +15,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "imagenet"
   if variant not in ("imagenet", "demo", "runlocal", "sd3", "sdxl"):
     raise ValueError(f"unknown config variant {variant!r}; use imagenet (default), demo, runlocal, sd3 or sdxl")
+  # Why the demo's values are what they are, and the runs that measured them: docs/tokenizer_quality.md.
   c = ml_collections.ConfigDict()
   c.variant = variant
   c.seed = 0
@@ -98,13 +99,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   source_kwargs={"num_images": 2000, "image_size": 64}, min_size=64)
     # Every level on every image: evaluation (and a newcomer) runs every level on every image, and the embedded
     # data needs no scores. The paper's mode is data.level_mode='content' (configs/reproduce.py trains both).
-    # Half the batches at 8x: what the 8x path learns reaches 16x and 32x through the shared trunk (run X).
+    # Half the batches at 8x: what the 8x path learns reaches 16x and 32x through the shared trunk (+0.35 / +0.08 /
+    # -0.02 dB on content at 8x / 16x / 32x against equal thirds at the same steps).
     c.data.update(level_mode="all", level_weights="2,1,1")
-    # Steps per level are what learning past the code needs at this size (runs S, Q, W): batch 8 costs ~0.6x a
-    # batch of 16 and learns more per second (run P0).
+    # The gain past the DCT code grows with the steps each level gets (one level's 1,000 steps: +2.0 dB at 8x; a
+    # third of them each: +0.7 to +0.9) and 4,800 steps (2,400 / 1,200 / 1,200 per level) fit the demo's ~12 CPU
+    # minutes because a batch of 8 costs ~0.6x a batch of 16 per step.
     c.batch_size = 8
     c.num_steps = 4_800
-    # An autoencoder fit: Adam's usual betas (docs/tokenizer_quality.md, runs 0 and A).
+    # An autoencoder fit without a GAN: Adam's usual betas, not the GAN's (0.5, 0.9), which with the early
+    # discriminator and content-only levels cost ~1 dB.
     c.optimizer.update(lr=1e-3, d_lr=1e-4, b1=0.9, b2=0.99, warmup_steps=100, weight_decay=0.0)
     c.ema_decay = 0.99
     # No LPIPS by default: its VGG16 weights cannot be downloaded here. With converted weights, add
@@ -114,7 +118,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.update(lpips_weight=0.0, disc_start=10**9, gan_weight=0.1, kl_weight=1e-6)
     # L2 learns past the DCT code where L1 does not (+0.7 to +0.9 dB on content images in 1,000 steps, L1 ~0). It
     # costs the images the code already reproduces exactly (flat, gradients: -5 to -8 dB through the learned path);
-    # the tokenizer keeps the code for those, so no log-MSE term holds the residuals back (run P0 vs P).
+    # the tokenizer keeps the code for those, so no log-MSE term holds the residuals back (without one every level
+    # gains +0.2 to +0.3 dB more on content).
     c.loss.update(recon="l2", log_mse_weight=0.0)
     c.disc.update(base_channels=16, num_layers=2)
     c.log_every = 100
