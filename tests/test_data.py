@@ -324,12 +324,14 @@ def test_fixed_level_weights_and_forced_level(demo_source):
   it = train_iter(demo_source, 0, 1, level_weights=[1.0, 0.0, 3.0])
   levels = [int(next(it)["level"]) for _ in range(16)]
   assert Counter(levels) == {0: 4, 2: 12}
-  forced = train_iter(demo_source, 0, 1, level_weights=1)
+  forced = train_iter(demo_source, 0, 1, levels=1)
   batches = [next(forced) for _ in range(12)]
   assert {int(b["level"]) for b in batches} == {1}
   assert {i for b in batches for i in b["id"]} == set(demo_source.ids())
   with pytest.raises(ValueError, match="no images"):
     train_iter(demo_source, 0, 1, levels=2, level_weights=[1, 1, 0])
+  with pytest.raises(ValueError, match="levels="):  # one level for all is levels=, not a weight
+    train_iter(demo_source, 0, 1, level_weights=1)
   with pytest.raises(ValueError, match="process_index"):
     train_iter(demo_source, 2, 2)
 

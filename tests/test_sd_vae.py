@@ -270,7 +270,7 @@ def test_warm_start_reproduces_the_source_at_8x_and_trains_only_the_new_stages(s
   vae, converted, config = small
   c = _warm_config(converted, config, freeze_pretrained_steps=-1, num_steps=2)
   # Every training batch at 16x (the runlocal default is a str); the evaluation at 8x only, the level compared below.
-  c.data = dict(c.data.to_dict(), level_weights=1, eval_levels="8x")
+  c.data = dict(c.data.to_dict(), levels="16x", eval_levels="8x")
   state = T.train_and_evaluate(c, str(tmp_path))
   assert int(state.step) == 2
   loaded = weights.read_params(converted)

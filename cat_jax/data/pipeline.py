@@ -62,7 +62,7 @@ from cat_jax.levels import NUM_LEVELS, parse_level
 
 logger = logging.getLogger(__name__)
 
-LevelWeights = None | str | int | Sequence[float]
+LevelWeights = None | str | Sequence[float]
 LEVEL_MODES = ("content", "all")
 _SKIPPED = "_skipped"  # Batch key carrying bad-image reasons from workers to the reporter.
 _NOTE_SEP = "\x00"  # Joins a training element's bad-image reasons into one string (batched as an array).
@@ -214,12 +214,12 @@ def _proportions(levels: np.ndarray, level_weights: LevelWeights) -> list[float]
     try:
       level_weights = [float(w) for w in level_weights.split(",")]
     except ValueError:
-      raise ValueError(f"level_weights must be 'proportional', a level or {NUM_LEVELS} weights (e.g. '2,1,1'), "
+      raise ValueError(f"level_weights must be 'proportional' or {NUM_LEVELS} weights (e.g. '2,1,1'), "
                        f"got {level_weights!r}") from None
-  weights = [float(w) for w in level_weights]
+  weights = [float(w) for w in np.atleast_1d(level_weights)]
   if len(weights) != NUM_LEVELS or any(w < 0 or not math.isfinite(w) for w in weights) or not any(weights):
     raise ValueError(f"level_weights must be {NUM_LEVELS} non-negative weights (levels 0, 1, 2 "
-                     f"= 8x, 16x, 32x), not all zero; got {level_weights!r}")
+                     f"= 8x, 16x, 32x), not all zero; got {level_weights!r} (one level for every image: levels=)")
   empty = [l for l in range(NUM_LEVELS) if weights[l] > 0 and counts[l] == 0]
   if empty:
     raise ValueError(f"level_weights give weight to level(s) {empty} that have no images "
@@ -255,8 +255,7 @@ def make_train_dataset(source: Any, *, levels: Mapping[str, int] | int | str | N
     process_index, process_count: this process's part of every global batch (default: jax's).
     num_workers: grain worker processes (0: threads in this process).
     level_weights: None or 'proportional' (levels drawn in proportion to their image
-      counts), three weights for levels 0/1/2 (fixed mix), or an int level: every image at
-      that level (a fixed-rate baseline; same as ``levels=<int>``).
+      counts), or three weights for levels 0/1/2 (fixed mix). A fixed-rate baseline is ``levels=<int>``.
     min_size, max_pixels, on_bad_image: see ``PreprocessConfig``.
     read_threads, prefetch_batches: threads and buffered batches per process/worker.
     level_mode: 'content' (the paper's): each image only at its own level; 'all': every level draws from every
@@ -271,8 +270,6 @@ def make_train_dataset(source: Any, *, levels: Mapping[str, int] | int | str | N
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   pi, pc = process_index_and_count(process_index, process_count)
-  if isinstance(level_weights, (int, np.integer)) and not isinstance(level_weights, bool):
-    levels, level_weights = parse_level(int(level_weights)), None
   if level_mode not in LEVEL_MODES:
     raise ValueError(f"level_mode must be one of {LEVEL_MODES}, got {level_mode!r}")
   if level_mode == "all" and levels is not None:
