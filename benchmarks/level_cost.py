@@ -2,11 +2,11 @@
 
 Measured on the shipped ``demo`` tokenizer (or ``--tokenizer``) and embedded validation images at its training size:
   encode             ``tok.encode(x, "16x")``: the reference
-  jpeg               the JPEG scorer alone (bits per pixel), one image at a time as ``score --method jpeg`` runs it
+  jpeg               the JPEG scorer alone (bits per pixel) on the prepared batch, as ``--level auto --scorer jpeg``
   predictor          the tokenizer's level predictor on the whole batch (what knob-free ``levels="auto"`` runs)
   predictor_each     the predictor one image at a time, as ``score --method predictor`` runs it
   auto               ``tok.assign_levels(x, "auto")``: the tokenizer's calibrated default, if it has one
-  target_psnr        ``tok.assign_levels(x, "auto", target_psnr=P)``: the exact search (32x, then 16x for misses)
+  target_psnr        ``tok.assign_levels(x, LevelAssigner(target_psnr=P))``: the exact search (32x, 16x, 8x for misses)
 Each is run ``--repeats`` times after a warm-up; the figure is the median images/s with its range, and
 ``over_encode`` the ratio of its time per image to the encode's (lower is cheaper).
 
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from cat_jax.complexity.assign import score_images  # noqa: E402
+from cat_jax.complexity.assign import LevelAssigner, score_images  # noqa: E402
 from cat_jax.complexity.predictor import PredictorScorer  # noqa: E402
 from cat_jax.complexity.scorers import JpegScorer  # noqa: E402
 from cat_jax.data.preprocess import from_model_range  # noqa: E402
@@ -64,7 +64,7 @@ def main() -> None:
     scorer = PredictorScorer(tok.level_predictor, image_size=None)
     runs["predictor"] = lambda: tok.level_predictor.predict(x)
     runs["predictor_each"] = lambda: [scorer.score({"id": i, "image": u}) for i, u in zip(ids, x_uint8)]
-  runs["target_psnr"] = lambda: tok.assign_levels(x, "auto", target_psnr=args.target_psnr)
+  runs["target_psnr"] = lambda: tok.assign_levels(x, LevelAssigner(target_psnr=args.target_psnr))
   if tok.auto_levels is not None:
     runs["auto"] = lambda: tok.assign_levels(x, "auto")
   reference = None
@@ -76,7 +76,7 @@ def main() -> None:
             "images_per_s_range": [round(len(x) / max(seconds), 1), round(len(x) / min(seconds), 1)],
             "over_encode": round(per_image / reference, 3)}
     if name == "target_psnr":
-      levels = tok.assign_levels(x, "auto", target_psnr=args.target_psnr)
+      levels = tok.assign_levels(x, LevelAssigner(target_psnr=args.target_psnr))
       line.update(target_psnr=args.target_psnr, level_counts=np.bincount(levels, minlength=3).tolist())
     print(json.dumps(line), flush=True)
 

@@ -11,9 +11,9 @@ evaluation) or ``--max-side N`` (longer side at most N, aspect kept). ``index.js
 ``original_size`` and ``encoded_size`` (height, width); ``python -m cat_jax.decode`` writes the original size back.
 
 ``--level``: a level in either spelling (index 0 / 1 / 2 or factor 8 / 16 / 32, ``8x`` / ``16x`` / ``32x``) or
-``auto``. Auto alone uses the tokenizer's calibrated default (``auto_levels`` in its
-config.json: its level predictor's, or JPEG's, thresholds at a token budget; the shipped ``demo`` ships a predictor;
-``--thresholds`` replaces them); or each image's level comes from
+``auto``. Auto alone uses the tokenizer's calibrated default (``auto_levels`` in its config.json, ``Tokenizer.
+auto_assigner``: the shipped ``demo``'s quality predictor prices what more tokens buy each image; a threshold rule's
+thresholds, which ``--thresholds`` replaces); or each image's level comes from
 ``--manifest`` (ids are paths relative to the input folder, as ``python -m cat_jax.score --path`` writes them), from
 ``--scorer jpeg|mse`` with ``--thresholds LOW,HIGH`` (default: the inputs' score terciles, kept in
 ``thresholds.json`` so a rerun uses the same; mse is this checkpoint's own 32x reconstruction error), or from
@@ -47,6 +47,7 @@ import json
 import os
 import pathlib
 import sys
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -206,12 +207,10 @@ def _level_assigner(args, tok, out, files, sizing):
     if tok.auto_levels is None:
       raise ValueError("--level auto needs --manifest PATH, --scorer jpeg|mse or --target-psnr DB: this tokenizer "
                        "ships no calibrated default (auto_levels in its config.json)")
-    from cat_jax.complexity.assign import auto_assigner
     from cat_jax.complexity.thresholds import parse_thresholds
-    return auto_assigner(tok.auto_levels, predictor=tok.level_predictor,
-                         thresholds=parse_thresholds(args.thresholds) if args.thresholds else None)
+    return tok.auto_assigner(thresholds=parse_thresholds(args.thresholds) if args.thresholds else None)
   if args.target_psnr is not None:
-    return LevelAssigner(target_psnr=args.target_psnr, reconstruct=lambda x, level: tok.reconstruct(x, level))
+    return LevelAssigner(target_psnr=args.target_psnr)
   if args.manifest:
     assign = LevelAssigner(manifest=args.manifest)
     if args.strict:
@@ -328,10 +327,11 @@ def encode_folder(args, tok, out, files, sizing) -> dict:
         originals.append(original)
         ids.append(image_id)
       if ids:
-        assignment = level_of.assign(ids, images)
-        missed = assignment.missed_target if assignment.missed_target is not None else np.zeros(len(ids), bool)
+        with warnings.catch_warnings():  # counted and reported once at the end
+          warnings.filterwarnings("ignore", ".*reach the quality target")
+          latents = tok.encode(images, level_of, ids=ids, keep_code=False if args.no_keep_code else None)
+        missed = latents.missed_target if latents.missed_target is not None else np.zeros(len(ids), bool)
         counts["missed_target"] += int(missed.sum())
-        latents = tok.encode(images, assignment.levels, keep_code=False if args.no_keep_code else None)
         recons = tok.decode(latents) if writer.reconstructions else [None] * len(ids)
         for image_id, latent, level, recon, code_only, image, original, miss in zip(
             ids, latents.values, latents.levels, recons, latents.code_only_flags(), images, originals, missed):

@@ -225,11 +225,11 @@ def _allocation_rows(tables, predicted, ids: Sequence[str], budget: float, image
   rows += [_Row(f"budget:rd:{m}", dict(zip(ids, allocation.best_within_budget(p, tokens, budget).tolist())),
                 f"the best mean {m} at {budget:g} mean tokens by the level predictor's predicted qualities")
            for m, p in predicted.items() if m in tables]
-  auto = tok.auto_levels or {}
-  if auto.get("rule") == "price" and auto.get("measure") in predicted:
-    levels = allocation.at_price(predicted[auto["measure"]], allocation.rate_table(len(ids)), auto["price"])
+  auto = tok.auto_levels
+  if auto is not None and auto.rule == "price" and auto.measure in predicted:  # the predictions made in the pass
+    levels = tok.auto_assigner().from_qualities(predicted, [image_hw] * len(ids)).levels
     rows.append(_Row("auto", dict(zip(ids, levels.tolist())), f"the tokenizer's levels='auto': predicted "
-                     f"{auto['measure']} less {auto['price']:.3g} per token per 256x256 pixels, per image"))
+                     f"{auto.measure} less {auto.price:.3g} per token per 256x256 pixels, per image"))
   return rows
 
 
@@ -306,9 +306,7 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
   the whole distribution), so the model's per-level measurements are kept and those rows are added after the pass:
   with Inception weights that is 4 x 2048 float32 per image (~32 KiB; 1.6 GiB for 50,000 images).
   """
-  from PIL import Image
-
-  from cat_jax.complexity.scorers import jpeg_bpp
+  from cat_jax.complexity.scorers import JpegScorer, reconstruction_mse
   from cat_jax.data import load_levels, make_eval_iterator, source_ids
   from cat_jax.data.preprocess import from_model_range
   from cat_jax.metrics.baselines import area_bicubic, dct_code
@@ -441,10 +439,9 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
       for m in predicts:
         predicted[m].append(table[m])
     if "jpeg" in scores:
-      scores["jpeg"].update((i, jpeg_bpp(Image.fromarray(from_model_range(x)))) for i, x in zip(batch_ids, originals))
-    if "mse" in scores:  # the 32x reconstruction's error: the cheap measure needs the coarsest level only
-      scores["mse"].update((i, float(np.mean(((y - x) / 2.0) ** 2)))
-                           for i, x, y in zip(batch_ids, originals, recons[L.NUM_LEVELS - 1]))
+      scores["jpeg"].update(zip(batch_ids, JpegScorer(image_size=None).scores(from_model_range(originals))))
+    if "mse" in scores:  # the 32x reconstruction's error (MseScorer.of_tokenizer): made above already
+      scores["mse"].update(zip(batch_ids, reconstruction_mse(originals, recons[L.NUM_LEVELS - 1]).tolist()))
     if "predictor" in scores:
       scores["predictor"].update(zip(batch_ids, tok.level_predictor.predict(originals).tolist()))
     take = num_grid_images - len(grid[0])

@@ -2,13 +2,16 @@
 
   tok = cat_jax.Tokenizer.from_checkpoint("/path/to/workdir")          # EMA params, any device count
   latents = tok.encode(images, levels=1)                               # every image at 16x
-  latents = tok.encode(images, levels="auto", manifest="scores.jsonl", ids=ids)   # from a score manifest
-  latents = tok.encode(images, levels="auto", scorer=JpegScorer(), thresholds=(0.8, 2.0))
+  latents = tok.encode(images, levels="auto")                          # the tokenizer's knob-free choice
+  latents = tok.encode(images, LevelAssigner(manifest="scores.jsonl"), ids=ids)   # from a score manifest
+  latents = tok.encode(images, LevelAssigner(scorer=JpegScorer(), thresholds=(0.8, 2.0)))
   images = tok.decode(latents)                                         # same order as the input
 
 Levels are indices (``cat_jax.levels``): 0 = 8x, 1 = 16x, 2 = 32x; every ``levels=`` argument also takes the factor
-spelling (8 / 16 / 32, '8x' / '16x' / '32x'). ``Latents.levels`` holds indices. ``Latents.values[i]`` is image i's
-own latent grid ``(H / f, W / f, C)`` (the posterior mean, or a sample with ``rng``), not the model's 8x canvas.
+spelling (8 / 16 / 32, '8x' / '16x' / '32x'); every other way of choosing is a ``complexity.assign.LevelAssigner``
+(``LevelAssigner(target_psnr=30)``, ``tok.auto_assigner(budget_tokens=N)``, ...). ``Latents.levels`` holds indices.
+``Latents.values[i]`` is image i's own latent grid ``(H / f, W / f, C)`` (the posterior mean, or a sample with
+``rng``), not the model's 8x canvas.
 
 Inputs (``as_model_images``): a batch array (N, H, W, C), a list of images, one PIL image or one file path; each
 image a PIL image, a path, or an array in the convention of ``cat_jax.data.preprocess``: uint8 [0, 255], uint16, or
@@ -230,6 +233,8 @@ class Tokenizer:
     config: the run's config (informational; ``from_checkpoint`` sets it).
     level_predictor: a ``cat_jax.complexity.predictor.LevelPredictor`` for knob-free ``levels="auto"`` (see
       ``set_level_predictor``; ``from_pretrained`` loads the one a folder ships).
+    auto_levels: the knob-free ``levels="auto"`` (``complexity.assign.AutoLevels``; default: ``config``'s
+      ``auto_levels``); ``save_pretrained`` writes it into ``config.json``.
     keep_code: per image, keep the fixed DCT patch code the model starts from when the learned path reconstructs
       the image worse (one bit per image, ``Latents.code_only``; ``nested_vae.reconstruct``). Default: on for
       models with shortcuts (the only ones with a patch code). It costs ``encode`` one decode.
@@ -240,7 +245,9 @@ class Tokenizer:
   def __init__(self, model: NestedVAE, params: Any, *, batch_size: int | None = None,
                mesh: jax.sharding.Mesh | None = None, step: int | None = None, config: Any = None,
                max_batch_pixels: int = MAX_BATCH_PIXELS, level_predictor: Any = None,
-               keep_code: bool | None = None, shape_buckets: bool = True):
+               keep_code: bool | None = None, shape_buckets: bool = True, auto_levels: Any = None):
+    from cat_jax.complexity.assign import AutoLevels
+
     self.model = model
     self.shape_buckets = bool(shape_buckets)
     self.keep_code = bool(model.shortcuts)  # the default, then the argument (checked)
@@ -258,6 +265,8 @@ class Tokenizer:
     self.params = jax.device_put(params, self._replicated)
     self.step = step
     self.config = config
+    saved = config.get("auto_levels") if auto_levels is None and hasattr(config, "get") else None
+    self.auto_levels: AutoLevels | None = AutoLevels.from_dict(saved) if saved is not None else auto_levels
     self._encode_fn = jax.jit(functools.partial(_encode, model=model),
                               static_argnames=("level", "sample", "keep_code"), out_shardings=self._batch_sharding)
     self._decode_fn = jax.jit(functools.partial(_decode, model=model), static_argnames=("level",),
@@ -330,12 +339,12 @@ class Tokenizer:
     model = build_model(config.model)
     params = weights.read_params(path)
     check_params_match(model, params, f"{path}")
-    predictor = None
-    if (config.get("auto_levels") or {}).get("scorer") == "predictor":
+    tok = cls(model, jax.tree.map(jnp.asarray, params), batch_size=batch_size, mesh=mesh, step=config.get("step"),
+              config=config)
+    if tok.auto_levels is not None and tok.auto_levels.scorer == "predictor":
       from cat_jax.complexity.predictor import LevelPredictor
-      predictor = LevelPredictor.load(path)
-    return cls(model, jax.tree.map(jnp.asarray, params), batch_size=batch_size, mesh=mesh,
-               step=config.get("step"), config=config, level_predictor=predictor)
+      tok.level_predictor = LevelPredictor.load(path)
+    return tok
 
   def export_config(self) -> dict[str, Any]:
     """The run's config as a dict, with the model's actual fields and the step (what ``config.json`` holds)."""
@@ -343,6 +352,9 @@ class Tokenizer:
     config["model"] = {k: getattr(self.model, k) for k in _MODEL_FIELDS}
     config["model"].update(dtype=jnp.dtype(self.model.dtype).name, param_dtype=jnp.dtype(self.model.param_dtype).name)
     config["step"] = self.step
+    config.pop("auto_levels", None)
+    if self.auto_levels is not None:
+      config["auto_levels"] = self.auto_levels.to_dict()
     return config
 
   def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -362,7 +374,8 @@ class Tokenizer:
     """The same tokenizer with other parameters (e.g. raw vs EMA)."""
     return Tokenizer(self.model, params, batch_size=self.batch_size, mesh=self.mesh, step=self.step,
                      config=self.config, max_batch_pixels=self.max_batch_pixels,
-                     level_predictor=self.level_predictor, keep_code=self.keep_code, shape_buckets=self.shape_buckets)
+                     level_predictor=self.level_predictor, keep_code=self.keep_code, shape_buckets=self.shape_buckets,
+                     auto_levels=self.auto_levels)
 
   @property
   def image_size(self) -> int | None:
@@ -382,26 +395,8 @@ class Tokenizer:
       return None
     return scaling.to_dict() if hasattr(scaling, "to_dict") else dict(scaling)
 
-  @property
-  def auto_levels(self) -> dict[str, Any] | None:
-    """The knob-free ``levels="auto"`` this tokenizer ships (``config.json``'s ``auto_levels``: a scorer, the level
-    predictor or JPEG, and thresholds calibrated to a token budget), or None."""
-    block = self.config.get("auto_levels") if hasattr(self.config, "get") else None
-    if block is None:
-      return None
-    return block.to_dict() if hasattr(block, "to_dict") else dict(block)
-
-  def _set_auto_levels(self, block: dict[str, Any]) -> None:
-    if self.config is None:
-      self.config = {}
-    if hasattr(self.config, "unlocked"):  # a locked ConfigDict
-      with self.config.unlocked():
-        self.config["auto_levels"] = block
-    else:
-      self.config["auto_levels"] = block
-
   def calibrate_auto_levels(self, images: ImagesLike, *, image_size: int | None = None,
-                            budget_tokens: float | None = None) -> dict[str, Any]:
+                            budget_tokens: float | None = None):
     """Sets (and returns) ``auto_levels`` from ``images``, a sample of what it will tokenize: thresholds on the level
     predictor's scores (JPEG bits per pixel without one) at ``image_size`` (default the predictor's, else the
     training size) such that they average ``budget_tokens`` (default: fixed 16x). ``save_pretrained`` keeps it."""
@@ -410,36 +405,27 @@ class Tokenizer:
     size = image_size or (self.level_predictor.image_size if self.level_predictor is not None else self.image_size)
     if not size:
       raise ValueError("pass image_size= (the tokenizer's config has no data.image_size)")
-    block = calibrate_auto_levels(as_model_images(images), image_size=size, budget_tokens=budget_tokens,
-                                  predictor=self.level_predictor)
-    self._set_auto_levels(block)
-    return block
+    self.auto_levels = calibrate_auto_levels(as_model_images(images), image_size=size, budget_tokens=budget_tokens,
+                                             predictor=self.level_predictor)
+    return self.auto_levels
 
   def set_level_predictor(self, predictor: Any, images: ImagesLike | None = None, *,
-                          budget_tokens: float | None = None) -> dict[str, Any]:
+                          budget_tokens: float | None = None):
     """Makes ``predictor`` (a ``LevelPredictor``, or its folder) this tokenizer's knob-free ``levels="auto"``: a
     quality predictor's price rule (``assign.price_auto_levels``), or a score predictor's own calibrated thresholds
     (or thresholds calibrated on ``images`` at ``budget_tokens``). Returns the new ``auto_levels``;
     ``save_pretrained`` writes the predictor beside the model."""
-    from cat_jax.complexity.assign import price_auto_levels
+    from cat_jax.complexity.assign import predictor_auto_levels, price_auto_levels
     from cat_jax.complexity.predictor import LevelPredictor
 
     if not isinstance(predictor, LevelPredictor):
       predictor = LevelPredictor.load(predictor)
     self.level_predictor = predictor
-    if predictor.qualities is not None:
-      block = price_auto_levels(predictor)
-    elif images is not None:
+    if predictor.qualities is None and images is not None:
       return self.calibrate_auto_levels(images, budget_tokens=budget_tokens)
-    elif predictor.thresholds is None:
-      raise ValueError("the predictor has no calibrated thresholds: pass images= to calibrate them here")
-    else:
-      calibration = (predictor.info or {}).get("calibration", {})
-      block = {"scorer": "predictor", "image_size": predictor.image_size, "teacher": predictor.teacher,
-               "thresholds": [float(t) for t in predictor.thresholds], "budget_tokens": predictor.budget_tokens,
-               "calibration_images": calibration.get("images"), "level_counts": calibration.get("level_counts")}
-    self._set_auto_levels(block)
-    return block
+    self.auto_levels = price_auto_levels(predictor) if predictor.qualities is not None else \
+        predictor_auto_levels(predictor)
+    return self.auto_levels
 
   # -- levels ------------------------------------------------------------------------------------------------------
   def quality_table(self, images: ImagesLike, measures: Sequence[str] = ("haarpsi",), *, predicted: bool = False,
@@ -473,49 +459,52 @@ class Tokenizer:
     from cat_jax.complexity.assign import LevelAssigner
 
     items = as_model_images(images, value_range=value_range, warn_unit_range=False)
-    auto = self.auto_levels or {}
-    measure = measure or auto.get("measure") or "haarpsi"
+    auto = self.auto_levels if self.auto_levels is not None and self.auto_levels.rule == "price" else None
+    measure = measure or (auto.measure if auto is not None else "haarpsi")
     if budget_tokens is None and target_quality is None and price is None:
-      if auto.get("rule") != "price":
+      if auto is None:
         raise ValueError("give budget_tokens=, target_quality= or price=: this tokenizer ships no price")
-      price = float(auto["price"])
+      price = auto.price
     assign = LevelAssigner(qualities=lambda x: self.quality_table(x, (measure,), predicted=not exact), measure=measure,
                            price=price, budget_tokens=budget_tokens, target_quality=target_quality)
     return assign.assign([str(k) for k in range(len(items))], items)
 
+  def auto_assigner(self, *, budget_tokens: float | None = None, thresholds: Sequence[float] | None = None):
+    """The ``LevelAssigner`` of this tokenizer's knob-free ``levels="auto"`` (``auto_levels``: with a quality
+    predictor, each image the level its predicted qualities earn at a saved price per token, alone or in any batch).
+    ``budget_tokens``: instead the best predicted quality within that many mean tokens at the images' own sizes (a
+    threshold rule: thresholds for that budget over the images given); ``thresholds``: a threshold rule's own."""
+    from cat_jax.complexity.assign import auto_assigner
+
+    if self.auto_levels is None:
+      raise ValueError("this tokenizer has no knob-free levels='auto' (no level predictor or calibrated JPEG "
+                       "thresholds): pass levels=<8x|16x|32x> or a LevelAssigner (a manifest with ids=, a scorer, "
+                       "target_psnr=), or calibrate one with tok.calibrate_auto_levels(images)")
+    return auto_assigner(self.auto_levels, predictor=self.level_predictor, thresholds=thresholds,
+                         budget_tokens=budget_tokens)
+
   def assign_levels(self, images: ImagesLike, levels: Any = None, *, ids: Sequence[str] | None = None,
-                    manifest: str | os.PathLike | Mapping[str, int] | None = None, scorer: Any = None,
-                    thresholds: Sequence[float] | None = None, target_psnr: float | None = None,
-                    budget_tokens: float | None = None) -> np.ndarray:
-    """Level index of every image: one level, a per-image sequence, a ``complexity.assign.LevelAssigner``, or
-    ``"auto"`` (the default).
+                    **removed) -> np.ndarray:
+    """Level index of every image: one level for all, one per image, ``"auto"`` (the default: ``auto_assigner()``)
+    or a ``complexity.assign.LevelAssigner`` (a manifest's levels, with ``ids`` naming the images; a scorer and
+    thresholds; ``target_psnr``; levels by what tokens buy). A level is an index 0 / 1 / 2 or a factor 8 / 16 / 32 /
+    '8x' / '16x' / '32x' (``cat_jax.levels.parse_level``)."""
+    _reject_moved(removed)
+    return self._assign(as_model_images(images, warn_unit_range=False), levels, ids=ids).levels
 
-    A level is an index 0 / 1 / 2 or a factor 8 / 16 / 32 / '8x' / '16x' / '32x' (``cat_jax.levels.parse_level``).
-    ``"auto"`` (or None) with a manifest, ``ids`` name the images (the manifest's ids). With a scorer (``.method``
-    and ``.score(item) -> {"score": ...}``, see ``cat_jax.complexity``), ``thresholds`` map scores to levels (default
-    ``(3, 6)`` for the LLM methods; raw scores such as JPEG bpp need explicit thresholds). With ``target_psnr``, each
-    image gets the coarsest level whose reconstruction reaches that PSNR in dB, 8x when none does (flagged:
-    ``Latents.missed_target``). With none of these, the tokenizer's own knob-free default (``auto_levels``: with a
-    quality predictor, each image the level its predicted qualities earn at a saved price per token, alone or in any
-    batch; ``budget_tokens`` then asks for the best predicted quality within that many mean tokens at the images'
-    own sizes).
-    """
-    return self._assign(as_model_images(images, warn_unit_range=False), levels, ids=ids, manifest=manifest,
-                        scorer=scorer, thresholds=thresholds, target_psnr=target_psnr,
-                        budget_tokens=budget_tokens).levels
-
-  def _assign(self, items: list[np.ndarray], levels: Any = None, *, ids=None, manifest=None, scorer=None,
-              thresholds=None, target_psnr=None, budget_tokens=None):
+  def _assign(self, items: list[np.ndarray], levels: Any = None, *, ids=None):
     from cat_jax.complexity.assign import Assignment, LevelAssigner
 
     n = len(items)
-    if isinstance(levels, LevelAssigner):  # the one object every way of choosing builds (as the CLIs do)
-      return levels.assign([str(i) for i in ids] if ids is not None else [str(k) for k in range(n)], items)
     if levels is None or (isinstance(levels, str) and levels.strip().lower() == "auto"):
-      return self._auto_levels(items, ids=ids, manifest=manifest, scorer=scorer, thresholds=thresholds,
-                               target_psnr=target_psnr, budget_tokens=budget_tokens)
-    if budget_tokens is not None:
-      raise ValueError("budget_tokens applies to levels='auto'")
+      levels = self.auto_assigner()
+    if isinstance(levels, LevelAssigner):
+      if ids is not None and len(ids) != n:
+        raise ValueError(f"{len(ids)} ids for {n} images")
+      if levels.manifest is not None and ids is None:
+        raise ValueError(f"levels from a manifest need ids= with one id per image ({n})")
+      names = [str(i) for i in ids] if ids is not None else [str(k) for k in range(n)]
+      return levels.assign(names, items, reconstruct=lambda x, level: self.reconstruct(x, level))
     if isinstance(levels, (str, int, np.integer)):
       return Assignment(np.full(n, L.parse_level(levels), np.int32))
     arr = np.asarray(levels)
@@ -523,45 +512,22 @@ class Tokenizer:
       raise ValueError(f"expected one level per image ({n}), got shape {arr.shape}")
     return Assignment(np.array([L.parse_level(lvl) for lvl in arr.tolist()], np.int32))
 
-  def _auto_levels(self, items, *, ids, manifest, scorer, thresholds, target_psnr=None, budget_tokens=None):
-    from cat_jax.complexity.assign import LevelAssigner, auto_assigner
-
-    n = len(items)
-    if manifest is None and scorer is None and target_psnr is None:
-      if self.auto_levels is None:
-        raise ValueError("this tokenizer has no knob-free levels='auto' (no level predictor or calibrated JPEG "
-                         "thresholds): pass levels=<8x|16x|32x>, manifest= with ids=, scorer= or target_psnr=, or "
-                         "calibrate one with tok.calibrate_auto_levels(images)")
-      return auto_assigner(self.auto_levels, predictor=self.level_predictor, thresholds=thresholds,
-                           budget_tokens=budget_tokens).assign([str(k) for k in range(n)], items)
-    if budget_tokens is not None:
-      raise ValueError("budget_tokens overrides the tokenizer's default levels='auto'; with a manifest, scorer or "
-                       "target PSNR it does not apply")
-    if manifest is not None and (ids is None or len(ids) != n):
-      raise ValueError(f"levels from a manifest need ids= with one id per image ({n})")
-    assign = LevelAssigner(manifest=manifest, scorer=scorer, thresholds=thresholds, target_psnr=target_psnr,
-                           reconstruct=(lambda x, level: self.reconstruct(x, level)) if target_psnr is not None
-                           else None)
-    names = [str(i) for i in ids] if ids is not None else [str(k) for k in range(n)]
-    return assign.assign(names, items)
-
   # -- encode / decode ---------------------------------------------------------------------------------------------
   def encode(self, images: ImagesLike, levels: Any = None, *, ids: Sequence[str] | None = None,
-             manifest: str | os.PathLike | Mapping[str, int] | None = None, scorer: Any = None,
-             thresholds: Sequence[float] | None = None, target_psnr: float | None = None,
-             budget_tokens: float | None = None, rng: jax.Array | None = None,
-             value_range: tuple[float, float] | None = None, keep_code: bool | None = None) -> Latents:
+             rng: jax.Array | None = None, value_range: tuple[float, float] | None = None,
+             keep_code: bool | None = None, **removed) -> Latents:
     """Latents of ``images`` (see the module docstring for what is accepted) at their levels, in input order.
 
-    ``levels``: an int level for all, one level per image, or ``"auto"`` / None (see ``assign_levels``).
-    ``rng``: sample the posterior instead of taking its mean. ``value_range``: the range of float images.
+    ``levels``: a level for all, one level per image, ``"auto"`` / None or a ``LevelAssigner`` (see
+    ``assign_levels``; ``ids`` name the images for a manifest). ``rng``: sample the posterior instead of taking its
+    mean. ``value_range``: the range of float images.
     ``keep_code``: override the tokenizer's (False: every latent is the encoder's, as a generative model trained on
     them will produce).
     """
+    _reject_moved(removed)
     keep_code = self._keep_code(keep_code)
     items = as_model_images(images, value_range=value_range)
-    assignment = self._assign(items, levels, ids=ids, manifest=manifest, scorer=scorer, thresholds=thresholds,
-                              target_psnr=target_psnr, budget_tokens=budget_tokens)
+    assignment = self._assign(items, levels, ids=ids)
     level_arr = assignment.levels
     _warn_missed(assignment, len(items))
     sizes = [x.shape[:2] for x in items]
@@ -602,12 +568,14 @@ class Tokenizer:
     return _stack_like(out)
 
   def reconstruct(self, images: ImagesLike, levels: Any = None, *, clip: bool = True,
-                  value_range: tuple[float, float] | None = None, keep_code: bool | None = None, **level_kwargs):
+                  value_range: tuple[float, float] | None = None, keep_code: bool | None = None,
+                  ids: Sequence[str] | None = None, **removed):
     """``decode(encode(images, levels))`` in one compiled call per bucket (posterior mean); each output has its
     input's size."""
+    _reject_moved(removed)
     keep_code = self._keep_code(keep_code)
     items = as_model_images(images, value_range=value_range)
-    assignment = self._assign(items, levels, **level_kwargs)
+    assignment = self._assign(items, levels, ids=ids)
     level_arr = assignment.levels
     _warn_missed(assignment, len(items))
     sizes = [x.shape[:2] for x in items]
@@ -679,6 +647,21 @@ class Tokenizer:
     """How many programs each entry point has compiled (one per level and image size when bucketing works)."""
     return {"encode": self._encode_fn._cache_size(), "decode": self._decode_fn._cache_size(),
             "reconstruct": self._reconstruct_fn._cache_size()}
+
+
+# Keywords that chose levels before the LevelAssigner did: what to pass instead.
+_MOVED_TO_ASSIGNER = {"manifest": "LevelAssigner(manifest=...) with ids=", "scorer": "LevelAssigner(scorer=..., "
+                      "thresholds=...)", "thresholds": "LevelAssigner(scorer=..., thresholds=...)",
+                      "target_psnr": "LevelAssigner(target_psnr=...)", "budget_tokens": "tok.auto_assigner("
+                      "budget_tokens=...)"}
+
+
+def _reject_moved(kwargs: Mapping[str, Any]) -> None:
+  for name in kwargs:
+    if name in _MOVED_TO_ASSIGNER:
+      raise TypeError(f"{name}= is no longer a keyword here: pass levels={_MOVED_TO_ASSIGNER[name]} "
+                      "(cat_jax.complexity.assign)")
+    raise TypeError(f"unexpected keyword argument {name!r}")
 
 
 def _warn_missed(assignment, n: int) -> None:

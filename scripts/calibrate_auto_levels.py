@@ -38,9 +38,8 @@ def main() -> None:
   prep = PreprocessConfig(image_size=int(data["image_size"]), min_size=1)
   images = [preprocess(source[i]["image"], prep, path=str(i)) for i in range(len(source))]
   size = predictor.image_size if predictor is not None else int(data["image_size"])
-  config["auto_levels"] = dict(calibrate_auto_levels(images, image_size=size, budget_tokens=args.budget_tokens,
-                                                     predictor=predictor),
-                               source=f"{data['source']} ({args.split or data['split']})")
+  auto = calibrate_auto_levels(images, image_size=size, budget_tokens=args.budget_tokens, predictor=predictor)
+  config["auto_levels"] = dict(auto.to_dict(), source=f"{data['source']} ({args.split or data['split']})")
   if predictor is not None:
     predictor.save(args.folder)
   path.write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -370,6 +370,26 @@ def test_mse_scorer_reconstruct_fn_hook():
     MseScorer(reconstruct_fn=lambda x: x[:, :16], image_size=32).score({"image": im})
 
 
+def test_pixel_scorers_score_a_prepared_batch_as_they_score_each_item():
+  """JPEG and MSE take a batch prepared once (uint8 at the scoring size; [-1, 1] floats are quantised as a file
+  would be): the same scores as item by item, with one reconstruct_fn call per image size."""
+  from cat_jax.complexity.scorers import prepare_batch
+
+  source = EmbeddedSource("validation", num_images=6, image_size=48)
+  items = [source[i] for i in range(len(source))]
+  batch = prepare_batch([it["image"] for it in items], 32)
+  assert all(x.dtype == np.uint8 and x.shape == (32, 32, 3) for x in batch)
+  assert prepare_batch(batch, 32)[0] is batch[0]  # prepared already: used as it is
+  floats = [x.astype(np.float32) / 127.5 - 1.0 for x in batch]
+  calls = []
+  recon = lambda x: calls.append(x.shape) or np.clip(x + 0.1, -1, 1)
+  for scorer in (JpegScorer(image_size=32), MseScorer(image_size=32), MseScorer(image_size=None, reconstruct_fn=recon)):
+    each = [scorer.score({"id": str(i), "image": x})["score"] for i, x in enumerate(batch)]
+    np.testing.assert_allclose(scorer.scores(batch), each, rtol=1e-6)
+    np.testing.assert_allclose(scorer.scores(floats), each, rtol=1e-6)
+  assert calls[-2:] == [(6, 32, 32, 3), (6, 32, 32, 3)]  # one call per batch, after one per item
+
+
 def test_lowpass_proxy_keeps_what_the_small_grid_holds():
   constant = np.full((1, 64, 64, 3), 0.3, np.float32)
   np.testing.assert_allclose(lowpass_reconstruct(constant, 32), constant, atol=1e-6)
@@ -698,4 +718,7 @@ def test_quality_target_reconstructs_coarse_to_fine_and_stops_early():
   np.testing.assert_array_equal(coarsest_level_meeting(images, 40.0, reconstruct), [2, 1, 0])
   assert calls == [(2, 3), (1, 2)]
   with pytest.raises(ValueError, match="needs the tokenizer's reconstruct"):
-    LevelAssigner(target_psnr=30)
+    LevelAssigner(target_psnr=30).assign(["0"], images[:1])
+  error[0] = [None, None, 0.5]  # as an assigner it also measures 8x for the images 16x missed: none reaches it
+  assignment = LevelAssigner(target_psnr=40.0).assign(["0", "1", "2"], images, reconstruct=reconstruct)
+  assert assignment.levels.tolist() == [2, 1, 0] and assignment.missed_target.tolist() == [False, False, True]

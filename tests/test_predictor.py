@@ -57,7 +57,7 @@ def test_predictor_learns_its_teacher_far_past_the_majority_level(tmp_path):
   # Attached to a tokenizer, it is that tokenizer's knob-free levels="auto", at its calibrated thresholds.
   tok = Tokenizer.from_pretrained("demo")
   block = tok.set_level_predictor(workdir)
-  assert block["scorer"] == "predictor" and block["thresholds"] == pytest.approx(predictor.thresholds)
+  assert block.scorer == "predictor" and block.thresholds == pytest.approx(predictor.thresholds)
   np.testing.assert_array_equal(tok.assign_levels(images, "auto"),
                                 levels_for_scores(predictor.predict(images), predictor.thresholds))
   # Re-running the finished run resumes at its last step and writes the same predictor again.
@@ -94,7 +94,7 @@ def test_quality_predictor_learns_a_tokenizers_qualities_and_calibrates_its_pric
   np.testing.assert_array_equal(predictor.levels(images), allocation.at_price(
       predicted["haarpsi"], allocation.rate_table(64), predictor.price))
   tok = Tokenizer.from_pretrained("demo")
-  assert tok.set_level_predictor(str(workdir))["rule"] == "price"
+  assert tok.set_level_predictor(str(workdir)).rule == "price"
   np.testing.assert_array_equal(tok.assign_levels(images, "auto"), predictor.levels(images))
 
 
@@ -108,8 +108,8 @@ def test_demo_ships_its_predictor_for_knob_free_auto(tmp_path):
 
   demo = Tokenizer.from_pretrained("demo")
   auto = demo.auto_levels
-  assert auto["rule"] == "price" and auto["measure"] == "haarpsi" and auto["teacher"] == "quality:demo"
-  assert demo.level_predictor.measures == ("haarpsi", "psnr") and auto["price"] == demo.level_predictor.price > 0
+  assert auto.rule == "price" and auto.measure == "haarpsi" and auto.teacher == "quality:demo"
+  assert demo.level_predictor.measures == ("haarpsi", "psnr") and auto.price == demo.level_predictor.price > 0
   images, kinds = _embedded(96)
   source = EmbeddedSource("validation", num_images=96, image_size=64)
   levels = demo.encode(images, levels="auto").levels
@@ -125,7 +125,7 @@ def test_demo_ships_its_predictor_for_knob_free_auto(tmp_path):
   gravel = np.repeat(np.asarray(skimage.data.gravel())[..., None], 3, axis=-1)
   assert demo.encode([page, gravel], levels="auto").levels.tolist() in ([1, 1], [0, 1], [1, 0], [0, 0])
   predicted = demo.level_predictor.predict_quality(images)["haarpsi"]
-  np.testing.assert_array_equal(levels, allocation.at_price(predicted, allocation.rate_table(96), auto["price"]))
+  np.testing.assert_array_equal(levels, allocation.at_price(predicted, allocation.rate_table(96), auto.price))
   # One answer for one image: alone, in a batch of 3 and reversed in the whole batch.
   for i in (0, 5, 7):
     assert demo.encode(images[i:i + 1], levels="auto").levels[0] == levels[i]
@@ -133,19 +133,19 @@ def test_demo_ships_its_predictor_for_knob_free_auto(tmp_path):
   np.testing.assert_array_equal(demo.assign_levels(images[10:13], "auto"), levels[10:13])
   # Budgets in tokens at the images' own sizes: 4 per 64x64 image is 32x for all; 40 is spent, not exceeded; at
   # 128x128 (four times the tokens) 160 is the same budget per pixel.
-  assert set(demo.assign_levels(images, "auto", budget_tokens=4).tolist()) == {2}
-  tokens = np.array([64, 16, 4])[demo.assign_levels(images, "auto", budget_tokens=40)]
+  assert set(demo.assign_levels(images, demo.auto_assigner(budget_tokens=4)).tolist()) == {2}
+  tokens = np.array([64, 16, 4])[demo.assign_levels(images, demo.auto_assigner(budget_tokens=40))]
   assert 36 <= tokens.mean() <= 40
   big = [np.kron(x, np.ones((2, 2, 1), np.float32)) for x in images[:16]]
-  assert np.array([256, 64, 16])[demo.assign_levels(big, "auto", budget_tokens=160)].mean() <= 160
-  with pytest.raises(ValueError, match="budget_tokens applies to levels='auto'"):
+  assert np.array([256, 64, 16])[demo.assign_levels(big, demo.auto_assigner(budget_tokens=160))].mean() <= 160
+  with pytest.raises(TypeError, match=r"auto_assigner\(budget_tokens="):  # the keyword before the assigner
     demo.assign_levels(images, "16x", budget_tokens=16)
   # The same choice as an object (what the CLIs build): levels=LevelAssigner(...).
   from cat_jax.complexity.assign import LevelAssigner
-  assigner = LevelAssigner(qualities=demo.level_predictor.predict_quality, measure="haarpsi", price=auto["price"])
+  assigner = LevelAssigner(qualities=demo.level_predictor.predict_quality, measure="haarpsi", price=auto.price)
   np.testing.assert_array_equal(demo.encode(images, levels=assigner).levels, levels)
   with pytest.raises(ValueError, match="thresholds apply"):
-    demo.assign_levels(images, "auto", thresholds=(1, 2))
+    demo.auto_assigner(thresholds=(1, 2))
 
   demo.save_pretrained(tmp_path / "copy")
   copy = Tokenizer.from_pretrained(tmp_path / "copy")
@@ -211,6 +211,7 @@ def test_one_answer_per_image_from_score_encode_and_the_api(tmp_path):
   import skimage.data
 
   from cat_jax import encode, score
+  from cat_jax.complexity.assign import LevelAssigner
   from cat_jax.complexity.manifest import read_manifest
   from cat_jax.data.latents import read_index
 
@@ -237,7 +238,7 @@ def test_one_answer_per_image_from_score_encode_and_the_api(tmp_path):
 
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    latents = demo.encode([pictures[n] for n in names], levels="auto", target_psnr=45.0)
+    latents = demo.encode([pictures[n] for n in names], levels=LevelAssigner(target_psnr=45.0))
   assert latents.missed_target.tolist() == [n != "flat.png" for n in names]
   assert any("3 of 4 images reach the quality target at no level" in str(w.message) for w in caught)
   assert encode.main(["--checkpoint", "demo", "--input", str(folder), "--out", str(tmp_path / "t"), "--level", "auto",

@@ -15,6 +15,7 @@ from cat_jax import checkpoint as ckpt
 from cat_jax import encode as encode_cli
 from cat_jax import parallel
 from cat_jax.complexity import JpegScorer, levels_for_scores
+from cat_jax.complexity.assign import LevelAssigner
 from cat_jax.complexity.scorers import jpeg_bpp
 from cat_jax.data.embedded import generate
 from cat_jax.data.latents import read_index
@@ -119,13 +120,14 @@ def test_auto_levels_from_manifest_and_scorer(tok, tmp_path):
   want = np.array([2, 1, 0, 0, 1, 2, 2, 1])
   manifest = tmp_path / "m.jsonl"
   manifest.write_text("".join(json.dumps({"id": i, "score": 1, "level": int(l)}) + "\n" for i, l in zip(ids, want)))
-  lat = tok.encode(x, "auto", ids=ids, manifest=str(manifest))
+  lat = tok.encode(x, LevelAssigner(manifest=str(manifest)), ids=ids)
   np.testing.assert_array_equal(lat.levels, want)
-  np.testing.assert_array_equal(tok.encode(x, None, ids=ids, manifest=str(manifest)).levels, want)
+  np.testing.assert_array_equal(tok.assign_levels(x[::-1], LevelAssigner(manifest=str(manifest)), ids=ids[::-1]),
+                                want[::-1])
 
   bpp = [jpeg_bpp(Image.fromarray(np.round((im + 1) * 127.5).astype(np.uint8))) for im in x]
   thresholds = tuple(np.quantile(bpp, [1 / 3, 2 / 3]))
-  lat = tok.encode(x, "auto", scorer=JpegScorer(image_size=None), thresholds=thresholds)
+  lat = tok.encode(x, LevelAssigner(scorer=JpegScorer(image_size=None), thresholds=thresholds))
   np.testing.assert_array_equal(lat.levels, levels_for_scores(bpp, thresholds))
   assert len(set(lat.levels.tolist())) == 3
 
@@ -139,9 +141,13 @@ def test_clear_errors(workdir, tok, tmp_path):
   with pytest.raises(ValueError, match="no knob-free levels=.auto."):
     tok.encode(x)
   with pytest.raises(ValueError, match="not in the manifest"):
-    tok.encode(x, "auto", ids=["a", "b"], manifest={"a": 0})
+    tok.encode(x, LevelAssigner(manifest={"a": 0}), ids=["a", "b"])
+  with pytest.raises(ValueError, match="need ids="):
+    tok.encode(x, LevelAssigner(manifest={"a": 0, "b": 1}))
   with pytest.raises(ValueError, match="thresholds"):
-    tok.encode(x, "auto", scorer=JpegScorer())
+    LevelAssigner(scorer=JpegScorer())
+  with pytest.raises(TypeError, match=r"levels=LevelAssigner\(manifest="):  # the keyword before the assigner
+    tok.encode(x, "auto", ids=["a", "b"], manifest={"a": 0})
   with pytest.raises(ValueError, match=r"image 1 has values in \[-3, 2\], outside value_range \(-1, 1\).*value_range=\(0, 1\)"):
     tok.encode([x[0], np.linspace(-3, 2, 32 * 32 * 3, dtype=np.float32).reshape(32, 32, 3)], 0)
   with pytest.raises(ValueError, match="image 0 has NaN or inf"):
@@ -595,8 +601,8 @@ def test_target_psnr_gives_the_coarsest_level_that_reaches_it(workdir, tok, tmp_
   target = float(np.median(psnr[:, 1]))  # some images reach it at 32x or 16x, some at 8x only
   want = np.array([next((lvl for lvl in (2, 1) if p[lvl] >= target), 0) for p in psnr])
   assert len(set(want.tolist())) >= 2
-  np.testing.assert_array_equal(tok.assign_levels(x, "auto", target_psnr=target), want)
-  np.testing.assert_array_equal(tok.encode(x, target_psnr=target).levels, want)
+  np.testing.assert_array_equal(tok.assign_levels(x, LevelAssigner(target_psnr=target)), want)
+  np.testing.assert_array_equal(tok.encode(x, LevelAssigner(target_psnr=target)).levels, want)
   # encode --target-psnr writes the same levels.
   folder = tmp_path / "in"
   folder.mkdir()
@@ -624,13 +630,15 @@ def test_knob_free_auto_levels_calibrate_and_reach_the_encode_cli(tok, tmp_path)
   with pytest.raises(ValueError, match="no knob-free levels=.auto."):
     tok.encode(_images(2), "auto")  # the runlocal tokenizer ships none
   block = tok.calibrate_auto_levels(images, image_size=64)
-  assert block["scorer"] == "jpeg"
+  assert block.rule == "thresholds" and block.scorer == "jpeg" and "auto_levels" not in tok.config  # config as read
   levels = tok.encode(images, "auto").levels
   np.testing.assert_array_equal(levels, auto_assigner(block)([str(i) for i in range(48)], images))
   tokens = np.array([64, 16, 4])[levels]  # tokens of a 64x64 image at 8x, 16x, 32x
-  assert sum(block["level_counts"]) == 48 and abs(tokens.mean() - 16) <= 4  # the fixed-16x budget, to granularity
+  assert sum(block.level_counts) == 48 and abs(tokens.mean() - 16) <= 4  # the fixed-16x budget, to granularity
   tok.save_pretrained(tmp_path / "with_auto")
   assert Tokenizer.from_pretrained(tmp_path / "with_auto").auto_levels == block
+  saved = json.loads((tmp_path / "with_auto" / "config.json").read_text())["auto_levels"]
+  assert "rule" not in saved and saved["thresholds"] == list(block.thresholds)  # the file format of earlier versions
 
   demo = Tokenizer.from_pretrained("demo")
   folder = tmp_path / "in"

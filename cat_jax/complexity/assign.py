@@ -7,13 +7,17 @@ quality, or at a price per token).
   assign = LevelAssigner(scorer=JpegScorer(image_size=None), thresholds=(1.2, 2.5))
   levels = assign(ids, images)  # (N,) int32 level indices; images in [-1, 1], HWC
   assign = LevelAssigner(qualities=tok.level_predictor.predict_quality, measure="haarpsi", budget_tokens=256)
+  latents = tok.encode(images, levels=LevelAssigner(target_psnr=30))  # the tokenizer lends its reconstructions
+
+A tokenizer's own knob-free ``levels="auto"`` is an ``AutoLevels`` saved in its ``config.json``; ``auto_assigner``
+turns it into a ``LevelAssigner``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -22,12 +26,12 @@ from cat_jax.complexity import thresholds as complexity_thresholds
 
 
 def score_images(scorer: Any, ids: Sequence[str], images: Sequence[np.ndarray]) -> list[float]:
-  """``scorer``'s score of each image ([-1, 1] HWC arrays, given to the scorer as uint8 as scorers take them; a
-  scorer with a batched ``scores(images)``, the level predictor, takes them all at once)."""
+  """``scorer``'s score of each image ([-1, 1] HWC arrays): the whole batch at once by a scorer with ``scores(images)``
+  (JPEG, MSE, the level predictor), item by item by one with only ``score(item)`` (the caption LLM)."""
   from cat_jax.data.preprocess import from_model_range
 
   if hasattr(scorer, "scores"):
-    return list(scorer.scores(images))
+    return [float(s) for s in scorer.scores(images)]
   return [float(scorer.score({"id": str(i), "image": from_model_range(x)})["score"]) for i, x in zip(ids, images)]
 
 
@@ -95,73 +99,83 @@ class Assignment:
     return 0 if self.missed_target is None else int(np.sum(self.missed_target))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
 class LevelAssigner:
-  """Exactly one of ``level`` (an index or factor, ``cat_jax.levels.parse_level``), ``manifest`` (a path or an
-  {id: level} mapping), ``scorer`` (``.method`` and ``.score({"id", "image"}) -> {"score": ...}``, see
-  ``cat_jax.complexity.scorers``) with ``thresholds`` (default ``(3, 6)`` for the LLM methods; raw scores such as
-  JPEG bits per pixel need explicit ones) or ``budget_tokens`` (thresholds chosen per call so its images average
-  that many tokens at ``image_size``), ``target_psnr`` with ``reconstruct(images, level)`` (a tokenizer's:
-  ``coarsest_level_meeting``), or ``qualities`` (``images -> {measure: (N, 3)}``: a tokenizer's measured qualities,
-  ``quality_table``, or its level predictor's ``predict_quality``) with ``measure`` and one of ``price`` (per image,
-  quality per token per 256x256 pixels: ``allocation.at_price``), ``budget_tokens`` (the best mean quality within
-  that many mean tokens at the images' own sizes: ``allocation.best_within_budget``) or ``target_quality`` (the
-  fewest tokens for that mean quality: ``allocation.fewest_tokens_for``).
+  """How levels are chosen, as one frozen object: exactly one of
+
+  - ``level``: one level for all (an index or factor, ``cat_jax.levels.parse_level``);
+  - ``manifest``: a score manifest's levels (a path or an {id: level} mapping; images are named by their ids);
+  - ``scorer`` (``cat_jax.complexity.scorers``: ``.method`` and batched ``.scores(images)`` or per-item
+    ``.score({"id", "image"})``) with ``thresholds`` (default ``(3, 6)`` for the LLM methods; raw scores such as JPEG
+    bits per pixel need explicit ones) or ``budget_tokens`` (thresholds chosen per call so that its images average
+    that many tokens at ``image_size``);
+  - ``target_psnr``: per image the coarsest level whose reconstruction reaches it (``coarsest_level_meeting``; the
+    reconstructions come from ``assign(..., reconstruct=)``, which ``Tokenizer.encode`` passes);
+  - ``qualities`` (``images -> {measure: (N, 3)}``: measured, ``quality_table``, or a quality predictor's
+    ``predict_quality``) with ``measure`` and one of ``price`` (per image, quality per token per 256x256 pixels:
+    ``allocation.at_price``), ``budget_tokens`` (the best mean quality within that many mean tokens at the images' own
+    sizes: ``allocation.best_within_budget``) or ``target_quality`` (the fewest tokens for that mean quality:
+    ``allocation.fewest_tokens_for``).
 
   ``assign(ids, images)`` returns an ``Assignment`` (levels, and which images no level brings to a target);
   calling the assigner returns the levels alone."""
 
-  def __init__(self, *, level: Any = None, manifest: str | os.PathLike | Mapping[str, Any] | None = None,
-               scorer: Any = None, thresholds: Sequence[float] | None = None, target_psnr: float | None = None,
-               reconstruct=None, budget_tokens: float | None = None, image_size: int | None = None,
-               qualities=None, measure: str | None = None, price: float | None = None,
-               target_quality: float | None = None):
-    given = [name for name, value in (("level", level), ("manifest", manifest), ("scorer", scorer),
-                                      ("target_psnr", target_psnr), ("qualities", qualities)) if value is not None]
+  level: int | str | None = None
+  manifest: str | os.PathLike | Mapping[str, Any] | None = None
+  scorer: Any = None
+  thresholds: Sequence[float] | None = None
+  budget_tokens: float | None = None
+  image_size: int | None = None
+  target_psnr: float | None = None
+  qualities: Callable[[Sequence[np.ndarray]], Mapping[str, np.ndarray]] | None = None
+  measure: str | None = None
+  price: float | None = None
+  target_quality: float | None = None
+
+  def __post_init__(self):
+    given = [name for name in ("level", "manifest", "scorer", "target_psnr", "qualities")
+             if getattr(self, name) is not None]
     if len(given) != 1:
       raise ValueError(f"give exactly one of a level, a manifest, a scorer, a target PSNR or qualities, got "
                        f"{given or 'none'}")
-    self.qualities, self.measure = qualities, measure
-    self.price = None if price is None else float(price)
-    self.target_quality = None if target_quality is None else float(target_quality)
-    if qualities is not None:
-      rules = [n for n, v in (("price", price), ("budget_tokens", budget_tokens), ("target_quality", target_quality))
-               if v is not None]
-      if len(rules) != 1 or not measure or thresholds is not None:
-        raise ValueError(f"levels from qualities need a measure and exactly one of price, budget_tokens or "
-                         f"target_quality (got measure={measure!r}, {rules or 'no rule'})")
-      self.budget_tokens = None if budget_tokens is None else float(budget_tokens)
-      self.level = self.manifest = self.scorer = self.thresholds = self.target_psnr = None
-      self.reconstruct, self.image_size = None, image_size
-      return
-    if price is not None or target_quality is not None or measure is not None:
-      raise ValueError("price, target_quality and measure apply to levels from qualities")
-    self.target_psnr = None if target_psnr is None else float(target_psnr)
-    self.reconstruct = reconstruct
-    if target_psnr is not None and reconstruct is None:
-      raise ValueError("a target PSNR needs the tokenizer's reconstruct(images, level)")
-    self.level = None if level is None else L.parse_level(level)
-    self.manifest = None
-    if manifest is not None:
-      if isinstance(manifest, Mapping):
-        self.manifest = {str(k): L.parse_level(v) for k, v in manifest.items()}
+    mode = given[0]
+    allowed = {"scorer": {"thresholds", "budget_tokens", "image_size"},
+               "qualities": {"measure", "price", "budget_tokens", "target_quality", "image_size"}}.get(mode, set())
+    extra = [name for name in ("thresholds", "budget_tokens", "image_size", "measure", "price", "target_quality")
+             if getattr(self, name) is not None and name not in allowed]
+    if extra:
+      raise ValueError(f"{', '.join(extra)} only apply to levels from a scorer's scores (thresholds, budget_tokens) or "
+                       f"from qualities (measure, price, budget_tokens, target_quality), not from a {mode}")
+    normal = {name: float(getattr(self, name)) for name in ("budget_tokens", "target_psnr", "price", "target_quality")
+              if getattr(self, name) is not None}
+    if mode == "level":
+      normal["level"] = L.parse_level(self.level)
+    elif mode == "manifest":
+      if isinstance(self.manifest, Mapping):
+        normal["manifest"] = {str(k): L.parse_level(v) for k, v in self.manifest.items()}
       else:
         from cat_jax.data import load_levels
-        self.manifest = load_levels(os.fspath(manifest))
-    self.scorer = scorer
-    if (thresholds is not None or budget_tokens is not None) and scorer is None:
-      raise ValueError("thresholds and budget_tokens only apply to levels from a scorer's scores")
-    if thresholds is not None and budget_tokens is not None:
-      raise ValueError("give thresholds or budget_tokens, not both")
-    self.budget_tokens = None if budget_tokens is None else float(budget_tokens)
-    self.image_size = image_size
-    if self.budget_tokens is not None and not image_size:
-      raise ValueError("budget_tokens needs the image_size its token counts are at")
-    if scorer is not None and thresholds is None and budget_tokens is None:
-      if getattr(scorer, "method", None) not in complexity_thresholds.LLM_METHODS:
-        raise ValueError(f"scorer {getattr(scorer, 'method', scorer)!r} gives raw scores: pass thresholds=(low, "
-                         "high) (e.g. from `python -m cat_jax.score`'s .thresholds.json)")
-      thresholds = complexity_thresholds.DEFAULT_LLM_THRESHOLDS
-    self.thresholds = None if thresholds is None else tuple(float(t) for t in thresholds)
+        normal["manifest"] = load_levels(os.fspath(self.manifest))
+    elif mode == "scorer":
+      if self.thresholds is not None and self.budget_tokens is not None:
+        raise ValueError("give thresholds or budget_tokens, not both")
+      if self.budget_tokens is not None and not self.image_size:
+        raise ValueError("budget_tokens needs the image_size its token counts are at")
+      thresholds = self.thresholds
+      if thresholds is None and self.budget_tokens is None:
+        if getattr(self.scorer, "method", None) not in complexity_thresholds.LLM_METHODS:
+          raise ValueError(f"scorer {getattr(self.scorer, 'method', self.scorer)!r} gives raw scores: pass thresholds="
+                           "(low, high) (e.g. from `python -m cat_jax.score`'s .thresholds.json)")
+        thresholds = complexity_thresholds.DEFAULT_LLM_THRESHOLDS
+      if thresholds is not None:
+        normal["thresholds"] = tuple(float(t) for t in complexity_thresholds.check_thresholds(tuple(thresholds)))
+    elif mode == "qualities":
+      rules = [n for n in ("price", "budget_tokens", "target_quality") if getattr(self, n) is not None]
+      if len(rules) != 1 or not self.measure:
+        raise ValueError(f"levels from qualities need a measure and exactly one of price, budget_tokens or "
+                         f"target_quality (got measure={self.measure!r}, {rules or 'no rule'})")
+    for name, value in normal.items():
+      object.__setattr__(self, name, value)
 
   def require(self, ids: Sequence[str], where: str = "the manifest") -> None:
     """Raises ValueError unless a manifest assigner knows every id (no-op for the others)."""
@@ -171,65 +185,122 @@ class LevelAssigner:
     if missing:
       raise ValueError(f"{len(missing)} of {len(ids)} images are not in {where}, e.g. {missing[:3]}")
 
-  def __call__(self, ids: Sequence[str], images: Sequence[np.ndarray]) -> np.ndarray:
+  def __call__(self, ids: Sequence[str], images: Sequence[np.ndarray], **kwargs) -> np.ndarray:
     """(N,) int32 level indices of the images named ``ids``."""
-    return self.assign(ids, images).levels
+    return self.assign(ids, images, **kwargs).levels
 
-  def assign(self, ids: Sequence[str], images: Sequence[np.ndarray]) -> "Assignment":
-    """The levels of the images named ``ids`` and which of them no level brings to a target."""
+  def assign(self, ids: Sequence[str], images: Sequence[np.ndarray], *, reconstruct=None) -> Assignment:
+    """The levels of the images named ``ids`` ([-1, 1] HWC arrays) and which of them no level brings to a target.
+    ``reconstruct(images, level)``: their reconstructions, for ``target_psnr``."""
     if self.target_psnr is not None:
-      levels, missed = coarsest_level_meeting(images, self.target_psnr, self.reconstruct, with_missed=True)
+      if reconstruct is None:
+        raise ValueError("a target PSNR needs the tokenizer's reconstruct(images, level): pass the assigner to "
+                         "Tokenizer.encode(levels=...)")
+      levels, missed = coarsest_level_meeting(images, self.target_psnr, reconstruct, with_missed=True)
       return Assignment(levels, missed)
     if self.qualities is not None:
-      from cat_jax.complexity import allocation
-
-      table = self.qualities(images)
-      if self.measure not in table:
-        raise ValueError(f"no {self.measure!r} qualities to choose levels by (there are {sorted(table)})")
-      q = np.asarray(table[self.measure], np.float64)
-      if self.price is not None:
-        return Assignment(allocation.at_price(q, allocation.rate_table(len(q)), self.price))
-      tokens = allocation.tokens_table([np.shape(x)[:2] for x in images])
-      if self.budget_tokens is not None:
-        return Assignment(allocation.best_within_budget(q, tokens, self.budget_tokens))
-      levels = allocation.fewest_tokens_for(q, tokens, self.target_quality)
-      missed = allocation.mean_of(q, levels) < self.target_quality - 1e-9
-      return Assignment(levels, np.full(len(levels), missed))
-    return Assignment(self._levels(ids, images))
-
-  def _levels(self, ids: Sequence[str], images: Sequence[np.ndarray]) -> np.ndarray:
+      return self.from_qualities(self.qualities(images), [np.shape(x)[:2] for x in images])
     if self.level is not None:
-      return np.full(len(ids), self.level, np.int32)
+      return Assignment(np.full(len(ids), self.level, np.int32))
     if self.manifest is not None:
       self.require(ids)
-      return np.array([self.manifest[str(i)] for i in ids], np.int32)
+      return Assignment(np.array([self.manifest[str(i)] for i in ids], np.int32))
     scores = score_images(self.scorer, ids, images)
     thresholds = self.thresholds
     if self.budget_tokens is not None:
       hw = (int(self.image_size), int(self.image_size))
       thresholds = complexity_thresholds.budget_thresholds(scores, self.budget_tokens, image_hw=hw)
-    return complexity_thresholds.levels_for_scores(scores, thresholds)
+    return Assignment(complexity_thresholds.levels_for_scores(scores, thresholds))
+
+  def from_qualities(self, table: Mapping[str, np.ndarray], image_sizes: Sequence[tuple[int, int]]) -> Assignment:
+    """The levels a qualities assigner chooses from a table it has (``{measure: (N, 3)}``, e.g. predicted already)
+    for images of these (H, W)."""
+    from cat_jax.complexity import allocation
+
+    if self.measure not in table:
+      raise ValueError(f"no {self.measure!r} qualities to choose levels by (there are {sorted(table)})")
+    q = np.asarray(table[self.measure], np.float64)
+    if self.price is not None:
+      return Assignment(allocation.at_price(q, allocation.rate_table(len(q)), self.price))
+    tokens = allocation.tokens_table(list(image_sizes))
+    if self.budget_tokens is not None:
+      return Assignment(allocation.best_within_budget(q, tokens, self.budget_tokens))
+    levels = allocation.fewest_tokens_for(q, tokens, self.target_quality)
+    missed = allocation.mean_of(q, levels) < self.target_quality - 1e-9
+    return Assignment(levels, np.full(len(levels), missed))
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoLevels:
+  """A tokenizer's knob-free ``levels="auto"``, saved in its ``config.json`` as ``auto_levels`` (``to_dict``).
+
+  ``rule="price"`` (a quality predictor's, ``price_auto_levels``): each image the level whose predicted ``measure``
+  less ``price`` per token per 256x256 pixels is highest. ``rule="thresholds"`` (``calibrate_auto_levels``): a score
+  (``scorer``: the level predictor's or JPEG bits per pixel at ``image_size``) through calibrated ``thresholds``.
+  ``budget_tokens``: the mean tokens it was calibrated at; the rest records the calibration."""
+
+  rule: str
+  scorer: str
+  image_size: int
+  budget_tokens: float | None = None
+  measure: str | None = None
+  price: float | None = None
+  thresholds: tuple[float, float] | None = None
+  teacher: str | None = None
+  calibration_images: int | None = None
+  level_counts: tuple[int, ...] | None = None
+  source: str | None = None  # the calibration data (scripts/calibrate_auto_levels.py)
+
+  RULES = ("price", "thresholds")
+
+  def __post_init__(self):
+    if self.rule not in self.RULES:
+      raise ValueError(f"unknown auto_levels rule {self.rule!r} (this version knows {self.RULES})")
+    if self.rule == "price" and (self.measure is None or self.price is None):
+      raise ValueError("a price rule needs a measure and a price")
+    if self.rule == "thresholds" and self.thresholds is None:
+      raise ValueError("a threshold rule needs thresholds")
+
+  @classmethod
+  def from_dict(cls, block: Mapping[str, Any]) -> "AutoLevels":
+    """What ``config.json``'s ``auto_levels`` holds (a threshold rule has no ``rule`` key)."""
+    block = dict(block.to_dict() if hasattr(block, "to_dict") else block)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(block) - fields)
+    if unknown:
+      raise ValueError(f"auto_levels has keys this version does not know: {unknown}")
+    block.setdefault("rule", "thresholds")
+    for name in ("thresholds", "level_counts"):
+      if block.get(name) is not None:
+        block[name] = tuple(block[name])
+    return cls(**block)
+
+  def to_dict(self) -> dict[str, Any]:
+    """The ``auto_levels`` block of ``config.json`` (JSON types; unset fields left out, a threshold rule without
+    ``rule``, as files have always been written)."""
+    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    if self.rule == "thresholds":
+      del out["rule"]
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items() if v is not None}
 
 
 def calibrate_auto_levels(images: Sequence[np.ndarray], *, image_size: int, budget_tokens: float | None = None,
-                          predictor: Any = None) -> dict[str, Any]:
-  """A tokenizer's knob-free ``levels="auto"``: scores of ``images`` ([-1, 1] HWC, a sample of the training
-  distribution) by the level ``predictor`` (``cat_jax.complexity.predictor.LevelPredictor``), or without one JPEG bits
-  per pixel at ``image_size``, with thresholds such that the images average ``budget_tokens`` (default: the
-  fixed-16x count at ``image_size``). The dict goes into the tokenizer's ``config.json`` as ``auto_levels``;
-  ``auto_assigner`` turns it back into a ``LevelAssigner``."""
+                          predictor: Any = None) -> AutoLevels:
+  """A tokenizer's knob-free ``levels="auto"`` by thresholds: scores of ``images`` ([-1, 1] HWC, a sample of the
+  training distribution) by the level ``predictor`` (``cat_jax.complexity.predictor.LevelPredictor``), or without one
+  JPEG bits per pixel at ``image_size``, with thresholds such that the images average ``budget_tokens`` (default: the
+  fixed-16x count at ``image_size``)."""
   hw = (int(image_size), int(image_size))
   budget = float(L.num_tokens(hw, 1) if budget_tokens is None else budget_tokens)
   scorer = _auto_scorer("predictor" if predictor is not None else "jpeg", int(image_size), predictor)
   scores = score_images(scorer, [str(k) for k in range(len(images))], images)
   thresholds = complexity_thresholds.budget_thresholds(scores, budget, image_hw=hw)
   levels = complexity_thresholds.levels_for_scores(scores, thresholds)
-  block = {"scorer": scorer.method, "image_size": int(image_size), "thresholds": [float(t) for t in thresholds],
-           "budget_tokens": budget, "calibration_images": len(images),
-           "level_counts": np.bincount(levels, minlength=L.NUM_LEVELS).tolist()}
-  if predictor is not None:
-    block["teacher"] = predictor.teacher
-  return block
+  return AutoLevels(rule="thresholds", scorer=scorer.method, image_size=int(image_size),
+                    thresholds=tuple(float(t) for t in thresholds), budget_tokens=budget,
+                    calibration_images=len(images),
+                    level_counts=tuple(np.bincount(levels, minlength=L.NUM_LEVELS).tolist()),
+                    teacher=predictor.teacher if predictor is not None else None)
 
 
 def _auto_scorer(name: str, image_size: int, predictor: Any = None):
@@ -246,36 +317,46 @@ def _auto_scorer(name: str, image_size: int, predictor: Any = None):
   raise ValueError(f"unknown auto_levels scorer {name!r} (this version knows 'predictor' and 'jpeg')")
 
 
-def auto_assigner(auto_levels: Mapping[str, Any], *, predictor: Any = None, thresholds: Sequence[float] | None = None,
+def auto_assigner(auto: AutoLevels, *, predictor: Any = None, thresholds: Sequence[float] | None = None,
                   budget_tokens: float | None = None) -> LevelAssigner:
-  """The ``LevelAssigner`` of a tokenizer's ``auto_levels``. A price rule (``"rule": "price"``, a quality
-  predictor's: ``price_auto_levels``) gives each image the level its predicted qualities earn at the saved price,
-  or with ``budget_tokens`` the best predicted mean quality within that budget at the images' own sizes. A threshold
-  rule (``calibrate_auto_levels``) maps a score through its calibrated ``thresholds``, which ``thresholds`` or
+  """The ``LevelAssigner`` of a tokenizer's ``AutoLevels``. A price rule gives each image the level its predicted
+  qualities earn at the saved price, or with ``budget_tokens`` the best predicted mean quality within that budget at
+  the images' own sizes. A threshold rule maps a score through its calibrated thresholds, which ``thresholds`` or
   ``budget_tokens`` (at its ``image_size``) replace."""
-  if auto_levels.get("rule") == "price":
+  if auto.rule == "price":
     if predictor is None or getattr(predictor, "qualities", None) is None:
       raise ValueError("auto_levels prices levels by predicted qualities but the tokenizer has no quality predictor "
                        "(its folder lacks predictor.json / predictor.safetensors)")
     if thresholds is not None:
       raise ValueError("thresholds apply to score thresholds; this tokenizer's levels='auto' prices what more tokens "
                        "buy each image: pass budget_tokens= or price= instead")
-    rule = {"budget_tokens": budget_tokens} if budget_tokens is not None else {"price": float(auto_levels["price"])}
-    return LevelAssigner(qualities=predictor.predict_quality, measure=auto_levels["measure"], **rule)
-  size = int(auto_levels["image_size"])
-  scorer = _auto_scorer(auto_levels.get("scorer"), size, predictor)
+    rule = {"budget_tokens": budget_tokens} if budget_tokens is not None else {"price": auto.price}
+    return LevelAssigner(qualities=predictor.predict_quality, measure=auto.measure, **rule)
+  scorer = _auto_scorer(auto.scorer, auto.image_size, predictor)
   if thresholds is None and budget_tokens is None:
-    thresholds = tuple(auto_levels["thresholds"])
-  return LevelAssigner(scorer=scorer, thresholds=thresholds, budget_tokens=budget_tokens, image_size=size)
+    thresholds = auto.thresholds
+  return LevelAssigner(scorer=scorer, thresholds=thresholds, budget_tokens=budget_tokens, image_size=auto.image_size)
 
 
-def price_auto_levels(predictor: Any) -> dict[str, Any]:
-  """The ``auto_levels`` of a quality predictor: each image the level that maximises its predicted quality in the
+def price_auto_levels(predictor: Any) -> AutoLevels:
+  """The ``AutoLevels`` of a quality predictor: each image the level that maximises its predicted quality in the
   predictor's first measure minus ``price`` per token per 256x256 pixels (``allocation.at_price``), the price
   calibrated when the predictor was trained (the fixed-16x mean tokens on its training images)."""
   if getattr(predictor, "qualities", None) is None or predictor.price is None:
     raise ValueError("a price rule needs a quality predictor with a calibrated price (python -m "
                      "cat_jax.train_predictor --config.teacher=quality:TOKENIZER)")
-  return {"rule": "price", "scorer": "predictor", "measure": predictor.measures[0], "price": float(predictor.price),
-          "budget_tokens": predictor.budget_tokens, "image_size": int(predictor.image_size),
-          "teacher": predictor.teacher}
+  return AutoLevels(rule="price", scorer="predictor", measure=predictor.measures[0], price=float(predictor.price),
+                    budget_tokens=predictor.budget_tokens, image_size=int(predictor.image_size),
+                    teacher=predictor.teacher)
+
+
+def predictor_auto_levels(predictor: Any) -> AutoLevels:
+  """The ``AutoLevels`` of a score predictor's own thresholds (calibrated when it was trained)."""
+  if predictor.thresholds is None:
+    raise ValueError("the predictor has no calibrated thresholds: pass images= to calibrate them here")
+  calibration = (predictor.info or {}).get("calibration", {})
+  counts = calibration.get("level_counts")
+  return AutoLevels(rule="thresholds", scorer="predictor", image_size=int(predictor.image_size),
+                    teacher=predictor.teacher, thresholds=tuple(float(t) for t in predictor.thresholds),
+                    budget_tokens=predictor.budget_tokens, calibration_images=calibration.get("images"),
+                    level_counts=None if counts is None else tuple(counts))

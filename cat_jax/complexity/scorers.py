@@ -3,7 +3,8 @@
 Every scorer has a ``method`` name, ``config()`` (what decides its scores, stored in the manifest header) and
 ``score(item) -> dict`` taking a data-source item (``{"id", "image", "caption"?}``) and returning at least
 ``{"score": ...}`` plus method-specific fields; it raises on failure (the runner records the failure). Higher
-scores always mean more complex.
+scores always mean more complex. The pixel scorers (JPEG, MSE) also score a batch at once, ``scores(images)``, of
+images prepared once (``prepare_batch``: uint8 at the scoring size); ``score(item)`` is that batch of one.
 
 Images are prepared the same way for every method (``prepare_image``): decoded to RGB, then, when
 ``image_size`` is set, resized so the shorter side is ``image_size`` and center-cropped to a square, i.e. the
@@ -71,6 +72,23 @@ def prepare_item(item: dict[str, Any], image_size: int | None) -> Image.Image:
   return prepare_image(item["image"], image_size, path=str(item.get("path") or item.get("id", "<image>")))
 
 
+def prepare_batch(images: Any, image_size: int | None) -> list[np.ndarray]:
+  """Images (uint8 or [-1, 1] float HWC arrays, PIL images, paths) as uint8 (H, W, 3) at the scoring size, as
+  ``prepare_image`` makes them; a uint8 RGB array already at that size is used as it is."""
+  from cat_jax.data.preprocess import from_model_range
+
+  out = []
+  for k, x in enumerate(images):
+    if isinstance(x, np.ndarray) and x.ndim == 3 and x.shape[-1] == 3 and x.dtype.kind == "f":
+      x = from_model_range(x)  # the tokenizer's images, checked already
+    if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 3 and x.shape[-1] == 3):
+      x = np.asarray(to_pil_rgb(x, path=f"image {k}"))
+    if image_size and x.shape[:2] != (image_size, image_size):
+      x = resize_and_crop(Image.fromarray(x), image_size)
+    out.append(x)
+  return out
+
+
 def jpeg_bpp(image: Image.Image, quality: int = DEFAULT_JPEG_QUALITY) -> float:
   """Bits per pixel of ``image`` saved as a baseline JPEG at ``quality`` with 4:2:0 chroma subsampling."""
   buf = io.BytesIO()
@@ -91,8 +109,12 @@ class JpegScorer:
   def config(self) -> dict[str, Any]:
     return {"method": self.method, "quality": self.quality, "image_size": self.image_size}
 
+  def scores(self, images: Any) -> list[float]:
+    """Bits per pixel of each image (``prepare_batch``)."""
+    return [jpeg_bpp(Image.fromarray(x), self.quality) for x in prepare_batch(images, self.image_size)]
+
   def score(self, item: dict[str, Any]) -> dict[str, Any]:
-    return {"score": jpeg_bpp(prepare_item(item, self.image_size), self.quality)}
+    return {"score": self.scores([np.asarray(prepare_item(item, self.image_size))])[0]}
 
 
 def lowpass_reconstruct(images: np.ndarray, factor: int = 32) -> np.ndarray:
@@ -120,7 +142,7 @@ ReconstructFn = Callable[[np.ndarray], np.ndarray]
 class MseScorer:
   """Reconstruction MSE, with pixel values in [0, 1].
 
-  ``reconstruct_fn`` takes a float32 NHWC batch in [-1, 1] (shape (1, H, W, 3)) and returns its reconstruction
+  ``reconstruct_fn`` takes a float32 NHWC batch in [-1, 1] (images of one size) and returns its reconstruction
   in the same range, e.g. a trained tokenizer's encode/decode at 32x. Without one, ``lowpass_reconstruct``
   (the documented proxy) is used.
   """
@@ -145,18 +167,34 @@ class MseScorer:
     measure = "reconstruct_fn" if self.reconstruct_fn is not None else f"lowpass proxy 1/{self.proxy_factor}"
     return {"method": self.method, "image_size": self.image_size, "reconstruction": measure}
 
+  def scores(self, images: Any) -> list[float]:
+    """The MSE of each image's reconstruction (``prepare_batch``; one ``reconstruct_fn`` call per image size)."""
+    prepared = prepare_batch(images, self.image_size)
+    by_shape: dict[tuple, list[int]] = {}
+    for k, x in enumerate(prepared):
+      by_shape.setdefault(x.shape, []).append(k)
+    out = np.zeros(len(prepared))
+    for ks in by_shape.values():
+      x = np.stack([prepared[k] for k in ks]).astype(np.float32) / 127.5 - 1.0
+      if self.reconstruct_fn is None:
+        recon = lowpass_reconstruct(x, self.proxy_factor)
+      else:
+        recon = np.asarray(self.reconstruct_fn(x), np.float32)
+        if recon.shape != x.shape:
+          raise ValueError(f"reconstruct_fn returned shape {recon.shape}, expected {x.shape}")
+      out[ks] = reconstruction_mse(x, recon)
+    return out.tolist()
+
   def score(self, item: dict[str, Any]) -> dict[str, Any]:
-    im = prepare_item(item, self.image_size)
-    x = np.asarray(im, np.float32)[None] / 127.5 - 1.0
-    if self.reconstruct_fn is None:
-      recon = lowpass_reconstruct(x, self.proxy_factor)
-    else:
-      recon = np.asarray(self.reconstruct_fn(x), np.float32)
-      if recon.shape != x.shape:
-        raise ValueError(f"reconstruct_fn returned shape {recon.shape}, expected {x.shape}")
-    recon = np.clip(recon, -1.0, 1.0)
-    # Halve the [-1, 1] difference so the MSE is on the [0, 1] pixel scale.
-    return {"score": float(np.mean(((recon - x) / 2.0) ** 2))}
+    return {"score": self.scores([np.asarray(prepare_item(item, self.image_size))])[0]}
+
+
+def reconstruction_mse(images: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
+  """(N,) the MSE score of NHWC ``images`` in [-1, 1] against their reconstructions (clipped to [-1, 1]), on the
+  [0, 1] pixel scale."""
+  recon = np.clip(np.asarray(reconstructions, np.float32), -1.0, 1.0)
+  # Halve the [-1, 1] difference so the MSE is on the [0, 1] pixel scale.
+  return np.mean(((recon - np.asarray(images, np.float32)) / 2.0) ** 2, axis=(1, 2, 3)).astype(np.float64)
 
 
 def _ask(client: ChatClient, model: str, message: dict[str, Any], parse: Callable[[str], Any],
