@@ -9,8 +9,9 @@ non-finite state) and ``Preemption`` (SIGTERM: save and exit at the next step) -
 init, logging). The model-specific parts, state, step function and evaluation, stay in each trainer.
 
 A train state is a ``flax.struct.dataclass`` with at least ``step``, ``params``, ``ema_params`` and ``all_finite``
-(``TrainState``: the DiT's and the level predictor's); checkpoints hold it without its EMA params, the EMA params as
-their own item (what inference restores), and the data iterator (``cat_jax.checkpoint``).
+(``SingleNetState``: the DiT's and the level predictor's; ``train.TrainState``: the tokenizer's, with its GAN);
+checkpoints hold it without its EMA params, the EMA params as their own item (what inference restores), and the data
+iterator (``cat_jax.checkpoint``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ logger = logging.getLogger("cat_jax.loop")
 
 
 @flax.struct.dataclass
-class TrainState:
+class SingleNetState:
   """The train state of a single-network trainer (the DiT, the level predictor); the tokenizer's adds its GAN."""
   step: jax.Array
   params: Any

@@ -33,7 +33,6 @@ logger = logging.getLogger("cat_jax.train_dit")
 
 
 # -- state and optimiser --------------------------------------------------------------------------------------------
-TrainState = loop.TrainState
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -43,15 +42,15 @@ def make_optimizer(config) -> optax.GradientTransformation:
                      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
 
 
-def init_train_state(rng, *, model: DiT, tx) -> TrainState:
+def init_train_state(rng, *, model: DiT, tx) -> loop.SingleNetState:
   params = init_dit(model, rng)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    ema_params=jax.tree.map(jnp.copy, params), all_finite=jnp.ones((), bool))
+  return loop.SingleNetState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                             ema_params=jax.tree.map(jnp.copy, params), all_finite=jnp.ones((), bool))
 
 
 # -- the step -------------------------------------------------------------------------------------------------------
-def train_step(state: TrainState, latents, labels, base_rng, level: int, *, model: DiT, tx, config
-               ) -> tuple[TrainState, dict]:
+def train_step(state: loop.SingleNetState, latents, labels, base_rng, level: int, *, model: DiT, tx, config
+               ) -> tuple[loop.SingleNetState, dict]:
   """One rectified-flow update + EMA on a single-level batch of normalised latents (B, h, w, C)."""
   rng = jax.random.fold_in(base_rng, state.step)  # resume-exact: the noise depends only on the step
   apply_fn = lambda p, x, t, y, lvl: model.apply({"params": p}, x, t, y, lvl)
@@ -64,8 +63,8 @@ def train_step(state: TrainState, latents, labels, base_rng, level: int, *, mode
   ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params,
-                         all_finite=state.all_finite & finite)
+  new_state = loop.SingleNetState(step=state.step + 1, params=params, opt_state=opt_state,
+                                  ema_params=ema_params, all_finite=state.all_finite & finite)
   return new_state, {"loss": loss, "grad_norm": grad_norm}
 
 
@@ -76,7 +75,7 @@ def encode_latents(config, workdir: str) -> str:
     return config.data.latents
   from cat_jax import data as cat_data
   from cat_jax.data.latents import encode_source
-  from cat_jax.generation.sampling import TOKENIZER_DIR, load_tokenizer
+  from cat_jax.generation.sampling import TOKENIZER_DIR, dit_tokenizer
 
   out = storage.as_path(workdir) / "latents"
   if (out / "index.jsonl").exists():
@@ -93,7 +92,7 @@ def encode_latents(config, workdir: str) -> str:
     tok = Tokenizer(vae, init_params(vae, jax.random.key(config.tokenizer.seed), 64),
                     config=ml_collections.ConfigDict({"data": {"image_size": config.data.image_size}}))
     tok.save_pretrained(storage.as_path(workdir) / TOKENIZER_DIR)
-  tok = load_tokenizer(config, workdir)
+  tok = dit_tokenizer(config, workdir)
   source = cat_data.get_source(config.data.source, config.data.split, **config.data.source_kwargs)
   levels = cat_data.resolve_levels(source, config.data.levels)
   logger.info("Encoding %d images of %r with the tokenizer into %s", len(source), source, out)
@@ -120,12 +119,12 @@ def latent_statistics(config, workdir: str, dataset: LatentDataset) -> LatentSta
 # -- the loop -------------------------------------------------------------------------------------------------------
 def write_sample_grid(state, config, workdir: str, stats: LatentStatistics, writer, step: int) -> None:
   """One row per class (at most 8), 8 samples each at the class's most frequent level, decoded: PNG + TensorBoard."""
-  from cat_jax.generation.sampling import Generator, load_tokenizer
+  from cat_jax.generation.sampling import Generator, dit_tokenizer
   from cat_jax.metric_writers import make_image_grid
 
   model = build_dit(config.model)
   gen = Generator(model, state.ema_params, stats, image_size=config.data.image_size,
-                  tokenizer=load_tokenizer(config, workdir), batch_size=8, **config.sample)
+                  tokenizer=dit_tokenizer(config, workdir), batch_size=8, **config.sample)
   classes = range(min(8, model.num_classes))
   rows = []
   for y in classes:
@@ -140,7 +139,7 @@ def write_sample_grid(state, config, workdir: str, stats: LatentStatistics, writ
     storage.write_png(storage.as_path(workdir) / "images" / f"samples_step{step:07d}.png", grid)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.SingleNetState:
   """Trains to ``config.num_steps`` (resuming from ``workdir`` if it has checkpoints); returns the final state."""
   from cat_jax.data import make_global_batch
   from cat_jax.metric_writers import MetricWriter

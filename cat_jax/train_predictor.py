@@ -127,7 +127,7 @@ def covered(source, scores: dict[str, float], what: str):
 
 
 # -- state and step -------------------------------------------------------------------------------------------------
-TrainState = loop.TrainState
+TrainState = loop.SingleNetState
 
 
 def make_optimizer(config) -> optax.GradientTransformation:

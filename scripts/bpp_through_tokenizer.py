@@ -14,7 +14,7 @@ import numpy as np
 from cat_jax import checkpoint as ckpt
 from cat_jax import levels as L
 from cat_jax.data.latents import LatentStatistics
-from cat_jax.generation.sampling import load_tokenizer
+from cat_jax.generation.sampling import dit_tokenizer
 from cat_jax.sample import class_rank_correlation, jpeg_bpp_by_class, real_images_by_class
 
 
@@ -27,7 +27,7 @@ def main(argv=None):
   config = ckpt.load_config(args.workdir)
   counts = LatentStatistics.load(args.workdir).class_level_counts  # [class][level] in the training latents
   level_of_class = {y: int(np.argmax(c)) for y, c in enumerate(counts) if sum(c)}
-  tok = load_tokenizer(config, args.workdir, batch_size=args.per_class)
+  tok = dit_tokenizer(config, args.workdir, batch_size=args.per_class)
 
   images, labels = real_images_by_class(config, sorted(level_of_class), per_class=args.per_class)
   recon = np.empty_like(images)

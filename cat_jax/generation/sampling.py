@@ -30,12 +30,12 @@ from cat_jax.generation.dit import DiT, build_dit, init_dit
 TOKENIZER_DIR = "tokenizer"  # <workdir>/tokenizer: the untrained tokenizer a run encoded with, when none was named
 
 
-def load_tokenizer(config, workdir: str, *, batch_size: int = 64):
+def dit_tokenizer(config, workdir: str, *, batch_size: int = 64):
   """The tokenizer a DiT run's latents come from: ``config.tokenizer.path`` or ``<workdir>/tokenizer``."""
-  from cat_jax.tokenizer import load_tokenizer as load
+  from cat_jax.tokenizer import load_tokenizer
 
   path = config.tokenizer.get("path") or os.fspath(storage.as_path(workdir) / TOKENIZER_DIR)
-  return load(path, batch_size=batch_size)
+  return load_tokenizer(path, batch_size=batch_size)
 
 
 def _sample(params, rng, labels, cfg_scale, *, model: DiT, level: int, grid: tuple[int, int], num_steps: int,
@@ -73,8 +73,8 @@ class Generator:
     params, _ = ckpt.restore_inference_params(workdir, abstract, use_ema=use_ema)
     settings = dict(config.sample.to_dict(), batch_size=64)
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config, workdir,
-                                                                        batch_size=settings["batch_size"])
+    tokenizer = tokenizer if tokenizer is not None else dit_tokenizer(config, workdir,
+                                                                       batch_size=settings["batch_size"])
     return cls(model, params, LatentStatistics.load(workdir), image_size=int(config.data.image_size),
                tokenizer=tokenizer, **settings)
 
