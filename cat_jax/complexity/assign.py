@@ -140,7 +140,7 @@ class LevelAssigner:
                        f"{given or 'none'}")
     mode = given[0]
     allowed = {"scorer": {"thresholds", "budget_tokens", "image_size"},
-               "qualities": {"measure", "price", "budget_tokens", "target_quality", "image_size"}}.get(mode, set())
+               "qualities": {"measure", "price", "budget_tokens", "target_quality"}}.get(mode, set())
     extra = [name for name in ("thresholds", "budget_tokens", "image_size", "measure", "price", "target_quality")
              if getattr(self, name) is not None and name not in allowed]
     if extra:

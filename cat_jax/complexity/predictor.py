@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cat_jax.complexity import thresholds as complexity_thresholds
+from cat_jax.complexity.thresholds import mix_thresholds  # noqa: F401 (the predictor's teacher comparison uses it)
 
 CONFIG_FILE = "predictor.json"
 WEIGHTS_FILE = "predictor.safetensors"
@@ -75,16 +76,6 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
   ra, rb = ra - ra.mean(), rb - rb.mean()
   denom = math.sqrt(float(np.sum(ra * ra) * np.sum(rb * rb)))
   return float(np.sum(ra * rb) / denom) if denom else 0.0
-
-
-def mix_thresholds(scores: Sequence[float], level_counts: Sequence[int]) -> tuple[float, float]:
-  """Thresholds that split ``scores`` into the proportions of ``level_counts`` (8x, 16x, 32x): how the predictor's
-  levels are compared with its teacher's, whatever budget the teacher's own thresholds were set for."""
-  p = np.asarray(level_counts, np.float64) / max(1, int(np.sum(level_counts)))
-  s = np.asarray(scores, np.float64)
-  low = np.quantile(s, p[2], method="inverted_cdf") if p[2] > 0 else s.min() - 1.0
-  high = np.quantile(s, p[2] + p[1], method="inverted_cdf") if p[2] + p[1] > 0 else s.min() - 1.0
-  return float(low), float(max(low, high))
 
 
 def agreement(predicted: Sequence[float], teacher_scores: Sequence[float], teacher_levels: Sequence[int],

@@ -63,12 +63,20 @@ def mean_tokens(scores: Sequence[float], thresholds: Sequence[float], image_hw: 
 
 
 def quantile_thresholds(scores: Sequence[float], fractions: tuple[float, float] = (1 / 3, 2 / 3)) -> Thresholds:
-  """Thresholds at the scores' quantiles: about ``fractions[0]`` of images at 32x and ``1 - fractions[1]`` at 8x."""
+  """Thresholds at the scores' quantiles: about ``fractions[0]`` of images at 32x and ``1 - fractions[1]`` at 8x (a
+  fraction 0: a threshold below every score)."""
   s = np.asarray(scores, np.float64)
   if s.size == 0:
     raise ValueError("quantile thresholds need at least one score")
-  low, high = np.quantile(s, fractions, method="inverted_cdf")
-  return float(low), float(high)
+  low, high = (float(np.quantile(s, f, method="inverted_cdf")) if f > 0 else float(s.min() - 1.0) for f in fractions)
+  return low, max(low, high)
+
+
+def mix_thresholds(scores: Sequence[float], level_counts: Sequence[int]) -> Thresholds:
+  """Quantile thresholds that split ``scores`` into the proportions of ``level_counts`` (8x, 16x, 32x): how the
+  predictor's levels are compared with its teacher's, whatever budget the teacher's own thresholds were set for."""
+  p = np.asarray(level_counts, np.float64) / max(1, int(np.sum(level_counts)))
+  return quantile_thresholds(scores, (p[2], p[2] + p[1]))
 
 
 def default_thresholds(method: str, scores: Sequence[float]) -> Thresholds:
