@@ -19,8 +19,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import functools  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -28,12 +26,13 @@ import numpy as np  # noqa: E402
 from cat_jax import configs  # noqa: E402
 from cat_jax import levels as L  # noqa: E402
 from cat_jax import tokenizer as tokenizer_lib  # noqa: E402
-from cat_jax.models.nested_vae import abstract_params, build_model, reconstruct  # noqa: E402
+from cat_jax.models.nested_vae import NestedVAE, abstract_params, build_model  # noqa: E402
 
 
 def planned_bytes(model, params, side: int, level: int) -> int:
   x = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
-  fn = jax.jit(functools.partial(reconstruct, model=model), static_argnames=("level",))  # what the tokenizer runs
+  fn = jax.jit(lambda params, x, level: model.apply({"params": params}, x, level, method=NestedVAE.reconstruct),
+               static_argnames=("level",))  # what the tokenizer runs
   m = fn.lower(params, x, level=level).compile().memory_analysis()
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
 

@@ -48,7 +48,6 @@ import numpy as np
 
 from cat_jax import levels as L
 from cat_jax import parallel
-from cat_jax.models import nested_vae
 from cat_jax.models.nested_vae import NestedVAE, abstract_params, build_model, crop_latent, pad_latent
 
 ImagesLike = Any  # (N, H, W, C) array, a sequence of images (arrays, PIL images, paths), one PIL image or one path
@@ -67,7 +66,7 @@ class Latents:
 
   ``code_only[i]`` (one bit per image, None = all False): image i's latent is the fixed DCT patch code the model
   starts from and decodes as that code alone, because the learned path reconstructed it worse (``Tokenizer``'s
-  ``keep_code``; ``nested_vae.reconstruct``).
+  ``keep_code``; ``NestedVAE.encode_keeping_code``).
 
   ``missed_target[i]`` (None when levels came without a quality target): no level brought image i to the target
   asked for (``target_psnr``, a mean ``target_quality``), so it got the level closest to it."""
@@ -236,7 +235,7 @@ class Tokenizer:
     auto_levels: the knob-free ``levels="auto"`` (``complexity.assign.AutoLevels``; default: ``config``'s
       ``auto_levels``); ``save_pretrained`` writes it into ``config.json``.
     keep_code: per image, keep the fixed DCT patch code the model starts from when the learned path reconstructs
-      the image worse (one bit per image, ``Latents.code_only``; ``nested_vae.reconstruct``). Default: on for
+      the image worse (one bit per image, ``Latents.code_only``; ``NestedVAE.encode_keeping_code``). Default: on for
       models with shortcuts (the only ones with a patch code). It costs ``encode`` one decode.
     shape_buckets: pad sizes to a short ladder of shapes and fill every batch (bounded compiles on folders of many
       sizes; see the module docstring), or compute each multiple of 32 as its own shape with the images given.
@@ -271,7 +270,7 @@ class Tokenizer:
                               static_argnames=("level", "sample", "keep_code"), out_shardings=self._batch_sharding)
     self._decode_fn = jax.jit(functools.partial(_decode, model=model), static_argnames=("level",),
                               out_shardings=self._batch_sharding)
-    self._reconstruct_fn = jax.jit(functools.partial(nested_vae.reconstruct, model=model),
+    self._reconstruct_fn = jax.jit(functools.partial(_reconstruct, model=model),
                                    static_argnames=("level", "keep_code"), out_shardings=self._batch_sharding)
 
   # -- construction ------------------------------------------------------------------------------------------------
@@ -605,7 +604,7 @@ class Tokenizer:
     if keep_code is None:
       return self.keep_code
     if keep_code and not self.model.shortcuts:
-      raise ValueError("keep_code=True keeps the patch code of a model with shortcuts; this model has none")
+      raise ValueError("keep_code=True keeps the fixed code of a model with shortcuts; this model has none")
     return bool(keep_code)
 
   def _put(self, batch: np.ndarray) -> jax.Array:
@@ -707,24 +706,23 @@ def load_tokenizer(spec: str | os.PathLike, *, batch_size: int | None = None, st
 
 
 def _encode(params, images, rng, valid=None, *, level: int, sample: bool, keep_code: bool, model: NestedVAE):
-  """The level's latent grid and, per image, whether it is the patch code (see ``nested_vae.reconstruct``; ``valid``:
-  each image's own (height, width) in the padded batch)."""
-  variables = {"params": params}
+  """The level's latent grid and, per image, whether it is the fixed code (``NestedVAE.encode_keeping_code``;
+  ``valid``: each image's own (height, width) in the padded batch)."""
+  variables, rng = {"params": params}, rng if sample else None
+  if keep_code:
+    z, code_only = model.apply(variables, images, level, rng, valid, method=NestedVAE.encode_keeping_code)
+    return crop_latent(z, level), code_only
   posterior = model.apply(variables, images, level, method=NestedVAE.encode)
-  z = posterior.sample(rng) if sample else posterior.mode()
-  if not keep_code:
-    return crop_latent(z, level), jnp.zeros(images.shape[:1], bool)
-  learned = model.apply(variables, z, level, method=NestedVAE.decode)
-  canvas, code = nested_vae.code_reconstruction(params, images, level, model=model)
-  _, code_only = nested_vae.closer_to(images, learned, code, valid)
-  return crop_latent(jnp.where(code_only[:, None, None, None], canvas, z), level), code_only
+  z = posterior.mode() if rng is None else posterior.sample(rng)
+  return crop_latent(z, level), jnp.zeros(images.shape[:1], bool)
 
 
 def _decode(params, latents, code_only, *, level: int, model: NestedVAE):
-  """Images from a level's latent grids; those flagged ``code_only`` as the patch code alone."""
-  variables, canvas = {"params": params}, pad_latent(latents, level)
-  images = model.apply(variables, canvas, level, method=NestedVAE.decode)
-  if not model.shortcuts:
-    return images
-  code = model.apply(variables, canvas, level, method=NestedVAE.decode_base)
-  return jnp.where(code_only[:, None, None, None], code, images)
+  """Images from a level's latent grids; those flagged ``code_only`` as the fixed code alone."""
+  return model.apply({"params": params}, pad_latent(latents, level), level,
+                     code_only if model.shortcuts else None, method=NestedVAE.decode)
+
+
+def _reconstruct(params, images, valid=None, *, level: int, keep_code: bool, model: NestedVAE):
+  """``NestedVAE.reconstruct``: unclipped reconstructions and the per-image code bits."""
+  return model.apply({"params": params}, images, level, keep_code, valid, method=NestedVAE.reconstruct)

@@ -32,10 +32,10 @@ from cat_jax.losses import gan as gan_losses
 from cat_jax.losses.perceptual import perceptual_loss
 from cat_jax.losses.reconstruction import log_mse_loss, reconstruction_loss
 from cat_jax.metrics import image_quality
-from cat_jax.metrics.baselines import area_bicubic, dct_code
+from cat_jax.metrics.baselines import area_bicubic
 from cat_jax.models.discriminator import PatchDiscriminator
 from cat_jax.models import with_dtypes
-from cat_jax.models.nested_vae import NestedVAE, build_model, init_params, reconstruct
+from cat_jax.models.nested_vae import NestedVAE, build_model, init_params
 
 logger = logging.getLogger("cat_jax.train")
 OUTPUT_HEAD_PARAMS = ("dec_norm_out", "dec_conv_out", "dec_gate")
@@ -113,12 +113,12 @@ def generator_loss_fn(params, d_params, images, level, rng, lpips_params, gan_sc
   posterior = model.apply({"params": params}, images, level, method=NestedVAE.encode)
   z = posterior.sample(rng)
   features = model.apply({"params": params}, z, level, method=NestedVAE.decode_features)
-  base = model.apply({"params": params}, z, level, method=NestedVAE.decode_base)  # 0 without shortcuts
+  code = model.apply({"params": params}, z, level, method=NestedVAE.decode_code) if model.shortcuts else 0.0
 
   def output_head(head_params, feats):  # the last layer's kernel is what the adaptive weight differentiates
     head_tree = {k: params[k] for k in OUTPUT_HEAD_PARAMS if k in params}  # norm='none': no norm; maybe no gate
     out = model.apply({"params": dict(head_tree, dec_conv_out=head_params)}, feats, method=NestedVAE.output_head)
-    return out + base
+    return out + code
 
   def nll_of(recon):
     rec = reconstruction_loss(images, recon, loss_cfg.recon)
@@ -286,29 +286,29 @@ def eval_measures(height: int, width: int) -> tuple[str, ...]:
 
 def eval_step(params, images, mask, level, *, model):
   """Masked sums of L1, of each ``eval_measures`` (keys ``psnr``, ``gmsd``, ``haarpsi``) of the reconstructions and
-  of the no-learning baselines (keys ``psnr_area_bicubic``, ...; with shortcuts also ``..._dct_code``, the DCT patch
+  of the no-learning baselines (keys ``psnr_area_bicubic``, ...; with shortcuts also ``..._dct_code``, the fixed
   code the model starts from), the share of images that kept the code, and the clipped reconstructions.
 
-  Reconstructions are the tokenizer's (``nested_vae.reconstruct``: per image, the learned path or the patch code,
+  Reconstructions are the tokenizer's (``NestedVAE.reconstruct``: per image, the learned path or the fixed code,
   whichever is closer). The measures are the registry's (``image_quality.qualities``): on 8-bit levels, per image,
   PSNR capped at 50 dB, the reported convention (``image_quality.reported_psnr``, as the evaluator measures).
   """
-  recon, code_only = reconstruct(params, images, level, model=model)
+  variables = {"params": params}
+  recon, code_only = model.apply(variables, images, level, method=NestedVAE.reconstruct)
   recon = jnp.clip(recon, -1.0, 1.0)
-  baselines = {"area_bicubic": area_bicubic}
+  if isinstance(level, int):
+    bicubic = area_bicubic(images, level)
+  else:  # a traced level: every branch has the image's shape
+    bicubic = jax.lax.switch(level, [functools.partial(area_bicubic, level=lvl) for lvl in range(L.NUM_LEVELS)],
+                             images)
+  reconstructions = {"": recon, "_area_bicubic": bicubic}
   if model.shortcuts:
-    baselines["dct_code"] = functools.partial(dct_code, channels=model.z_channels)
+    code = model.apply(variables, images, level, method=NestedVAE.code_reconstruction)
+    reconstructions["_dct_code"] = jnp.clip(code, -1.0, 1.0)
   m = mask.astype(jnp.float32)
   l1 = jnp.mean(jnp.abs(recon - images), axis=(1, 2, 3))
   measures = eval_measures(*images.shape[1:3])
   sums = {"l1": jnp.sum(l1 * m), "count": jnp.sum(m)}
-  reconstructions = {"": recon}
-  for name, baseline in baselines.items():
-    if isinstance(level, int):
-      reconstructions[f"_{name}"] = baseline(images, level)
-    else:  # a traced level: every branch has the image's shape
-      reconstructions[f"_{name}"] = jax.lax.switch(
-          level, [functools.partial(baseline, level=lvl) for lvl in range(L.NUM_LEVELS)], images)
   for suffix, y in reconstructions.items():
     for measure, values in image_quality.qualities(measures, images, y).items():
       sums[measure + suffix] = jnp.sum(values * m)

@@ -23,12 +23,12 @@ def per_image_psnr(tok, images: np.ndarray, level: int) -> tuple[np.ndarray, np.
   """(tokenizer PSNR, its learned path's PSNR, DCT-code PSNR, kept the code) per image, PSNR capped at 50 dB."""
   import jax.numpy as jnp
   from cat_jax.metrics import image_quality
-  from cat_jax.metrics.baselines import dct_code
+  from cat_jax.models.nested_vae import NestedVAE
 
   x = jnp.asarray(images)
   recon, kept = tok.reconstruct_batch(x, level, with_code_only=True)
   learned = tok.reconstruct_batch(x, level, keep_code=False)
-  code = dct_code(x, level, tok.model.z_channels)
+  code = tok.model.apply({"params": tok.params}, x, level, method=NestedVAE.code_reconstruction)
   psnr = lambda y: np.asarray(image_quality.psnr(jnp.clip(jnp.asarray(y), -1, 1), x,
                                                  max_db=image_quality.PSNR_MAX_DB))
   return psnr(recon), psnr(learned), psnr(code), np.asarray(kept)

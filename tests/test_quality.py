@@ -92,11 +92,11 @@ CONTENT_GAIN_DB = 0.55
 
 def test_a_short_training_learns_past_the_dct_code_on_content_and_keeps_smooth_images():
   """The demo's model family (ch 8), 8x only, LEARNING_STEPS steps on 128 embedded training images: on 80 validation
-  images it never saw, the tokenizer's output (``reconstruct``: per image the learned path or the code) beats the DCT
-  code it starts from by CONTENT_GAIN_DB on images the code reconstructs below 40 dB, and smooth images (the code
-  at 40 dB or more) lose nothing."""
+  images it never saw, the tokenizer's output (``NestedVAE.reconstruct``: per image the learned path or the code)
+  beats the DCT code it starts from by CONTENT_GAIN_DB on images the code reconstructs below 40 dB, and smooth images
+  (the code at 40 dB or more) lose nothing."""
   from cat_jax.metrics.baselines import dct_code
-  from cat_jax.models.nested_vae import reconstruct
+  from cat_jax.models.nested_vae import NestedVAE
   from conftest import load_config
 
   config = load_config("cat.py", "demo")
@@ -119,7 +119,7 @@ def test_a_short_training_learns_past_the_dct_code_on_content_and_keeps_smooth_i
   code = psnr(dct_code(val, 0, config.model["z_channels"]))
   smooth = code >= 40.0
   assert 10 <= smooth.sum() <= 40, smooth.sum()  # both kinds are there
-  recon, kept = reconstruct(state.ema_params, val, 0, model=model)
+  recon, kept = model.apply({"params": state.ema_params}, val, 0, method=NestedVAE.reconstruct)
   gain = psnr(recon) - code
   assert gain[~smooth].mean() > CONTENT_GAIN_DB, gain[~smooth].mean()
   assert gain[smooth].mean() >= -0.5, gain[smooth].mean()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from cat_jax.models.nested_vae import closer_to
+from cat_jax.models.nested_vae import NestedVAE
 from cat_jax.tokenizer import Tokenizer, bucket_side
 
 
@@ -29,8 +29,8 @@ def test_the_keep_code_choice_ignores_padding():
   images = jnp.zeros((2, 4, 4, 3))
   learned = images.at[0, 2:, :].set(1.0).at[1].set(0.1)  # wrong only in image 0's padding rows
   code = images.at[0, :2, :2].set(0.5).at[1].set(0.2)    # wrong only in image 0's own pixels
-  _, unmasked = closer_to(images, learned, code)
-  _, masked = closer_to(images, learned, code, jnp.array([[2, 2], [4, 4]]))
+  unmasked = NestedVAE.code_is_closer(images, learned, code)
+  masked = NestedVAE.code_is_closer(images, learned, code, jnp.array([[2, 2], [4, 4]]))
   assert unmasked.tolist() == [True, False] and masked.tolist() == [False, False]
 
 

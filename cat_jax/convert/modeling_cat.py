@@ -348,7 +348,7 @@ class NestedVAE(nn.Module):
       h = h + resize_channels(z.to(h.dtype), h.shape[1])
     h = self._skip(self.dec_entry[level], self.dec_mid(h))
     for s in reversed(range(stage_of(level) + 1)):
-      if s == 0 and self.shortcuts:  # the full-resolution stage also sees the patch code's image
+      if s == 0 and self.shortcuts:  # the full-resolution stage also sees the fixed code's image
         h = h + resize_channels(decode_patches(z, FACTORS[level]).to(h.dtype), h.shape[1])
       for block in self.dec_stages[s]:
         h = block(h)
@@ -356,8 +356,8 @@ class NestedVAE(nn.Module):
         h = self.dec_up[s - 1](h)
     return h
 
-  def decode_base(self, z: torch.Tensor, level: int) -> torch.Tensor | float:
-    """The patch code's image with shortcuts (the decoder's output adds to it), else 0."""
+  def decode_code(self, z: torch.Tensor, level: int) -> torch.Tensor | float:
+    """The fixed code's image with shortcuts (the decoder's output adds to it), else 0."""
     return decode_patches(z, FACTORS[level]) if self.shortcuts else 0.0
 
   def output_head(self, features: torch.Tensor) -> torch.Tensor:
@@ -366,7 +366,7 @@ class NestedVAE(nn.Module):
     return out * _gate(self.dec_gate(h)) if self.residual_gate else out
 
   def decode_level(self, z: torch.Tensor, level: int) -> torch.Tensor:
-    return self.output_head(self.decode_features(z, level)) + self.decode_base(z, level)
+    return self.output_head(self.decode_features(z, level)) + self.decode_code(z, level)
 
   def forward(self, x: torch.Tensor, level: int, noise: torch.Tensor | None = None):
     """(reconstruction, mean, logvar); the posterior mode without ``noise``."""
@@ -418,7 +418,7 @@ class CATTokenizer(NestedVAE):
     if not self.shortcuts:
       raise ValueError("code_only latents need a model with a patch code (shortcuts=True)")
     return torch.where(torch.as_tensor(code_only, device=z.device).view(-1, 1, 1, 1),
-                       self.decode_base(z, level), images)
+                       self.decode_code(z, level), images)
 
   def encode_keeping_code(self, x: torch.Tensor, level: int | str) -> tuple[torch.Tensor, torch.Tensor]:
     """What cat_jax's ``Tokenizer.encode`` returns: per image the posterior mean or, where the learned path
@@ -430,5 +430,5 @@ class CATTokenizer(NestedVAE):
       return mean, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     code = encode_patches(x, FACTORS[level], self.z_channels)
     error = lambda y: (y.clamp(-1, 1) - x).square().mean(dim=(1, 2, 3))
-    code_only = error(self.decode_base(code, level)) <= error(self.decode_level(mean, level))
+    code_only = error(self.decode_code(code, level)) <= error(self.decode_level(mean, level))
     return torch.where(code_only.view(-1, 1, 1, 1), code, mean), code_only

@@ -250,7 +250,7 @@ class NestedVAE(nn.Module):
     logvar_range: the posterior log-variance is clipped to this range.
     logvar_init: the posterior log-variance at initialisation (the SD VAE's 0 is a posterior std of 1, noise
       as large as the latents: a short run then spends its first thousands of steps shrinking it).
-    residual_gate: with shortcuts, the learned residuals on the patch code (the latent mean's and the decoded
+    residual_gate: with shortcuts, the learned residuals on the fixed code (the latent mean's and the decoded
       image's) are each multiplied by a per-position gate ``2 sigmoid(a)``, ``a`` a 1x1 conv of the features
       the residual is computed from, 1 at init. After an RMSNorm the residual cannot be small by itself; the gate
       lets the network leave the code untouched where it is already exact (flat and smooth regions).
@@ -279,9 +279,9 @@ class NestedVAE(nn.Module):
     if self.norm not in NORMS:
       raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
     if self.residual_gate and not self.shortcuts:
-      raise ValueError("residual_gate gates the residuals on the patch code: it needs shortcuts=True")
+      raise ValueError("residual_gate gates the residuals on the fixed code: it needs shortcuts=True")
     if self.shortcuts and (self.z_channels < 3 or self.in_channels != 3):
-      raise ValueError(f"shortcuts carry a colour patch code in the latent: they need RGB inputs and z_channels >= 3, "
+      raise ValueError(f"shortcuts carry a colour code in the latent: they need RGB inputs and z_channels >= 3, "
                        f"got in_channels={self.in_channels}, z_channels={self.z_channels}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     block_kw = dict(norm=self.norm, norm_groups=self.norm_groups, shortcuts=self.shortcuts, **kw)
@@ -403,13 +403,13 @@ class NestedVAE(nn.Module):
     mean, logvar = jnp.split(moments, 2, axis=-1)
     if self.residual_gate:
       mean = mean * _gate(self.enc_gate(h))
-    if self.shortcuts:  # the latent mean starts as a linear patch code of the image (see patch_code)
+    if self.shortcuts:  # the latent mean starts as the fixed code of the image (see patch_code)
       mean = mean + patch_code.encode_patches(x, L.factor_for_level(level), self.z_channels)
     logvar = jnp.clip(logvar, *self.logvar_range)
     return pad_latent(mean, level), pad_latent(logvar, level)
 
   def _decode_level(self, canvas, level: int):
-    """The level's head and stages down to the H/8 grid, and the patch code's image (shortcuts; else 0)."""
+    """The level's head and stages down to the H/8 grid, and the fixed code's image (shortcuts; else 0)."""
     z = crop_latent(canvas, level).astype(self.dtype)
     h = self.dec_conv_in(self.post_quant_conv(z))
     if self.shortcuts:  # and the head's input starts as repeated latent channels
@@ -419,15 +419,15 @@ class NestedVAE(nn.Module):
       for block in self.dec_stages[s]:
         h = block(h)
       h = self.dec_up[s - 1](h)
-    base = (patch_code.decode_patches(z, L.factor_for_level(level)) if self.shortcuts
+    code = (patch_code.decode_patches(z, L.factor_for_level(level)) if self.shortcuts
             else jnp.zeros((), jnp.float32))
-    return h, base
+    return h, code
 
-  def _decode_trunk(self, h, base):
+  def _decode_trunk(self, h, code):
     """The decoder stages every level runs (the 8x entry's stage .. stage 0), outside the level switch."""
     for s in reversed(range(self._stage_of(0) + 1)):
-      if s == 0 and self.shortcuts:  # at full resolution the trunk also sees the patch code's image (deblocking)
-        h = h + resize_channels(base.astype(h.dtype), h.shape[-1])
+      if s == 0 and self.shortcuts:  # at full resolution the trunk also sees the fixed code's image (deblocking)
+        h = h + resize_channels(code.astype(h.dtype), h.shape[-1])
       for block in self.dec_stages[s]:
         h = block(h)
       if s > 0:
@@ -442,29 +442,91 @@ class NestedVAE(nn.Module):
     mean, logvar = self._dispatch(level, branches, x, self._encode_trunk(x))
     return DiagonalGaussian(mean=mean, logvar=logvar)
 
-  def decode(self, z: jax.Array, level) -> jax.Array:
-    """Image (B, H, W, 3) float32 from a latent canvas (B, H/8, W/8, C) at ``level``."""
-    return self.output_head(self.decode_features(z, level)) + self.decode_base(z, level)
-
-  def decode_base(self, z: jax.Array, level):
-    """With shortcuts, the latent read as a linear patch code (``patch_code.decode_patches``), (B, H, W, 3), which
-    the decoder's output adds to; without, 0. Has no parameters."""
+  def decode(self, z: jax.Array, level, code_only: jax.Array | None = None) -> jax.Array:
+    """Image (B, H, W, 3) float32, unclipped, from a latent canvas (B, H/8, W/8, C) at ``level``: the learned path;
+    images flagged in ``code_only`` ((B,) bool, from ``encode_keeping_code``) as the fixed code alone."""
+    learned = self.output_head(self.decode_features(z, level))
     if not self.shortcuts:
-      return 0.0
-    branches = [lambda mdl, z, lvl=lvl: patch_code.decode_patches(crop_latent(z, lvl), L.factor_for_level(lvl))
-                for lvl in range(L.NUM_LEVELS)]
-    return self._dispatch(level, branches, z)
+      if code_only is not None:
+        raise ValueError("code_only latents need a model with the fixed code (shortcuts=True)")
+      return learned
+    code = self.decode_code(z, level)
+    learned = learned + code  # the decoder learns the residual on the code's image
+    return learned if code_only is None else jnp.where(code_only[:, None, None, None], code, learned)
 
-  def code_canvas(self, x: jax.Array, level) -> jax.Array:
-    """With shortcuts: the fixed patch code of ``x`` on the level's latent canvas, the latent that ``decode_base``
-    reads back as the no-learning reconstruction (``reconstruct`` keeps it for images the learned path does not
-    improve). Has no parameters."""
+  def encode_keeping_code(self, x: jax.Array, level, rng: jax.Array | None = None,
+                          valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The latent canvas and, per image, whether it is the fixed code ((B,) bool, ``Latents.code_only``).
+
+    Per image, the posterior mode (a sample with ``rng``) or, where the learned path reconstructs the image worse
+    than the fixed code (``code_is_closer``), the code: flat and smooth images stay exact and unseen content the
+    residual does not fit cannot fall below the no-learning start. ``decode(z, level, code_only)`` reads both
+    back. Without shortcuts (no code), the posterior's and all False. ``valid``: see ``code_is_closer``."""
+    z, code_only, _ = self._keeping_code(x, level, rng, valid)
+    return z, code_only
+
+  def reconstruct(self, x: jax.Array, level, keep_code: bool = True,
+                  valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """``decode(*encode_keeping_code(x, level), level)`` (unclipped) and the code bits, each path decoded once; with
+    ``keep_code=False`` the learned path and all False. What the tokenizer returns and evaluation measures."""
+    if not (keep_code and self.shortcuts):
+      return self(x, level)[0], jnp.zeros(x.shape[:1], bool)
+    _, code_only, recon = self._keeping_code(x, level, None, valid)
+    return recon, code_only
+
+  def _keeping_code(self, x, level, rng, valid):
+    posterior = self.encode(x, level)
+    z = posterior.mode() if rng is None else posterior.sample(rng)
     if not self.shortcuts:
-      raise ValueError("the patch code is the shortcut path: code_canvas needs shortcuts=True")
+      return z, jnp.zeros(x.shape[:1], bool), None
+    learned = self.decode(z, level)
+    code_z = self.encode_code(x, level)
+    code = self.decode_code(code_z, level)
+    code_only = self.code_is_closer(x, learned, code, valid)
+    keep = code_only[:, None, None, None]
+    return jnp.where(keep, code_z, z), code_only, jnp.where(keep, code, learned)
+
+  @staticmethod
+  def code_is_closer(images: jax.Array, learned: jax.Array, code: jax.Array,
+                     valid: jax.Array | None = None) -> jax.Array:
+    """Per image ((B,) bool), whether ``code`` is at least as close to ``images`` as ``learned`` (two
+    reconstructions) after clipping to [-1, 1] (mean squared error; a tie keeps the code). ``valid`` (B, 2) int:
+    the (height, width) of each image's own pixels, top left, when the rest is padding (the tokenizer's): the
+    error is measured on those only, so the padding never decides."""
+    if valid is None:
+      error = lambda y: jnp.mean(jnp.square(jnp.clip(y, -1.0, 1.0) - images), axis=(1, 2, 3))
+    else:
+      rows = jnp.arange(images.shape[1])[None, :] < valid[:, :1]
+      cols = jnp.arange(images.shape[2])[None, :] < valid[:, 1:]
+      mask = (rows[:, :, None] & cols[:, None, :])[..., None].astype(jnp.float32)
+      count = jnp.maximum(jnp.sum(mask, axis=(1, 2, 3)) * images.shape[3], 1.0)
+      error = lambda y: jnp.sum(jnp.square(jnp.clip(y, -1.0, 1.0) - images) * mask, axis=(1, 2, 3)) / count
+    return error(code) <= error(learned)
+
+  def encode_code(self, x: jax.Array, level) -> jax.Array:
+    """With shortcuts: the fixed code of ``x`` (``patch_code.encode_patches``: the lowest-frequency DCT coefficients
+    of each patch, what the latent mean adds its residual to) on the level's latent canvas. No parameters."""
+    self._check_code("encode_code")
     self._check_image(x)
     branches = [lambda mdl, x, lvl=lvl: pad_latent(
         patch_code.encode_patches(x, L.factor_for_level(lvl), mdl.z_channels), lvl) for lvl in range(L.NUM_LEVELS)]
     return self._dispatch(level, branches, x)
+
+  def decode_code(self, z: jax.Array, level) -> jax.Array:
+    """With shortcuts: the latent read as the fixed code (``patch_code.decode_patches``), (B, H, W, 3), the image the
+    decoder's output adds to. No parameters."""
+    self._check_code("decode_code")
+    branches = [lambda mdl, z, lvl=lvl: patch_code.decode_patches(crop_latent(z, lvl), L.factor_for_level(lvl))
+                for lvl in range(L.NUM_LEVELS)]
+    return self._dispatch(level, branches, z)
+
+  def code_reconstruction(self, x: jax.Array, level) -> jax.Array:
+    """With shortcuts: ``x`` through the fixed code alone (unclipped), the no-learning start."""
+    return self.decode_code(self.encode_code(x, level), level)
+
+  def _check_code(self, what: str):
+    if not self.shortcuts:
+      raise ValueError(f"the fixed code comes with shortcuts: {what} needs shortcuts=True")
 
   def decode_features(self, z: jax.Array, level) -> jax.Array:
     """The decoder trunk's output, shape (B, H, W, ch): what ``output_head`` (shared by all levels) maps to RGB."""
@@ -474,7 +536,7 @@ class NestedVAE(nn.Module):
 
   def output_head(self, features: jax.Array) -> jax.Array:
     """Norm, swish and the decoder's last layer ``dec_conv_out`` (the GAN's adaptive weight looks at its
-    gradients), times the residual gate if any. ``decode`` adds ``decode_base`` to it."""
+    gradients), times the residual gate if any. ``decode`` adds ``decode_code`` to it."""
     h = nn.swish(self.dec_norm_out(features))
     out = self.dec_conv_out(h).astype(jnp.float32)
     return out * _gate(self.dec_gate(h)) if self.residual_gate else out
@@ -484,48 +546,6 @@ class NestedVAE(nn.Module):
     posterior = self.encode(x, level)
     z = posterior.mode() if rng is None else posterior.sample(rng)
     return self.decode(z, level), posterior
-
-
-def closer_to(images: jax.Array, learned: jax.Array, code: jax.Array,
-              valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Per image, ``learned`` or ``code`` (two reconstructions of ``images``), whichever is closer after clipping to
-  [-1, 1] (mean squared error; a tie keeps the code). Returns ``(chosen, code_only)``, ``code_only`` (B,) bool.
-  ``valid`` (B, 2) int: the (height, width) of each image's own pixels, top left, when the rest is padding (the
-  tokenizer's): the error is measured on those only, so the padding never decides."""
-  if valid is None:
-    error = lambda y: jnp.mean(jnp.square(jnp.clip(y, -1.0, 1.0) - images), axis=(1, 2, 3))
-  else:
-    rows = jnp.arange(images.shape[1])[None, :] < valid[:, :1]
-    cols = jnp.arange(images.shape[2])[None, :] < valid[:, 1:]
-    mask = (rows[:, :, None] & cols[:, None, :])[..., None].astype(jnp.float32)
-    count = jnp.maximum(jnp.sum(mask, axis=(1, 2, 3)) * images.shape[3], 1.0)
-    error = lambda y: jnp.sum(jnp.square(jnp.clip(y, -1.0, 1.0) - images) * mask, axis=(1, 2, 3)) / count
-  code_only = error(code) <= error(learned)
-  return jnp.where(code_only[:, None, None, None], code, learned), code_only
-
-
-def reconstruct(params, images: jax.Array, level, *, model: NestedVAE, keep_code: bool = True,
-                valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Posterior-mode reconstructions (unclipped) and, per image, whether it is the patch code's alone.
-
-  With shortcuts and ``keep_code``, an image the learned path reconstructs worse than the fixed patch code it starts
-  from keeps the code (``closer_to``: one bit per image, chosen at encode time, ``Latents.code_only``): flat and
-  smooth images stay exact and unseen content the residual does not fit cannot fall below the no-learning start.
-  What the tokenizer returns and evaluation measures. ``valid``: each image's own (height, width) when it is padded
-  (``closer_to``).
-  """
-  recon, _ = model.apply({"params": params}, images, level)
-  if not (keep_code and model.shortcuts):
-    return recon, jnp.zeros(images.shape[:1], bool)
-  _, code = code_reconstruction(params, images, level, model=model)
-  return closer_to(images, recon, code, valid)
-
-
-def code_reconstruction(params, images: jax.Array, level, *, model: NestedVAE) -> tuple[jax.Array, jax.Array]:
-  """With shortcuts: the fixed patch code of ``images`` on the level's latent canvas and its reconstruction."""
-  variables = {"params": params}
-  canvas = model.apply(variables, images, level, method=NestedVAE.code_canvas)
-  return canvas, model.apply(variables, canvas, level, method=NestedVAE.decode_base)
 
 
 # The gate's logits are its 1x1 conv times this: at the shared learning rate an unscaled gate barely moved in a
