@@ -59,38 +59,116 @@ def teacher_records(spec: str, source, split: str, *, image_size: int, workdir: 
   return {i: float(r["score"]) for i, r in records.items()}, {i: int(r["level"]) for i, r in records.items()}, method
 
 
-def quality_teacher(tokenizer: str, source, split: str, *, image_size: int, measures, workdir: str
-                    ) -> dict[str, np.ndarray]:
-  """{id: (3 * len(measures),)} ``tokenizer``'s reconstruction quality of every image of ``source`` at each level in
-  each measure (measure-major: ``[m0@8x, m0@16x, m0@32x, m1@8x, ...]``, oriented so higher is better), measured once
-  into ``<workdir>/quality-<split>.npz`` (a rerun with the same tokenizer, size and measures reuses it)."""
+def view(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+  """uint8 ``image`` -> uint8 (h, w, 3): the largest centred crop of aspect h:w, resized to (h, w) by one antialiased
+  bicubic resampling (``data.preprocess.resize_and_crop``'s, for any aspect)."""
+  from PIL import Image
+
+  h, w = int(hw[0]), int(hw[1])
+  height, width = image.shape[:2]
+  scale = max(h / height, w / width)
+  crop_h, crop_w = h / scale, w / scale
+  y0, x0 = (height - crop_h) / 2, (width - crop_w) / 2
+  out = Image.fromarray(image).resize((w, h), Image.BICUBIC, box=(x0, y0, x0 + crop_w, y0 + crop_h), reducing_gap=3.0)
+  return np.asarray(out, np.uint8)
+
+
+def size_views(source, sizes) -> list[dict[str, Any]]:
+  """The images ``sizes`` asks for: per ``(height, width, count)`` the next ``count`` records of ``source`` (each
+  record in one view only), ``view``ed to that size: ``[{"hw", "ids", "images": uint8 (count, h, w, 3)}]``."""
+  from cat_jax.complexity.scorers import to_pil_rgb
+
+  ids_of = source_ids_of(source)
+  groups, start = [], 0
+  for h, w, count in sizes:
+    count = min(int(count), len(source) - start)
+    if count <= 0:
+      raise ValueError(f"data.sizes asks for more images than the {len(source)} of {source!r}; lower the counts or "
+                       "raise data.source_kwargs.num_images")
+    index = range(start, start + count)
+    images = np.stack([view(np.asarray(to_pil_rgb(source[k]["image"])), (h, w)) for k in index])
+    groups.append({"hw": (int(h), int(w)), "ids": [ids_of[k] for k in index], "images": images})
+    start += count
+  return groups
+
+
+def source_ids_of(source) -> list[str]:
+  from cat_jax.data import source_ids
+
+  return [str(i) for i in source_ids(source)]
+
+
+def quality_teacher(tokenizer: str, groups: list[dict[str, Any]], split: str, *, measures, workdir: str
+                    ) -> list[np.ndarray]:
+  """Per group of ``size_views``, (count, 3 * len(measures)) ``tokenizer``'s reconstruction quality of each image,
+  whole at its size, at each level in each measure (measure-major: ``[m0@8x, m0@16x, m0@32x, m1@8x, ...]``, oriented
+  so higher is better), measured once into ``<workdir>/quality-<split>.npz`` (a rerun with the same tokenizer,
+  images and measures reuses it)."""
   from cat_jax.complexity.assign import quality_table
-  from cat_jax.data import make_eval_iterator
+  from cat_jax.data.preprocess import to_model_range
   from cat_jax.tokenizer import load_tokenizer
 
   out = storage.as_path(workdir) / f"quality-{split}.npz"
   measures = list(measures)
-  setup = np.array([tokenizer, str(image_size), *measures])
+  setup = np.array([tokenizer, *measures] + [f"{g['hw'][0]}x{g['hw'][1]}:{len(g['ids'])}" for g in groups])
+  ids = np.array([i for g in groups for i in g["ids"]])
   if out.exists():
     with np.load(out.open("rb")) as saved:
-      if "setup" in saved and saved["setup"].tolist() == setup.tolist():
-        return dict(zip(saved["ids"].tolist(), saved["values"]))
+      if "setup" in saved and saved["setup"].tolist() == setup.tolist() and saved["ids"].tolist() == ids.tolist():
+        values = saved["values"]
+        return np.split(values, np.cumsum([len(g["ids"]) for g in groups])[:-1])
   tok = load_tokenizer(tokenizer)
-  logger.info("Measuring the teacher (%s's quality at every level in %s) on %d images", tokenizer,
-              ", ".join(measures), len(source))
-  ids, rows = [], []
-  for batch in make_eval_iterator(source, levels=0, batch_size=256, image_size=image_size, process_index=0,
-                                  process_count=1):
-    valid = np.asarray(batch["mask"], bool)
-    images = list(np.asarray(batch["image"])[valid])
-    table = quality_table(images, lambda x, level: tok.reconstruct(x, level), measures)
-    ids += [str(i) for i in np.asarray(batch["id"])[valid]]
-    rows.append(np.concatenate([table[m] for m in measures], axis=1))
+  logger.info("Measuring the teacher (%s's quality at every level in %s) on %d images at %s", tokenizer,
+              ", ".join(measures), len(ids), ", ".join(f"{h}x{w}" for h, w in (g["hw"] for g in groups)))
+  rows = []
+  for g in groups:
+    for start in range(0, len(g["images"]), 256):
+      images = [to_model_range(x) for x in g["images"][start:start + 256]]
+      table = quality_table(images, lambda x, level: tok.reconstruct(x, level), measures)
+      rows.append(np.concatenate([table[m] for m in measures], axis=1))
   values = np.concatenate(rows).astype(np.float32)
   if jax.process_index() == 0:
     with out.open("wb") as f:
-      np.savez(f, ids=np.array(ids), values=values, setup=setup)
-  return dict(zip(ids, values))
+      np.savez(f, ids=ids, values=values, setup=setup)
+  return np.split(values, np.cumsum([len(g["ids"]) for g in groups])[:-1])
+
+
+class ViewBatches:
+  """Training batches of a quality predictor: each step one size group (drawn with probability proportional to its
+  image count) and ``batch_pixels`` worth of its images (at least one), half of them mirrored left to right, with
+  their standardised targets. Deterministic in (seed, step); its state is the step, so a run resumes exactly."""
+
+  def __init__(self, groups: list[dict[str, Any]], targets: list[np.ndarray], *, batch_pixels: int, seed: int,
+               multiple: int = 1):
+    self.groups, self.targets, self.seed, self.step = groups, targets, int(seed), 0
+    counts = np.array([len(g["ids"]) for g in groups], np.float64)
+    self.weights = counts / counts.sum()
+    self.batch_sizes = [max(multiple, batch_pixels // (g["hw"][0] * g["hw"][1]) // multiple * multiple)
+                        for g in groups]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    from cat_jax.data.preprocess import to_model_range
+
+    rng = np.random.default_rng([self.seed, self.step])
+    self.step += 1
+    k = int(rng.choice(len(self.groups), p=self.weights))
+    rows = rng.integers(0, len(self.groups[k]["ids"]), self.batch_sizes[k])
+    images = to_model_range(self.groups[k]["images"][rows])
+    mirror = rng.random(len(rows)) < 0.5
+    images[mirror] = images[mirror, :, ::-1]
+    return {"image": images, "target": self.targets[k][rows]}
+
+  def get_state(self) -> bytes:
+    return json.dumps({"step": self.step}).encode()
+
+  def set_state(self, state) -> None:
+    self.step = int((json.loads(state) if isinstance(state, (bytes, str)) else state)["step"])
+
+  def start_prefetch(self) -> None:
+    pass
 
 
 def score_mse_teacher(tokenizer: str, source, split: str, *, image_size: int, workdir: str) -> str:
@@ -234,10 +312,16 @@ def source_images(source, limit: int, image_size: int, *, min_size: int = 1) -> 
   return ids, images
 
 
-def finish_quality(params, config, workdir: str, source, values_of: dict[str, np.ndarray], stats, eval_source,
-                   eval_values_of) -> predictor_lib.LevelPredictor:
-  """A quality predictor: its price calibrated so ``calibration_images`` training images average ``budget_tokens``
-  (default fixed 16x) at that price, its agreement with the measured qualities, written to ``<workdir>/predictor``."""
+# Training images per size the recorded agreement is measured on (each figure solves the knapsack ~100 times).
+AGREEMENT_IMAGES = 400
+
+
+def finish_quality(params, config, workdir: str, groups: list[dict[str, Any]], values: list[np.ndarray], stats,
+                   eval_group: dict[str, Any] | None, eval_values: np.ndarray | None) -> predictor_lib.LevelPredictor:
+  """A quality predictor: its price calibrated so the training images at ``data.image_size`` (at most
+  ``calibration_images``) average ``budget_tokens`` (default fixed 16x) at that price; its agreement with the
+  measured qualities in every measure (up to ``AGREEMENT_IMAGES`` training images at each size, ``eval_group``),
+  written to ``<workdir>/predictor``."""
   from cat_jax.complexity import allocation
 
   size = int(config.data.image_size)
@@ -245,34 +329,48 @@ def finish_quality(params, config, workdir: str, source, values_of: dict[str, np
   predictor = predictor_lib.LevelPredictor(
       params=jax.device_get(params), image_size=size, widths=tuple(config.model.widths), hidden=config.model.hidden,
       teacher=str(config.teacher), qualities={"measures": measures, "mean": [float(v) for v in stats[0]],
-                                              "std": [float(v) for v in stats[1]]})
+                                              "std": [float(v) for v in stats[1]], "targets": "steps"})
   budget = float(config.budget_tokens or L.num_tokens((size, size), 1))
-  ids, images = source_images(source, config.calibration_images, size, min_size=config.data.min_size)
-  table = predictor.predict_quality(images)
-  predicted = table[measures[0]]
-  predictor.price = allocation.calibrate_price(predicted, allocation.rate_table(len(ids)), budget,
-                                               allocation.tokens_table([(size, size)] * len(ids)))
+  square = [k for k, g in enumerate(groups) if g["hw"] == (size, size)]
+  if not square:
+    raise ValueError(f"data.sizes has no {size}x{size} images to calibrate the price on; add ({size}, {size}, N)")
+  calibration = groups[square[0]]["images"][:int(config.calibration_images)]
+  table = predictor.predict_quality(calibration)
+  predictor.price = allocation.calibrate_price(table[measures[0]], allocation.rate_table(len(calibration)), budget,
+                                               allocation.tokens_table([(size, size)] * len(calibration)))
   predictor.budget_tokens = budget
-  levels = predictor.levels(images, qualities=table)  # the price is set now; the predictions are the same
+  levels = predictor.levels(calibration, qualities=table)  # the price is set now; the predictions are the same
 
-  def agreement(ids, predicted):
-    measured = np.stack([values_of_all[i][:3] for i in ids])
-    return predictor_lib.quality_agreement(predicted, measured, price=predictor.price, budget_tokens=budget,
-                                           image_hw=(size, size))
+  def agreement(images, measured, hw):
+    predicted = predictor.predict_quality(images)
+    scale = (hw[0] * hw[1]) / (size * size)  # the fixed-16x tokens at this size
+    return {m: predictor_lib.quality_agreement(predicted[m], measured[:, 3 * k:3 * k + 3],
+                                               budget_tokens=budget * scale, image_hw=hw,
+                                               price=predictor.price if k == 0 else None)
+            for k, m in enumerate(measures)}
 
-  values_of_all = dict(values_of) | dict(eval_values_of or {})
-  info: dict[str, Any] = {"teacher": {"spec": str(config.teacher), "method": "quality", "measures": measures},
-                          "calibration": {"images": len(ids), "budget_tokens": budget, "price": predictor.price,
+  info: dict[str, Any] = {"teacher": {"spec": str(config.teacher), "method": "quality", "measures": measures,
+                                      "sizes": [list(g["hw"]) + [len(g["ids"])] for g in groups]},
+                          "calibration": {"images": len(calibration), "budget_tokens": budget, "price": predictor.price,
                                           "level_counts": np.bincount(levels, minlength=L.NUM_LEVELS).tolist()},
-                          "train": agreement(ids, predicted)}
-  if eval_source is not None:
-    eval_ids, eval_images = source_images(eval_source, config.data.eval_images, size, min_size=config.data.min_size)
-    info["validation"] = agreement(eval_ids, predictor.predict_quality(eval_images)[measures[0]])
+                          "train": {f"{g['hw'][0]}x{g['hw'][1]}": agreement(g["images"][:AGREEMENT_IMAGES],
+                                                                            v[:AGREEMENT_IMAGES], g["hw"])
+                                    for g, v in zip(groups, values)}}
+  if eval_group is not None:
+    info["validation"] = agreement(eval_group["images"], eval_values, eval_group["hw"])
   predictor.info = info
   if jax.process_index() == 0:
     predictor.save(storage.as_path(workdir) / "predictor")
     logger.info("Quality predictor written to %s/predictor: %s", workdir, json.dumps(info))
   return predictor
+
+
+def quality_sizes(config) -> list[tuple[int, int, int]]:
+  """``data.sizes``: (height, width, count) of the training images a quality predictor learns from, whole; default
+  ``calibration_images`` at ``data.image_size``."""
+  size = int(config.data.image_size)
+  sizes = config.data.get("sizes") or ((size, size, int(config.calibration_images)),)
+  return [(int(h), int(w), int(n)) for h, w, n in sizes]
 
 
 # -- the loop -------------------------------------------------------------------------------------------------------
@@ -305,41 +403,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> predi
   storage.as_path(workdir).mkdir(parents=True, exist_ok=True)
   writer = MetricWriter(workdir, enabled=is_main)
 
-  # The teacher's scores, standardised (on the log scale for MSE), or its qualities per level, each standardised.
+  # The teacher's scores, standardised (on the log scale for MSE); or its qualities per level on whole images of
+  # several sizes, as steps (``predictor_lib.steps_of``), each standardised.
   source = get_source(config.data.source, config.data.split, **config.data.source_kwargs)
   quality = config.teacher.startswith("quality:")
   if quality:
-    values_of = quality_teacher(config.teacher[len("quality:"):], source, config.data.split,
-                                image_size=config.data.image_size, measures=config.measures, workdir=workdir)
-    teacher = (values_of, {}, "quality")
+    groups = size_views(source, quality_sizes(config))
+    values = quality_teacher(config.teacher[len("quality:"):], groups, config.data.split, measures=config.measures,
+                             workdir=workdir)
+    steps = [np.concatenate([predictor_lib.steps_of(v[:, 3 * k:3 * k + 3]) for k in range(len(config.measures))], 1)
+             for v in values]
+    every = np.concatenate(steps)
+    mean, std = every.mean(0), every.std(0)
+    std = np.where(std > 0, std, 1.0)
+    num_outputs, num_images = every.shape[1], len(every)
   else:
     teacher = teacher_records(config.teacher, source, config.data.split, image_size=config.data.image_size,
                               workdir=workdir)
-  source = covered(source, teacher[0], "training")
-  ids = list(teacher[0])
-  values = np.stack([np.atleast_1d(predictor_lib.teacher_transform(teacher[2], teacher[0][i])) for i in ids])
-  mean, std = values.mean(0), values.std(0)
-  std = np.where(std > 0, std, 1.0)
-  target_of = {i: ((v - mean) / std).astype(np.float32).reshape(-1 if quality else ()) for i, v in zip(ids, values)}
+    source = covered(source, teacher[0], "training")
+    ids = list(teacher[0])
+    scores = np.array([predictor_lib.teacher_transform(teacher[2], teacher[0][i]) for i in ids])
+    mean, std = scores.mean(), scores.std()
+    std = std if std > 0 else 1.0
+    target_of = {i: np.float32((v - mean) / std) for i, v in zip(ids, scores)}
+    num_outputs, num_images = 1, len(ids)
 
   mesh = loop.make_mesh(config)
   process_batch = config.batch_size // jax.process_count()
   net = predictor_lib.PredictorNet(widths=tuple(config.model.widths), hidden=config.model.hidden,
-                                   outputs=values.shape[1])
+                                   outputs=num_outputs)
   tx = make_optimizer(config)
   init_rng = jax.random.key(config.seed)
   init_fn = functools.partial(init_train_state, net=net, tx=tx, image_size=config.data.image_size)
   abstract_state, state_shardings = loop.sharded_shapes(init_fn, init_rng, mesh, min_size=config.fsdp_min_size)
-  train_iter = make_train_iterator(source, levels=0, batch_size=process_batch, image_size=config.data.image_size,
-                                   seed=config.seed, num_workers=config.data.num_workers,
-                                   min_size=config.data.min_size, on_bad_image=config.data.on_bad_image)
+  if quality:
+    if jax.process_count() > 1:
+      raise ValueError("a quality predictor trains in one process (its images and their measured qualities are held "
+                       "in memory); run it on one host")
+    size = int(config.data.image_size)
+    train_iter = ViewBatches(groups, [((t - mean) / std).astype(np.float32) for t in steps],
+                             batch_pixels=process_batch * size * size, seed=config.seed,
+                             multiple=int(np.prod(list(mesh.shape.values()))))
+  else:
+    train_iter = make_train_iterator(source, levels=0, batch_size=process_batch, image_size=config.data.image_size,
+                                     seed=config.seed, num_workers=config.data.num_workers,
+                                     min_size=config.data.min_size, on_bad_image=config.data.on_bad_image)
   checkpoints = loop.Checkpoints(workdir, config)
   state, train_iter, _ = checkpoints.restore_or_init(config, abstract_state, state_shardings, init_fn, init_rng,
                                                      train_iter)
   if is_main:
     logger.info("Level predictor: %s parameters; teacher %s (%s) on %d images; mesh %s; global batch %d",
                 f"{sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)):,}", config.teacher,
-                teacher[2], len(ids), dict(mesh.shape), config.batch_size)
+                "quality" if quality else teacher[2], num_images, dict(mesh.shape), config.batch_size)
 
   rep, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   jit_step = jax.jit(functools.partial(train_step, net=net, tx=tx, ema_decay=config.ema_decay),
@@ -351,7 +466,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> predi
 
   def one_step(state, step):
     batch = next(train_iter)
-    batch["target"] = np.stack([target_of[str(i)] for i in np.asarray(batch["id"])]).astype(np.float32)
+    if not quality:
+      batch["target"] = np.stack([target_of[str(i)] for i in np.asarray(batch["id"])]).astype(np.float32)
     batch = make_global_batch(batch, batch_sharding)
     state, metrics = jit_step(state, batch["image"], batch["target"])
     return state, None, metrics  # no levels: only train/x is logged
@@ -367,16 +483,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> predi
     from cat_jax.data import Subset
     eval_source = get_source(config.data.source, config.data.eval_split, **config.data.source_kwargs)
     eval_source = Subset(eval_source, range(min(int(config.data.eval_images), len(eval_source))))
-    if quality:
-      eval_teacher = (quality_teacher(eval_spec[len("quality:"):], eval_source, config.data.eval_split,
-                                      image_size=config.data.image_size, measures=config.measures, workdir=workdir),)
-    else:
-      eval_teacher = teacher_records(eval_spec, eval_source, config.data.eval_split,
-                                     image_size=config.data.image_size, workdir=workdir)
+    if quality:  # at data.image_size, as the price is calibrated
+      size = int(config.data.image_size)
+      eval_group = size_views(eval_source, [(size, size, len(eval_source))])
+      eval_values = quality_teacher(eval_spec[len("quality:"):], eval_group, config.data.eval_split,
+                                    measures=config.measures, workdir=workdir)
+      return finish_quality(state.ema_params, config, workdir, groups, values, (mean, std), eval_group[0],
+                            eval_values[0])
+    eval_teacher = teacher_records(eval_spec, eval_source, config.data.eval_split,
+                                   image_size=config.data.image_size, workdir=workdir)
     eval_source = covered(eval_source, eval_teacher[0], "validation")
   if quality:
-    return finish_quality(state.ema_params, config, workdir, source, teacher[0], (mean, std), eval_source,
-                          None if eval_teacher is None else eval_teacher[0])
+    return finish_quality(state.ema_params, config, workdir, groups, values, (mean, std), None, None)
   return finish(state.ema_params, config, workdir, source, teacher, eval_source, eval_teacher)
 
 

@@ -1,10 +1,13 @@
 """How well a level predictor reproduces its teacher on a data source; one JSON line. A quality predictor (the
-shipped demo's): its levels at its price against the levels the tokenizer's measured qualities earn at that price,
-Spearman of what each level step buys, and the share of the exact choice's gain over fixed 16x it gets at 16x's
-tokens (``complexity.predictor.quality_agreement``). A score predictor: Spearman on scores, exact level (at
-thresholds matching the teacher's level mix on its training data) and the majority-level baseline.
+shipped demo's), in each measure it predicts: its levels at its price against the levels the tokenizer's measured
+qualities earn at that price (first measure), Spearman of what each level step buys, the share of the exact
+choice's gain over fixed 16x it gets at 16x's tokens, the tokens it needs for fixed 16x's quality
+(``complexity.predictor.quality_agreement``), and its paired difference to fixed 16x at 16x's tokens with a 95%
+bootstrap interval. A score predictor: Spearman on scores, exact level (at thresholds matching the teacher's level
+mix on its training data) and the majority-level baseline.
 
   python scripts/predictor_agreement.py --predictor demo --data heldout                             # unseen photos
+  python scripts/predictor_agreement.py --predictor demo --data heldout --whole    # the same pictures, whole
   python scripts/predictor_agreement.py --predictor /tmp/pred --data heldout --teacher mse:demo
   python scripts/predictor_agreement.py --predictor demo --data embedded --split validation --teacher mse:demo
   python scripts/predictor_agreement.py --predictor /tmp/pred --data embedded --teacher grade --num-images 400
@@ -38,7 +41,15 @@ def main() -> None:
   p.add_argument("--teacher", help="default: the predictor's own (e.g. quality:demo)")
   p.add_argument("--num-images", type=int, default=400)
   p.add_argument("--workdir", help="where an mse teacher's manifest goes (default: a temporary folder)")
+  p.add_argument("--image-size", "--image_size", type=int,
+                 help="the size images are viewed at (default: the predictor's image_size)")
+  p.add_argument("--whole", action="store_true",
+                 help="a quality predictor on the held-out pictures whole at their own sizes (and three skimage "
+                      "textures: gravel, brick, grass), not crops: levels at its price against the exact ones")
   args = p.parse_args()
+  if args.whole:
+    whole_pictures(args)
+    return
   predictor = load_level_predictor(args.predictor)
   teacher_spec = args.teacher or predictor.teacher
   source = get_source(args.data, args.split)
@@ -46,16 +57,27 @@ def main() -> None:
   if predictor.qualities is not None:
     if not teacher_spec.startswith("quality:"):
       sys.exit(f"error: a quality predictor is compared with a 'quality:<tokenizer>' teacher, got {teacher_spec!r}")
+    from cat_jax.complexity import allocation
     from cat_jax.complexity.predictor import quality_agreement
     from cat_jax.tokenizer import load_tokenizer
     from cat_jax.train_predictor import source_images
 
-    size, measure = predictor.image_size, predictor.measures[0]
+    size = args.image_size or predictor.image_size
     _, images = source_images(source, len(source), size)
-    measured = load_tokenizer(teacher_spec[len("quality:"):]).quality_table(images, (measure,))[measure]
-    result = quality_agreement(predictor.predict_quality(images)[measure], measured, price=predictor.price,
-                               budget_tokens=predictor.budget_tokens, image_hw=(size, size))
-    print(json.dumps({"data": f"{args.data} ({args.split})", "teacher": teacher_spec, "measure": measure, **result}))
+    measured = load_tokenizer(teacher_spec[len("quality:"):]).quality_table(images, predictor.measures)
+    predicted = predictor.predict_quality(images)
+    tokens = allocation.tokens_table([(size, size)] * len(images))
+    budget = float(tokens[:, 1].mean())
+    result = {}
+    for k, m in enumerate(predictor.measures):
+      result[m] = quality_agreement(predicted[m], measured[m], price=predictor.price if k == 0 else None,
+                                    budget_tokens=budget, image_hw=(size, size))
+      choices = {"fixed_16x": np.ones(len(images), int),
+                 "predicted": allocation.best_within_budget(predicted[m], tokens, budget)}
+      row = allocation.compare({m: measured[m]}, tokens, choices)["predicted"]
+      result[m]["predicted_minus_fixed_16x"] = round(row[f"{m}_minus_fixed_16x"], 4)
+      result[m]["predicted_minus_fixed_16x_ci"] = [round(v, 4) for v in row[f"{m}_minus_fixed_16x_ci"]]
+    print(json.dumps({"data": f"{args.data} ({args.split}) at {size}x{size}", "teacher": teacher_spec, **result}))
     return
   info = predictor.info or {}
   if "teacher_mix_thresholds" not in info:
@@ -68,6 +90,36 @@ def main() -> None:
     result = measure_agreement(predictor, source, teacher[0], info["teacher"]["thresholds"],
                                info["teacher_mix_thresholds"], majority, limit=len(source))
   print(json.dumps({"data": f"{args.data} ({args.split})", "teacher": teacher_spec, **result}))
+
+
+def whole_pictures(args) -> None:
+  """``--whole``: the held-out pictures and three skimage textures at their own sizes."""
+  import skimage.data
+
+  from cat_jax.complexity import allocation
+  from cat_jax.data.heldout import PICTURES, _picture
+  from cat_jax.tokenizer import load_tokenizer
+
+  predictor = load_level_predictor(args.predictor)
+  if predictor.qualities is None or predictor.price is None:
+    sys.exit("error: --whole needs a quality predictor with a price (python -m cat_jax.train_predictor "
+             "--config.teacher=quality:TOKENIZER)")
+  names = [name.split(".")[0] for name, _, _ in PICTURES] + ["gravel", "brick", "grass"]
+  pictures = [_picture(name, where) for name, where, _ in PICTURES]
+  for texture in names[len(PICTURES):]:
+    pixels = np.asarray(getattr(skimage.data, texture)())
+    pictures.append(np.repeat(pixels[..., None], 3, axis=-1) if pixels.ndim == 2 else pixels)
+  measure = predictor.measures[0]
+  tok = load_tokenizer((args.teacher or predictor.teacher)[len("quality:"):])
+  measured = np.concatenate([tok.quality_table([x], (measure,))[measure] for x in pictures])
+  rate = allocation.rate_table(len(pictures))
+  exact = allocation.at_price(measured, rate, predictor.price)
+  mine = allocation.at_price(predictor.predict_quality(pictures)[measure], rate, predictor.price)
+  print(json.dumps({"data": "held-out pictures and textures at their own sizes", "measure": measure,
+                    "images": len(pictures), "level_at_price": round(float(np.mean(mine == exact)), 4),
+                    "two_levels_apart": int(np.sum(np.abs(mine - exact) == 2)),
+                    "levels": {n: {"size": list(x.shape[:2]), "predicted": int(a), "exact": int(b)}
+                               for n, x, a, b in zip(names, pictures, mine, exact)}}))
 
 
 if __name__ == "__main__":

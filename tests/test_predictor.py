@@ -31,6 +31,43 @@ def test_agreement_statistics():
   assert a["exact_level"] == 1.0 and a["majority_exact_level"] == 0.5 and a["spearman"] == pytest.approx(1.0)
 
 
+def test_quality_predictor_sees_the_whole_image_whatever_the_padding():
+  """The network on an image zero-padded and masked to any larger shape gives the image's own numbers (the padding
+  enters no layer and no pooling); the steps it regresses invert exactly; a view is the centred crop of its aspect;
+  uint8 and [-1, 1] inputs agree, alone or in a batch."""
+  import jax
+
+  from cat_jax.data.preprocess import to_model_range
+  from cat_jax.train_predictor import view
+
+  net = predictor_lib.PredictorNet(outputs=6)
+  params = net.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))["params"]
+  image = to_model_range(np.random.default_rng(0).integers(0, 256, (40, 72, 3), dtype=np.uint8))
+  own = np.asarray(net.apply({"params": params}, image[None]))
+  for shape in ((64, 96), (96, 160)):
+    padded, mask = predictor_lib.pad_to(image, shape)
+    assert mask.sum() == 40 * 72 and not padded[40:].any()
+    np.testing.assert_allclose(net.apply({"params": params}, padded[None], mask[None]), own, rtol=1e-5, atol=1e-5)
+  # Without the mask the padding would count: what a tile or a padded batch used to see.
+  assert np.abs(np.asarray(net.apply({"params": params}, padded[None])) - own).max() > 1e-3
+  assert [predictor_lib.padded_side(s) for s in (1, 32, 33, 512, 513, 1411)] == [32, 32, 64, 512, 640, 1408 + 128]
+  q = np.array([[0.9, 0.8, 0.6], [30.0, 27.5, 26.0]])
+  np.testing.assert_allclose(predictor_lib.steps_of(q), [[0.8, 0.1, 0.2], [27.5, 2.5, 1.5]])
+  np.testing.assert_allclose(predictor_lib.levels_of(predictor_lib.steps_of(q)), q)
+  picture = np.zeros((100, 300, 3), np.uint8)
+  picture[:, 100:200] = 255  # the centred square is white: a square view is white but for the filter's edge reach
+  assert view(picture, (32, 32))[:, 2:-2].min() == 255 and view(picture, (20, 60)).shape == (20, 60, 3)
+  assert view(picture, (20, 60))[:, :15].max() == 0
+  # A quality predictor takes uint8 (converted once) or [-1, 1] images, each whole, the same alone or in a batch.
+  pred = predictor_lib.LevelPredictor(params=params, image_size=64, qualities={
+      "measures": ["haarpsi", "psnr"], "mean": [0.0] * 6, "std": [1.0] * 6, "targets": "steps"})
+  pixels = [np.random.default_rng(k).integers(0, 256, hw + (3,), dtype=np.uint8) for k, hw in enumerate(
+      ((40, 72), (64, 64), (40, 72)))]
+  together = pred.predict_quality(pixels)["psnr"]
+  np.testing.assert_array_equal(pred.predict_quality([to_model_range(x) for x in pixels])["psnr"], together)
+  np.testing.assert_array_equal(pred.predict_quality(pixels[2:])["psnr"], together[2:])
+
+
 def test_predictor_learns_its_teacher_far_past_the_majority_level(tmp_path):
   """A short run on the embedded grade: on validation images it never saw, its scores rank like the teacher's and its
   levels match the teacher's far more often than the majority level does; it saves, loads and resumes."""
@@ -81,9 +118,10 @@ def test_quality_predictor_learns_a_tokenizers_qualities_and_calibrates_its_pric
   predictor = train_predictor.train_and_evaluate(config, str(workdir))
   assert predictor.measures == ("haarpsi", "psnr") and predictor.price >= 0
   assert (workdir / "quality-train.npz").exists() and (workdir / "quality-validation.npz").exists()
-  val = predictor.info["validation"]
+  val = predictor.info["validation"]["haarpsi"]
   # Measured: Spearman of what 16x -> 8x buys ~0.8 after 200 steps; the same level at the price on ~0.8 of images.
   assert val["images"] == 64 and val["spearman_gain_16x_to_8x"] > 0.5 and val["level_at_price"] > 0.5, val
+  assert "level_at_price" not in predictor.info["validation"]["psnr"]  # the price is in the first measure
   counts = np.array(predictor.info["calibration"]["level_counts"])
   assert counts @ np.array([64, 16, 4]) / counts.sum() <= 16 + 1e-9
   images, _ = _embedded(64)

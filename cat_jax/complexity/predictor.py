@@ -37,17 +37,29 @@ WEIGHTS_FILE = "predictor.safetensors"
 class PredictorNet(nn.Module):
   """Stride-2 3x3 convolutions, then the mean and standard deviation of the last features over the image (how much
   detail, and how unevenly spread), then a small MLP to ``outputs`` values: one score (N,), or several (N, outputs)
-  (a quality predictor: one per level and measure). ~32k parameters at the default widths."""
+  (a quality predictor: one per level and measure). ~32k parameters at the default widths.
+
+  Fully convolutional: ``mask`` (N, H, W), the valid pixels of images zero-padded to a common shape, keeps the padding
+  out of every layer and of the pooling, so an image gets the same numbers at any padded shape (the padding sits
+  after the image, where a stride-2 'SAME' convolution pads anyway)."""
 
   widths: Sequence[int] = (16, 32, 64)
   hidden: int = 64
   outputs: int = 1
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:  # (N, H, W, 3) in [-1, 1] -> (N,) or (N, outputs)
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    # x: (N, H, W, 3) in [-1, 1] -> (N,) or (N, outputs)
+    valid = jnp.ones(x.shape[:3] + (1,), x.dtype) if mask is None else mask[..., None].astype(x.dtype)
+    x = x * valid
     for width in self.widths:
       x = nn.gelu(nn.Conv(width, (3, 3), strides=2)(x))
-    x = jnp.concatenate([x.mean((1, 2)), x.std((1, 2))], axis=-1)
+      valid = valid[:, ::2, ::2]
+      x = x * valid
+    count = valid.sum((1, 2))
+    mean = x.sum((1, 2)) / count
+    var = (((x - mean[:, None, None]) * valid) ** 2).sum((1, 2)) / count
+    x = jnp.concatenate([mean, jnp.sqrt(var + 1e-12)], axis=-1)
     y = nn.Dense(self.outputs)(nn.gelu(nn.Dense(self.hidden)(x)))
     return y[:, 0] if self.outputs == 1 else y
 
@@ -90,58 +102,81 @@ def agreement(predicted: Sequence[float], teacher_scores: Sequence[float], teach
           "within_one_level": round(float(np.mean(np.abs(levels - teacher_levels) <= 1)), 4)}
 
 
-def quality_agreement(predicted: np.ndarray, measured: np.ndarray, *, price: float,
-                      budget_tokens: float, image_hw: tuple[int, int]) -> dict[str, float]:
+def quality_agreement(predicted: np.ndarray, measured: np.ndarray, *, price: float | None, budget_tokens: float,
+                      image_hw: tuple[int, int]) -> dict[str, float]:
   """How well predicted qualities (N, 3) choose levels, against the measured ones on the same images (all at
-  ``image_hw``): levels at ``price`` (exact agreement, within one level, two levels apart), Spearman of what each
-  step buys (16x -> 8x, 32x -> 16x), and at ``budget_tokens`` mean tokens the share of the exact choice's gain over
-  fixed 16x that the choice made from the predictions gets (both measured in true quality)."""
+  ``image_hw``): Spearman of what each step buys (16x -> 8x, 32x -> 16x); at ``budget_tokens`` mean tokens the share
+  of the exact choice's gain over fixed 16x that the choice made from the predictions gets, and the mean tokens
+  each needs to reach fixed 16x's mean quality, as a multiple of ``budget_tokens`` (all measured in true quality);
+  with a ``price``, levels at that price (exact agreement, within one level, two levels apart)."""
   from cat_jax.complexity import allocation
 
   n = len(measured)
-  rate, tokens = allocation.rate_table(n), allocation.tokens_table([image_hw] * n)
-  mine, best = allocation.at_price(predicted, rate, price), allocation.at_price(measured, rate, price)
+  tokens = allocation.tokens_table([image_hw] * n)
   fixed = float(measured[:, 1].mean())
   oracle = allocation.mean_of(measured, allocation.best_within_budget(measured, tokens, budget_tokens))
   chosen = allocation.mean_of(measured, allocation.best_within_budget(predicted, tokens, budget_tokens))
-  return {"images": int(n), "level_at_price": round(float(np.mean(mine == best)), 4),
-          "within_one_level": round(float(np.mean(np.abs(mine - best) <= 1)), 4),
-          "two_levels_apart": int(np.sum(np.abs(mine - best) == 2)),
-          "spearman_gain_16x_to_8x": round(spearman(predicted[:, 0] - predicted[:, 1], measured[:, 0] - measured[:, 1]), 4),
-          "spearman_gain_32x_to_16x": round(spearman(predicted[:, 1] - predicted[:, 2], measured[:, 1] - measured[:, 2]),
-                                            4),
-          "fixed_16x": round(fixed, 4), "oracle_gain": round(oracle - fixed, 4),
-          "predicted_gain": round(chosen - fixed, 4),
-          "share_of_oracle_gain": round((chosen - fixed) / (oracle - fixed), 4) if oracle > fixed else None}
+
+  def tokens_ratio(table):
+    need = allocation.tokens_to_match(lambda b: allocation.best_within_budget(table, tokens, b), measured, tokens,
+                                      fixed, steps=96)
+    return None if need is None else round(need / budget_tokens, 4)
+
+  out = {"images": int(n),
+         "spearman_gain_16x_to_8x": round(spearman(predicted[:, 0] - predicted[:, 1], measured[:, 0] - measured[:, 1]), 4),
+         "spearman_gain_32x_to_16x": round(spearman(predicted[:, 1] - predicted[:, 2], measured[:, 1] - measured[:, 2]),
+                                           4),
+         "fixed_16x": round(fixed, 4), "oracle_gain": round(oracle - fixed, 4),
+         "predicted_gain": round(chosen - fixed, 4),
+         "share_of_oracle_gain": round((chosen - fixed) / (oracle - fixed), 4) if oracle > fixed else None,
+         "tokens_for_fixed_16x": tokens_ratio(predicted), "oracle_tokens_for_fixed_16x": tokens_ratio(measured)}
+  if price is not None:
+    rate = allocation.rate_table(n)
+    mine, best = allocation.at_price(predicted, rate, price), allocation.at_price(measured, rate, price)
+    out.update({"level_at_price": round(float(np.mean(mine == best)), 4),
+                "within_one_level": round(float(np.mean(np.abs(mine - best) <= 1)), 4),
+                "two_levels_apart": int(np.sum(np.abs(mine - best) == 2))})
+  return out
 
 
 # -- the predictor ------------------------------------------------------------------------------------------------
-# A quality predictor sees an image at its own size through at most this many tiles of its ``image_size`` (evenly
-# spread over the image), predicted in batches of a fixed size so one image gets the same numbers alone or in a batch.
-MAX_TILES = 16
-TILE_BATCH = 32
+def padded_side(side: int) -> int:
+  """The side an image is zero-padded to (masked) before a quality predictor sees it whole: a multiple of 32 up to
+  512, of 128 above, so a folder of many sizes compiles few shapes."""
+  step = 32 if side <= 512 else 128
+  return -(-int(side) // step) * step
 
 
-def tile_grid(image_hw: tuple[int, int], tile: int, max_tiles: int = MAX_TILES) -> list[tuple[int, int]]:
-  """Top-left corners of non-overlapping ``tile`` x ``tile`` crops covering the image's centre (at most
-  ``max_tiles``, evenly spaced through the grid); empty when the image is smaller than a tile."""
-  h, w = image_hw
-  rows, cols = h // tile, w // tile
-  if rows == 0 or cols == 0:
-    return []
-  top, left = (h - rows * tile) // 2, (w - cols * tile) // 2
-  corners = [(top + r * tile, left + c * tile) for r in range(rows) for c in range(cols)]
-  if len(corners) > max_tiles:
-    corners = [corners[k] for k in np.linspace(0, len(corners) - 1, max_tiles).round().astype(int)]
-  return corners
+def as_model_input(image: np.ndarray) -> np.ndarray:
+  """An image as the network takes it, float32 in [-1, 1]: uint8 converted once (``to_model_range``), floats in
+  [-1, 1] as they are (no rounding through uint8)."""
+  from cat_jax.data.preprocess import to_model_range
+
+  image = np.asarray(image)
+  return to_model_range(image) if image.dtype == np.uint8 else image.astype(np.float32)
 
 
-def mean_over_tiles(measure: str, values: np.ndarray) -> np.ndarray:
-  """Tiles' qualities (T, 3) -> the image's (3,): PSNR through the mean squared error (what the whole image's PSNR
-  is, for tiles covering it), other measures as their mean."""
-  if measure == "psnr":
-    return -10.0 * np.log10(np.mean(10.0 ** (-np.asarray(values) / 10.0), axis=0))
-  return np.mean(values, axis=0)
+def pad_to(image: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """(image zero-padded after its last row and column to ``shape``, (H, W) mask of its own pixels)."""
+  h, w = image.shape[:2]
+  padded = np.zeros(tuple(shape) + image.shape[2:], image.dtype)
+  padded[:h, :w] = image
+  mask = np.zeros(tuple(shape), bool)
+  mask[:h, :w] = True
+  return padded, mask
+
+
+def steps_of(q: np.ndarray) -> np.ndarray:
+  """(N, 3) qualities at 8x / 16x / 32x -> (N, 3) what a quality predictor regresses: the 16x quality, what 8x buys
+  over 16x and what 16x buys over 32x (the level steps the choice weighs, each standardised on its own)."""
+  q = np.asarray(q, np.float64)
+  return np.stack([q[:, 1], q[:, 0] - q[:, 1], q[:, 1] - q[:, 2]], axis=1)
+
+
+def levels_of(steps: np.ndarray) -> np.ndarray:
+  """The inverse of ``steps_of``."""
+  steps = np.asarray(steps, np.float64)
+  return np.stack([steps[:, 0] + steps[:, 1], steps[:, 0], steps[:, 0] - steps[:, 2]], axis=1)
 
 
 @dataclasses.dataclass
@@ -150,10 +185,14 @@ class LevelPredictor:
 
   Two kinds. A *score* predictor reproduces a teacher's complexity score; ``thresholds`` (low, high) calibrated at
   ``budget_tokens`` mean tokens on its training data map it to levels. A *quality* predictor (``qualities`` set:
-  ``{"measures": [...], "mean": [...], "std": [...]}``) predicts a tokenizer's reconstruction quality at every level
-  in each measure (``predict_quality``), from which ``complexity.allocation`` chooses levels by what more tokens buy;
-  its ``price`` (quality per token per 256x256 pixels, in its first measure) is the knob-free rule.
-  ``teacher``: what it reproduces; ``info``: the training run's figures (validation agreement).
+  ``{"measures": [...], "mean": [...], "std": [...], "targets": "steps"}``) predicts a tokenizer's reconstruction
+  quality at every level in each measure (``predict_quality``) from the whole image at its own size, from which
+  ``complexity.allocation`` chooses levels by what more tokens buy; its ``price`` (quality per token per 256x256
+  pixels, in its first measure) is the knob-free rule. Its outputs, de-standardised by ``mean`` and ``std``, are per
+  measure ``steps_of`` the qualities (``"targets": "steps"``) or the qualities themselves (``"levels"``, the files
+  written before 2026-12-07's second predictor). ``image_size``: the size a score predictor resizes images to; for
+  a quality predictor the size its price was calibrated at. ``teacher``: what it reproduces; ``info``: the training
+  run's figures (validation agreement).
   """
 
   params: Any
@@ -170,7 +209,7 @@ class LevelPredictor:
   def __post_init__(self):
     outputs = 1 if self.qualities is None else len(self.qualities["measures"]) * 3
     self.net = PredictorNet(widths=tuple(self.widths), hidden=int(self.hidden), outputs=outputs)
-    self._apply = jax.jit(lambda p, x: self.net.apply({"params": p}, x))
+    self._apply = jax.jit(lambda p, x, mask: self.net.apply({"params": p}, x, mask))
 
   @property
   def measures(self) -> tuple[str, ...]:
@@ -178,33 +217,33 @@ class LevelPredictor:
     return () if self.qualities is None else tuple(self.qualities["measures"])
 
   def prepare(self, images: Sequence[np.ndarray]) -> np.ndarray:
-    """[-1, 1] HWC images of any size -> (N, image_size, image_size, 3), as the scorers prepare images."""
+    """HWC images of any size (uint8, or float in [-1, 1]) -> (N, image_size, image_size, 3) uint8, as the scorers
+    prepare images (shorter side resized, centre crop); images already at that size are only stacked."""
     from PIL import Image
 
     from cat_jax.complexity.scorers import prepare_image
-    from cat_jax.data.preprocess import from_model_range, to_model_range
+    from cat_jax.data.preprocess import from_model_range
 
     s = self.image_size
     out = []
     for x in images:
-      x = np.asarray(x, np.float32)
-      if x.shape != (s, s, 3):
-        x = to_model_range(np.asarray(prepare_image(Image.fromarray(from_model_range(x)), s)))
-      out.append(x)
-    return np.stack(out) if out else np.zeros((0, s, s, 3), np.float32)
+      x = np.asarray(x)
+      x = x if x.dtype == np.uint8 else from_model_range(x)
+      out.append(x if x.shape == (s, s, 3) else np.asarray(prepare_image(Image.fromarray(x), s)))
+    return np.stack(out) if out else np.zeros((0, s, s, 3), np.uint8)
 
   def _run(self, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """The network on prepared images, in batches of exactly ``batch_size`` (the last zero-padded)."""
+    """The network on prepared (N, S, S, 3) images, in batches of exactly ``batch_size`` (the last zero-padded)."""
     out = []
     for start in range(0, len(x), batch_size):
       chunk = x[start:start + batch_size]
       padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-      out.append(np.asarray(self._apply(self.params, padded))[:len(chunk)])
-    return np.concatenate(out).astype(np.float64) if out else np.zeros((0,) if self.qualities is None else (0, 1))
+      out.append(np.asarray(self._apply(self.params, as_model_input(padded), None))[:len(chunk)])
+    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
   def predict(self, images: Sequence[np.ndarray] | np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-    """(N,) float64 scores of [-1, 1] HWC images (higher = more complex). A quality predictor's score is what 8x
-    buys over 32x in its first measure. Batches are padded to a power of two so few shapes compile."""
+    """(N,) float64 scores of HWC images (uint8, or float in [-1, 1]; higher = more complex). A quality predictor's
+    score is what 8x buys over 32x in its first measure. Batches are padded to a power of two so few shapes compile."""
     if self.qualities is not None:
       q = self.predict_quality(images)[self.measures[0]]
       return q[:, 0] - q[:, 2]
@@ -216,29 +255,26 @@ class LevelPredictor:
     return np.concatenate(scores) if scores else np.zeros(0)
 
   def predict_quality(self, images: Sequence[np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
-    """{measure: (N, 3)} predicted quality of each [-1, 1] HWC image at 8x / 16x / 32x, at the image's own size:
-    the network sees up to ``MAX_TILES`` tiles of ``image_size`` at native resolution (an image smaller than a tile
-    is resized as ``prepare`` does) and the tiles' qualities are averaged (``mean_over_tiles``). Per image, so the
-    same image gets the same numbers alone or in any batch."""
+    """{measure: (N, 3)} predicted quality of each HWC image (uint8, or float in [-1, 1]) at 8x / 16x / 32x at its
+    own size: the network sees the whole image, zero-padded and masked to ``padded_side`` on each side. One image at
+    a time, so the same image gets the same numbers alone or in any batch, at the cost of its own pixels."""
     if self.qualities is None:
       raise ValueError("this is a score predictor: it predicts one complexity score, not qualities per level; train "
                        "a quality predictor (python -m cat_jax.train_predictor --config.teacher=quality:TOKENIZER)")
-    s, tiles, owner = self.image_size, [], []
-    for k, x in enumerate(images):
-      x = np.asarray(x, np.float32)
-      corners = tile_grid(x.shape[:2], s)
-      tiles += [x[r:r + s, c:c + s] for r, c in corners] if corners else list(self.prepare([x]))
-      owner += [k] * max(1, len(corners))
-    raw = self._run(np.stack(tiles), TILE_BATCH) if tiles else np.zeros((0, len(self.measures) * 3))
-    values = raw * np.asarray(self.qualities["std"]) + np.asarray(self.qualities["mean"])
-    owner = np.asarray(owner)
-    out = {}
     from cat_jax.metrics.image_quality import MEASURES, oriented
 
+    rows = []
+    for image in images:
+      image = as_model_input(image)
+      x, mask = pad_to(image, tuple(padded_side(side) for side in image.shape[:2]))
+      rows.append(np.asarray(self._apply(self.params, x[None], mask[None]), np.float64)[0])
+    raw = np.stack(rows) if rows else np.zeros((0, len(self.measures) * 3))
+    values = raw * np.asarray(self.qualities["std"]) + np.asarray(self.qualities["mean"])
+    steps = self.qualities.get("targets", "levels") == "steps"
+    out = {}
     for m, name in enumerate(self.measures):  # no prediction better than identical images
-      per_tile = np.minimum(values[:, 3 * m:3 * m + 3], oriented(name, MEASURES[name].best))
-      out[name] = np.stack([mean_over_tiles(name, per_tile[owner == k]) for k in range(len(images))]) \
-          if len(images) else np.zeros((0, 3))
+      q = values[:, 3 * m:3 * m + 3]
+      out[name] = np.minimum(levels_of(q) if steps else q, oriented(name, MEASURES[name].best))
     return out
 
   def levels(self, images: Sequence[np.ndarray] | np.ndarray, *, qualities: dict | None = None) -> np.ndarray:
@@ -321,9 +357,8 @@ class PredictorScorer:
 
   def score(self, item: dict[str, Any]) -> dict[str, Any]:
     from cat_jax.complexity.scorers import prepare_item
-    from cat_jax.data.preprocess import to_model_range
 
-    x = to_model_range(np.asarray(prepare_item(item, self.image_size)))
+    x = np.asarray(prepare_item(item, self.image_size))  # uint8, converted once by the predictor
     if not self.assigns_levels:
       return {"score": float(self.predictor.predict([x])[0])}
     table = self.predictor.predict_quality([x])

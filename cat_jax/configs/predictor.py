@@ -36,10 +36,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # cat_jax.complexity.predictor.PredictorNet: stride-2 convolutions, mean + std pooling, an MLP (~32k parameters).
   c.model = dict(widths=(16, 32, 64), hidden=64)
-  # image_size: what the predictor sees (shorter side resized, centre crop); scores at any other size are resized
-  # to it. eval_images: validation images for the agreement figures (0: none).
+  # image_size: what a score predictor sees (shorter side resized, centre crop; scores at any other size are resized
+  # to it), and the size a quality predictor's price is calibrated at. sizes: a quality predictor's training images,
+  # (height, width, count), each the next count records of the source viewed whole at that size (centre crop of
+  # that aspect, resized), its qualities measured whole (None: calibration_images at image_size). eval_images:
+  # validation images for the agreement figures (0: none).
   c.data = dict(source="tfds:imagenet2012", split="train", eval_split="validation", source_kwargs={}, image_size=128,
-                num_workers=8, min_size=64, on_bad_image="skip", eval_images=10_000)
+                num_workers=8, min_size=64, on_bad_image="skip", eval_images=10_000, sizes=None)
 
   c.batch_size = 256
   c.num_steps = 20_000
@@ -58,15 +61,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.async_checkpointing = True
 
   if variant == "demo":
-    # The embedded dataset at 64x64 (the demo tokenizer's data), taught by the demo tokenizer's own qualities.
+    # The embedded dataset (drawn at 256x256, as evaluate draws it) viewed whole at 64x64 (where the price is
+    # calibrated), 128x128, 256x256 and 1:2 / 2:1, taught by the demo tokenizer's own qualities at each size.
     c.teacher = "quality:demo"
     c.data.update(source="embedded", image_size=64, num_workers=0, eval_images=400,
-                  source_kwargs={"num_images": 2000, "image_size": 64})
+                  source_kwargs={"num_images": 2080, "image_size": 256},
+                  sizes=((64, 64, 1600), (128, 128, 300), (256, 256, 60), (128, 256, 60), (256, 128, 60)))
     c.batch_size = 64
     c.num_steps = 1_500
     c.optimizer.update(warmup_steps=50)
     c.ema_decay = 0.99
-    c.calibration_images = 2000
+    c.calibration_images = 1600
     c.log_every = 100
     c.checkpoint_every = 500
 
