@@ -7,11 +7,17 @@ r"""Evaluates a CAT checkpoint: fixed 8x / 16x / 32x, adaptive levels, and level
   python -m cat_jax.evaluate --workdir DIR --data folder:/path/to/images --num-images 500
   python -m cat_jax.evaluate --workdir DIR --data tfds:celeb_a --split test
 
-Protocol. Images are read by the evaluation pipeline (shorter side resized to ``image_size``, centre crop, [-1, 1]).
-Every image is reconstructed at all three levels from the posterior mean, as the tokenizer returns it (with a
-patch code: per image the learned path or, where that is worse, the code; ``Tokenizer(keep_code=)``), clipped to
-[-1, 1]; metrics follow
-``cat_jax.metrics.evaluator`` (8-bit quantisation, per-image PSNR/SSIM, LPIPS-VGG, rFID from float64 statistics).
+Protocol. ``--data folder:PATH``: each image is read as ``python -m cat_jax.encode`` reads it, at its native size by
+default (``--image-size N``: shorter side to N, centre crop; ``--max-side N``: longer side at most N), reconstructed
+in batches of one padded shape (the tokenizer's shape buckets: each side padded to the next of 32, 64, 96, 128, 192,
+256, ...), cropped back and measured on its own pixels (a measure compiles once per image size and power-of-two
+batch); its tokens are counted at its own size (the latent grid of the image padded to a multiple of 32); unusable
+files are skipped with their reason, as encode skips them. Other data (embedded, TFDS) is read by the evaluation
+pipeline (shorter side resized to ``--image-size``, default the config's ``data.image_size``, centre crop). Every
+image is reconstructed at all three levels from the posterior mean, as the tokenizer returns it (with a patch code:
+per image the learned path or, where that is worse, the code; ``Tokenizer(keep_code=)``), clipped to [-1, 1];
+metrics follow ``cat_jax.metrics.evaluator`` (8-bit quantisation, per-image PSNR/SSIM, LPIPS-VGG, rFID from float64
+statistics; at native sizes the Inception network resizes each image to 299x299, as pytorch-fid does).
 Settings ("rows"):
   fixed_8x / fixed_16x / fixed_32x  every image at one level;
   adaptive                          each image at its level from ``--manifest`` (or the embedded dataset's built-in
@@ -39,13 +45,15 @@ Images/s: encode + decode throughput per level measured on this machine (compila
 figure is derived as ``N / sum_l(n_l / ips_l)``.
 
 Writes to ``--out`` (default ``<workdir>/eval``): ``results.json``, ``results.md``, ``rate_distortion.png``,
-``reconstructions_*.png`` (rows: original, 8x, 16x, 32x).
+``reconstructions_*.png`` (rows: original, 8x, 16x, 32x), ``levels.jsonl`` (each image's size and its level in
+every row that chooses per image).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -126,14 +134,187 @@ def _padded(fn: Callable | None, batch: int) -> Callable | None:
 
 
 def _with_progress(batches, total: int):
-  """The evaluation's batches, with a progress bar on stderr (images done, rate, time left)."""
+  """The evaluation's batches (ids first), with a progress bar on stderr (images done, rate, time left)."""
   import tqdm
 
   with tqdm.tqdm(total=total, unit="img", desc="evaluate", file=sys.stderr, dynamic_ncols=True,
                  mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
     for batch in batches:
       yield batch
-      bar.update(int(np.sum(batch["mask"])))
+      bar.update(len(batch[0]))
+
+
+def _pipeline_batches(tok, source, image_size: int, seconds: np.ndarray):
+  """(ids, originals, reconstructions at each level, (whole batch, real rows)) of the evaluation pipeline's batches
+  (every image resized and centre-cropped to ``image_size``); ``seconds[l]`` gains the time level l took."""
+  from cat_jax.data import make_eval_iterator
+
+  warm = np.zeros((tok.batch_size, image_size, image_size, 3), np.float32)
+  for lvl in range(L.NUM_LEVELS):  # compile outside the timed region
+    np.asarray(tok.reconstruct_batch(warm, lvl))
+  for batch in make_eval_iterator(source, levels=0, batch_size=tok.batch_size, image_size=image_size,
+                                  process_index=0, process_count=1):
+    valid = np.asarray(batch["mask"], bool)
+    if not valid.any():
+      continue
+    recons = []
+    for lvl in range(L.NUM_LEVELS):
+      start = time.perf_counter()
+      recon = np.asarray(tok.reconstruct_batch(batch["image"], lvl))
+      seconds[lvl] += time.perf_counter() - start
+      recons.append(np.clip(recon[valid], -1.0, 1.0))
+    yield ([str(i) for i in np.asarray(batch["id"])[valid]], np.asarray(batch["image"])[valid], recons,
+           (batch["image"], valid))
+
+
+# A chunk of a sized source held in memory at a time: at most this many images and pixels (a larger image alone).
+CHUNK_IMAGES, CHUNK_PIXELS = 256, 1 << 26
+
+
+def _sized_batches(source, sizing, batch_size: int, skipped: dict[str, str]):
+  """(ids, images) of a source of encoded files, each image read as ``encode`` reads it (``preprocess.load_sized``
+  at ``sizing``), in batches of at most ``batch_size`` images of one shape bucket (``tokenizer.bucket_side`` of each
+  side: the padded shape the tokenizer computes them at), a chunk of the source at a time. A file that cannot be
+  used is left out and recorded in ``skipped`` (id -> reason)."""
+  from cat_jax.data import source_ids
+  from cat_jax.data.preprocess import BadImageError, load_sized
+  from cat_jax.tokenizer import bucket_side
+
+  def flush(chunk):
+    groups: dict[tuple[int, int], list] = {}
+    for image_id, x in chunk:
+      groups.setdefault((bucket_side(x.shape[0]), bucket_side(x.shape[1])), []).append((image_id, x))
+    for _, members in sorted(groups.items()):
+      for s in range(0, len(members), batch_size):
+        yield [i for i, _ in members[s:s + batch_size]], [x for _, x in members[s:s + batch_size]]
+
+  chunk, pixels = [], 0
+  for k, image_id in enumerate(source_ids(source)):
+    try:
+      record = source[k]
+      x, _ = load_sized(record["image"], sizing, path=str(record.get("path") or image_id))
+    except BadImageError as e:
+      skipped[image_id] = e.reason
+      continue
+    except OSError as e:  # a file that cannot be read
+      skipped[image_id] = f"cannot read file ({type(e).__name__}: {e})"
+      continue
+    if chunk and (len(chunk) >= CHUNK_IMAGES or pixels + x.shape[0] * x.shape[1] > CHUNK_PIXELS):
+      yield from flush(chunk)
+      chunk, pixels = [], 0
+    chunk.append((image_id, x))
+    pixels += x.shape[0] * x.shape[1]
+  yield from flush(chunk)
+
+
+def _reconstructed(tok, batches, seconds: np.ndarray):
+  """(ids, images, [reconstructions at each level]) of ``batches`` of (ids, images of one shape bucket): the
+  tokenizer's, as ``encode`` + ``decode`` give them (each image padded to its bucket, computed, cropped back to its
+  own size; clipped). ``seconds[l]`` gains the time level l took, compilation excluded (a call that compiled is timed
+  again)."""
+  for ids, images in batches:
+    recons = []
+    for lvl in range(L.NUM_LEVELS):
+      before = tok.compiled_count()["reconstruct"]
+      start = time.perf_counter()
+      recon = tok.reconstruct(images, lvl, value_range=(-1.0, 1.0))
+      if tok.compiled_count()["reconstruct"] != before:
+        start = time.perf_counter()
+        recon = tok.reconstruct(images, lvl, value_range=(-1.0, 1.0))
+      seconds[lvl] += time.perf_counter() - start
+      recons.append(list(recon))
+    yield ids, images, recons
+
+
+def _split_by_size(batches):
+  """(ids, (n, H, W, 3) originals, [(n, H, W, 3) reconstructions at each level], None): the images of each batch
+  of ``_reconstructed`` grouped by their own size, so that every measure sees each image's own pixels
+  (``_measure_few``)."""
+  for ids, images, recons in batches:
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for k, x in enumerate(images):
+      by_size.setdefault(x.shape, []).append(k)
+    for ks in by_size.values():
+      yield ([ids[k] for k in ks], np.stack([images[k] for k in ks]),
+             [np.stack([per_level[k] for k in ks]) for per_level in recons], None)
+
+
+def _measure_few(measurer, originals: np.ndarray, reconstructions: np.ndarray, real_features=None):
+  """``measurer.measure`` of a batch of one image size, its rows filled to the next power of two (copies of its last
+  image, left out of the result): a measure compiles at most four times per image size for batches of up to 8."""
+  n = len(originals)
+  rows = 1 << (n - 1).bit_length()
+
+  def fill(a):
+    return None if a is None else np.concatenate([a, np.repeat(a[-1:], rows - n, axis=0)])
+
+  full = measurer.measure(fill(originals), fill(reconstructions), fill(real_features))
+  return dataclasses.replace(full, **{f.name: None if getattr(full, f.name) is None else getattr(full, f.name)[:n]
+                                      for f in dataclasses.fields(full) if f.name != "measures"},
+                             measures={k: v[:n] for k, v in full.measures.items()})
+
+
+def _at_bucket(rows: int):
+  """``fn`` -> ``fn`` applied to (n, H, W, 3) images edge padded to their shape bucket (``tokenizer.bucket_side``)
+  and ``rows`` rows, cropped back: a no-learning baseline computed as the tokenizer computes, one compile per
+  bucket."""
+  from cat_jax.tokenizer import bucket_side
+
+  def wrap(fn):
+    def call(images):
+      n, h, w = images.shape[:3]
+      padded = np.pad(images, ((0, max(rows - n, 0)), (0, bucket_side(h) - h), (0, bucket_side(w) - w), (0, 0)),
+                      mode="edge")
+      return np.asarray(fn(padded))[:n, :h, :w]
+    return call
+  return wrap
+
+
+def _grid_cell(image: np.ndarray, side: int = 128) -> np.ndarray:
+  """An image of any size as one square cell of the reconstruction grid: centre crop, resized to ``side``."""
+  from PIL import Image
+
+  from cat_jax.data.preprocess import from_model_range, resize_and_crop, to_model_range
+
+  return to_model_range(resize_and_crop(Image.fromarray(from_model_range(image)), side))
+
+
+def _describe_files(root: str, ids: Sequence[str], sizing) -> str:
+  """A folder's images and the shapes they are computed at, in words (the first lines), from the files' headers."""
+  from PIL import Image
+
+  from cat_jax.data.preprocess import describe_sizes
+  from cat_jax.tokenizer import bucket_side
+
+  paths = [os.path.join(root, i) for i in ids]
+  buckets = set()
+  for path in paths[:2000]:
+    try:
+      with Image.open(path) as img:
+        h, w = sizing.sized_hw((img.height, img.width))
+    except Exception:  # noqa: BLE001 (a bad file is reported with its reason when it is read)
+      continue
+    buckets.add((bucket_side(h), bucket_side(w)))
+  return (f"{describe_sizes(paths)}; {sizing.describe()}, computed at up to {len(buckets)} padded shapes (each side "
+          "padded to the next of 32, 64, 96, 128, 192, 256, 384, ...)")
+
+
+def _listed(reasons: Mapping[str, str], limit: int = 5) -> str:
+  """'id (reason); ...' of the first ``limit``."""
+  text = "; ".join(f"{i} ({r})" for i, r in list(reasons.items())[:limit])
+  return text + (f"; and {len(reasons) - limit} more" if len(reasons) > limit else "")
+
+
+def _describe_evaluated(image_sizes: Sequence[tuple[int, int]], image_size: int | None, sizing) -> str:
+  """The sizes the images were evaluated at, in words (results.json's ``sizes``, the reports' titles)."""
+  if sizing is None:
+    return f"{image_size}x{image_size}"
+  from cat_jax.tokenizer import bucket_side
+
+  distinct = sorted(set(image_sizes), key=lambda hw: hw[0] * hw[1])
+  buckets = {(bucket_side(h), bucket_side(w)) for h, w in distinct}
+  return (f"{sizing.describe()}: {len(distinct)} sizes from {distinct[0][1]}x{distinct[0][0]} to "
+          f"{distinct[-1][1]}x{distinct[-1][0]} (width x height), computed at {len(buckets)} padded shapes")
 
 
 # -- level assignments ----------------------------------------------------------------------------------------------
@@ -187,16 +368,16 @@ class _Row:
 
 
 def _budget_rows(scores: Mapping[str, Mapping[str, float]], ids: Sequence[str], budget: float,
-                 image_hw: tuple[int, int]) -> list[_Row]:
-  """One row per complexity measure: thresholds on its scores over ``ids`` such that the mean token count is
-  ``budget``."""
+                 image_sizes: Sequence[tuple[int, int]]) -> list[_Row]:
+  """One row per complexity measure: thresholds on its scores over ``ids`` such that the mean token count, at each
+  image's own size (``image_sizes``, in the order of ``ids``), is ``budget``."""
   from cat_jax.complexity import thresholds as complexity_thresholds
 
   rows = []
   for name, per_id in scores.items():
     _require_all(per_id, ids, f"measure {name!r}")
     values = [per_id[i] for i in ids]
-    thresholds = complexity_thresholds.budget_thresholds(values, budget, image_hw=image_hw)
+    thresholds = complexity_thresholds.budget_thresholds(values, budget, image_hw=image_sizes)
     level_of = dict(zip(ids, complexity_thresholds.levels_for_scores(values, thresholds).tolist()))
     rows.append(_Row(f"budget:{name}", level_of, f"thresholds from {name} scores at {budget:g} mean tokens",
                      thresholds=thresholds))
@@ -213,12 +394,12 @@ def _quality_table(model_batches, measure: str) -> np.ndarray:
                          for _, per_level in model_batches])
 
 
-def _allocation_rows(tables, predicted, ids: Sequence[str], budget: float, image_hw, tok) -> list[_Row]:
+def _allocation_rows(tables, predicted, ids: Sequence[str], budget: float, image_sizes, tok) -> list[_Row]:
   """``budget:oracle:<m>`` (the exact best choice in measure m at the budget: the ceiling), ``budget:rd:<m>`` (the
   same from the quality predictor's predictions) and ``auto`` (the tokenizer's knob-free price rule)."""
   from cat_jax.complexity import allocation
 
-  tokens = allocation.tokens_table([image_hw] * len(ids))
+  tokens = allocation.tokens_table(image_sizes)
   rows = [_Row(f"budget:oracle:{m}", dict(zip(ids, allocation.best_within_budget(q, tokens, budget).tolist())),
                f"the exact best mean {m} at {budget:g} mean tokens (a knapsack over measured qualities: the ceiling)")
           for m, q in tables.items()]
@@ -227,13 +408,13 @@ def _allocation_rows(tables, predicted, ids: Sequence[str], budget: float, image
            for m, p in predicted.items() if m in tables]
   auto = tok.auto_levels
   if auto is not None and auto.rule == "price" and auto.measure in predicted:  # the predictions made in the pass
-    levels = tok.auto_assigner().from_qualities(predicted, [image_hw] * len(ids)).levels
+    levels = tok.auto_assigner().from_qualities(predicted, image_sizes).levels
     rows.append(_Row("auto", dict(zip(ids, levels.tolist())), f"the tokenizer's levels='auto': predicted "
                      f"{auto.measure} less {auto.price:.3g} per token per 256x256 pixels, per image"))
   return rows
 
 
-def _allocation_report(tables, predicted, scores, rows, ids: Sequence[str], source, budget: float, image_hw,
+def _allocation_report(tables, predicted, scores, rows, ids: Sequence[str], source, budget: float, image_sizes,
                        bootstrap: int, seed: int) -> dict:
   """Every level choice between its floor (fixed 16x) and its ceiling (the exact choice) at the same budget, on all
   images, without flat and gradient images and on photos alone (kinds of the embedded data): each choice remade on
@@ -250,17 +431,18 @@ def _allocation_report(tables, predicted, scores, rows, ids: Sequence[str], sour
     subsets["without flat and gradient"] = ~np.isin(kinds, ["flat", "gradient"])
     subsets["photos"] = kinds == "photo"
   auto = next((r for r in rows if r.name == "auto"), None)
-  tokens_all = allocation.tokens_table([image_hw] * len(ids))
+  tokens_all = allocation.tokens_table(image_sizes)
   report = {}
   for subset, sel in subsets.items():
     if not sel.any():
       continue
     tokens, sub_ids = tokens_all[sel], [i for i, keep in zip(ids, sel) if keep]
+    sub_sizes = [hw for hw, keep in zip(image_sizes, sel) if keep]
     at_budget = {m: (lambda b, q=q[sel]: allocation.best_within_budget(q, tokens, b)) for m, q in tables.items()}
     by_prediction = {m: (lambda b, p=p[sel]: allocation.best_within_budget(p, tokens, b))
                      for m, p in predicted.items() if m in tables}
     by_score = {name: (lambda b, s=[per_id[i] for i in sub_ids]: complexity_thresholds.levels_for_scores(
-        s, complexity_thresholds.budget_thresholds(s, b, image_hw=image_hw))) for name, per_id in scores.items()}
+        s, complexity_thresholds.budget_thresholds(s, b, image_hw=sub_sizes))) for name, per_id in scores.items()}
     choices = {"fixed_16x": np.ones(int(sel.sum()), np.int32)}
     choices |= {f"oracle:{m}": f(budget) for m, f in at_budget.items()}
     choices |= {f"rd:{m}": f(budget) for m, f in by_prediction.items()}
@@ -284,8 +466,8 @@ def _allocation_report(tables, predicted, scores, rows, ids: Sequence[str], sour
 
 
 # -- the evaluation -------------------------------------------------------------------------------------------------
-def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, image_size: int,
-                   manifest: str | None = None, score_manifests: Mapping[str, str] | None = None,
+def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, image_size: int | None = None,
+                   sizing=None, manifest: str | None = None, score_manifests: Mapping[str, str] | None = None,
                    scorers: Sequence[str] = ("random", "jpeg", "mse"), budget_tokens: float | None = None,
                    measures: Sequence[str] = QUALITY_MEASURES, allocate_by: Sequence[str] = ALLOCATE_BY,
                    inception_fn: Callable | None = None, lpips_fn: Callable | None = None,
@@ -293,6 +475,12 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
                    compare: Mapping[str, tuple[Any, int]] | None = None, baselines: bool = True,
                    bootstrap: int = 1000, strict: bool = False, paired_against: str = "fixed_16x") -> dict:
   """Evaluates ``tok`` on ``source`` in one pass over the data and writes every output file; returns the results.
+
+  Sizes: ``image_size`` reads every image by the evaluation pipeline (shorter side resized to it, centre crop: the
+  training and paper protocol, one shape); ``sizing`` (a ``cat_jax.data.preprocess.Sizing``, for sources of encoded
+  files such as folders) reads each image as ``encode`` does, at its native size by default (``_sized_batches``):
+  images are reconstructed in batches of one padded shape (the tokenizer's shape buckets) and measured on their own
+  pixels, each image's tokens counted at its own size.
 
   ``compare``: {row name: (another Tokenizer, level)}, e.g. separately trained fixed-rate models or a converted SD
   VAE, each evaluated on the same images at one level. ``baselines``: add the no-learning rows (area+bicubic, and
@@ -306,8 +494,9 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
   the whole distribution), so the model's per-level measurements are kept and those rows are added after the pass:
   with Inception weights that is 4 x 2048 float32 per image (~32 KiB; 1.6 GiB for 50,000 images).
   """
+  from cat_jax.complexity import allocation
   from cat_jax.complexity.scorers import JpegScorer, reconstruction_mse
-  from cat_jax.data import load_levels, make_eval_iterator, source_ids
+  from cat_jax.data import load_levels, source_ids
   from cat_jax.data.preprocess import from_model_range
   from cat_jax.metrics.baselines import area_bicubic, dct_code
   from cat_jax.metrics.evaluator import Measurements, ReconstructionEvaluator
@@ -333,9 +522,8 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
   predictor = getattr(tok, "level_predictor", None)
   predicts = set(predictor.measures) if predictor is not None else set()  # its tables feed rd rows and auto
   all_ids = source_ids(source)
-  image_hw = (image_size, image_size)
-  tokens = np.array([L.num_tokens(image_hw, lvl) for lvl in range(L.NUM_LEVELS)], np.int64)
-  budget = float(tokens[1] if budget_tokens is None else budget_tokens)
+  if (image_size is None) == (sizing is None):
+    raise ValueError("give image_size (the evaluation pipeline's square) or sizing (each image as encode reads it)")
   compare = dict(compare or {})
   for other, _ in compare.values():
     if other.batch_size != tok.batch_size:
@@ -386,37 +574,36 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
                                      measures=measures)
   evaluators = {r.name: new_evaluator() for r in rows}
   seconds = np.zeros(L.NUM_LEVELS)
-  warm = np.zeros((tok.batch_size, image_size, image_size, 3), np.float32)
-  for lvl in range(L.NUM_LEVELS):  # compile outside the timed region
-    np.asarray(tok.reconstruct_batch(warm, lvl))
+  skipped: dict[str, str] = {}  # unreadable or unusable files of a sized source, with the reason
+  if sizing is None:
+    batches = _pipeline_batches(tok, source, image_size, seconds)
+  else:
+    batches = _split_by_size(_reconstructed(tok, _sized_batches(source, sizing, tok.batch_size, skipped), seconds))
   grid: list[list[np.ndarray]] = [[] for _ in range(L.NUM_LEVELS + 1)]
   seen_ids: list[str] = []
+  size_of: dict[str, tuple[int, int]] = {}  # each image's (height, width), which its tokens are counted at
   scores: dict[str, dict[str, float]] = {m: {} for m in scorers if m in ("jpeg", "mse", "predictor")}
   model_batches: list[tuple[list[str], list[Measurements]]] = []  # for the budget rows, added after the pass
   predicted: dict[str, list[np.ndarray]] = {m: [] for m in predicts}  # the quality predictor's tables, per batch
-  for batch in _with_progress(make_eval_iterator(source, levels=0, batch_size=tok.batch_size,
-                                                 image_size=image_size, process_index=0, process_count=1),
-                              len(source)):
-    valid = np.asarray(batch["mask"], bool)
-    batch_ids = [str(i) for i in np.asarray(batch["id"])[valid]]
-    if not batch_ids:
-      continue
+  for batch_ids, originals, recons, padded in _with_progress(batches, len(source)):
+    # One batch: images of one size, (n, H, W, 3) originals and their reconstructions at each level; ``padded``:
+    # the pipeline's whole batch and which of its rows are real, or None for a sized source.
     seen_ids += batch_ids
-    originals = np.asarray(batch["image"])[valid]
-    recons = []
-    for lvl in range(L.NUM_LEVELS):
-      start = time.perf_counter()
-      recon = np.asarray(tok.reconstruct_batch(batch["image"], lvl))
-      seconds[lvl] += time.perf_counter() - start
-      recons.append(np.clip(recon[valid], -1.0, 1.0))
+    size_of.update((i, tuple(originals.shape[1:3])) for i in batch_ids)
+    tokens = allocation.image_tokens(originals.shape[1:3])  # (3,) at each level
+    at_bucket = _at_bucket(tok.batch_size) if padded is None else (lambda fn: fn)
     by_source = {"model": recons}
     if baselines:
-      by_source["area_bicubic"] = [np.asarray(area_bicubic(originals, lvl)) for lvl in range(L.NUM_LEVELS)]
-      by_source["dct_code"] = [np.asarray(dct_code(originals, lvl, tok.model.z_channels))
-                               for lvl in range(L.NUM_LEVELS)]
+      by_source["area_bicubic"] = [np.asarray(at_bucket(lambda x, lvl=lvl: area_bicubic(x, lvl))(originals))
+                                   for lvl in range(L.NUM_LEVELS)]
+      by_source["dct_code"] = [np.asarray(at_bucket(lambda x, lvl=lvl: dct_code(x, lvl, tok.model.z_channels))(
+          originals)) for lvl in range(L.NUM_LEVELS)]
     for name, (other, lvl) in compare.items():
-      recon = np.clip(np.asarray(other.reconstruct_batch(batch["image"], L.parse_level(lvl)))[valid], -1.0, 1.0)
-      by_source[name] = [recon] * L.NUM_LEVELS  # one level: the same at each
+      if padded is None:
+        recon = np.stack(list(other.reconstruct(list(originals), L.parse_level(lvl), value_range=(-1.0, 1.0))))
+      else:
+        recon = np.asarray(other.reconstruct_batch(padded[0], L.parse_level(lvl)))[padded[1]]
+      by_source[name] = [np.clip(recon, -1.0, 1.0)] * L.NUM_LEVELS  # one level: the same at each
 
     measured: dict[tuple[str, int], Measurements] = {}
     real_features = None
@@ -424,7 +611,8 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
     def measurements(src: str, lvl: int) -> Measurements:
       nonlocal real_features
       if (src, lvl) not in measured:  # the originals' features are measured once per batch
-        measured[src, lvl] = measurer.measure(originals, by_source[src][lvl], real_features)
+        measure = measurer.measure if padded is not None else functools.partial(_measure_few, measurer)
+        measured[src, lvl] = measure(originals, by_source[src][lvl], real_features)
         real_features = measured[src, lvl].real_features
       return measured[src, lvl]
 
@@ -446,11 +634,18 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
       scores["predictor"].update(zip(batch_ids, tok.level_predictor.predict(originals).tolist()))
     take = num_grid_images - len(grid[0])
     if take > 0:
-      grid[0] += list(originals[:take])
+      cell = (lambda x: x) if sizing is None else _grid_cell  # images of many sizes: one square cell each
+      grid[0] += [cell(x) for x in originals[:take]]
       for lvl in range(L.NUM_LEVELS):
-        grid[lvl + 1] += list(recons[lvl][:take])
+        grid[lvl + 1] += [cell(x) for x in recons[lvl][:take]]
   if not seen_ids:
-    raise ValueError(f"no readable images in {source!r}")
+    raise ValueError(f"no readable images in {source!r}" + (f": {_listed(skipped)}" if skipped else ""))
+  if skipped:
+    notes.append(f"{len(skipped)} of {len(all_ids)} files skipped (unreadable or unusable, as encode skips them): "
+                 f"{_listed(skipped)}")
+  image_sizes = [size_of[i] for i in seen_ids]
+  token_table = allocation.tokens_table(image_sizes)
+  budget = float(token_table[:, 1].mean() if budget_tokens is None else budget_tokens)  # default: the fixed-16x mean
 
   # Rows whose levels need every image first: complexity scores at the budget, the exact (oracle) and predicted
   # rate-distortion choices at the budget, and the tokenizer's knob-free auto levels.
@@ -462,20 +657,23 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
   scores = {m: scores[m] for m in scorers} | external
   tables = {m: _quality_table(model_batches, m) for m in allocate_by}
   predicted_tables = {m: np.concatenate(v) for m, v in predicted.items()}
-  late_rows = _budget_rows(scores, seen_ids, budget, image_hw)
-  late_rows += _allocation_rows(tables, predicted_tables, seen_ids, budget, image_hw, tok)
+  late_rows = _budget_rows(scores, seen_ids, budget, image_sizes)
+  late_rows += _allocation_rows(tables, predicted_tables, seen_ids, budget, image_sizes, tok)
   for row in late_rows:
     rows.append(row)
     evaluators[row.name] = new_evaluator()
     for batch_ids, per_level in model_batches:
       lv = row.levels(batch_ids)
-      evaluators[row.name].add(Measurements.pick(per_level, lv), lv, tokens[lv])
+      evaluators[row.name].add(Measurements.pick(per_level, lv), lv,
+                               allocation.image_tokens(size_of[batch_ids[0]])[lv])  # a batch has one size
 
   n_total = len(seen_ids)
   ips_level = [n_total / max(s, 1e-12) for s in seconds]
   results = {"dataset": dataset, "num_images": n_total, "image_size": image_size,
+             "sizes": _describe_evaluated(image_sizes, image_size, sizing),
              "checkpoint_step": tok.step, "budget_tokens": budget,
-             "tokens_per_level": {f"{f}x": int(t) for f, t in zip(L.FACTORS, tokens)},
+             "tokens_per_level": {f"{f}x": float(t) if sizing is not None else int(t)
+                                  for f, t in zip(L.FACTORS, token_table.mean(axis=0))},
              "images_per_s_per_level": {f"{f}x": float(v) for f, v in zip(L.FACTORS, ips_level)},
              "rows": {}, "skipped": {}, "notes": notes, **dict(extra or {})}
   if inception_fn is None:
@@ -503,8 +701,13 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
   reports.add_intervals_and_breakdown(results, {n: ev.per_image for n, ev in evaluators.items()}, seen_ids, source,
                                       bootstrap, seed, reference=paired_against)
   results["allocation"] = _allocation_report(tables, predicted_tables, scores, rows, seen_ids, source, budget,
-                                             image_hw, bootstrap, seed)
+                                             image_sizes, bootstrap, seed)
   reports.write_reports(results, grid, out_dir)
+  per_image = [r for r in rows if not isinstance(r.level_of, int)]
+  chosen = {r.name: r.levels(seen_ids) for r in per_image}
+  storage.write_text(out_dir / "levels.jsonl", "".join(
+      json.dumps({"id": i, "size": list(size_of[i]), "levels": {name: int(v[k]) for name, v in chosen.items()}}) + "\n"
+      for k, i in enumerate(seen_ids)))
   return results
 
 
@@ -576,8 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--budget-tokens", type=float, help="mean tokens per image for the measure comparison "
                  "(default: the fixed-16x count)")
   p.add_argument("--num-images", type=int, help="evaluate the first N images only")
-  p.add_argument("--image-size", type=cli.positive_int, help="shorter side resized to this, centre crop (default: "
-                 "the config's data.image_size)")
+  cli.add_sizing_arguments(p)  # folders: native sizes by default, as encode and score; other data: see the docstring
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
   p.add_argument("--no-ema", action="store_true", help="use the raw parameters instead of the EMA")
@@ -659,6 +861,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f"wrote {out}/legibility.json, legibility.md")
       return 0
     source, dataset, split = make_source(args.data, args.split, config)
+    folder = getattr(source, "root", None)  # a folder of encoded files: each image as encode reads it
     if args.num_images is not None:
       if args.num_images < 1:
         raise ValueError("--num-images must be >= 1")
@@ -679,16 +882,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.lpips_weights:
       from cat_jax.models.lpips import load_lpips
       lpips_fn = load_lpips(args.lpips_weights)
-    image_size = args.image_size or int(config.data.image_size)
-    print(f"evaluate: step {tok.step} on {dataset} ({split}), {len(source)} images, each resized (shorter side) and "
-          f"centre-cropped to {image_size}x{image_size}; every image at 8x, 16x and 32x; measures "
+    if folder is not None:  # native sizes by default
+      image_size, sizing = None, cli.sizing(args)
+      sizes = (f"{_describe_files(folder, source.ids(), sizing)}; each image reconstructed at its shape bucket and "
+               "measured on its own pixels")
+    elif args.max_side:
+      raise ValueError(f"--max-side applies to --data folder:PATH (images of many sizes); {dataset} is read at one "
+                       "size: pass --image-size N")
+    else:
+      image_size, sizing = args.image_size or int(config.data.image_size), None
+      sizes = (f"{len(source)} images, each resized (shorter side) and centre-cropped to {image_size}x{image_size}")
+    at_sizes = " (each image resized to 299x299 by the Inception network, as pytorch-fid)" if sizing else ""
+    print(f"evaluate: step {tok.step} on {dataset} ({split}), {sizes}; every image at 8x, 16x and 32x; measures "
           f"{', '.join(dict.fromkeys(['psnr', 'ssim', *measures]))}, "
-          f"{'with' if inception_fn else 'no'} rFID, {'with' if lpips_fn else 'no'} LPIPS; level scorers "
+          f"{'with' if inception_fn else 'no'} rFID{at_sizes if inception_fn else ''}, "
+          f"{'with' if lpips_fn else 'no'} LPIPS; level scorers "
           f"{', '.join(scorers) or 'none'}", file=sys.stderr, flush=True)
     out = args.out or (f"eval_{args.workdir}" if args.workdir in PRETRAINED else
                        os.fspath(storage.as_path(args.workdir) / "eval"))
     results = run_evaluation(
-        tok, source, out_dir=out, dataset=f"{dataset} ({split})", image_size=image_size, manifest=args.manifest,
+        tok, source, out_dir=out, dataset=f"{dataset} ({split})", image_size=image_size, sizing=sizing,
+        manifest=args.manifest,
         score_manifests=_parse_named(args.score_manifest), scorers=scorers, budget_tokens=args.budget_tokens,
         measures=measures, allocate_by=allocate_by,
         inception_fn=inception_fn, lpips_fn=lpips_fn, num_grid_images=args.num_grid_images, seed=args.seed,

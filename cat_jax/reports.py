@@ -91,6 +91,11 @@ _COLUMNS = (("mean_tokens", "mean tokens", "{:.1f}"), ("rfid", "rFID", "{:.3f}")
 PER_KIND = ("psnr", "haarpsi")  # the measures reported per kind of image (PSNR, and the one closest to people)
 
 
+def _sizes(results: Mapping[str, Any]) -> str:
+  """The sizes an evaluation's images were at (older results: one ``image_size``)."""
+  return results.get("sizes") or f"{results['image_size']}x{results['image_size']}"
+
+
 def _cell(row: Mapping[str, Any], key: str, fmt: str) -> str:
   if key not in row:
     return "-"
@@ -157,8 +162,8 @@ def markdown_table(results: Mapping[str, Any]) -> str:
   rows = results["rows"]
   main = [n for n in rows if not n.startswith("budget:")]
   budget = [n for n in rows if n.startswith("budget:")]
-  lines = [f"# Reconstruction: {results['dataset']} ({results['num_images']} images, "
-           f"{results['image_size']}x{results['image_size']}, checkpoint step {results['checkpoint_step']})", ""]
+  lines = [f"# Reconstruction: {results['dataset']} ({results['num_images']} images, {_sizes(results)}, "
+           f"checkpoint step {results['checkpoint_step']})", ""]
   if results.get("training"):
     lines += ["Trained with " + ", ".join(f"{k}={v}" for k, v in results["training"].items()) + ".", ""]
   if results.get("bootstrap_resamples"):
@@ -228,8 +233,7 @@ def plot_rate_distortion(results: Mapping[str, Any], path: str | os.PathLike) ->
     ax.set_ylabel(label + (" (lower is better)" if key in ("rfid", "lpips") else " (higher is better)"))
     ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=7)
-  fig.suptitle(f"{results['dataset']}: rate-distortion ({results['num_images']} images, "
-               f"{results['image_size']}px)")
+  fig.suptitle(f"{results['dataset']}: rate-distortion ({results['num_images']} images, {_sizes(results)})")
   fig.tight_layout()
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=110)

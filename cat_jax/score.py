@@ -43,7 +43,7 @@ from cat_jax.complexity import runner
 from cat_jax.complexity import thresholds as thresholds_lib
 from cat_jax.complexity import scorers
 from cat_jax.complexity.llm import ChatClient, EndpointError, api_key_from_env, base_url_from_env, redact_url
-from cat_jax.levels import NUM_LEVELS, num_tokens
+from cat_jax.levels import NUM_LEVELS
 
 METHODS = ("caption_llm", "jpeg", "mse", "predictor")
 
@@ -226,6 +226,31 @@ def _describe_source(source, name: str, args: argparse.Namespace) -> str:
   return f"{name} ({args.split}): {len(source)} images"
 
 
+def _folder_sizes(source, sizing) -> list[tuple[int, int]]:
+  """The (height, width) each readable image of a folder will be encoded at (from the files' headers)."""
+  sizes = []
+  for image_id in source.ids():
+    try:
+      with open(os.path.join(source.root, image_id), "rb") as f:
+        sizes.append(tuple(runner.image_sizes({"image": f.read()}, sizing)["encoded_size"]))
+    except Exception:  # noqa: BLE001 (an unreadable file is recorded with its reason when it is scored)
+      continue
+  return sizes
+
+
+def _check_budget(parser, budget: float, sizes, where: str) -> None:
+  """Refuses a --budget-tokens no choice of levels reaches at the sizes the images are encoded at: outside [the
+  fewest tokens of an image at 32x, the most of one at 8x] (a check before scoring; the exact range, over the images
+  that score, is checked when the thresholds are chosen)."""
+  if not sizes:
+    return
+  table = thresholds_lib.token_table(sizes, len(sizes))
+  low, high = table[:, NUM_LEVELS - 1].min(), table[:, 0].max()
+  if not low <= budget <= high:
+    parser.error(f"--budget-tokens {budget:g} is outside [{low:g}, {high:g}], the mean token counts reachable at "
+                 f"{where}")
+
+
 def text_id(prompt: str) -> str:
   """Stable manifest id of a text prompt."""
   return "text-" + hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]
@@ -236,8 +261,8 @@ def _run(args: argparse.Namespace, source, scorer, out: epath.Path) -> runner.Ru
   return runner.score_source(
       source, scorer, out, workers=args.workers, limit=args.limit, retry_failures=args.retry_failures,
       thresholds=args.thresholds, budget_tokens=args.budget_tokens, image_size=args.image_size or 256,
-      progress=not args.no_progress, header=_llm_header(client) if isinstance(client, ChatClient) else None,
-      shard=parse_shard(args.shard))
+      sizing=cli.sizing(args), progress=not args.no_progress,
+      header=_llm_header(client) if isinstance(client, ChatClient) else None, shard=parse_shard(args.shard))
 
 
 def _abbreviate_images(value: Any) -> Any:
@@ -281,7 +306,8 @@ def _report(summary: runner.RunSummary, out: epath.Path | None) -> None:
   counts = summary.level_counts
   if summary.thresholds is not None:
     lines.append(f"thresholds {summary.thresholds} ({summary.threshold_mode}); images at 8x/16x/32x: "
-                 f"{counts[0]}/{counts[1]}/{counts[2]}; mean tokens {summary.mean_tokens:.1f}")
+                 f"{counts[0]}/{counts[1]}/{counts[2]}; mean tokens {summary.mean_tokens:.1f} (at "
+                 f"{summary.tokens_at})")
   elif counts is not None:  # a scorer that chose each image's level itself (the tokenizer's knob-free auto)
     lines.append("levels chosen per image by the scorer (the tokenizer's levels='auto'); images at 8x/16x/32x: "
                  f"{counts[0]}/{counts[1]}/{counts[2]}")
@@ -320,15 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error("give --thresholds or --budget-tokens, not both")
   if args.workers < 1:
     parser.error("--workers must be >= 1")
-  if args.budget_tokens is not None:
-    size = args.image_size or 256
-    try:
-      reachable = [num_tokens((size, size), level) for level in range(NUM_LEVELS)]
-    except ValueError as e:
-      parser.error(f"--budget-tokens: {e}")
-    if not min(reachable) <= args.budget_tokens <= max(reachable):
-      parser.error(f"--budget-tokens {args.budget_tokens:g} is outside [{min(reachable)}, {max(reachable)}], the "
-                   f"mean token counts reachable at {size}x{size}")
+  if args.budget_tokens is not None and args.image_size:
+    _check_budget(parser, args.budget_tokens, [(args.image_size, args.image_size)], f"{args.image_size}x"
+                  f"{args.image_size}")
   if args.dry_run and not args.text and args.method != "caption_llm":
     parser.error("--dry-run shows the requests of --method caption_llm or --text (jpeg and mse send none)")
   try:
@@ -344,6 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = get_source(source_name, args.split, **kwargs)
     print(f"score: {_describe_source(source, source_name, args)}; {cli.sizing(args).describe()}; method "
           f"{args.method}", file=sys.stderr, flush=True)
+    if args.budget_tokens is not None and not args.image_size and hasattr(source, "root"):
+      _check_budget(parser, args.budget_tokens, _folder_sizes(source, cli.sizing(args)),
+                    "these images' own sizes" + (f" (at most {args.max_side} a side)" if args.max_side else ""))
     if args.dry_run:
       header = runner.manifest_header(scorer, **_llm_header(scorer.client))
       print(dry_run_text(scorer, source[0], header))

@@ -122,8 +122,9 @@ def test_outputs_go_to_an_object_store(workdir, object_store, capsys):
 
   assert E.main(["--workdir", workdir, "--num_images", "4", "--scorers", "none", "--out", "gs://bucket/eval",
                  "--num_grid_images", "2"]) == 0
-  assert sorted(object_store.writes) == ["bucket/eval/rate_distortion.png", "bucket/eval/reconstructions_000.png",
-                                         "bucket/eval/results.json", "bucket/eval/results.md"]
+  assert sorted(object_store.writes) == ["bucket/eval/levels.jsonl", "bucket/eval/rate_distortion.png",
+                                         "bucket/eval/reconstructions_000.png", "bucket/eval/results.json",
+                                         "bucket/eval/results.md"]
   results = json.loads(storage.as_path("gs://bucket/eval/results.json").read_text())
   assert results["num_images"] == 4 and _finite(results["rows"]["fixed_16x"]["psnr"])
 

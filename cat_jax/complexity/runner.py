@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import io
 import json
 import math
 import os
@@ -32,6 +33,7 @@ class RunSummary:
   threshold_mode: str | None = None
   level_counts: list[int] | None = None
   mean_tokens: float | None = None
+  tokens_at: str | None = None  # the sizes a budget's tokens were counted at, in words
 
 
 class TooManyFailures(RuntimeError):
@@ -49,8 +51,28 @@ def manifest_header(scorer: Scorer, **extra: Any) -> dict[str, Any]:
   return {"scorer": config, **extra}
 
 
+def image_sizes(item: dict[str, Any], sizing) -> dict[str, list[int]]:
+  """``original_size`` and ``encoded_size`` (height, width; the size ``sizing``, a ``preprocess.Sizing``, gives it,
+  as ``encode`` with the same options encodes it) of an item's image, from its header; {} when it has none."""
+  from PIL import ExifTags, Image
+
+  image = item.get("image")
+  if image is None:
+    return {}
+  if isinstance(image, (bytes, bytearray, memoryview)):
+    with Image.open(io.BytesIO(bytes(image))) as img:
+      w, h = img.size
+      if img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # exif_transpose swaps the sides
+        w, h = h, w
+  elif isinstance(image, Image.Image):
+    w, h = image.size
+  else:
+    h, w = np.shape(image)[:2]
+  return {"original_size": [int(h), int(w)], "encoded_size": [int(v) for v in sizing.sized_hw((h, w))]}
+
+
 def _score_one(source: Sequence[dict[str, Any]], index: int, scorer: Scorer, skip: set[str],
-               thresholds: tuple[float, float] | None) -> dict[str, Any] | None:
+               thresholds: tuple[float, float] | None, sizing=None) -> dict[str, Any] | None:
   """The manifest record of item ``index``, a failure record, or None if it is to be skipped."""
   try:
     item = source[index]
@@ -70,13 +92,15 @@ def _score_one(source: Sequence[dict[str, Any]], index: int, scorer: Scorer, ski
     return {"id": item_id, "method": scorer.method, "error": f"{type(e).__name__}: {e}"}
   if thresholds is not None:  # given thresholds win over a scorer's own level
     result["level"] = thresholds_lib.level_for_score(score, thresholds)
-  return {"id": item_id, "score": score, "level": result.pop("level", None), "method": scorer.method, **result}
+  sizes = image_sizes(item, sizing) if sizing is not None else {}
+  return {"id": item_id, "score": score, "level": result.pop("level", None), "method": scorer.method, **result,
+          **sizes}
 
 
 def score_source(source: Sequence[dict[str, Any]], scorer: Scorer, out: str | os.PathLike, *, workers: int = 4,
                  limit: int | None = None, retry_failures: bool = False,
                  thresholds: tuple[float, float] | None = None, budget_tokens: float | None = None,
-                 image_size: int = 256, progress: bool = True, max_consecutive_failures: int = 20,
+                 image_size: int = 256, sizing=None, progress: bool = True, max_consecutive_failures: int = 20,
                  on_record: Callable[[dict[str, Any]], None] | None = None,
                  header: dict[str, Any] | None = None, shard: tuple[int, int] = (0, 1)) -> RunSummary:
   """Scores ``source[0:limit]`` into the manifest ``out``, skipping ids it already holds, then finalizes levels.
@@ -90,6 +114,11 @@ def score_source(source: Sequence[dict[str, Any]], scorer: Scorer, out: str | os
   without a budget); otherwise they are null until the end, where the thresholds are chosen over every success
   in the manifest (explicit > ``budget_tokens`` > method default), the manifest is rewritten atomically with
   one record per id, and ``<out>.thresholds.json`` records the choice. ``out`` may be any ``etils.epath`` path.
+
+  ``sizing`` (a ``cat_jax.data.preprocess.Sizing``: the size the images will be encoded at) records each image's
+  ``original_size`` and ``encoded_size`` in its record, and a token budget then counts each image's tokens at its
+  encoded size. Without it, or when a record lacks sizes (a manifest from an older version), every image counts as
+  ``image_size`` x ``image_size`` (``RunSummary.tokens_at`` says which).
 
   The manifest header records ``manifest_header(scorer, **extra)`` (``header`` gives the extra notes).
 
@@ -135,7 +164,7 @@ def score_source(source: Sequence[dict[str, Any]], scorer: Scorer, out: str | os
     try:
       while next_pos < len(todo) or pending:
         while next_pos < len(todo) and len(pending) < 2 * workers:
-          pending.add(pool.submit(_score_one, source, todo[next_pos], scorer, skip, thresholds))
+          pending.add(pool.submit(_score_one, source, todo[next_pos], scorer, skip, thresholds, sizing))
           next_pos += 1
         done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
         for future in done:
@@ -166,18 +195,19 @@ def score_source(source: Sequence[dict[str, Any]], scorer: Scorer, out: str | os
     finally:
       bar.close()
   pool.shutdown()
-  _finalize(out, method, summary, thresholds, mode, budget_tokens, image_size, run_header)
+  _finalize(out, method, summary, thresholds, mode, budget_tokens, image_size, run_header, sized=sizing is not None)
   return summary
 
 
 def _finalize(out: str | os.PathLike, method: str, summary: RunSummary, thresholds: tuple[float, float] | None,
-              mode: str | None, budget_tokens: float | None, image_size: int, header: dict[str, Any]) -> None:
+              mode: str | None, budget_tokens: float | None, image_size: int, header: dict[str, Any], *,
+              sized: bool = False) -> None:
   """Chooses thresholds over every success in the manifest, then rewrites it with levels."""
   header = manifest_lib.read_header(out) or header
   latest = manifest_lib.read_manifest(out)
   successes = [r for r in latest.values() if not manifest_lib.is_failure(r)]
   scores = [r["score"] for r in successes]
-  image_hw = (image_size, image_size)
+  image_hw, summary.tokens_at = _token_sizes(successes, image_size, sized)
   if scores and mode == "per image":
     counts = np.bincount([r["level"] for r in successes], minlength=3).tolist()
     summary.threshold_mode, summary.level_counts = mode, counts
@@ -195,7 +225,20 @@ def _finalize(out: str | os.PathLike, method: str, summary: RunSummary, threshol
     stats = thresholds_lib.summarize(scores, thresholds, image_hw)
     summary.thresholds, summary.threshold_mode = tuple(thresholds), mode
     summary.level_counts, summary.mean_tokens = stats["level_counts"], stats["mean_tokens"]
-    info = {"method": method, "mode": mode, "budget_tokens": budget_tokens, **stats,
+    info = {"method": method, "mode": mode, "budget_tokens": budget_tokens, **stats, "tokens_at": summary.tokens_at,
             "num_failures": len(latest) - len(successes)}
     thresholds_path(out).write_text(json.dumps(info, indent=2) + "\n")
   manifest_lib.rewrite(out, latest.values(), header)
+
+
+def _token_sizes(records: Sequence[dict[str, Any]], image_size: int, sized: bool):
+  """(image_hw for ``thresholds_lib``, in words): each record's ``encoded_size`` when every one has it, else
+  ``image_size`` square for all (``sized``: the run recorded sizes, so records without are from an older version)."""
+  missing = sum("encoded_size" not in r for r in records)
+  if records and not missing:
+    return [tuple(r["encoded_size"]) for r in records], "each image's own (encoded) size"
+  note = f"{image_size}x{image_size} for every image"
+  if sized and missing:
+    note += (f" ({missing} of {len(records)} records lack their size: a manifest from an older version; score into a "
+             "new --out for tokens at each image's own size)")
+  return (image_size, image_size), note

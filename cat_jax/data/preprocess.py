@@ -208,14 +208,23 @@ class Sizing:
       return f"resized to at most {self.max_side} on the longer side, aspect kept"
     return "native size (no resize)"
 
+  def sized_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
+    """The (height, width) ``apply`` gives an image of ``hw``."""
+    h, w = int(hw[0]), int(hw[1])
+    if self.image_size is not None:
+      return self.image_size, self.image_size
+    if self.max_side is not None and max(h, w) > self.max_side:
+      scale = self.max_side / max(h, w)
+      return max(1, round(h * scale)), max(1, round(w * scale))
+    return h, w
+
   def apply(self, img: Image.Image) -> np.ndarray:
     """RGB PIL image -> uint8 (H, W, 3) at this size."""
     if self.image_size is not None:
       return resize_and_crop(img, self.image_size)
-    if self.max_side is not None and max(img.size) > self.max_side:
-      scale = self.max_side / max(img.size)
-      size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-      img = img.resize(size, Image.BICUBIC, reducing_gap=3.0)
+    h, w = self.sized_hw((img.height, img.width))
+    if (h, w) != (img.height, img.width):
+      img = img.resize((w, h), Image.BICUBIC, reducing_gap=3.0)
     return np.asarray(img, dtype=np.uint8)
 
 
