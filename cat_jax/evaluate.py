@@ -295,7 +295,7 @@ def _describe_files(root: str, ids: Sequence[str], sizing) -> str:
     except Exception:  # noqa: BLE001 (a bad file is reported with its reason when it is read)
       continue
     buckets.add((bucket_side(h), bucket_side(w)))
-  return (f"{describe_sizes(paths)}; {sizing.describe()}, computed at up to {len(buckets)} padded shapes (each side "
+  return (f"{describe_sizes(paths)}; {sizing.describe()}, computed at up to {len(buckets)} padded shape{'s' if len(buckets) > 1 else ''} (each side "
           "padded to the next of 32, 64, 96, 128, 192, 256, 384, ...)")
 
 
@@ -313,8 +313,11 @@ def _describe_evaluated(image_sizes: Sequence[tuple[int, int]], image_size: int 
 
   distinct = sorted(set(image_sizes), key=lambda hw: hw[0] * hw[1])
   buckets = {(bucket_side(h), bucket_side(w)) for h, w in distinct}
+  if len(distinct) == 1:
+    return f"{sizing.describe()}: one size, {distinct[0][1]}x{distinct[0][0]} (width x height)"
   return (f"{sizing.describe()}: {len(distinct)} sizes from {distinct[0][1]}x{distinct[0][0]} to "
-          f"{distinct[-1][1]}x{distinct[-1][0]} (width x height), computed at {len(buckets)} padded shapes")
+          f"{distinct[-1][1]}x{distinct[-1][0]} (width x height), computed at {len(buckets)} padded shape"
+          f"{'s' if len(buckets) > 1 else ''}")
 
 
 # -- level assignments ----------------------------------------------------------------------------------------------
