@@ -29,8 +29,7 @@ from cat_jax import loop
 from cat_jax import parallel
 from cat_jax import warm_start
 from cat_jax.losses import gan as gan_losses
-from cat_jax.losses.perceptual import perceptual_loss
-from cat_jax.losses.reconstruction import log_mse_loss, reconstruction_loss
+from cat_jax.losses.reconstruction import weighted_reconstruction_loss
 from cat_jax.metrics import image_quality
 from cat_jax.metrics.baselines import area_bicubic
 from cat_jax.models.discriminator import PatchDiscriminator
@@ -38,7 +37,6 @@ from cat_jax.models import with_dtypes
 from cat_jax.models.nested_vae import NestedVAE, build_model, init_params
 
 logger = logging.getLogger("cat_jax.train")
-OUTPUT_HEAD_PARAMS = ("dec_norm_out", "dec_conv_out", "dec_gate")
 
 
 # -- state and optimisers -------------------------------------------------------------------------------------------
@@ -106,38 +104,24 @@ def init_train_state(rng, *, model: NestedVAE, disc: PatchDiscriminator, g_tx, d
 
 
 # -- losses ---------------------------------------------------------------------------------------------------------
-def generator_loss_fn(params, d_params, images, level, rng, lpips_params, gan_scale, *, model: NestedVAE,
+def generator_loss_fn(params, d_params, images, level, rng, lpips_params, *, model: NestedVAE,
                       disc: PatchDiscriminator, lpips_module, loss_cfg, use_gan: bool = True, d_batch_stats=None):
-  """Total generator loss and its parts. ``gan_scale`` is 0 before the discriminator starts, 1 after;
-  ``use_gan=False`` leaves the GAN terms out of the computation altogether."""
-  posterior = model.apply({"params": params}, images, level, method=NestedVAE.encode)
+  """Total generator loss and its parts: reconstruction (+ LPIPS) and KL, and with ``use_gan`` (static) the
+  adversarial term at taming's adaptive weight."""
+  variables = {"params": params}
+  posterior = model.apply(variables, images, level, method=NestedVAE.encode)
   z = posterior.sample(rng)
-  features = model.apply({"params": params}, z, level, method=NestedVAE.decode_features)
-  code = model.apply({"params": params}, z, level, method=NestedVAE.decode_code) if model.shortcuts else 0.0
+  features = model.apply(variables, z, level, method=NestedVAE.decode_features)
+  code = model.apply(variables, z, level, method=NestedVAE.decode_code) if model.shortcuts else 0.0
 
-  def output_head(head_params, feats):  # the last layer's kernel is what the adaptive weight differentiates
-    head_tree = {k: params[k] for k in OUTPUT_HEAD_PARAMS if k in params}  # norm='none': no norm; maybe no gate
-    out = model.apply({"params": dict(head_tree, dec_conv_out=head_params)}, feats, method=NestedVAE.output_head)
-    return out + code
+  def decode_head(last_layer, feats):  # the image, the decoder's last layer apart (the adaptive weight's variable)
+    head_variables = {"params": dict(params, **{model.last_layer: last_layer})}
+    return model.apply(head_variables, feats, method=NestedVAE.output_head) + code
 
-  def nll_of(recon):
-    rec = reconstruction_loss(images, recon, loss_cfg.recon)
-    lp = jnp.zeros(())
-    if loss_cfg.lpips_weight > 0:
-      frozen = jax.lax.stop_gradient(lpips_params)
-      lp = perceptual_loss(lambda a, b: lpips_module.apply({"params": frozen}, a, b), recon, images)
-    nll = loss_cfg.recon_weight * rec + loss_cfg.lpips_weight * lp
-    if loss_cfg.get("log_mse_weight", 0.0) > 0:  # keeps images the code already reproduces exact (see the config)
-      nll += loss_cfg.log_mse_weight * log_mse_loss(images, recon)
-    return nll, (rec, lp)
-
-  def gan_of(recon):
-    logits, _ = apply_discriminator(disc, d_params, d_batch_stats, recon)
-    return gan_losses.generator_loss(fake_logit=logits, loss_type=loss_cfg.gan_loss)
-
-  head = params["dec_conv_out"]
-  recon = output_head(head, features)
+  recon = decode_head(params[model.last_layer], features)
   kl = jnp.mean(posterior.kl())
+  nll_of = functools.partial(_reconstruction_objective, images, loss_cfg=loss_cfg, lpips_module=lpips_module,
+                             lpips_params=lpips_params)
   if not use_gan:
     nll, (rec, lp) = nll_of(recon)
     g_loss = weight = jnp.zeros((), jnp.float32)
@@ -147,27 +131,46 @@ def generator_loss_fn(params, d_params, images, level, rng, lpips_params, gan_sc
     # (through the last layer), the parameters' gradient needs their weighted sum. Differentiating the adaptive
     # weight's losses apart from the total ran the discriminator's and LPIPS's backward passes twice.
     nll, nll_vjp, (rec, lp) = jax.vjp(nll_of, recon, has_aux=True)
-    g_loss, gan_vjp = jax.vjp(gan_of, recon)
+    g_loss, gan_vjp = jax.vjp(lambda r: _adversarial_loss(r, d_params, d_batch_stats, disc=disc, loss_cfg=loss_cfg),
+                              recon)
     (d_nll,), (d_gan,) = nll_vjp(jnp.ones_like(nll)), gan_vjp(jnp.ones_like(g_loss))
     if loss_cfg.adaptive_gan_weight:
-      # taming's weight: ||d nll / d W_last|| / ||d gan / d W_last|| at the decoder's last layer, no gradient.
-      _, head_vjp = jax.vjp(lambda h: output_head(h, jax.lax.stop_gradient(features)), head)
-      weight = gan_losses.adaptive_generator_weight(nll_grad=head_vjp(d_nll)[0]["kernel"],
-                                                    gan_grad=head_vjp(d_gan)[0]["kernel"])
-      # Zeroed before the GAN starts rather than skipped under lax.cond: XLA:CPU runs a conditional's convolutions
-      # slowly (docs/performance.md). No work is wasted in the loop, which compiles use_gan=False until then.
-      weight = jnp.where(gan_scale > 0, weight, 0.0)
+      last_layer_vjp = jax.vjp(lambda w: decode_head(w, jax.lax.stop_gradient(features)),
+                               params[model.last_layer])[1]
+      weight = _adaptive_weight(last_layer_vjp, d_nll, d_gan)
     else:
       weight = jnp.ones((), jnp.float32)
-    gan_coef = gan_scale * loss_cfg.gan_weight * weight
-    # A surrogate with the same gradient w.r.t. the parameters: <d(nll + gan term)/d recon, recon>; the value
-    # reported is the real loss.
-    surrogate = jnp.sum(jax.lax.stop_gradient(d_nll + gan_coef * d_gan) * recon)
-    value = nll + loss_cfg.kl_weight * kl + gan_coef * g_loss
+    gan_coef = loss_cfg.gan_weight * weight
+    surrogate = gan_losses.surrogate_generator_loss(recon, nll_grad=d_nll, gan_grad=d_gan, gan_coef=gan_coef)
+    value = nll + loss_cfg.kl_weight * kl + gan_coef * g_loss  # what is reported; the surrogate's value is not
     total = loss_cfg.kl_weight * kl + surrogate + jax.lax.stop_gradient(nll + gan_coef * g_loss - surrogate)
   aux = {"recon": recon, "metrics": {"g_loss": value, "recon_loss": rec, "lpips": lp, "kl": kl,
                                      "gan_g_loss": g_loss, "gan_adaptive_weight": weight}}
   return total, aux
+
+
+def _reconstruction_objective(images, recon, *, loss_cfg, lpips_module, lpips_params):
+  """``losses.reconstruction.weighted_reconstruction_loss`` with the config's weights and frozen LPIPS."""
+  lpips_fn = None
+  if loss_cfg.lpips_weight > 0:
+    frozen = jax.lax.stop_gradient(lpips_params)
+    lpips_fn = lambda a, b: lpips_module.apply({"params": frozen}, a, b)
+  return weighted_reconstruction_loss(images, recon, kind=loss_cfg.recon, weight=loss_cfg.recon_weight,
+                                      lpips_fn=lpips_fn, lpips_weight=loss_cfg.lpips_weight,
+                                      log_mse_weight=loss_cfg.get("log_mse_weight", 0.0))
+
+
+def _adversarial_loss(recon, d_params, d_batch_stats, *, disc: PatchDiscriminator, loss_cfg):
+  """The generator's GAN loss on the discriminator's logits of ``recon``."""
+  logits, _ = apply_discriminator(disc, d_params, d_batch_stats, recon)
+  return gan_losses.generator_loss(fake_logit=logits, loss_type=loss_cfg.gan_loss)
+
+
+def _adaptive_weight(last_layer_vjp, nll_grad, gan_grad):
+  """taming's weight, ``||d nll / d W|| / ||d gan / d W||`` at the decoder's last kernel ``W`` (no gradient), from
+  the losses' gradients w.r.t. the reconstruction and the last layer's VJP."""
+  return gan_losses.adaptive_generator_weight(nll_grad=last_layer_vjp(nll_grad)[0]["kernel"],
+                                              gan_grad=last_layer_vjp(gan_grad)[0]["kernel"])
 
 
 def discriminator_loss_fn(d_params, images, recon, lecam_ema, *, disc: PatchDiscriminator, loss_cfg,
@@ -187,26 +190,26 @@ def discriminator_loss_fn(d_params, images, recon, lecam_ema, *, disc: PatchDisc
 
 # -- the step -------------------------------------------------------------------------------------------------------
 def gan_in_step(step: int, config) -> bool:
-  """Whether the update to ``step`` (1-based, as the loop counts) has the GAN on: the ``use_gan`` to pass."""
+  """Whether the update to ``step`` (1-based, as the loop counts) has the GAN on (taming's ``adopt_weight``
+  threshold): the static ``use_gan`` of ``train_step``."""
   return step - 1 >= config.loss.disc_start
 
 
 def train_step(state: TrainState, images, level, lpips_params, base_rng, *, model, disc, lpips_module, g_tx, d_tx,
                g_schedule, config, use_gan: bool = True) -> tuple[TrainState, dict]:
-  """One generator + EMA + discriminator update on a single-level batch (``level``: int32 scalar).
+  """One generator + EMA (+ discriminator) update on a single-level batch (``level``: int32 scalar).
 
-  ``use_gan=False`` (a static choice: before ``loss.disc_start`` the loop compiles this cheaper step) leaves the
-  discriminator and the GAN terms out of the computation; the updated state is the same as with ``use_gan=True``
-  at a step before ``disc_start``.
+  ``use_gan`` is static (``gan_in_step``: the loop compiles one step for before ``loss.disc_start`` and one for
+  after): with it the GAN terms are in the generator loss and the discriminator is updated; without, the
+  discriminator, its optimiser state and the LeCam averages are left as they are, and not computed.
   """
   loss_cfg = config.loss
   rng = jax.random.fold_in(base_rng, state.step)  # resume-exact: the noise depends only on the step
-  gan_scale = gan_losses.gan_weight_schedule(state.step, start_step=loss_cfg.disc_start)
 
   g_fn = functools.partial(generator_loss_fn, model=model, disc=disc, lpips_module=lpips_module, loss_cfg=loss_cfg,
                            use_gan=use_gan, d_batch_stats=state.d_batch_stats)
   (g_total, aux), grads = jax.value_and_grad(g_fn, has_aux=True)(
-      state.params, state.d_params, images, level, rng, lpips_params, gan_scale)
+      state.params, state.d_params, images, level, rng, lpips_params)
   updates, opt_state = g_tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = jnp.minimum(config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
@@ -218,14 +221,8 @@ def train_step(state: TrainState, images, level, lpips_params, base_rng, *, mode
         state.d_params, images, aux["recon"], state.lecam_ema)
     d_updates, d_opt_state = d_tx.update(d_grads, state.d_opt_state, state.d_params)
     d_params = optax.apply_updates(state.d_params, d_updates)
-    active = gan_scale > 0  # the discriminator only moves once the GAN is on
-    keep_if_inactive = lambda new, old: jnp.where(active, new, old)
-    d_params = jax.tree.map(keep_if_inactive, d_params, state.d_params)
-    d_opt_state = jax.tree.map(keep_if_inactive, d_opt_state, state.d_opt_state)
-    d_batch_stats = jax.tree.map(keep_if_inactive, d_batch_stats, state.d_batch_stats)
-    lecam_ema = jnp.where(active, jnp.stack(gan_losses.lecam_ema_update(
-        ema_real=state.lecam_ema[0], ema_fake=state.lecam_ema[1], real_logit=real, fake_logit=fake)),
-                          state.lecam_ema)
+    lecam_ema = jnp.stack(gan_losses.lecam_ema_update(
+        ema_real=state.lecam_ema[0], ema_fake=state.lecam_ema[1], real_logit=real, fake_logit=fake))
     d_grad_norm = optax.tree.norm(d_grads)
   else:
     d_params, d_opt_state, d_batch_stats, lecam_ema = (state.d_params, state.d_opt_state, state.d_batch_stats,
@@ -235,7 +232,8 @@ def train_step(state: TrainState, images, level, lpips_params, base_rng, *, mode
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(g_total) & jnp.isfinite(d_loss) & jnp.isfinite(grad_norm) & jnp.isfinite(d_grad_norm)
   metrics = dict(aux["metrics"], d_loss=d_loss, logits_real=jnp.mean(real), logits_fake=jnp.mean(fake),
-                 grad_norm=grad_norm, d_grad_norm=d_grad_norm, gan_scale=gan_scale, lr=g_schedule(state.step))
+                 grad_norm=grad_norm, d_grad_norm=d_grad_norm, gan_on=jnp.float32(use_gan),
+                 lr=g_schedule(state.step))
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params,
                          d_params=d_params, d_opt_state=d_opt_state, d_batch_stats=d_batch_stats, lecam_ema=lecam_ema,
                          all_finite=state.all_finite & finite)

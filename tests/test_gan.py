@@ -215,19 +215,22 @@ def test_r1_of_the_patch_discriminator_is_a_mean_of_per_image_penalties(norm):
   np.testing.assert_allclose(batch, np.mean(singles), rtol=1e-4)
 
 
-# ----------------------------------------------------------------------------- schedule
+# ----------------------------------------------------------------------------- surrogate
 
 
-def test_gan_weight_schedule_under_jit():
-  steps = jnp.array([0, 99, 100, 101, 5000])
-  got = jax.jit(lambda s: gan.gan_weight_schedule(s, start_step=100))(steps)
-  np.testing.assert_array_equal(got, [0.0, 0.0, 1.0, 1.0, 1.0])
-  assert got.dtype == jnp.float32
-  # start_step may be traced too, and scalars work.
-  fn = jax.jit(lambda s, start: gan.gan_weight_schedule(s, start_step=start))
-  assert float(fn(jnp.int32(7), jnp.int32(8))) == 0.0
-  assert float(fn(jnp.int32(8), jnp.int32(8))) == 1.0
-  assert float(gan.gan_weight_schedule(0, start_step=0)) == 1.0
+def test_the_surrogate_has_the_weighted_losses_gradient():
+  """d/dp <nll'(r) + c gan'(r), r(p)> with the first factor held = d/dp (nll(r(p)) + c gan(r(p))): the chain rule,
+  the losses differentiated w.r.t. r once."""
+  p = jnp.array([0.3, -1.2, 2.0])
+  recon = lambda p: jnp.stack([jnp.sin(p), p ** 2])
+  nll = lambda r: jnp.mean(jnp.abs(r - 0.5))
+  adversarial = lambda r: -jnp.mean(r ** 3)
+  coef, r = 0.7, recon(p)
+  d_nll, d_gan = jax.grad(nll)(r), jax.grad(adversarial)(r)
+  got = jax.grad(lambda p: gan.surrogate_generator_loss(recon(p), nll_grad=d_nll, gan_grad=d_gan, gan_coef=coef))(p)
+  want = jax.grad(lambda p: nll(recon(p)) + coef * adversarial(recon(p)))(p)
+  assert float(jnp.abs(want).min()) > 0.1
+  np.testing.assert_allclose(got, want, rtol=1e-5)  # float32: a few products and sums of O(1) terms
 
 
 # ----------------------------------------------------------------------------- discriminator

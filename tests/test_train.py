@@ -22,6 +22,7 @@ from cat_jax import checkpoint as ckpt
 from cat_jax import parallel
 from cat_jax import train as T
 from cat_jax.losses import gan as gan_losses
+from cat_jax.losses.reconstruction import reconstruction_loss
 from cat_jax.models.nested_vae import NestedVAE, build_model
 from conftest import ROOT, load_config, runlocal_workdir_config, xla_flags
 
@@ -89,14 +90,15 @@ def test_discriminator_only_steps_after_disc_start_and_gan_weight_is_adaptive():
   rng = jax.random.key(0)
   state = jax.jit(init_fn)(rng)
   d0 = state.d_params
-  jit_step = jax.jit(step_fn)
+  jit_step = jax.jit(step_fn, static_argnames="use_gan")
   weights = []
   for i in range(4):
-    state, metrics = jit_step(state, _batch(4, 32, seed=i), jnp.int32(i % 3), {}, rng)
+    state, metrics = jit_step(state, _batch(4, 32, seed=i), jnp.int32(i % 3), {}, rng,
+                              use_gan=T.gan_in_step(i + 1, config))
     weights.append(float(metrics["gan_adaptive_weight"]))
     moved = any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(d0), jax.tree.leaves(state.d_params)))
     assert moved == (i >= 2), f"step {i}: discriminator moved={moved}"
-    assert float(metrics["gan_scale"]) == float(i >= 2)
+    assert float(metrics["gan_on"]) == float(i >= 2)
   assert weights[0] == weights[1] == 0.0
   assert weights[2] > 0 and weights[3] > 0 and np.isfinite(weights[2:]).all()
   assert int(state.step) == 4 and bool(state.all_finite)
@@ -152,7 +154,7 @@ def test_generator_gradient_equals_the_direct_formulation():
     posterior = model.apply({"params": params}, x, level, method=NestedVAE.encode)
     z = posterior.sample(rng)
     decode = lambda head: model.apply({"params": dict(params, dec_conv_out=head)}, z, level, method=NestedVAE.decode)
-    nll = lambda r: T.reconstruction_loss(x, r, cfg.recon) + cfg.lpips_weight * jnp.mean(perceptual.apply(
+    nll = lambda r: reconstruction_loss(x, r, cfg.recon) + cfg.lpips_weight * jnp.mean(perceptual.apply(
         {"params": p_params}, x, r))
     gan = lambda r: gan_losses.generator_loss(
         fake_logit=T.apply_discriminator(disc, state.d_params, state.d_batch_stats, r)[0], loss_type=cfg.gan_loss)
@@ -166,7 +168,7 @@ def test_generator_gradient_equals_the_direct_formulation():
   ours = functools.partial(T.generator_loss_fn, model=model, disc=disc, lpips_module=perceptual, loss_cfg=cfg,
                            d_batch_stats=state.d_batch_stats)
   (total, aux), grads = jax.jit(jax.value_and_grad(ours, has_aux=True))(
-      state.params, state.d_params, x, level, rng, p_params, jnp.float32(1.0))
+      state.params, state.d_params, x, level, rng, p_params)
   (want_total, want_weight), want_grads = jax.jit(jax.value_and_grad(direct, has_aux=True))(state.params)
   assert float(aux["metrics"]["gan_g_loss"]) != 0 and float(aux["metrics"]["lpips"]) > 0
   np.testing.assert_allclose(float(aux["metrics"]["gan_adaptive_weight"]), float(want_weight), rtol=1e-5)
@@ -271,7 +273,7 @@ def test_runlocal_end_to_end_in_process(runlocal_workdir, tmp_path):
   assert [r["step"] for r in train_rows] == [2, 4, 6]
   assert any(k.startswith("train/level") for k in train_rows[0])
   assert all(np.isfinite(r["train/g_loss"]) for r in train_rows)
-  assert [r["train/gan_scale"] for r in train_rows] == [0.0, 0.5, 1.0]  # the GAN from the 4th update (disc_start=3)
+  assert [r["train/gan_on"] for r in train_rows] == [0.0, 0.5, 1.0]  # the GAN from the 4th update (disc_start=3)
   eval_rows = [r for r in rows if "eval/loss" in r]
   assert [r["step"] for r in eval_rows] == [0, 3, 6]
   assert {f"eval/level{lvl}/{m}{baseline}" for lvl in range(3) for m in ("psnr", "gmsd", "haarpsi")

@@ -6,7 +6,7 @@ is a mean over all of them, computed in at least float32. Typical generator step
   g_loss = generator_loss(fake_logit=d(fake))
   d_weight = adaptive_generator_weight(nll_grad=grad_nll_wrt_last_kernel,
                                        gan_grad=grad_g_loss_wrt_last_kernel)
-  loss = nll + gan_weight_schedule(step, start_step=s) * disc_weight * d_weight * g_loss
+  loss = nll + disc_weight * d_weight * g_loss     # from the discriminator's start step on (train.gan_in_step)
 """
 
 from __future__ import annotations
@@ -119,6 +119,9 @@ def adaptive_generator_weight(*, nll_grad: Any, gan_grad: Any, eps: float = 1e-4
   return jax.lax.stop_gradient(jnp.clip(weight, 0.0, max_weight))
 
 
-def gan_weight_schedule(step: jax.Array | int, *, start_step: jax.Array | int) -> jax.Array:
-  """1.0 once ``step >= start_step`` (the discriminator start step), else 0.0; works on traced steps."""
-  return jnp.where(jnp.asarray(step) >= start_step, 1.0, 0.0).astype(jnp.float32)
+def surrogate_generator_loss(recon: jax.Array, *, nll_grad: jax.Array, gan_grad: jax.Array,
+                             gan_coef: jax.Array) -> jax.Array:
+  """``<nll_grad + gan_coef * gan_grad, recon>`` without gradient through the first factor: a loss whose gradient
+  w.r.t. whatever produced ``recon`` is that of ``nll + gan_coef * g_loss``, given their gradients w.r.t. ``recon``
+  (taken once, and reused for ``adaptive_generator_weight``). Its value is not the loss's."""
+  return jnp.sum(jax.lax.stop_gradient(nll_grad + gan_coef * gan_grad) * recon)

@@ -8,8 +8,12 @@ is pushed to stay so, where L2 would trade its few grey levels for a little on a
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+
+from cat_jax.losses.perceptual import perceptual_loss
 
 KINDS = ("l1", "l2", "log_mse")
 # MSE on [-1, 1] of an image at the reported 50 dB cap (image_quality.PSNR_MAX_DB): 4 * 10^-5.
@@ -51,3 +55,20 @@ def reconstruction_loss(x: jax.Array, y: jax.Array, kind: str = "l1") -> jax.Arr
   if kind == "log_mse":
     return log_mse_loss(x, y)
   raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def weighted_reconstruction_loss(images: jax.Array, recon: jax.Array, *, kind: str = "l1", weight: float = 1.0,
+                                 lpips_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+                                 lpips_weight: float = 0.0,
+                                 log_mse_weight: float = 0.0) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """The generator's reconstruction objective (taming's ``nll``, no KL): ``weight * reconstruction_loss(kind)
+  + lpips_weight * LPIPS (+ log_mse_weight * log_mse_loss)``. Returns ``(total, (pixel loss, LPIPS))``; LPIPS is 0
+  without ``lpips_weight``. ``lpips_fn``: a frozen distance ``(x, y) -> (B,)`` (``perceptual_loss``)."""
+  pixel = reconstruction_loss(images, recon, kind)
+  lpips = jnp.zeros(())
+  if lpips_weight > 0:
+    lpips = perceptual_loss(lpips_fn, recon, images)
+  total = weight * pixel + lpips_weight * lpips
+  if log_mse_weight > 0:
+    total += log_mse_weight * log_mse_loss(images, recon)
+  return total, (pixel, lpips)

@@ -270,6 +270,8 @@ class NestedVAE(nn.Module):
   residual_gate: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  # The parameters of ``output_head``'s last layer, where the GAN's adaptive weight compares the losses' gradients.
+  last_layer = "dec_conv_out"  # not a field (no annotation)
 
   def setup(self):
     num_stages = int(math.log2(L.MAX_FACTOR)) + 1
