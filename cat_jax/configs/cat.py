@@ -69,8 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=1)
   c.fsdp_min_size = 2**18
   # False: the level is a traced scalar and lax.switch picks the branch (one compilation for all levels), on every
-  # backend. True: one compilation per level, picked per batch (on CPU up to ~10% faster steps, one compile per
-  # level; docs/performance.md).
+  # backend. True: one compilation per level, picked per batch. Kept for GPUs only: there the switch cost 1.30x a
+  # static step before the shared stages left it, not re-measured since; on CPU it buys < 10% (traced / static step
+  # time 1.03 at 8x, 0.97 at 32x; benchmarks/suite.py --cpu --parts train_jax; docs/performance.md).
   c.static_level = False
 
   c.log_every = 100
