@@ -129,15 +129,12 @@ def _pixels(path: pathlib.Path, sizing) -> int:
   """The pixels ``load_image`` will give for ``path`` (from its header; 0 for a file it cannot read)."""
   from PIL import Image
 
-  if sizing.image_size is not None:
-    return sizing.image_size ** 2
   try:
     with Image.open(path) as img:
-      w, h = img.size
+      h, w = sizing.sized_hw((img.height, img.width))
   except Exception:  # noqa: BLE001 (a bad file is recorded with its reason when it is loaded)
     return 0
-  scale = min(1.0, sizing.max_side / max(w, h)) if sizing.max_side is not None else 1.0
-  return round(w * scale) * round(h * scale)
+  return h * w
 
 
 def _chunks(items: list, size: int, sizing, max_pixels: int | None = None):
