@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from cat_jax.data import get_source, make_eval_iterator, make_train_iterator
-from cat_jax.data.preprocess import (BadImageError, PreprocessConfig, crop_box, decode_image,
+from cat_jax.data.preprocess import (BadImageError, PreprocessConfig, crop_box, decode_image, describe_sizes,
                                      from_model_range, preprocess, resize_and_crop, to_model_range)
 
 
@@ -264,3 +264,15 @@ def test_eval_pipeline_masks_bad_images(tmp_path, caplog):
   masked = np.concatenate([b["image"][~b["mask"]] for b in batches])
   assert len(masked) == 24 - len(good) and not masked.any()
   assert any("Skipped 4 unusable" in r.getMessage() for r in caplog.records)
+
+
+def test_describe_sizes_counts_files_and_sizes(tmp_path):
+  paths = []
+  for i, (w, h) in enumerate([(40, 30), (40, 30), (90, 20)]):
+    paths.append(tmp_path / f"{i}.png")
+    Image.new("RGB", (w, h)).save(paths[-1])
+  (tmp_path / "bad.png").write_bytes(b"not an image")
+  assert describe_sizes(paths[:1]) == "1 file, one size: 40x30 (width x height)"
+  assert describe_sizes(paths[:2]) == "2 files, one size: 40x30 (width x height)"
+  assert describe_sizes(paths + [tmp_path / "bad.png"]) == "4 files, 2 sizes from 40x30 to 90x20 (width x height)"
+  assert describe_sizes([tmp_path / "bad.png"]) == "1 file, none readable"

@@ -247,12 +247,15 @@ def describe_sizes(paths, limit: int = 2000) -> str:
     except Exception:  # noqa: BLE001
       continue
   n = len(paths)
+  files = f"{n} file{'s' if n != 1 else ''}"
   if not sizes:
-    return f"{n} files, none readable"
+    return f"{files}, none readable"
+  note = f" among the first {limit}" if n > limit else ""
+  if len(set(sizes)) == 1:
+    return f"{files}, one size{note}: {sizes[0][0]}x{sizes[0][1]} (width x height)"
   pixels = [w * h for w, h in sizes]
   small, large = sizes[int(np.argmin(pixels))], sizes[int(np.argmax(pixels))]
-  note = f" among the first {limit}" if n > limit else ""
-  return (f"{n} files, {len(set(sizes))} sizes{note} from {small[0]}x{small[1]} to {large[0]}x{large[1]} "
+  return (f"{files}, {len(set(sizes))} sizes{note} from {small[0]}x{small[1]} to {large[0]}x{large[1]} "
           "(width x height)")
 
 
