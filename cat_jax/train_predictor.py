@@ -7,8 +7,11 @@ checkpoints with the data iterator, preemption, NaN guard) -> calibration and va
 The network (``cat_jax.complexity.predictor``) regresses the teacher's standardised score on training images; at
 the end its thresholds are calibrated so that ``calibration_images`` training images average ``budget_tokens`` mean
 tokens (the knob-free default), and its agreement with the teacher on ``data.eval_split`` is measured: Spearman on
-scores, exact level (at thresholds matching the teacher's level mix) against the majority level. Attach the result
-to a tokenizer with ``Tokenizer.set_level_predictor`` (or ``scripts/attach_predictor.py``).
+scores, exact level (at thresholds matching the teacher's level mix) against the majority level. A quality teacher
+(``quality:<tokenizer>``) instead gives each training image, viewed whole at the sizes ``data.sizes`` lists, that
+tokenizer's measured quality at every level; the network regresses what each level step buys (``ViewBatches``: one
+size per step) and a price is calibrated in place of thresholds (``finish_quality``). Attach the result to a
+tokenizer with ``Tokenizer.set_level_predictor`` (or ``scripts/calibrate_auto_levels.py``).
 """
 
 from __future__ import annotations

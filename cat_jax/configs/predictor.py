@@ -1,6 +1,6 @@
 r"""The learned level predictor (python -m cat_jax.train_predictor; docs/guide.md, "The level predictor").
 
-  python -m cat_jax.train_predictor --config configs/predictor.py:demo --workdir /tmp/pred   # embedded, CPU, ~4 min
+  python -m cat_jax.train_predictor --config configs/predictor.py:demo --workdir /tmp/pred   # embedded, CPU, ~35 min
   python -m cat_jax.train_predictor --config configs/predictor.py:demo --config.teacher=grade --workdir /tmp/pred_g
   python -m cat_jax.train_predictor --config configs/predictor.py --workdir gs://bucket/pred \
       --config.teacher=scores/imagenet2012-train-caption_llm.jsonl      # the paper's score, from cat_jax.score
