@@ -391,6 +391,11 @@ def check_config(config) -> None:
     if unknown or not config.measures:
       raise ValueError(f"--config.measures={','.join(config.measures)}: a quality teacher needs measures from "
                        f"{sorted(image_quality.MEASURES)}")
+    sizes = quality_sizes(config)
+    size = int(config.data.image_size)
+    if any(min(entry) < 1 for entry in sizes) or not any((h, w) == (size, size) for h, w, _ in sizes):
+      raise ValueError(f"--config.data.sizes={sizes}: (height, width, count) triples, all positive, one of them at "
+                       f"data.image_size ({size}, {size}, N), where the price is calibrated")
   elif teacher != "grade" and not teacher.startswith("mse:") and not storage.as_path(teacher).exists():
     raise ValueError(f"--config.teacher={teacher}: no such score manifest; write one with python -m cat_jax.score, "
                      "or use 'quality:<tokenizer>', 'mse:<tokenizer>' or 'grade'")
