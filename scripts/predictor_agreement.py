@@ -33,6 +33,19 @@ from cat_jax.score import load_level_predictor  # noqa: E402
 from cat_jax.train_predictor import measure_agreement, teacher_records  # noqa: E402
 
 
+def fail(message: str) -> None:
+  """Bad input: one ``error:`` line and exit status 2."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def load_predictor(spec: str):
+  try:
+    return load_level_predictor(spec)
+  except (FileNotFoundError, ValueError) as e:
+    fail(str(e))
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--predictor", default="demo")
@@ -50,13 +63,13 @@ def main() -> None:
   if args.whole:
     whole_pictures(args)
     return
-  predictor = load_level_predictor(args.predictor)
+  predictor = load_predictor(args.predictor)
   teacher_spec = args.teacher or predictor.teacher
   source = get_source(args.data, args.split)
   source = Subset(source, range(min(args.num_images, len(source))))
   if predictor.qualities is not None:
     if not teacher_spec.startswith("quality:"):
-      sys.exit(f"error: a quality predictor is compared with a 'quality:<tokenizer>' teacher, got {teacher_spec!r}")
+      fail(f"a quality predictor is compared with a 'quality:<tokenizer>' teacher, got {teacher_spec!r}")
     from cat_jax.complexity import allocation
     from cat_jax.complexity.predictor import quality_agreement
     from cat_jax.tokenizer import load_tokenizer
@@ -81,8 +94,7 @@ def main() -> None:
     return
   info = predictor.info or {}
   if "teacher_mix_thresholds" not in info:
-    sys.exit("error: the predictor records no training-time teacher mix (train it with python -m "
-             "cat_jax.train_predictor)")
+    fail("the predictor records no training-time teacher mix (train it with python -m cat_jax.train_predictor)")
   with tempfile.TemporaryDirectory() as tmp:
     teacher = teacher_records(teacher_spec, source, args.split, image_size=predictor.image_size,
                               workdir=args.workdir or tmp)
@@ -100,10 +112,10 @@ def whole_pictures(args) -> None:
   from cat_jax.data.heldout import PICTURES, _picture
   from cat_jax.tokenizer import load_tokenizer
 
-  predictor = load_level_predictor(args.predictor)
+  predictor = load_predictor(args.predictor)
   if predictor.qualities is None or predictor.price is None:
-    sys.exit("error: --whole needs a quality predictor with a price (python -m cat_jax.train_predictor "
-             "--config.teacher=quality:TOKENIZER)")
+    fail("--whole needs a quality predictor with a price (python -m cat_jax.train_predictor "
+         "--config.teacher=quality:TOKENIZER)")
   names = [name.split(".")[0] for name, _, _ in PICTURES] + ["gravel", "brick", "grass"]
   pictures = [_picture(name, where) for name, where, _ in PICTURES]
   for texture in names[len(PICTURES):]:
