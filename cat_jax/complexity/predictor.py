@@ -278,16 +278,17 @@ class LevelPredictor:
     return out
 
   def levels(self, images: Sequence[np.ndarray] | np.ndarray, *, qualities: dict | None = None) -> np.ndarray:
-    """Level indices: a quality predictor's per image at its ``price`` (``allocation.at_price`` on its first
-    measure, priced by rate so any image size pays alike; ``qualities``: ``predict_quality(images)`` when already
-    computed), a score predictor's at its calibrated thresholds."""
+    """Level indices: a quality predictor's per image at its ``price`` (the ``LevelAssigner`` price rule on its first
+    measure; ``qualities``: ``predict_quality(images)`` when already computed), a score predictor's at its calibrated
+    thresholds."""
     if self.qualities is not None:
-      from cat_jax.complexity import allocation
+      from cat_jax.complexity.assign import LevelAssigner
 
       if self.price is None:
         raise ValueError("this quality predictor has no calibrated price (python -m cat_jax.train_predictor sets one)")
-      q = (qualities or self.predict_quality(images))[self.measures[0]]
-      return allocation.at_price(q, allocation.rate_table(len(q)), self.price)
+      assigner = LevelAssigner(qualities=self.predict_quality, measure=self.measures[0], price=self.price)
+      table = qualities or self.predict_quality(images)
+      return assigner.from_qualities(table, [np.shape(x)[:2] for x in images]).levels
     if self.thresholds is None:
       raise ValueError("this predictor has no calibrated thresholds; map its scores with levels_for_scores(scores, "
                        "(low, high)) or calibrate them (python -m cat_jax.train_predictor does at the end)")
