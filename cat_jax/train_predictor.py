@@ -279,8 +279,8 @@ def finish(params, config, workdir: str, source, teacher: tuple, eval_source, ev
   predictor.budget_tokens = budget
   teacher_counts = np.bincount([levels[i] for i in ids], minlength=L.NUM_LEVELS)
   # Levels to compare: the teacher's level mix on these training images, as thresholds on its scores and on ours.
-  teacher_thresholds = predictor_lib.mix_thresholds([scores[i] for i in ids], teacher_counts)
-  mix = predictor_lib.mix_thresholds(predicted, teacher_counts)
+  teacher_thresholds = complexity_thresholds.mix_thresholds([scores[i] for i in ids], teacher_counts)
+  mix = complexity_thresholds.mix_thresholds(predicted, teacher_counts)
   majority = int(np.argmax(teacher_counts))
   info: dict[str, Any] = {
       "teacher": {"spec": str(config.teacher), "method": method, "level_counts": teacher_counts.tolist(),

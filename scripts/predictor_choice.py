@@ -23,7 +23,8 @@ import optax  # noqa: E402
 
 from cat_jax import Tokenizer  # noqa: E402
 from cat_jax.complexity.assign import score_images  # noqa: E402
-from cat_jax.complexity.predictor import PredictorNet, mix_thresholds, spearman  # noqa: E402
+from cat_jax.complexity.predictor import PredictorNet, spearman  # noqa: E402
+from cat_jax.complexity.thresholds import mix_thresholds  # noqa: E402
 from cat_jax.complexity.scorers import JpegScorer  # noqa: E402
 from cat_jax.complexity.thresholds import levels_for_scores  # noqa: E402
 from cat_jax.data import EmbeddedSource, PreprocessConfig, preprocess  # noqa: E402

@@ -9,7 +9,7 @@ from PIL import Image
 
 from cat_jax import Tokenizer
 from cat_jax.complexity import predictor as predictor_lib
-from cat_jax.complexity.thresholds import levels_for_scores
+from cat_jax.complexity.thresholds import levels_for_scores, mix_thresholds
 from cat_jax.data import EmbeddedSource, PreprocessConfig, preprocess
 from conftest import load_config
 
@@ -25,7 +25,7 @@ def test_agreement_statistics():
   assert predictor_lib.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
   np.testing.assert_allclose(predictor_lib.ranks([5, 1, 5, 3]), [2.5, 0, 2.5, 1])  # ties share their mean rank
   scores = np.arange(10.0)
-  low, high = predictor_lib.mix_thresholds(scores, [2, 3, 5])  # 2 at 8x, 3 at 16x, 5 at 32x
+  low, high = mix_thresholds(scores, [2, 3, 5])  # 2 at 8x, 3 at 16x, 5 at 32x
   assert np.bincount(levels_for_scores(scores, (low, high)), minlength=3).tolist() == [2, 3, 5]
   a = predictor_lib.agreement([0, 1, 2, 3], [0, 1, 2, 3], [2, 2, 1, 0], (1.5, 2.5), majority_level=2)
   assert a["exact_level"] == 1.0 and a["majority_exact_level"] == 0.5 and a["spearman"] == pytest.approx(1.0)

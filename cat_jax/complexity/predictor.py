@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from cat_jax.complexity import thresholds as complexity_thresholds
-from cat_jax.complexity.thresholds import mix_thresholds  # noqa: F401 (the predictor's teacher comparison uses it)
 
 CONFIG_FILE = "predictor.json"
 WEIGHTS_FILE = "predictor.safetensors"
