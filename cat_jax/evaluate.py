@@ -248,10 +248,7 @@ def _measure_few(measurer, originals: np.ndarray, reconstructions: np.ndarray, r
   def fill(a):
     return None if a is None else np.concatenate([a, np.repeat(a[-1:], rows - n, axis=0)])
 
-  full = measurer.measure(fill(originals), fill(reconstructions), fill(real_features))
-  return dataclasses.replace(full, **{f.name: None if getattr(full, f.name) is None else getattr(full, f.name)[:n]
-                                      for f in dataclasses.fields(full) if f.name != "measures"},
-                             measures={k: v[:n] for k, v in full.measures.items()})
+  return measurer.measure(fill(originals), fill(reconstructions), fill(real_features)).take(slice(0, n))
 
 
 def _at_bucket(rows: int):

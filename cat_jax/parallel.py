@@ -40,6 +40,14 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, BATCH_SPEC)
 
 
+def local_rows(x: Any) -> np.ndarray:
+  """This process's rows of a batch-sharded array, in order (all of them when one process holds the array)."""
+  if getattr(x, "is_fully_addressable", True):  # numpy, or a jax.Array this process holds whole
+    return np.asarray(x)
+  blocks = {shard.index[0].start or 0: shard.data for shard in x.addressable_shards}  # replicas hold the same rows
+  return np.concatenate([np.asarray(blocks[start]) for start in sorted(blocks)])
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -282,15 +282,11 @@ def eval_measures(height: int, width: int) -> tuple[str, ...]:
                if image_quality.MEASURES[name].min_side <= min(height, width))
 
 
-def eval_step(params, images, mask, level, *, model):
-  """Masked sums of L1, of each ``eval_measures`` (keys ``psnr``, ``gmsd``, ``haarpsi``) of the reconstructions and
-  of the no-learning baselines (keys ``psnr_area_bicubic``, ...; with shortcuts also ``..._dct_code``, the fixed
-  code the model starts from), the share of images that kept the code, and the clipped reconstructions.
-
-  Reconstructions are the tokenizer's (``NestedVAE.reconstruct``: per image, the learned path or the fixed code,
-  whichever is closer). The measures are the registry's (``image_quality.qualities``): on 8-bit levels, per image,
-  PSNR capped at 50 dB, the reported convention (``image_quality.reported_psnr``, as the evaluator measures).
-  """
+def eval_step(params, images, level, *, model):
+  """What the train loop's eval measures at ``level``: reconstructions clipped to [-1, 1], keyed by the suffix of their
+  log keys -- the model's (``''``; the tokenizer's, ``NestedVAE.reconstruct``: per image the learned path or the fixed
+  code, whichever is closer) and the no-learning baselines' (``'_area_bicubic'``; with shortcuts ``'_dct_code'``, the
+  fixed code the model starts from) -- and per image the model's L1 and whether it kept the code (``code_share``)."""
   variables = {"params": params}
   recon, code_only = model.apply(variables, images, level, method=NestedVAE.reconstruct)
   recon = jnp.clip(recon, -1.0, 1.0)
@@ -299,54 +295,62 @@ def eval_step(params, images, mask, level, *, model):
   else:  # a traced level: every branch has the image's shape
     bicubic = jax.lax.switch(level, [functools.partial(area_bicubic, level=lvl) for lvl in range(L.NUM_LEVELS)],
                              images)
-  reconstructions = {"": recon, "_area_bicubic": bicubic}
+  reconstructions = {"": recon, "_area_bicubic": jnp.clip(bicubic, -1.0, 1.0)}
+  per_image = {"l1": jnp.mean(jnp.abs(recon - images), axis=(1, 2, 3))}
   if model.shortcuts:
     code = model.apply(variables, images, level, method=NestedVAE.code_reconstruction)
     reconstructions["_dct_code"] = jnp.clip(code, -1.0, 1.0)
-  m = mask.astype(jnp.float32)
-  l1 = jnp.mean(jnp.abs(recon - images), axis=(1, 2, 3))
-  measures = eval_measures(*images.shape[1:3])
-  sums = {"l1": jnp.sum(l1 * m), "count": jnp.sum(m)}
-  for suffix, y in reconstructions.items():
-    for measure, values in image_quality.qualities(measures, images, y).items():
-      sums[measure + suffix] = jnp.sum(values * m)
-  if model.shortcuts:
-    sums["code_share"] = jnp.sum(code_only.astype(jnp.float32) * m)
-  return sums, recon
+    per_image["code_share"] = code_only.astype(jnp.float32)
+  return reconstructions, per_image
 
 
 def evaluate_reconstruction(eval_fn, params, eval_batches, writer=None, step: int = 0,
                             level_arg=jnp.int32, image_dir: str | None = None,
                             levels: tuple[int, ...] = tuple(range(L.NUM_LEVELS))) -> dict[str, float]:
-  """L1 and the ``eval_measures`` (PSNR, GMSD, HaarPSI) of reconstructions and of the no-learning baselines, at
-  ``levels`` (default: every level) on the same images, as ``eval/level{k}/{key}`` for each key of ``eval_step``'s
-  sums (``eval/level0/haarpsi_area_bicubic``); 'eval/loss' is the mean L1 over those levels.
+  """The ``eval_measures`` (PSNR, GMSD, HaarPSI), SSIM and L1 of the reconstructions and of the no-learning
+  baselines at ``levels`` (default: every level) on the same images, as ``eval/level{k}/{measure}{suffix}``
+  (``eval/level0/haarpsi_area_bicubic``); 'eval/loss' is the mean L1 over those levels.
 
-  ``eval_fn(params, images, mask, level) -> (sums, recon)`` is a jitted ``eval_step``; works with global arrays
-  spanning several processes (only replicated sums are fetched; the image grid is all-gathered once).
+  Measured by ``cat_jax.evaluate``'s evaluator (``ReconstructionEvaluator``, one per source): each process measures
+  the images it holds, padding left out, and the sums are reduced across processes (``sync_across_processes``).
+  ``eval_fn(params, images, level) -> (reconstructions, per_image)`` is a jitted ``eval_step``; the image grid is
+  all-gathered once.
   """
   from jax.experimental import multihost_utils
 
-  totals = {lvl: {} for lvl in levels}
+  from cat_jax.metrics.evaluator import ReconstructionEvaluator
+
+  evaluators: dict[str, ReconstructionEvaluator] = {}
   grid_rows = None
   for batch in eval_batches:
+    keep = parallel.local_rows(batch["mask"]).astype(bool)
+    originals = parallel.local_rows(batch["image"])
     rows = []
     for level in levels:
-      sums, recon = eval_fn(params, batch["image"], batch["mask"], level_arg(level))
-      for k, v in jax.device_get(sums).items():
-        totals[level][k] = totals[level].get(k, 0.0) + float(v)
+      reconstructions, per_image = eval_fn(params, batch["image"], level_arg(level))
+      for suffix, recon in reconstructions.items():
+        if suffix not in evaluators:
+          evaluators[suffix] = ReconstructionEvaluator(measures=eval_measures(*originals.shape[1:3]),
+                                                       extras=tuple(per_image) if suffix == "" else ())
+        measured = evaluators[suffix].measure(originals, parallel.local_rows(recon))  # one shape: one compile
+        if suffix == "":
+          measured.measures.update({k: parallel.local_rows(v).astype(np.float64) for k, v in per_image.items()})
+        evaluators[suffix].add(measured.take(keep), level)
       if grid_rows is None:
-        rows.append(recon)
+        rows.append(reconstructions[""])
     if grid_rows is None:
       gathered = multihost_utils.process_allgather([batch["image"], batch["mask"]] + rows, tiled=True)
-      keep = np.asarray(gathered[1], bool)
-      grid_rows = [np.asarray(a)[keep][:8] for a in [gathered[0]] + gathered[2:]]
-  if not totals[levels[0]].get("count"):
-    return {}
+      kept = np.asarray(gathered[1], bool)
+      grid_rows = [np.asarray(a)[kept][:8] for a in [gathered[0]] + gathered[2:]]
   out = {}
-  for level, t in totals.items():
-    for k in sorted(set(t) - {"count"}):
-      out[f"eval/level{level}/{k}"] = t[k] / t["count"]
+  for suffix, evaluator in evaluators.items():
+    evaluator.sync_across_processes()
+    for key, value in evaluator.result().items():
+      name, _, group = key.partition("/")
+      if group != "all" and name != "num_images":
+        out[f"eval/{group}/{name}{suffix}"] = value
+  if not out:
+    return {}
   out["eval/loss"] = float(np.mean([out[f"eval/level{lvl}/l1"] for lvl in levels]))
   if writer is not None and grid_rows and len(grid_rows[0]):
     from cat_jax.metric_writers import make_image_grid
@@ -467,8 +471,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if is_main:
       logger.info("The eval leaves out %s: it needs images of at least %dx%d, these are %dx%d", name, side, side,
                   size, size)
-  jit_eval = jax.jit(functools.partial(eval_step, model=model), out_shardings=(rep, parallel.batch_sharding(mesh)),
-                     static_argnums=(3,) if static else ())
+  jit_eval = jax.jit(functools.partial(eval_step, model=model), out_shardings=parallel.batch_sharding(mesh),
+                     static_argnums=(2,) if static else ())
 
   def run_eval(step, state=state):
     eval_ds = _make_data(config, split=config.data.eval_split, train=False, process_batch=process_batch)

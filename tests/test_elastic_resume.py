@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from cat_jax.data import EmbeddedSource, make_train_iterator
@@ -100,14 +101,15 @@ def test_resume_on_another_process_count_continues_the_data_order(tmp_path, save
 
 
 def test_training_saved_by_two_processes_resumes_on_one(tmp_path):
-  """The whole trainer on 2 jax.distributed processes (metrics written once, by process 0), then its checkpoint
-  (state, EMA, data position) continues on 1 process."""
+  """The whole trainer on 2 jax.distributed processes (metrics written once, by process 0; the eval measured where
+  each image is and summed across processes), then its checkpoint (state, EMA, data position) continues on 1
+  process."""
   import portpicker
 
   # The GAN from step 1 and one level (8x): one step to trace and compile per process. The data order across a
   # change of process count, levels included, is the test above's; this one checks the trainer carries it over.
   train = [sys.executable, "-m", "cat_jax.train", "--config", str(ROOT / "configs/cat.py:runlocal"),
-           "--workdir", str(tmp_path), "--config.checkpoint_every=2", "--config.eval_every=0",
+           "--workdir", str(tmp_path), "--config.checkpoint_every=2", "--config.eval_every=2",
            "--config.log_every=1", "--config.loss.disc_start=0", "--config.data.levels=8x"]
   base = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   port = portpicker.pick_unused_port()
@@ -129,7 +131,21 @@ def test_training_saved_by_two_processes_resumes_on_one(tmp_path):
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert steps[-1] == 4
   from cat_jax.metric_writers import read_metrics
-  assert [r["step"] for r in read_metrics(tmp_path) if "train/g_loss" in r] == [1, 2, 3, 4]
+  rows = read_metrics(tmp_path)
+  assert [r["step"] for r in rows if "train/g_loss" in r] == [1, 2, 3, 4]
+  # The 2-process eval covers the global eval batch, 4 images per process: its no-learning row equals one process's
+  # measurement of all 8 (without the cross-process sum process 0 would log its own 4).
+  from cat_jax import train as T
+  from cat_jax.configs import load
+  from cat_jax.metrics.baselines import area_bicubic
+
+  config = load("cat:runlocal")
+  batch = next(iter(T._make_data(config, split=config.data.eval_split, train=False, process_batch=8)))
+  assert int(np.sum(batch["mask"])) == 8
+  bicubic = lambda params, x, level: ({"": area_bicubic(x, level)}, {"l1": np.zeros(len(x))})
+  one_process = T.evaluate_reconstruction(bicubic, None, [batch], level_arg=int, levels=(0,))
+  logged = next(r for r in rows if r["step"] == 0 and "eval/loss" in r)
+  assert logged["eval/level0/psnr_area_bicubic"] == pytest.approx(one_process["eval/level0/psnr"], abs=1e-9)
 
 
 def test_a_position_from_another_pipeline_or_diverged_processes_is_a_clear_error(tmp_path):

@@ -185,8 +185,9 @@ def test_evaluators_of_the_same_originals_share_one_covariance_root(data):
 
 
 def test_train_loop_eval_psnr_is_the_evaluators():
-  """One PSNR convention: the train loop's eval_step (jitted, masked sums) and the evaluator give the same mean PSNR
-  on the same float reconstructions (8-bit rounding included: without it the two differ by ~0.01 dB here)."""
+  """One PSNR convention: the train loop's eval (a jitted eval_step, measured per process, padding left out) and the
+  evaluator give the same mean PSNR on the same float reconstructions (8-bit rounding included: without it the two
+  differ by ~0.01 dB here)."""
   import jax
 
   from cat_jax import train
@@ -203,8 +204,9 @@ def test_train_loop_eval_psnr_is_the_evaluators():
       return jnp.asarray(recon), jnp.zeros(len(recon), bool)
 
   mask = np.array([1, 1, 1, 1, 1, 0], bool)  # the padded last image is left out by both
-  sums, _ = jax.jit(lambda p, x, m: train.eval_step(p, x, m, 0, model=Fixed()))({}, originals, mask)
-  train_psnr = float(sums["psnr"]) / float(sums["count"])
+  eval_fn = jax.jit(lambda p, x, level: train.eval_step(p, x, level, model=Fixed()))
+  train_psnr = train.evaluate_reconstruction(eval_fn, {}, [{"image": originals, "mask": mask}], levels=(0,))[
+      "eval/level0/psnr"]
   ev = ReconstructionEvaluator()
   ev.update(originals[:5], recon[:5], 0)
   assert train_psnr == pytest.approx(ev.result()["psnr/all"], abs=1e-4)

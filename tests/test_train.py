@@ -307,10 +307,10 @@ def test_eval_levels_evaluate_only_those_levels_in_any_spelling():
 
   calls = []
 
-  def eval_fn(params, images, mask, level):  # a stand-in model: level l darkens by l / 4
+  def eval_fn(params, images, level):  # a stand-in model: level l darkens by l / 4
     calls.append(int(level))
     recon = images - level / 4
-    return {"l1": jnp.sum(jnp.abs(recon - images).mean((1, 2, 3)) * mask), "count": jnp.sum(mask)}, recon
+    return {"": recon}, {"l1": jnp.abs(recon - images).mean((1, 2, 3))}
 
   class Writer:
     def write_images(self, step, images):
@@ -319,11 +319,28 @@ def test_eval_levels_evaluate_only_those_levels_in_any_spelling():
   writer, batch = Writer(), {"image": jnp.zeros((2, 8, 8, 3)), "mask": jnp.array([True, False])}
   out = T.evaluate_reconstruction(eval_fn, None, [batch, batch], writer=writer, levels=L.parse_levels("32x,8x"))
   assert calls == [0, 2, 0, 2]
-  assert out == {"eval/level0/l1": 0.0, "eval/level2/l1": 0.5, "eval/loss": 0.25}
+  assert {k: out[k] for k in out if k.endswith("l1") or k == "eval/loss"} == {
+      "eval/level0/l1": 0.0, "eval/level2/l1": 0.5, "eval/loss": 0.25}
+  # PSNR of a uniform error: 0 and -0.5 are the 8-bit levels 128 and 64 (round half to even).
+  assert out["eval/level2/psnr"] == pytest.approx(20 * np.log10(255 / 64), abs=1e-4)
+  assert out["eval/level0/psnr"] == 50.0 and "eval/level0/ssim" not in out  # 8x8: under SSIM's 11x11 window
   (name, grid), = writer.images.items()
   assert name == "reconstructions/original_8x_32x" and grid.shape[0] == 3 * 8 + 2 * 2  # one image, 3 rows
   with pytest.raises(ValueError, match="a level must be"):  # from the config, before anything is compiled
     T.train_and_evaluate(_runlocal(**{"data.eval_levels": "4x"}), "/nonexistent/never/written")
+
+
+def test_local_rows_are_the_rows_this_process_holds_in_order_once():
+  class Shard:
+    def __init__(self, start, rows):
+      self.index, self.data = (slice(start, start + len(rows)), slice(None)), np.asarray(rows)
+
+  class Global:  # a batch of 8 rows; this process holds rows 4-5 (twice: a replica) and 0-1
+    is_fully_addressable = False
+    addressable_shards = [Shard(4, [[4], [5]]), Shard(0, [[0], [1]]), Shard(4, [[4], [5]])]
+
+  assert parallel.local_rows(Global()).tolist() == [[0], [1], [4], [5]]
+  assert parallel.local_rows(jnp.arange(3)).tolist() == [0, 1, 2]
 
 
 class _Identity:
@@ -368,16 +385,16 @@ def test_eval_logs_the_cheap_measures_per_level_for_the_model_and_both_baselines
 
   # A reconstruction equal to its input gets each measure's best value (HaarPSI: 1 up to float32 sums, ~1e-6;
   # GMSD: a similarity map of exact ones).
-  sums, _ = jax.jit(lambda x, m: T.eval_step({}, x, m, 0, model=_Identity()))(images, batch["mask"])
-  assert float(sums["psnr"]) / float(sums["count"]) == iq.PSNR_MAX_DB
-  assert float(sums["haarpsi"]) / float(sums["count"]) == pytest.approx(1.0, abs=1e-5)
-  assert float(sums["gmsd"]) == 0.0
+  same = T.evaluate_reconstruction(jax.jit(functools.partial(T.eval_step, model=_Identity())), {}, [batch])
+  assert same["eval/level0/psnr"] == iq.PSNR_MAX_DB and same["eval/level0/l1"] == 0.0
+  assert same["eval/level0/haarpsi"] == pytest.approx(1.0, abs=1e-5)
+  assert same["eval/level0/gmsd"] == 0.0
 
   # Below a measure's min_side it is left out, the others stay: 8x8 images are under HaarPSI's 16x16.
   assert iq.MEASURES["haarpsi"].min_side == 16 and T.eval_measures(16, 16) == iq.CHEAP_MEASURES
   assert T.eval_measures(8, 8) == T.eval_measures(15, 64) == ("psnr", "gmsd")
   small = {"image": _batch(2, 8, seed=6), "mask": jnp.array([True, True])}
-  out = T.evaluate_reconstruction(jax.jit(functools.partial(T.eval_step, model=_Identity()), static_argnums=3),
+  out = T.evaluate_reconstruction(jax.jit(functools.partial(T.eval_step, model=_Identity()), static_argnums=2),
                                   {}, [small], level_arg=int, levels=(0,))
   assert {k for k in out if "haarpsi" in k} == set()
   assert {"eval/level0/psnr", "eval/level0/gmsd", "eval/level0/gmsd_area_bicubic"} <= set(out)

@@ -11,17 +11,20 @@ Protocol (what the numbers mean):
 - LPIPS is the mean of ``lpips_fn(originals, reconstructions)``, a (B,) distance on [-1, 1] images.
 - ``measures``: further full-reference measures of ``image_quality.MEASURES`` that need no weights (MS-SSIM,
   HaarPSI, GMSD), per image on the same 8-bit images (``image_quality.qualities``) and averaged over images.
+- ``extras``: per-image values the caller measured itself (the train loop's L1, the share of images keeping the
+  code), given in ``Measurements.measures`` and averaged per level like the measures.
 - rFID is the FID between the Inception features of the originals and those of the reconstructions,
   from streaming float64 statistics (``cat_jax.metrics.fid``); it needs at least 2 images.
 
 Keys of ``result()``: ``{metric}/level{k}`` for every level that received images and ``{metric}/all``
-over all of them, for metric in psnr, ssim, each of ``measures``, lpips (with ``lpips_fn``), rfid (with
+over all of them, for metric in psnr, ssim, each of ``measures`` and ``extras``, lpips (with ``lpips_fn``), rfid (with
 ``inception_fn``), num_images, and tokens_per_image (when ``update`` was given token counts).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -38,9 +41,11 @@ PairFn = Callable[[jax.Array, jax.Array], Any]
 
 
 @jax.jit
-def _psnr_ssim(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-  return (image_quality.psnr(x, y, value_range=(-1.0, 1.0), max_db=image_quality.PSNR_MAX_DB),
-          image_quality.ssim(x, y, value_range=(-1.0, 1.0)))
+def _psnr(x: jax.Array, y: jax.Array) -> jax.Array:
+  return image_quality.psnr(x, y, value_range=(-1.0, 1.0), max_db=image_quality.PSNR_MAX_DB)
+
+
+_ssim = jax.jit(functools.partial(image_quality.ssim, value_range=(-1.0, 1.0)))
 
 
 _qualities = jax.jit(image_quality.qualities, static_argnums=0)
@@ -55,13 +60,14 @@ class _Sums:
   lpips: np.ndarray
   tokens: np.ndarray
   images_with_tokens: np.ndarray
+  images_with_ssim: np.ndarray
   measures: np.ndarray  # (number of further measures, NUM_LEVELS)
 
   @classmethod
   def zeros(cls, num_measures: int = 0) -> "_Sums":
     f = lambda: np.zeros((levels.NUM_LEVELS,), np.float64)
     i = lambda: np.zeros((levels.NUM_LEVELS,), np.int64)
-    return cls(i(), f(), f(), f(), f(), i(), np.zeros((num_measures, levels.NUM_LEVELS), np.float64))
+    return cls(i(), f(), f(), f(), f(), i(), i(), np.zeros((num_measures, levels.NUM_LEVELS), np.float64))
 
   def merge(self, other: "_Sums") -> "_Sums":
     return _Sums(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
@@ -70,14 +76,18 @@ class _Sums:
 @dataclasses.dataclass
 class Measurements:
   """Per-image numbers of one batch of (original, reconstruction) pairs (``ReconstructionEvaluator.measure``):
-  (B,) PSNR, SSIM and LPIPS (None without ``lpips_fn``), (B, D) float32 Inception features of the originals and of
+  (B,) PSNR, SSIM (None on images smaller than its window) and LPIPS (None without ``lpips_fn``), (B, D) float32 Inception features of the originals and of
   the reconstructions (None without ``inception_fn``)."""
   psnr: np.ndarray
-  ssim: np.ndarray
+  ssim: np.ndarray | None
   lpips: np.ndarray | None = None
   real_features: np.ndarray | None = None
   fake_features: np.ndarray | None = None
   measures: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # further measures, (B,) each
+
+  def take(self, rows: Any) -> "Measurements":
+    """The numbers of ``rows`` (indices or a boolean mask) only, e.g. a padded batch's real images."""
+    return Measurements(**{f.name: _take(getattr(self, f.name), rows) for f in dataclasses.fields(Measurements)})
 
   @staticmethod
   def pick(per_level: "list[Measurements]", level: np.ndarray) -> "Measurements":
@@ -93,6 +103,14 @@ class Measurements:
     return Measurements(**fields)
 
 
+def _take(value: Any, rows: Any) -> Any:
+  if value is None:
+    return None
+  if isinstance(value, dict):
+    return {k: v[rows] for k, v in value.items()}
+  return value[rows]
+
+
 class ReconstructionEvaluator:
   """Accumulates reconstruction metrics over batches; see the module docstring for the protocol.
 
@@ -102,13 +120,15 @@ class ReconstructionEvaluator:
     lpips_fn: (originals, reconstructions) in [-1, 1] -> (B,) LPIPS distances; without it LPIPS is
       omitted.
     quantize: round images to 8-bit levels before measuring (the published protocol).
+    measures: further measures of ``image_quality.MEASURES`` (PSNR and SSIM are always measured).
+    extras: names of per-image values the caller adds itself (``add`` finds them in ``Measurements.measures``).
 
   ``per_image`` keeps every image's PSNR, SSIM (and LPIPS) in the order of ``update`` calls, for confidence
   intervals and breakdowns (``cat_jax.evaluate``).
   """
 
   def __init__(self, inception_fn: ImagesFn | None = None, lpips_fn: PairFn | None = None, *,
-               quantize: bool = True, measures: tuple[str, ...] = ()):
+               quantize: bool = True, measures: tuple[str, ...] = (), extras: tuple[str, ...] = ()):
     self.inception_fn = inception_fn
     self.lpips_fn = lpips_fn
     self.quantize = quantize
@@ -116,11 +136,13 @@ class ReconstructionEvaluator:
     for m in self.measures:
       if m not in image_quality.MEASURES:
         raise ValueError(f"unknown measure {m!r}; the measures are {', '.join(image_quality.MEASURES)}")
+    self.extras = tuple(extras)
+    self._summed = self.measures + self.extras  # averaged per level from Measurements.measures
     self.reset()
 
   def reset(self) -> None:
-    self._sums = _Sums.zeros(len(self.measures))
-    self.per_image: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": [], **{m: [] for m in self.measures}}
+    self._sums = _Sums.zeros(len(self._summed))
+    self.per_image: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": [], **{m: [] for m in self._summed}}
     # FID statistics of the originals and of the reconstructions, created on first use: one per level, then one of
     # every image (slot NUM_LEVELS) accumulated batch by batch, not merged from the levels, so that evaluators fed the
     # same originals in the same order hold bit-identical real statistics and can share their square root.
@@ -151,7 +173,9 @@ class ReconstructionEvaluator:
       x, y = quantize_to_uint8_levels(x), quantize_to_uint8_levels(y)
     else:
       x, y = jnp.clip(x, -1.0, 1.0), jnp.clip(y, -1.0, 1.0)
-    psnr, ssim = (np.asarray(v, np.float64) for v in _psnr_ssim(x, y))
+    psnr, ssim = np.asarray(_psnr(x, y), np.float64), None
+    if min(x.shape[1:3]) >= image_quality.MEASURES["ssim"].min_side:  # else left out, as the train loop leaves it out
+      ssim = np.asarray(_ssim(x, y), np.float64)
     dist = feats_fake = None
     if self.lpips_fn is not None:
       dist = np.asarray(self.lpips_fn(x, y), np.float64).reshape(-1)
@@ -175,11 +199,13 @@ class ReconstructionEvaluator:
     tokens = None if num_tokens is None else self._per_image(num_tokens, batch, "num_tokens").astype(np.float64)
     s = self._sums
     self.per_image["psnr"] += measured.psnr.tolist()
-    self.per_image["ssim"] += measured.ssim.tolist()
     np.add.at(s.num_images, per_image_level, 1)
     np.add.at(s.psnr, per_image_level, measured.psnr)
-    np.add.at(s.ssim, per_image_level, measured.ssim)
-    for k, m in enumerate(self.measures):
+    if measured.ssim is not None:
+      self.per_image["ssim"] += measured.ssim.tolist()
+      np.add.at(s.ssim, per_image_level, measured.ssim)
+      np.add.at(s.images_with_ssim, per_image_level, 1)
+    for k, m in enumerate(self._summed):
       self.per_image[m] += measured.measures[m].tolist()
       np.add.at(s.measures[k], per_image_level, measured.measures[m])
     if measured.lpips is not None:
@@ -251,8 +277,9 @@ class ReconstructionEvaluator:
       n = int(s.num_images[lvs].sum())
       out[f"num_images/{name}"] = n
       out[f"psnr/{name}"] = float(s.psnr[lvs].sum() / n)
-      out[f"ssim/{name}"] = float(s.ssim[lvs].sum() / n)
-      for k, m in enumerate(self.measures):
+      if s.images_with_ssim[lvs].sum() == n:
+        out[f"ssim/{name}"] = float(s.ssim[lvs].sum() / n)
+      for k, m in enumerate(self._summed):
         out[f"{m}/{name}"] = float(s.measures[k][lvs].sum() / n)
       if self.lpips_fn is not None:
         out[f"lpips/{name}"] = float(s.lpips[lvs].sum() / n)
