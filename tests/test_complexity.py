@@ -689,6 +689,12 @@ def test_level_assigner_one_level_a_manifest_or_a_scorer(tmp_path):
   np.testing.assert_array_equal(LevelAssigner(manifest={"a": "8x", "b": 32})(ids, images), [0, 2])
   jpeg = LevelAssigner(scorer=JpegScorer(image_size=None), thresholds=(6.0, 8.0))  # 32x32: headers cost 5 bpp
   np.testing.assert_array_equal(jpeg(ids, images), [2, 0])  # a flat image is cheap to store, noise is not
+  # A budget counts tokens at each image's own size, as encode spends them: a flat 64x64 and a noisy 128x128 image
+  # average 40 tokens with both at 16x ((16 + 64) / 2); counted at one 64x64 size that mean would be 16x for the
+  # flat one and 8x for the noise ((16 + 64) / 2 again).
+  sized = [np.zeros((64, 64, 3), np.float32), np.random.default_rng(1).uniform(-1, 1, (128, 128, 3)).astype(np.float32)]
+  budget = LevelAssigner(scorer=JpegScorer(image_size=None), budget_tokens=40)
+  np.testing.assert_array_equal(budget(ids, sized), [1, 1])
   with pytest.raises(ValueError, match="not in the manifest"):
     LevelAssigner(manifest={"a": 0})(ids, images)
   with pytest.raises(ValueError, match="exactly one"):

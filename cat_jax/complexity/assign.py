@@ -108,7 +108,7 @@ class LevelAssigner:
   - ``scorer`` (``cat_jax.complexity.scorers``: ``.method`` and batched ``.scores(images)`` or per-item
     ``.score({"id", "image"})``) with ``thresholds`` (default ``(3, 6)`` for the LLM methods; raw scores such as JPEG
     bits per pixel need explicit ones) or ``budget_tokens`` (thresholds chosen per call so that its images average
-    that many tokens at ``image_size``);
+    that many tokens at their own sizes);
   - ``target_psnr``: per image the coarsest level whose reconstruction reaches it (``coarsest_level_meeting``; the
     reconstructions come from ``assign(..., reconstruct=)``, which ``Tokenizer.encode`` passes);
   - ``qualities`` (``images -> {measure: (N, 3)}``: measured, ``quality_table``, or a quality predictor's
@@ -125,7 +125,6 @@ class LevelAssigner:
   scorer: Any = None
   thresholds: Sequence[float] | None = None
   budget_tokens: float | None = None
-  image_size: int | None = None
   target_psnr: float | None = None
   qualities: Callable[[Sequence[np.ndarray]], Mapping[str, np.ndarray]] | None = None
   measure: str | None = None
@@ -139,9 +138,9 @@ class LevelAssigner:
       raise ValueError(f"give exactly one of a level, a manifest, a scorer, a target PSNR or qualities, got "
                        f"{given or 'none'}")
     mode = given[0]
-    allowed = {"scorer": {"thresholds", "budget_tokens", "image_size"},
+    allowed = {"scorer": {"thresholds", "budget_tokens"},
                "qualities": {"measure", "price", "budget_tokens", "target_quality"}}.get(mode, set())
-    extra = [name for name in ("thresholds", "budget_tokens", "image_size", "measure", "price", "target_quality")
+    extra = [name for name in ("thresholds", "budget_tokens", "measure", "price", "target_quality")
              if getattr(self, name) is not None and name not in allowed]
     if extra:
       raise ValueError(f"{', '.join(extra)} only apply to levels from a scorer's scores (thresholds, budget_tokens) or "
@@ -159,8 +158,6 @@ class LevelAssigner:
     elif mode == "scorer":
       if self.thresholds is not None and self.budget_tokens is not None:
         raise ValueError("give thresholds or budget_tokens, not both")
-      if self.budget_tokens is not None and not self.image_size:
-        raise ValueError("budget_tokens needs the image_size its token counts are at")
       thresholds = self.thresholds
       if thresholds is None and self.budget_tokens is None:
         if getattr(self.scorer, "method", None) not in complexity_thresholds.LLM_METHODS:
@@ -207,9 +204,9 @@ class LevelAssigner:
       return Assignment(np.array([self.manifest[str(i)] for i in ids], np.int32))
     scores = score_images(self.scorer, ids, images)
     thresholds = self.thresholds
-    if self.budget_tokens is not None:
-      hw = (int(self.image_size), int(self.image_size))
-      thresholds = complexity_thresholds.budget_thresholds(scores, self.budget_tokens, image_hw=hw)
+    if self.budget_tokens is not None:  # tokens as encode spends them: at each image's own size
+      thresholds = complexity_thresholds.budget_thresholds(scores, self.budget_tokens,
+                                                           image_hw=[tuple(np.shape(x)[:2]) for x in images])
     return Assignment(complexity_thresholds.levels_for_scores(scores, thresholds))
 
   def from_qualities(self, table: Mapping[str, np.ndarray], image_sizes: Sequence[tuple[int, int]]) -> Assignment:
@@ -322,7 +319,7 @@ def auto_assigner(auto: AutoLevels, *, predictor: Any = None, thresholds: Sequen
   """The ``LevelAssigner`` of a tokenizer's ``AutoLevels``. A price rule gives each image the level its predicted
   qualities earn at the saved price, or with ``budget_tokens`` the best predicted mean quality within that budget at
   the images' own sizes. A threshold rule maps a score through its calibrated thresholds, which ``thresholds`` or
-  ``budget_tokens`` (at its ``image_size``) replace."""
+  ``budget_tokens`` (at the images' own sizes) replace."""
   if auto.rule == "price":
     if predictor is None or getattr(predictor, "qualities", None) is None:
       raise ValueError("auto_levels prices levels by predicted qualities but the tokenizer has no quality predictor "
@@ -335,7 +332,7 @@ def auto_assigner(auto: AutoLevels, *, predictor: Any = None, thresholds: Sequen
   scorer = _auto_scorer(auto.scorer, auto.image_size, predictor)
   if thresholds is None and budget_tokens is None:
     thresholds = auto.thresholds
-  return LevelAssigner(scorer=scorer, thresholds=thresholds, budget_tokens=budget_tokens, image_size=auto.image_size)
+  return LevelAssigner(scorer=scorer, thresholds=thresholds, budget_tokens=budget_tokens)
 
 
 def price_auto_levels(predictor: Any) -> AutoLevels:
