@@ -184,6 +184,17 @@ def test_options_the_torch_module_lacks_are_refused_by_name():
     to_torch.check_exportable(dict(TINY, rotary_heads=4))
 
 
+def test_the_fixed_code_needs_shortcuts_in_torch_as_in_jax():
+  from cat_jax.convert import modeling_cat
+
+  z = torch.zeros(1, TINY["z_channels"], 8, 8)
+  with pytest.raises(ValueError, match="shortcuts"):
+    modeling_cat.NestedVAE(**LAYOUTS["sd"]).decode_code(z, 0)
+  with pytest.raises(ValueError, match="shortcuts"):
+    _random_tokenizer(LAYOUTS["sd"], seed=0).model.apply({}, jnp.zeros((1, 8, 8, 4)), 0, method=NestedVAE.decode_code)
+  assert modeling_cat.NestedVAE(**LAYOUTS["shortcut_rms"]).decode_code(z, 0).shape == (1, 3, 64, 64)
+
+
 def test_to_torch_cli_one_line_errors(tmp_path, capsys):
   assert convert_main.main(["to_torch", "--src", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
   err = capsys.readouterr().err.strip()

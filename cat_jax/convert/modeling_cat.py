@@ -356,9 +356,11 @@ class NestedVAE(nn.Module):
         h = self.dec_up[s - 1](h)
     return h
 
-  def decode_code(self, z: torch.Tensor, level: int) -> torch.Tensor | float:
-    """The fixed code's image with shortcuts (the decoder's output adds to it), else 0."""
-    return decode_patches(z, FACTORS[level]) if self.shortcuts else 0.0
+  def decode_code(self, z: torch.Tensor, level: int) -> torch.Tensor:
+    """With shortcuts: the latent read as the fixed code, the image the decoder's output adds to."""
+    if not self.shortcuts:
+      raise ValueError("the fixed code comes with shortcuts: decode_code needs shortcuts=True")
+    return decode_patches(z, FACTORS[level])
 
   def output_head(self, features: torch.Tensor) -> torch.Tensor:
     h = F.silu(self.dec_norm_out(features))
@@ -366,7 +368,8 @@ class NestedVAE(nn.Module):
     return out * _gate(self.dec_gate(h)) if self.residual_gate else out
 
   def decode_level(self, z: torch.Tensor, level: int) -> torch.Tensor:
-    return self.output_head(self.decode_features(z, level)) + self.decode_code(z, level)
+    out = self.output_head(self.decode_features(z, level))
+    return out + self.decode_code(z, level) if self.shortcuts else out
 
   def forward(self, x: torch.Tensor, level: int, noise: torch.Tensor | None = None):
     """(reconstruction, mean, logvar); the posterior mode without ``noise``."""
