@@ -76,20 +76,23 @@ def view(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
   return np.asarray(out, np.uint8)
 
 
-def size_views(source, sizes) -> list[dict[str, Any]]:
-  """The images ``sizes`` asks for: per ``(height, width, count)`` the next ``count`` records of ``source`` (each
-  record in one view only), ``view``ed to that size: ``[{"hw", "ids", "images": uint8 (count, h, w, 3)}]``."""
+def size_views(source, sizes, redraw=None) -> list[dict[str, Any]]:
+  """The images ``sizes`` asks for: per ``(height, width, count[, drawn])`` the next ``count`` records of ``source``
+  (each record in one view only), ``view``ed to that size: ``[{"hw", "ids", "images": uint8 (count, h, w, 3)}]``.
+  With ``drawn`` those records come from ``redraw(drawn)`` (the same records drawn at that side, e.g. the embedded
+  generator at the tokenizer's own training size, whose pixels differ from a larger drawing resized)."""
   from cat_jax.complexity.scorers import to_pil_rgb
 
   ids_of = source_ids_of(source)
   groups, start = [], 0
-  for h, w, count in sizes:
+  for h, w, count, drawn in sizes:
     count = min(int(count), len(source) - start)
     if count <= 0:
       raise ValueError(f"data.sizes asks for more images than the {len(source)} of {source!r}; lower the counts or "
                        "raise data.source_kwargs.num_images")
+    records = source if drawn is None else redraw(drawn)
     index = range(start, start + count)
-    images = np.stack([view(np.asarray(to_pil_rgb(source[k]["image"])), (h, w)) for k in index])
+    images = np.stack([view(np.asarray(to_pil_rgb(records[k]["image"])), (h, w)) for k in index])
     groups.append({"hw": (int(h), int(w)), "ids": [ids_of[k] for k in index], "images": images})
     start += count
   return groups
@@ -368,12 +371,12 @@ def finish_quality(params, config, workdir: str, groups: list[dict[str, Any]], v
   return predictor
 
 
-def quality_sizes(config) -> list[tuple[int, int, int]]:
-  """``data.sizes``: (height, width, count) of the training images a quality predictor learns from, whole; default
-  ``calibration_images`` at ``data.image_size``."""
+def quality_sizes(config) -> list[tuple[int, int, int, int | None]]:
+  """``data.sizes``: (height, width, count, drawn or None) of the training images a quality predictor learns from,
+  whole; default ``calibration_images`` at ``data.image_size``."""
   size = int(config.data.image_size)
   sizes = config.data.get("sizes") or ((size, size, int(config.calibration_images)),)
-  return [(int(h), int(w), int(n)) for h, w, n in sizes]
+  return [(int(e[0]), int(e[1]), int(e[2]), int(e[3]) if len(e) > 3 else None) for e in sizes]
 
 
 # -- the loop -------------------------------------------------------------------------------------------------------
@@ -393,9 +396,13 @@ def check_config(config) -> None:
                        f"{sorted(image_quality.MEASURES)}")
     sizes = quality_sizes(config)
     size = int(config.data.image_size)
-    if any(min(entry) < 1 for entry in sizes) or not any((h, w) == (size, size) for h, w, _ in sizes):
-      raise ValueError(f"--config.data.sizes={sizes}: (height, width, count) triples, all positive, one of them at "
+    if any(min(v for v in entry if v is not None) < 1 for entry in sizes) or not any(
+        (h, w, drawn) == (size, size, None) for h, w, _, drawn in sizes):
+      raise ValueError(f"--config.data.sizes={sizes}: (height, width, count[, drawn]), all positive, one of them at "
                        f"data.image_size ({size}, {size}, N), where the price is calibrated")
+    if any(drawn is not None for *_, drawn in sizes) and config.data.source != "embedded":
+      raise ValueError("--config.data.sizes: a fourth number (the side images are drawn at) needs data.source="
+                       f"embedded, got {config.data.source!r}")
   elif teacher != "grade" and not teacher.startswith("mse:") and not storage.as_path(teacher).exists():
     raise ValueError(f"--config.teacher={teacher}: no such score manifest; write one with python -m cat_jax.score, "
                      "or use 'quality:<tokenizer>', 'mse:<tokenizer>' or 'grade'")
@@ -416,7 +423,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> predi
   source = get_source(config.data.source, config.data.split, **config.data.source_kwargs)
   quality = config.teacher.startswith("quality:")
   if quality:
-    groups = size_views(source, quality_sizes(config))
+    redraw = lambda side: get_source(config.data.source, config.data.split,
+                                     **dict(config.data.source_kwargs, image_size=side))
+    groups = size_views(source, quality_sizes(config), redraw)
     values = quality_teacher(config.teacher[len("quality:"):], groups, config.data.split, measures=config.measures,
                              workdir=workdir)
     steps = [np.concatenate([predictor_lib.steps_of(v[:, 3 * k:3 * k + 3]) for k in range(len(config.measures))], 1)
@@ -493,7 +502,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> predi
     eval_source = Subset(eval_source, range(min(int(config.data.eval_images), len(eval_source))))
     if quality:  # at data.image_size, as the price is calibrated
       size = int(config.data.image_size)
-      eval_group = size_views(eval_source, [(size, size, len(eval_source))])
+      eval_group = size_views(eval_source, [(size, size, len(eval_source), None)])
       eval_values = quality_teacher(eval_spec[len("quality:"):], eval_group, config.data.eval_split,
                                     measures=config.measures, workdir=workdir)
       return finish_quality(state.ema_params, config, workdir, groups, values, (mean, std), eval_group[0],

@@ -73,6 +73,23 @@ def test_quality_predictor_sees_the_whole_image_whatever_the_padding():
   config.data.sizes = ((128, 128, 10),)
   with pytest.raises(ValueError, match="data.image_size"):
     train_predictor.check_config(config)
+  # A fourth number draws those records at that side first (embedded only): the tokenizer's own 64x64 drawings,
+  # sharper than a 256x256 drawing resized.
+  from cat_jax.complexity.scorers import to_pil_rgb
+
+  source = EmbeddedSource("validation", num_images=4, image_size=64)
+  redraw = lambda side: EmbeddedSource("validation", num_images=4, image_size=side)
+  groups = train_predictor.size_views(source, [(32, 32, 2, None), (32, 32, 2, 32)], redraw)
+  assert groups[0]["ids"] + groups[1]["ids"] == train_predictor.source_ids_of(source)  # each record once
+  drawn = np.stack([view(np.asarray(to_pil_rgb(redraw(32)[k]["image"])), (32, 32)) for k in (2, 3)])
+  resized = np.stack([view(np.asarray(to_pil_rgb(source[k]["image"])), (32, 32)) for k in (2, 3)])
+  np.testing.assert_array_equal(groups[1]["images"], drawn)
+  assert np.abs(drawn.astype(int) - resized).mean() > 1  # not the same pixels
+  config.data.sizes = ((64, 64, 10), (64, 64, 5, 32))
+  train_predictor.check_config(config)
+  config.data.source = "tfds:imagenet2012"
+  with pytest.raises(ValueError, match="drawn"):
+    train_predictor.check_config(config)
 
 
 def test_predictor_learns_its_teacher_far_past_the_majority_level(tmp_path):
