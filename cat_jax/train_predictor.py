@@ -93,7 +93,8 @@ def size_views(source, sizes, redraw=None) -> list[dict[str, Any]]:
     records = source if drawn is None else redraw(drawn)
     index = range(start, start + count)
     images = np.stack([view(np.asarray(to_pil_rgb(records[k]["image"])), (h, w)) for k in index])
-    groups.append({"hw": (int(h), int(w)), "ids": [ids_of[k] for k in index], "images": images})
+    groups.append({"hw": (int(h), int(w)), "ids": [ids_of[k] for k in index], "images": images,
+                   "name": f"{h}x{w}" + (f" drawn at {drawn}" if drawn is not None else "")})
     start += count
   return groups
 
@@ -125,7 +126,7 @@ def quality_teacher(tokenizer: str, groups: list[dict[str, Any]], split: str, *,
         return np.split(values, np.cumsum([len(g["ids"]) for g in groups])[:-1])
   tok = load_tokenizer(tokenizer)
   logger.info("Measuring the teacher (%s's quality at every level in %s) on %d images at %s", tokenizer,
-              ", ".join(measures), len(ids), ", ".join(f"{h}x{w}" for h, w in (g["hw"] for g in groups)))
+              ", ".join(measures), len(ids), ", ".join(g["name"] for g in groups))
   rows = []
   for g in groups:
     for start in range(0, len(g["images"]), 256):
@@ -359,8 +360,8 @@ def finish_quality(params, config, workdir: str, groups: list[dict[str, Any]], v
                                       "sizes": [list(g["hw"]) + [len(g["ids"])] for g in groups]},
                           "calibration": {"images": len(calibration), "budget_tokens": budget, "price": predictor.price,
                                           "level_counts": np.bincount(levels, minlength=L.NUM_LEVELS).tolist()},
-                          "train": {f"{g['hw'][0]}x{g['hw'][1]}": agreement(g["images"][:AGREEMENT_IMAGES],
-                                                                            v[:AGREEMENT_IMAGES], g["hw"])
+                          "train": {g["name"]: agreement(g["images"][:AGREEMENT_IMAGES], v[:AGREEMENT_IMAGES],
+                                                         g["hw"])
                                     for g, v in zip(groups, values)}}
   if eval_group is not None:
     info["validation"] = agreement(eval_group["images"], eval_values, eval_group["hw"])

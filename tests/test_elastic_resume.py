@@ -110,7 +110,8 @@ def test_training_saved_by_two_processes_resumes_on_one(tmp_path):
   # change of process count, levels included, is the test above's; this one checks the trainer carries it over.
   train = [sys.executable, "-m", "cat_jax.train", "--config", str(ROOT / "configs/cat.py:runlocal"),
            "--workdir", str(tmp_path), "--config.checkpoint_every=2", "--config.eval_every=2",
-           "--config.log_every=1", "--config.loss.disc_start=0", "--config.data.levels=8x"]
+           "--config.log_every=1", "--config.loss.disc_start=0", "--config.data.levels=8x",
+           "--config.data.eval_levels=8x"]
   base = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   port = portpicker.pick_unused_port()
   procs = [subprocess.Popen(train + ["--config.num_steps=2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
