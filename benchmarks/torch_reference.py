@@ -28,10 +28,11 @@ from cat_jax.convert.to_torch import torch_state_dict
 
 
 def train_features(vae: NestedVAE, x: torch.Tensor, level: int, noise: torch.Tensor):
-  """(decoder features, decode_code, mean, logvar) for a reparameterised sample ``mean + std * noise``."""
+  """(decoder features, the fixed code's image (0 without shortcuts), mean, logvar) for a reparameterised sample
+  ``mean + std * noise``."""
   mean, logvar = vae.encode_moments(x, level)
   z = mean + torch.exp(0.5 * logvar) * noise
-  return vae.decode_features(z, level), vae.decode_code(z, level), mean, logvar
+  return vae.decode_features(z, level), vae.decode_code(z, level) if vae.shortcuts else 0.0, mean, logvar
 
 
 class PatchDiscriminator(nn.Module):
