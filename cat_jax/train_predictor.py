@@ -117,7 +117,7 @@ def quality_teacher(tokenizer: str, groups: list[dict[str, Any]], split: str, *,
 
   out = storage.as_path(workdir) / f"quality-{split}.npz"
   measures = list(measures)
-  setup = np.array([tokenizer, *measures] + [f"{g['hw'][0]}x{g['hw'][1]}:{len(g['ids'])}" for g in groups])
+  setup = np.array([tokenizer, *measures] + [f"{g['name']}:{len(g['ids'])}" for g in groups])
   ids = np.array([i for g in groups for i in g["ids"]])
   if out.exists():
     with np.load(out.open("rb")) as saved:
@@ -338,7 +338,7 @@ def finish_quality(params, config, workdir: str, groups: list[dict[str, Any]], v
       teacher=str(config.teacher), qualities={"measures": measures, "mean": [float(v) for v in stats[0]],
                                               "std": [float(v) for v in stats[1]], "targets": "steps"})
   budget = float(config.budget_tokens or L.num_tokens((size, size), 1))
-  square = [k for k, g in enumerate(groups) if g["hw"] == (size, size)]
+  square = [k for k, g in enumerate(groups) if g["name"] == f"{size}x{size}"]  # as the source draws, not redrawn
   if not square:
     raise ValueError(f"data.sizes has no {size}x{size} images to calibrate the price on; add ({size}, {size}, N)")
   calibration = groups[square[0]]["images"][:int(config.calibration_images)]

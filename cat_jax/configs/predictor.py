@@ -40,8 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # to it), and the size a quality predictor's price is calibrated at. sizes: a quality predictor's training images,
   # (height, width, count[, drawn]), each the next count records of the source viewed whole at that size (centre
   # crop of that aspect, resized; embedded records drawn at side `drawn` first when given), its qualities measured
-  # whole (None: calibration_images at image_size); the price is calibrated on the first image_size group. eval_images:
-  # validation images for the agreement figures (0: none).
+  # whole (None: calibration_images at image_size); the price is calibrated on the image_size group not redrawn.
+  # eval_images: validation images for the agreement figures (0: none).
   c.data = dict(source="tfds:imagenet2012", split="train", eval_split="validation", source_kwargs={}, image_size=128,
                 num_workers=8, min_size=64, on_bad_image="skip", eval_images=10_000, sizes=None)
 
