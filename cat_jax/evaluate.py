@@ -465,6 +465,41 @@ def _allocation_report(tables, predicted, scores, rows, ids: Sequence[str], sour
   return report
 
 
+# -- several processes -----------------------------------------------------------------------------------------------
+def _process_block(source):
+  """This process's images: with several JAX processes each reconstructs and measures the k-th contiguous block on
+  its own devices (the tokenizer's mesh is local), so that the blocks gathered in process order are the images in
+  order."""
+  import jax
+
+  if jax.process_count() == 1:
+    return source
+  from cat_jax.data import Subset
+  return Subset(source, np.array_split(np.arange(len(source)), jax.process_count())[jax.process_index()])
+
+
+def _gather_pass(kept: dict[str, Any]) -> dict[str, Any]:
+  """What every process's pass kept, as one pass over all the images (``parallel.allgather_objects``, in process
+  order): ids, sizes, scores, the model's measurements and predictions, the slowest process's seconds per level and
+  every skipped file."""
+  from cat_jax import parallel
+
+  parts = parallel.allgather_objects(kept)
+  out = {"seen_ids": [], "size_of": {}, "scores": {m: {} for m in kept["scores"]}, "model_batches": [],
+         "predicted": {m: [] for m in kept["predicted"]}, "skipped": {},
+         "seconds": np.max([part["seconds"] for part in parts], axis=0)}
+  for part in parts:
+    out["seen_ids"] += part["seen_ids"]
+    out["model_batches"] += part["model_batches"]
+    for key in ("size_of", "skipped"):
+      out[key].update(part[key])
+    for m, per_id in part["scores"].items():
+      out["scores"][m].update(per_id)
+    for m, tables in part["predicted"].items():
+      out["predicted"][m] += tables
+  return out
+
+
 # -- the evaluation -------------------------------------------------------------------------------------------------
 def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, image_size: int | None = None,
                    sizing=None, manifest: str | None = None, score_manifests: Mapping[str, str] | None = None,
@@ -493,7 +528,13 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
   per image, the measurement at its level. Budget rows need every image's score first (their thresholds come from
   the whole distribution), so the model's per-level measurements are kept and those rows are added after the pass:
   with Inception weights that is 4 x 2048 float32 per image (~32 KiB; 1.6 GiB for 50,000 images).
+
+  Several JAX processes (``jax.distributed``; ``python -m cat_jax.evaluate`` starts it as the trainer does): each reads,
+  reconstructs and measures its own block of the images on its own devices; what the pass kept is gathered, so every
+  process makes the same rows and returns the same results, and process 0 writes the files.
   """
+  import jax
+
   from cat_jax.complexity import allocation
   from cat_jax.complexity.scorers import JpegScorer, reconstruction_mse
   from cat_jax.data import load_levels, source_ids
@@ -520,7 +561,7 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
     raise ValueError("scorer 'predictor' needs a tokenizer with a level predictor (Tokenizer.set_level_predictor, "
                      "python -m cat_jax.train_predictor)")
   predictor = getattr(tok, "level_predictor", None)
-  predicts = set(predictor.measures) if predictor is not None else set()  # its tables feed rd rows and auto
+  predicts = tuple(predictor.measures) if predictor is not None else ()  # tables for rd rows and auto
   all_ids = source_ids(source)
   if (image_size is None) == (sizing is None):
     raise ValueError("give image_size (the evaluation pipeline's square) or sizing (each image as encode reads it)")
@@ -575,17 +616,20 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
   evaluators = {r.name: new_evaluator() for r in rows}
   seconds = np.zeros(L.NUM_LEVELS)
   skipped: dict[str, str] = {}  # unreadable or unusable files of a sized source, with the reason
-  if sizing is None:
-    batches = _pipeline_batches(tok, source, image_size, seconds)
+  mine = _process_block(source)
+  if not len(mine):
+    batches = iter(())
+  elif sizing is None:
+    batches = _pipeline_batches(tok, mine, image_size, seconds)
   else:
-    batches = _split_by_size(_reconstructed(tok, _sized_batches(source, sizing, tok.batch_size, skipped), seconds))
+    batches = _split_by_size(_reconstructed(tok, _sized_batches(mine, sizing, tok.batch_size, skipped), seconds))
   grid: list[list[np.ndarray]] = [[] for _ in range(L.NUM_LEVELS + 1)]
   seen_ids: list[str] = []
   size_of: dict[str, tuple[int, int]] = {}  # each image's (height, width), which its tokens are counted at
   scores: dict[str, dict[str, float]] = {m: {} for m in scorers if m in ("jpeg", "mse", "predictor")}
   model_batches: list[tuple[list[str], list[Measurements]]] = []  # for the budget rows, added after the pass
   predicted: dict[str, list[np.ndarray]] = {m: [] for m in predicts}  # the quality predictor's tables, per batch
-  for batch_ids, originals, recons, padded in _with_progress(batches, len(source)):
+  for batch_ids, originals, recons, padded in _with_progress(batches, len(mine)):
     # One batch: images of one size, (n, H, W, 3) originals and their reconstructions at each level; ``padded``:
     # the pipeline's whole batch and which of its rows are real, or None for a sized source.
     seen_ids += batch_ids
@@ -638,6 +682,13 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
       grid[0] += [cell(x) for x in originals[:take]]
       for lvl in range(L.NUM_LEVELS):
         grid[lvl + 1] += [cell(x) for x in recons[lvl][:take]]
+  if jax.process_count() > 1:  # one pass over all the images, as the train loop's eval reduces its evaluators
+    for evaluator in evaluators.values():  # the same rows in the same order on every process
+      evaluator.sync_across_processes()
+    kept = _gather_pass(dict(seen_ids=seen_ids, size_of=size_of, scores=scores, model_batches=model_batches,
+                             predicted=predicted, seconds=seconds, skipped=skipped))
+    seen_ids, size_of, scores, model_batches = kept["seen_ids"], kept["size_of"], kept["scores"], kept["model_batches"]
+    predicted, seconds, skipped = kept["predicted"], kept["seconds"], kept["skipped"]
   if not seen_ids:
     raise ValueError(f"no readable images in {source!r}" + (f": {_listed(skipped)}" if skipped else ""))
   if skipped:
@@ -671,7 +722,7 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
   ips_level = [n_total / max(s, 1e-12) for s in seconds]
   results = {"dataset": dataset, "num_images": n_total, "image_size": image_size,
              "sizes": _describe_evaluated(image_sizes, image_size, sizing),
-             "checkpoint_step": tok.step, "budget_tokens": budget,
+             "checkpoint_step": tok.step, "budget_tokens": budget, "processes": jax.process_count(),
              "tokens_per_level": {f"{f}x": float(t) if sizing is not None else int(t)
                                   for f, t in zip(L.FACTORS, token_table.mean(axis=0))},
              "images_per_s_per_level": {f"{f}x": float(v) for f, v in zip(L.FACTORS, ips_level)},
@@ -702,6 +753,8 @@ def run_evaluation(tok, source, *, out_dir: str | os.PathLike, dataset: str, ima
                                       bootstrap, seed, reference=paired_against)
   results["allocation"] = _allocation_report(tables, predicted_tables, scores, rows, seen_ids, source, budget,
                                              image_sizes, bootstrap, seed)
+  if jax.process_index() != 0:  # every process holds the same results; one writes them
+    return results
   reports.write_reports(results, grid, out_dir)
   per_image = [r for r in rows if not isinstance(r.level_of, int)]
   chosen = {r.name: r.levels(seen_ids) for r in per_image}
@@ -843,6 +896,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   logging.getLogger("absl").setLevel(logging.ERROR)
+  from cat_jax.distributed import maybe_initialize_distributed
+
+  maybe_initialize_distributed()  # several processes (a pod, SLURM, JAX_* variables): each evaluates its share
+  import jax
+
   try:
     from cat_jax.tokenizer import PRETRAINED, load_tokenizer
 
@@ -851,6 +909,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          config=config)
     config = config if config is not None else tok.config
     if args.data == "text":
+      if jax.process_count() > 1:
+        raise ValueError("--data text (legibility) runs in one process: start it without the multi-process variables")
       out = args.out or (f"eval_{args.workdir}" if args.workdir in PRETRAINED else
                          os.fspath(storage.as_path(args.workdir) / "eval"))
       size = args.image_size or 256
@@ -914,6 +974,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if jax.process_index() != 0:  # every process holds the same results; process 0 prints them
+    return 0
   print(reports.markdown_table(results))
   for text in results["skipped"].values():
     print(f"WARNING: {text}")

@@ -7,6 +7,7 @@ its largest dimension divisible by the 'fsdp' size; everything else is replicate
 
 from __future__ import annotations
 
+import pickle
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -46,6 +47,21 @@ def local_rows(x: Any) -> np.ndarray:
     return np.asarray(x)
   blocks = {shard.index[0].start or 0: shard.data for shard in x.addressable_shards}  # replicas hold the same rows
   return np.concatenate([np.asarray(blocks[start]) for start in sorted(blocks)])
+
+
+def allgather_objects(obj: Any) -> list[Any]:
+  """``obj`` of every JAX process, in process order (pickled, sent as bytes); ``[obj]`` in one process. Every
+  process must call it."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+
+  data = np.frombuffer(pickle.dumps(obj), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  every = np.asarray(multihost_utils.process_allgather(padded))
+  return [pickle.loads(every[k, :int(n)].tobytes()) for k, n in enumerate(sizes)]
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

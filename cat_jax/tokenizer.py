@@ -253,7 +253,7 @@ class Tokenizer:
     self.keep_code = self._keep_code(keep_code)
     self.level_predictor = level_predictor
     self.max_batch_pixels = int(max_batch_pixels)
-    self.mesh = mesh if mesh is not None else parallel.make_mesh({"data": -1, "fsdp": 1})
+    self.mesh = mesh if mesh is not None else parallel.make_mesh({"data": -1, "fsdp": 1}, jax.local_devices())
     n = self.mesh.size
     batch_size = 8 if batch_size is None else int(batch_size)
     if batch_size <= 0:
@@ -304,7 +304,7 @@ class Tokenizer:
     if config is not None:
       ckpt.check_compatible(saved, config)
     model = build_model(saved.model)
-    mesh = mesh if mesh is not None else parallel.make_mesh({"data": -1, "fsdp": 1})
+    mesh = mesh if mesh is not None else parallel.make_mesh({"data": -1, "fsdp": 1}, jax.local_devices())
     abstract = abstract_params(model)
     rep = parallel.replicated(mesh)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract)

@@ -312,7 +312,7 @@ def evaluate_reconstruction(eval_fn, params, eval_batches, writer=None, step: in
   (``eval/level0/haarpsi_area_bicubic``); 'eval/loss' is the mean L1 over those levels.
 
   Measured by ``cat_jax.evaluate``'s evaluator (``ReconstructionEvaluator``, one per source): each process measures
-  the images it holds, padding left out, and the sums are reduced across processes (``sync_across_processes``).
+  the images it holds, padding left out, and every process's are merged (``sync_across_processes``).
   ``eval_fn(params, images, level) -> (reconstructions, per_image)`` is a jitted ``eval_step``; the image grid is
   all-gathered once.
   """

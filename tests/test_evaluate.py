@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +20,7 @@ from cat_jax.data import get_source
 from cat_jax.data.embedded import generate
 from cat_jax.models import inception as inception_lib
 from cat_jax.tokenizer import Tokenizer
+from conftest import xla_flags
 from test_tokenizer import ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(pretrained|weight enum).*:UserWarning")
@@ -281,3 +285,40 @@ def test_evaluate_text_legibility_per_level_and_size_group(tmp_path, capsys):
   md = (out / "legibility.md").read_text()
   assert "| model | 8x |" in md and "| original | - |" in md
   assert "legibility.md" in capsys.readouterr().out
+
+
+def test_two_processes_evaluate_their_halves_into_one_report(workdir, tmp_path):
+  """On 2 jax.distributed processes each reconstructs and measures its half of the images on its own devices (the
+  checkpoint restored onto each process's mesh); the kept measurements are gathered, so the report (every row, its
+  per-level numbers, bootstrap intervals and level choices) is one process's on all the images, written once."""
+  import portpicker
+
+  evaluate = [sys.executable, "-m", "cat_jax.evaluate", "--workdir", workdir, "--data", "embedded",
+              "--num-images", "16", "--batch-size", "8", "--scorers", "jpeg,mse,random,grade", "--bootstrap", "50"]
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
+  one = subprocess.run(evaluate + ["--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=900,
+                       env=env)
+  assert one.returncode == 0, one.stderr[-3000:]
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen(evaluate + ["--out", str(tmp_path / "two")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                                     JAX_PROCESS_ID=str(rank))) for rank in range(2)]
+  outs = [proc.communicate(timeout=900) for proc in procs]
+  for proc, (_, err) in zip(procs, outs):
+    assert proc.returncode == 0, err[-3000:]
+  assert "wrote" in outs[0][0] and "wrote" not in outs[1][0]  # process 0 prints the table; both computed it
+
+  def report(name):
+    results = json.loads((tmp_path / name / "results.json").read_text())
+    del results["command"], results["images_per_s_per_level"], results["processes"]
+    for row in results["rows"].values():
+      del row["images_per_s"]
+    return results
+
+  assert [json.loads((tmp_path / name / "results.json").read_text())["processes"] for name in ("one", "two")] == [1, 2]
+  one_process, two_processes = report("one"), report("two")
+  assert two_processes["num_images"] == 16 and {"budget:oracle:haarpsi", "budget:jpeg"} <= set(two_processes["rows"])
+  # The same batches on the same kind of device: the numbers agree to the last bit.
+  assert json.dumps(two_processes, sort_keys=True) == json.dumps(one_process, sort_keys=True)
+  assert (tmp_path / "two" / "levels.jsonl").read_text() == (tmp_path / "one" / "levels.jsonl").read_text()

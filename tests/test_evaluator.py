@@ -1,6 +1,7 @@
 """ReconstructionEvaluator: per-level and overall metrics equal the reference tools run on all images
 at once (scikit-image on the uint8 images, pytorch-fid's Fréchet distance on np.cov statistics)."""
 
+import pickle
 import threading
 
 import jax.numpy as jnp
@@ -104,22 +105,27 @@ def test_evaluator_matches_reference_tools_per_level_and_overall(data):
 
 
 def test_merge_of_shards_equals_one_pass(data):
-  first, second = _run(data[:2]), _run(data[2:])
-  _assert_matches(first.merge(second).result(), _expected(data))
+  """As ``evaluate`` merges its processes' evaluators (pickled, without their functions): the sums, the FID
+  statistics and the per-image values, in order."""
+  first, second = _run(data[:2]), pickle.loads(pickle.dumps(_run(data[2:])))
+  assert second.inception_fn is None and second.lpips_fn is None
+  merged = first.merge(second)
+  _assert_matches(merged.result(), _expected(data))
+  assert merged.per_image == _run(data).per_image
 
 
 def test_sync_across_simulated_processes(data):
-  """Two "processes" (threads) with different levels seen; sum through a barrier-based allgather."""
+  """Two "processes" (threads) with different levels seen, merged through a barrier-based allgather of objects."""
   barrier = threading.Barrier(2)
   slots = [None, None]
 
   def make_allgather(rank):
     def allgather(x):
-      slots[rank] = np.array(x)
+      slots[rank] = pickle.loads(pickle.dumps(x))  # as parallel.allgather_objects sends it
       barrier.wait()
-      stacked = np.stack(slots)
-      barrier.wait()  # both have read before the next call overwrites the slots
-      return stacked
+      every = list(slots)
+      barrier.wait()
+      return every
     return allgather
 
   shards = [_run(data[:1]), _run(data[1:])]  # the first has seen level 0 only

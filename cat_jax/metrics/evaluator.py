@@ -234,33 +234,36 @@ class ReconstructionEvaluator:
     return arr
 
   def merge(self, other: "ReconstructionEvaluator") -> "ReconstructionEvaluator":
-    """Adds ``other``'s accumulated state to this one (e.g. from another data shard); returns self."""
+    """Adds ``other``'s accumulated state to this one (e.g. from another data shard, its images after these in
+    ``per_image``); returns self."""
     self._sums = self._sums.merge(other._sums)
+    for name, values in other.per_image.items():
+      self.per_image[name] = self.per_image.get(name, []) + list(values)
     for mine, theirs in ((self._real, other._real), (self._fake, other._fake)):
       for lv, stats in enumerate(theirs):
         if stats is not None:
           mine[lv] = stats if mine[lv] is None else mine[lv].merge(stats)
     return self
 
-  def sync_across_processes(self, allgather: Callable[[np.ndarray], Any] | None = None) -> None:
-    """Replaces the local state by the sum over all JAX processes (call on every process)."""
+  def __getstate__(self) -> dict:
+    """What another process needs to ``merge`` this one (``parallel.allgather_objects``): the functions stay."""
+    return {k: v for k, v in self.__dict__.items() if k not in ("inception_fn", "lpips_fn")}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state, inception_fn=None, lpips_fn=None)
+
+  def sync_across_processes(self, allgather: Callable[[Any], list] | None = None) -> None:
+    """Replaces the local state by every process's, merged in process order (call on every process): the sums, FID
+    statistics and per-image values of all the images. ``allgather`` (object -> a copy of every process's, in
+    order) defaults to ``parallel.allgather_objects``; tests pass their own."""
     if allgather is None and jax.process_count() == 1:
       return
-    allgather = allgather or fid_lib.default_allgather()
-    self._sums = _Sums(*fid_lib.sum_across_processes(dataclasses.astuple(self._sums), allgather))
-    if self.inception_fn is None:
-      return
-    local_dim = max((st.dim for st in self._real if st is not None), default=0)
-    # Every process must send the same arrays: gather each level that any process has seen, with
-    # zeros where this one has not.
-    dim = int(np.max(np.asarray(allgather(np.asarray([local_dim], np.int32)))))
-    seen = list(self._sums.num_images > 0) + [self._sums.num_images.sum() > 0]
-    for lv in range(levels.NUM_LEVELS + 1):
-      if not seen[lv]:
-        continue
-      for stats in (self._real, self._fake):
-        local = stats[lv] if stats[lv] is not None else fid_lib.FidStatistics.zeros(dim)
-        stats[lv] = fid_lib.allgather_statistics(local, allgather)
+    from cat_jax import parallel
+
+    parts = (allgather or parallel.allgather_objects)(self)
+    self.reset()
+    for part in parts:
+      self.merge(part)
 
   def result(self, fid_roots: dict | None = None) -> dict[str, float]:
     """The metrics so far as ``{'psnr/level0': ..., 'psnr/all': ..., ...}`` (Python floats).

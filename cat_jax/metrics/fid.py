@@ -2,7 +2,7 @@
 
 Features are never kept: ``FidStatistics`` holds the count, the sum and the sum of outer products of
 the features seen so far (float64, on the host), so 50k images cost one 2048x2048 matrix. States from
-different batches, levels or hosts combine with ``merge`` / ``sum_across_processes``.
+different batches, levels or hosts combine with ``merge``.
 
 ``frechet_distance`` equals ``pytorch_fid.fid_score.calculate_frechet_distance`` on the same
 statistics, but takes the trace of the matrix square root from symmetric eigendecompositions
@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Callable
+from typing import Any
 
-import jax
 import numpy as np
 
 
@@ -118,41 +117,3 @@ def fid_from_statistics(a: FidStatistics, b: FidStatistics, roots: dict | None =
   return frechet_distance(*a.mean_and_covariance(), *b.mean_and_covariance(), roots)
 
 
-def default_allgather() -> Callable[[np.ndarray], np.ndarray]:
-  """array -> (num_processes, ...) stack of every process's array."""
-  from jax.experimental import multihost_utils
-  return lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=False))
-
-
-def sum_across_processes(tree: Any, allgather: Callable[[np.ndarray], Any] | None = None) -> Any:
-  """Sums a pytree of numpy arrays over all JAX processes, bit-exactly for float64/int64 leaves.
-
-  JAX transfers 64-bit values only with x64 enabled, so 64-bit leaves travel as pairs of uint32 words
-  and are summed on the host in their own dtype. With one process this returns the tree unchanged.
-  ``allgather`` (array -> stacked (num_processes, ...) array) defaults to
-  ``multihost_utils.process_allgather``; tests pass their own.
-  """
-  if allgather is None:
-    if jax.process_count() == 1:
-      return tree
-    allgather = default_allgather()
-
-  def gather_and_sum(leaf):
-    leaf = np.asarray(leaf)
-    wide = leaf.dtype.itemsize == 8
-    words = np.ascontiguousarray(leaf).reshape(-1).view(np.uint32) if wide else leaf
-    gathered = np.asarray(allgather(words))
-    if wide:
-      gathered = np.ascontiguousarray(gathered).view(leaf.dtype)
-    gathered = gathered.reshape(gathered.shape[:1] + leaf.shape)  # (processes, ...): also for empty leaves
-    return gathered.sum(axis=0, dtype=leaf.dtype)
-
-  return jax.tree.map(gather_and_sum, tree)
-
-
-def allgather_statistics(stats: FidStatistics,
-                         allgather: Callable[[np.ndarray], Any] | None = None) -> FidStatistics:
-  """The merge of every process's ``stats`` (call on all processes)."""
-  count, total, outer = sum_across_processes(
-      (np.asarray(stats.count, np.int64), stats.total, stats.outer), allgather)
-  return FidStatistics(int(count), total, outer)
