@@ -403,12 +403,13 @@ def test_lowpass_proxy_keeps_what_the_small_grid_holds():
 # --- levels ----------------------------------------------------------------------------------------------
 
 
-def test_level_for_score_default_llm_thresholds():
-  assert [thresholds_lib.level_for_score(s) for s in range(1, 10)] == [2, 2, 2, 1, 1, 1, 0, 0, 0]
-  assert thresholds_lib.level_for_score(0.7, (0.5, 1.0)) == 1
+def test_levels_for_scores_at_the_default_llm_thresholds():
+  levels = thresholds_lib.levels_for_scores(range(1, 10), thresholds_lib.DEFAULT_LLM_THRESHOLDS)
+  assert levels.tolist() == [2, 2, 2, 1, 1, 1, 0, 0, 0]
+  assert thresholds_lib.levels_for_scores([0.7], (0.5, 1.0)).tolist() == [1]
   assert thresholds_lib.parse_thresholds("3,6") == (3, 6)
-  with pytest.raises(ValueError):
-    thresholds_lib.level_for_score(5, (6, 3))
+  with pytest.raises(ValueError, match="threshold"):
+    thresholds_lib.levels_for_scores([5], (6, 3))
 
 
 def test_quantile_thresholds_split_in_thirds():

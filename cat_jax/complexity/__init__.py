@@ -5,7 +5,7 @@ Score manifests are read for training by the one reader, ``cat_jax.data.load_lev
 """
 
 from cat_jax.complexity.thresholds import (DEFAULT_LLM_THRESHOLDS, budget_thresholds, default_thresholds,
-                                           level_for_score, levels_for_scores, quantile_thresholds)
+                                           levels_for_scores, quantile_thresholds)
 from cat_jax.complexity.assign import AutoLevels, LevelAssigner
 from cat_jax.complexity.llm import ChatClient, EndpointError, LLMError
 from cat_jax.complexity.manifest import ManifestWriter, read_manifest

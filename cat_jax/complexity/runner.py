@@ -91,7 +91,7 @@ def _score_one(source: Sequence[dict[str, Any]], index: int, scorer: Scorer, ski
   except Exception as e:  # noqa: BLE001 - recorded in the manifest, never defaulted
     return {"id": item_id, "method": scorer.method, "error": f"{type(e).__name__}: {e}"}
   if thresholds is not None:  # given thresholds win over a scorer's own level
-    result["level"] = thresholds_lib.level_for_score(score, thresholds)
+    result["level"] = int(thresholds_lib.levels_for_scores([score], thresholds)[0])
   sizes = image_sizes(item, sizing) if sizing is not None else {}
   return {"id": item_id, "score": score, "level": result.pop("level", None), "method": scorer.method, **result,
           **sizes}
@@ -220,8 +220,8 @@ def _finalize(out: str | os.PathLike, method: str, summary: RunSummary, threshol
     elif thresholds is None:
       thresholds = thresholds_lib.default_thresholds(method, scores)
       mode = "default" if method in thresholds_lib.LLM_METHODS else "quantile"
-    for r in successes:
-      r["level"] = thresholds_lib.level_for_score(r["score"], thresholds)
+    for r, level in zip(successes, thresholds_lib.levels_for_scores([r["score"] for r in successes], thresholds)):
+      r["level"] = int(level)
     stats = thresholds_lib.summarize(scores, thresholds, image_hw)
     summary.thresholds, summary.threshold_mode = tuple(thresholds), mode
     summary.level_counts, summary.mean_tokens = stats["level_counts"], stats["mean_tokens"]

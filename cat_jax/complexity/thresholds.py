@@ -41,13 +41,8 @@ def parse_thresholds(text: str) -> Thresholds:
   return check_thresholds(values)
 
 
-def level_for_score(score: float, thresholds: Sequence[float] = DEFAULT_LLM_THRESHOLDS) -> int:
-  """Level index of a score: 2 (32x) if ``score <= low``, 1 (16x) if ``score <= high``, else 0 (8x)."""
-  return int(levels_for_scores([score], thresholds)[0])
-
-
 def levels_for_scores(scores: Sequence[float], thresholds: Sequence[float]) -> np.ndarray:
-  """``level_for_score`` over an array (int32)."""
+  """Level index of each score (int32): 2 (32x) if ``score <= low``, 1 (16x) if ``score <= high``, else 0 (8x)."""
   low, high = check_thresholds(thresholds)
   s = np.asarray(scores)
   return np.where(s <= low, 2, np.where(s <= high, 1, 0)).astype(np.int32)
