@@ -188,7 +188,7 @@ def test_client_malformed_completions(chat_server):
 
 def test_client_connection_refused_is_an_endpoint_error():
   client = ChatClient(base_url=dead_base_url(), max_retries=1, timeout=5.0, api_key="sk-secret-123")
-  with pytest.raises(EndpointError, match="cannot reach .* after 2 attempts; is the server running") as e:
+  with pytest.raises(EndpointError, match="cannot reach.*2 attempts.*server") as e:
     client.chat("m", HI)
   assert "sk-secret-123" not in str(e.value)
 
@@ -268,7 +268,7 @@ def test_caption_llm_asks_again_on_unparseable_or_refused_scores(chat_server):
 
   server = chat_server(lambda body, i: Reply("I'm sorry, but I cannot help with that."), max_requests=2)
   scorer = CaptionLLMScorer(make_client(server), llm_model="llm", use_dataset_captions=True, parse_retries=1)
-  with pytest.raises(prompts.ParseError, match="unparseable after 2 answers; last: the model refused"):
+  with pytest.raises(prompts.ParseError, match="unparseable.*2 answers.*refused"):
     scorer.score({"id": "x", "image": flat_image(), "caption": "A blue sky."})
   assert len(server.requests) == 2
 
@@ -484,10 +484,10 @@ def test_load_levels_is_the_one_strict_reader(tmp_path):
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   assert load_levels(path) == {"a": 0, "b": 1, "c": 2, "d": 2}  # indices and factors; header and failure skipped
   path.write_text(json.dumps({"id": "a", "level": None, "score": 1.0, "method": "jpeg"}) + "\n")
-  with pytest.raises(ValueError, match=r"m.jsonl:1: id 'a' has no level yet: the scoring run .* has not finished"):
+  with pytest.raises(ValueError, match=r"m.jsonl:1: id 'a' has no level.*not finished"):
     load_levels(path)
   path.write_text(json.dumps({"id": "a", "level": 0}) + '\n{"id": "b", "le')
-  with pytest.raises(ValueError, match=r"m.jsonl:2: not valid JSON .* rerun the same cat_jax.score command"):
+  with pytest.raises(ValueError, match=r"m.jsonl:2: not valid JSON.*rerun"):
     load_levels(path)
   path.write_text(json.dumps({"id": "a", "level": "4x"}) + "\n")
   with pytest.raises(ValueError, match=r"m.jsonl:1: a level must be an index \(0, 1, 2\) or a factor"):
